@@ -1,0 +1,270 @@
+"""The ``loraqa`` command: a thin layer over the library's functions.
+
+loraqa train [CONFIG.yaml] [section.key=value ...] [--model M --train-limit N ...]
+loraqa eval RUN_DIR | loraqa eval --model M
+loraqa params --model M
+loraqa data stats [--data-dir DIR]
+loraqa sweep CONFIG.yaml --output-dir DIR [--shard i/n] [--parallel k]
+loraqa report DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+# Flags that are shorthands for config keys: flag dest -> dotted key.
+SHORTHANDS = {
+    "model": "model.name",
+    "precision": "model.precision",
+    "data_dir": "data.data_dir",
+    "train_limit": "data.train_limit",
+    "eval_limit": "data.eval_limit",
+    "max_length": "prompt.max_length",
+    "loss_on": "prompt.loss_on",
+    "rank": "lora.r",
+    "alpha": "lora.alpha",
+    "dropout": "lora.dropout",
+    "targets": "lora.targets",
+    "method": "train.method",
+    "epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "batch_size": "train.batch_size",
+    "lr": "train.lr",
+    "weight_decay": "train.weight_decay",
+    "warmup_steps": "train.warmup_steps",
+    "seed": "train.seed",
+    "eval_steps": "train.eval_steps",
+    "save_steps": "train.save_steps",
+    "eval_batch_size": "eval.batch_size",
+    "max_new_tokens": "eval.max_new_tokens",
+}
+
+
+def _add_experiment_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("items", nargs="*", metavar="CONFIG|KEY=VALUE",
+                   help="an experiment YAML file and/or dotted overrides such as train.lr=5e-4")  # fmt: skip
+    g = p.add_argument_group("shorthands for config keys")
+    g.add_argument(
+        "--model", help="hub id, local folder, .gguf file, smollm2-135m, tiny-random-gpt2, random-gpt2-124m"
+    )
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"])
+    g.add_argument("--data-dir", help="folder with train-v1.1.json and dev-v1.1.json (else $LORAQA_DATA_DIR)")
+    g.add_argument("--train-limit", type=int, help="first N train questions")
+    g.add_argument("--eval-limit", type=int, help="first K dev questions scored by EM/F1")
+    g.add_argument("--max-length", type=int)
+    g.add_argument("--loss-on", choices=["answer", "all"])
+    g.add_argument("--rank", "-r", type=int)
+    g.add_argument("--alpha", type=float)
+    g.add_argument("--dropout", type=float)
+    g.add_argument("--targets", help="attn | attn+proj | all-linear | comma-separated module names")
+    g.add_argument("--method", choices=["lora", "full"])
+    g.add_argument("--epochs", type=float)
+    g.add_argument("--max-steps", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--warmup-steps", type=int)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--eval-steps", type=int)
+    g.add_argument("--save-steps", type=int)
+    g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--max-new-tokens", type=int)
+
+
+def build_config(args: argparse.Namespace, allow_sweep: bool = False):
+    """The experiment from CONFIG (if given), then KEY=VALUE overrides, then shorthand flags."""
+    from .config import ConfigError, ExperimentConfig, apply_overrides, load_config, parse_overrides
+
+    files = [i for i in args.items if "=" not in i]
+    overrides = [i for i in args.items if "=" in i]
+    if len(files) > 1:
+        raise ConfigError(f"one config file at most, got {', '.join(files)}")
+    cfg = (
+        load_config(files[0], overrides)
+        if files
+        else apply_overrides(ExperimentConfig(), parse_overrides(overrides))
+    )
+    flags = []
+    for dest, key in SHORTHANDS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if dest == "targets" and value not in ("attn", "attn+proj", "all-linear"):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        flags.append((key, value))
+    cfg = apply_overrides(cfg, flags, where="command line") if flags else cfg
+    if cfg.sweep is not None and not allow_sweep:
+        raise ConfigError(
+            f"{files[0]}: has a sweep section; run it with `loraqa sweep {files[0]} --output-dir DIR`"
+        )
+    return cfg
+
+
+def _print_metrics(metrics: dict, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("exact_match", "f1", "n_questions", "train_seconds", "train_tokens_per_second", "eval_seconds",
+                "eval_questions_per_second", "trainable_params", "total_params", "peak_memory_mb",
+                "final_train_loss", "final_eval_loss"):  # fmt: skip
+        if metrics.get(key) is not None:
+            v = metrics[key]
+            table.add_row(key, f"{v:,.2f}" if isinstance(v, float) else f"{v:,}")
+    Console().print(table)
+
+
+def cmd_train(args) -> int:
+    from .train import run_experiment
+
+    cfg = build_config(args)
+    out = Path(args.output_dir or os.path.join("runs", cfg.name))
+    metrics = run_experiment(cfg, out, overwrite=args.overwrite, device=args.device)
+    _print_metrics(metrics, f"{cfg.model.name} + {cfg.train.method} -> {out}")
+    print(
+        f"EM {metrics['exact_match']:.2f}  F1 {metrics['f1']:.2f}  on {metrics['n_questions']} dev questions  ({out})"
+    )
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import eval_run_dir, eval_zero_shot
+
+    if args.run_dir:
+        metrics = eval_run_dir(
+            args.run_dir, data_dir=args.data_dir, eval_limit=args.eval_limit, device=args.device
+        )
+        where = args.run_dir
+    else:
+        cfg = build_config(args)
+        out = Path(args.output_dir or os.path.join("runs", f"zero-shot-{Path(cfg.model.name).name}"))
+        metrics = eval_zero_shot(cfg, out, device=args.device)
+        where = str(out)
+    _print_metrics(metrics, f"evaluation -> {where}")
+    print(
+        f"EM {metrics['exact_match']:.2f}  F1 {metrics['f1']:.2f}  on {metrics['n_questions']} dev questions  ({where})"
+    )
+    return 0
+
+
+def cmd_params(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .model import parameter_table
+
+    rows = parameter_table(args.model, ranks=tuple(args.ranks), presets=tuple(args.targets))
+    base = rows[0]["base_total"]
+    table = Table(title=f"LoRA trainable parameters: {args.model} ({base:,} base parameters)")
+    for col in ("targets", "rank", "trainable", "% of all"):
+        table.add_column(col, justify="left" if col == "targets" else "right")
+    for r in rows:
+        table.add_row(r["targets"], str(r["r"]), f"{r['trainable']:,}", f"{r['percent']:.3f}%")
+    Console(width=100).print(table)
+    return 0
+
+
+def cmd_data_stats(args) -> int:
+    from .data import dataset_stats, format_stats_table, load_squad, squad_path
+
+    stats = {}
+    for split in ("train", "dev"):
+        examples, report = load_squad(squad_path(split, args.data_dir), split=split)
+        print(report.summary(), file=sys.stderr)
+        stats[split] = dataset_stats(examples)
+    print(format_stats_table(stats))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    cfg = build_config(args, allow_sweep=True)
+    return run_sweep(cfg, args.output_dir, shard=args.shard, parallel=args.parallel, device=args.device)
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    path = write_report(args.sweep_dir, out_dir=args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="loraqa", description="LoRA fine-tuning for extractive QA, scored by SQuAD EM/F1"
+    )
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune, then score EM/F1 on dev questions")
+    _add_experiment_flags(t)
+    t.add_argument("--output-dir", "-o", help="run folder (default runs/<name>)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="score a trained run, or a base model zero-shot (--model)")
+    e.add_argument("run_dir", nargs="?", help="a run folder made by `loraqa train`")
+    _add_experiment_flags(e)
+    e.add_argument("--output-dir", "-o", help="where zero-shot predictions go")
+    e.add_argument("--device")
+    e.set_defaults(func=cmd_eval)
+
+    pa = sub.add_parser("params", help="trainable-parameter table (no weights needed)")
+    pa.add_argument("--model", default="gpt2")
+    pa.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32])
+    pa.add_argument("--targets", nargs="+", default=["attn", "attn+proj"])
+    pa.set_defaults(func=cmd_params)
+
+    d = sub.add_parser("data", help="dataset commands")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    ds = dsub.add_parser("stats", help="Table 1: questions, articles, paragraphs, lengths, question types")
+    ds.add_argument("--data-dir")
+    ds.set_defaults(func=cmd_data_stats)
+
+    s = sub.add_parser("sweep", help="run every trial of a sweep config (resumable)")
+    _add_experiment_flags(s)
+    s.add_argument("--output-dir", "-o", required=True)
+    s.add_argument("--shard", default="1/1", help="i/n: run the i-th of n shares of the trials (1-based)")
+    s.add_argument(
+        "--parallel", type=int, default=1, help="trials at once (one per GPU where there are GPUs)"
+    )
+    s.add_argument("--device")
+    s.set_defaults(func=cmd_sweep)
+
+    r = sub.add_parser("report", help="tables, figures and verdicts from a sweep folder")
+    r.add_argument("sweep_dir")
+    r.add_argument("--out", help="folder for report.md, results.csv and figures (default: the sweep folder)")
+    r.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .data import DataError
+    from .model import ModelLoadError
+
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ModelLoadError, ValueError) as e:
+        print(f"loraqa: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loraqa: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""Experiment configuration: typed dataclasses, loaded from YAML, overridden with dotted keys.
+
+An experiment file has the sections ``model``, ``data``, ``prompt``, ``lora``, ``train``, ``eval`` and, for a
+study, ``sweep``; every field has the reference study's default, so an empty file is a valid experiment.
+Any field can be overridden from the command line as ``section.field=value`` (``train.lr=5e-4``).
+Unknown keys and bad values raise :class:`ConfigError`, which names the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad experiment file or override; the message names the file and the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = (
+        "gpt2"  # hub id, local folder, .gguf file, or a built-in name (smollm2-135m, tiny-random-gpt2, ...)
+    )
+    precision: str = "auto"  # auto (bf16 where the hardware has it, else fp32) | bf16 | fp32
+    attn_implementation: str = "sdpa"  # sdpa | eager (| flash_attention_2 on GPUs that have it)
+
+
+@dataclass
+class DataConfig:
+    data_dir: str | None = (
+        None  # folder with train-v1.1.json / dev-v1.1.json; else $LORAQA_DATA_DIR, else download
+    )
+    train_limit: int | None = None  # first N train questions (None: all 87,599)
+    eval_limit: int | None = None  # first K dev questions scored by EM/F1 (None: all 10,570)
+    loss_eval_limit: int = 200  # dev questions whose loss is measured during training
+
+
+@dataclass
+class PromptConfig:
+    max_length: int = 512  # tokens, EOS included
+    loss_on: str = "answer"  # answer (labels on answer + EOS only) | all (every real token; the ablation)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.1
+    targets: str | list[str] = "attn"  # attn | attn+proj | all-linear | explicit list of module names
+
+
+@dataclass
+class TrainConfig:
+    method: str = "lora"  # lora | full (full fine-tuning, the ablation)
+    epochs: float = 3
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    seed: int = 42
+    eval_steps: int = 50  # eval loss every N optimizer steps (0: never during training)
+    logging_steps: int = 10
+    save_steps: int = 50  # checkpoint every N steps so an interrupted run resumes (0: no checkpoints)
+    fast_loss: bool = True  # logits and cross-entropy only at labelled positions (False: full-vocab loss)
+    group_by_length: bool = True  # batches of similar lengths, so little compute goes to padding
+    compile: bool = False  # torch.compile the model
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 32
+    max_new_tokens: int = 32
+    sort_by_length: bool = True
+    merge_adapter: bool = True  # merge LoRA into the weights before generating
+
+
+SWEEP_MODES = ("grid", "one-at-a-time")
+
+
+@dataclass
+class SweepConfig:
+    mode: str = "grid"
+    axes: dict[str, list] = field(default_factory=dict)  # dotted key -> values
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "loraqa"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["sweep"] is None:
+            del d["sweep"]
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "prompt": PromptConfig,
+    "lora": LoraConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "sweep": SweepConfig,
+}
+
+CHOICES = {
+    "model.precision": ("auto", "bf16", "fp32"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "prompt.loss_on": ("answer", "all"),
+    "train.method": ("lora", "full"),
+    "sweep.mode": SWEEP_MODES,
+}
+POSITIVE = {"prompt.max_length", "lora.r", "train.batch_size", "train.grad_accum", "eval.batch_size",
+            "eval.max_new_tokens", "train.epochs"}  # fmt: skip
+NON_NEGATIVE = {"lora.alpha", "lora.dropout", "train.lr", "train.weight_decay", "train.warmup_steps",
+                "train.eval_steps", "train.logging_steps", "train.save_steps", "data.loss_eval_limit"}  # fmt: skip
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; numbers written as strings (``5e-4``, which YAML 1.1
+    reads as a string) become numbers."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1] if len(errors) == 1 else f"{where}: {key}: {value!r} fits none of {tp}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{where}: {key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where}: {key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {key}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where}: {key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: {key}: unsupported type {tp}")
+
+
+def _build_section(cls, raw: Any, section: str, where: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: section '{section}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{section}.{key}"
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key '{dotted}' (known: {', '.join(sorted(names))})")
+        value = _coerce(value, hints[key], dotted, where)
+        if dotted in CHOICES and value not in CHOICES[dotted]:
+            raise ConfigError(f"{where}: {dotted}: {value!r} is not one of {', '.join(CHOICES[dotted])}")
+        if dotted in POSITIVE and value <= 0:
+            raise ConfigError(f"{where}: {dotted}: must be > 0, got {value!r}")
+        if dotted in NON_NEGATIVE and value < 0:
+            raise ConfigError(f"{where}: {dotted}: must be >= 0, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict, where: str = "<config>") -> ExperimentConfig:
+    """Build and validate an :class:`ExperimentConfig`; ``where`` names the source in errors."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: an experiment must be a mapping of sections, got {type(raw).__name__}")
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "name":
+            kwargs["name"] = _coerce(value, str, "name", where)
+        elif key in SECTIONS:
+            kwargs[key] = _build_section(SECTIONS[key], value, key, where)
+        else:
+            raise ConfigError(f"{where}: unknown section '{key}' (known: name, {', '.join(SECTIONS)})")
+    cfg = ExperimentConfig(**kwargs)
+    if cfg.sweep is not None:
+        for axis, values in cfg.sweep.axes.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{where}: sweep.axes.{axis}: expected a non-empty list of values")
+            for v in values:  # every value must be valid where it lands
+                apply_overrides(cfg, [(axis, v)], where=f"{where}: sweep.axes")
+    _check_consistency(cfg, where)
+    return cfg
+
+
+def _check_consistency(cfg: ExperimentConfig, where: str) -> None:
+    if cfg.lora.dropout >= 1:
+        raise ConfigError(f"{where}: lora.dropout: must be < 1, got {cfg.lora.dropout}")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read an experiment YAML file and apply ``section.field=value`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
+    cfg = from_dict(raw, where=str(path))
+    return apply_overrides(cfg, parse_overrides(overrides or []), where=str(path))
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """``["train.lr=5e-4", "lora.targets=[c_attn]"]`` -> ``[("train.lr", 0.0005), ...]`` (values read as YAML)."""
+    out = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r}: expected section.field=value, e.g. train.lr=5e-4")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        out.append((key.strip(), value))
+    return out
+
+
+def apply_overrides(
+    cfg: ExperimentConfig, overrides: list[tuple[str, Any]], where: str = "override"
+) -> ExperimentConfig:
+    """Return a copy of ``cfg`` with dotted keys set (validated like the file)."""
+    raw = cfg.to_dict()
+    for key, value in overrides:
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or section == "sweep":
+            raise ConfigError(
+                f"{where}: unknown key '{key}' (sections: {', '.join(s for s in SECTIONS if s != 'sweep')})"
+            )
+        raw.setdefault(section, {})[name] = value
+    sweep = raw.pop("sweep", None)
+    new = from_dict(raw, where=where)
+    if sweep is not None:
+        new.sweep = SweepConfig(**sweep)
+    return new
+
+
+def get_value(cfg: ExperimentConfig, key: str) -> Any:
+    section, _, name = key.partition(".")
+    return getattr(getattr(cfg, section), name)

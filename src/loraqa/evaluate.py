@@ -1,0 +1,121 @@
+"""Answer dev questions with a model and score them: prompt -> generate -> metrics, timed."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import torch
+
+from .config import EvalConfig
+from .generate import generate_answers
+from .metrics import score_predictions
+from .prompt import PromptEncoder, PromptStats
+
+
+def peak_memory_mb(device: torch.device | str = "cpu") -> float:
+    """Peak memory of this process: max allocated on a GPU, peak resident set size on a CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    examples,
+    *,
+    max_length: int = 512,
+    eval_cfg: EvalConfig | None = None,
+    progress: bool = True,
+) -> tuple[list[dict], dict]:
+    """Greedy answers to ``examples`` scored by SQuAD EM/F1; returns per-question records and a summary with
+    ``exact_match``, ``f1``, ``n_questions``, ``eval_seconds``, ``eval_questions_per_second``."""
+    eval_cfg = eval_cfg or EvalConfig()
+    encoder = PromptEncoder(tokenizer, max_length=max_length)
+    stats = PromptStats()
+    prompts = [encoder.encode_prompt(ex.context, ex.question, stats) for ex in examples]
+    start = time.perf_counter()
+    answers = generate_answers(
+        model, tokenizer, prompts, batch_size=eval_cfg.batch_size, max_new_tokens=eval_cfg.max_new_tokens,
+        sort_by_length=eval_cfg.sort_by_length, progress=progress,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    records, summary = score_predictions(examples, answers)
+    summary.update(
+        eval_seconds=round(seconds, 3),
+        eval_questions_per_second=round(len(examples) / seconds, 3) if seconds > 0 else None,
+        eval_prompts_truncated=stats.truncated,
+    )
+    return records, summary
+
+
+def eval_zero_shot(cfg, out_dir, *, device: str | None = None, progress: bool = True) -> dict:
+    """Score the base model (no fine-tuning) with the same prompt; writes predictions.jsonl and metrics.json."""
+    from pathlib import Path
+
+    from .data import load_squad, squad_path
+    from .io import write_json_atomic, write_jsonl_atomic, write_text_atomic
+    from .model import count_parameters, load_model_and_tokenizer
+
+    out_dir = Path(out_dir)
+    dev, _ = load_squad(squad_path("dev", cfg.data.data_dir), split="dev", limit=cfg.data.eval_limit)
+    lm = load_model_and_tokenizer(cfg.model.name, cfg.model.precision, cfg.model.attn_implementation, device)
+    records, summary = evaluate_model(
+        lm.model, lm.tokenizer, dev, max_length=cfg.prompt.max_length, eval_cfg=cfg.eval, progress=progress
+    )
+    _, total = count_parameters(lm.model)
+    metrics = {**summary, "trainable_params": 0, "total_params": total, "model": cfg.model.name,
+               "method": "zero-shot", "precision": lm.precision, "device": str(lm.device),
+               "peak_memory_mb": round(peak_memory_mb(lm.device), 1)}  # fmt: skip
+    write_text_atomic(out_dir / "config.yaml", cfg.to_yaml())
+    write_jsonl_atomic(out_dir / "predictions.jsonl", records)
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def eval_run_dir(run_dir, *, data_dir: str | None = None, eval_limit: int | None = None,
+                 device: str | None = None, progress: bool = True) -> dict:  # fmt: skip
+    """Re-score a trained run folder (its adapter or full model) on the dev questions; writes
+    ``eval-<n>/predictions.jsonl`` and ``metrics.json`` inside the run folder and returns the metrics."""
+    from pathlib import Path
+
+    from .config import ConfigError, apply_overrides, load_config
+    from .data import load_squad, squad_path
+    from .io import write_json_atomic, write_jsonl_atomic
+    from .model import load_model_and_tokenizer
+    from .train import _load_trained, prepare_for_generation
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a run folder (no config.yaml); train one with `loraqa train`")
+    cfg = load_config(run_dir / "config.yaml")
+    overrides = [
+        (k, v) for k, v in (("data.data_dir", data_dir), ("data.eval_limit", eval_limit)) if v is not None
+    ]
+    cfg = apply_overrides(cfg, overrides) if overrides else cfg
+    full = cfg.train.method == "full"
+    if not (run_dir / ("model.safetensors" if full else "adapter_model.safetensors")).is_file():
+        raise ConfigError(f"{run_dir}: has no trained weights yet; finish it with `loraqa train` first")
+    dev, _ = load_squad(squad_path("dev", cfg.data.data_dir), split="dev", limit=cfg.data.eval_limit)
+    lm = load_model_and_tokenizer(cfg.model.name, cfg.model.precision, cfg.model.attn_implementation, device,
+                                  trainable_base=full)  # fmt: skip
+    model = lm.model
+    if full:
+        model = _load_trained(model, run_dir, True, lm.device)
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, run_dir)
+    model = prepare_for_generation(model, merge=cfg.eval.merge_adapter, precision=lm.precision)
+    records, summary = evaluate_model(
+        model, lm.tokenizer, dev, max_length=cfg.prompt.max_length, eval_cfg=cfg.eval, progress=progress
+    )
+    out = run_dir / f"eval-{len(dev)}"
+    write_jsonl_atomic(out / "predictions.jsonl", records)
+    metrics = {**summary, "model": cfg.model.name, "precision": lm.precision, "device": str(lm.device)}
+    write_json_atomic(out / "metrics.json", metrics)
+    return metrics
