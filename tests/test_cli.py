@@ -1,0 +1,80 @@
+"""The command line: a thin layer whose commands print what a user needs and fail with one clear line."""
+
+import pytest
+
+from loraqa.cli import main
+
+
+def test_params_prints_the_reference_table_offline(capsys, monkeypatch):
+    from loraqa import model as model_mod
+
+    monkeypatch.setattr(model_mod, "_HUB_REACHABLE", False)
+    assert main(["params", "--model", "gpt2"]) == 0
+    out = capsys.readouterr().out
+    for figure in (
+        "405,504",
+        "811,008",
+        "1,622,016",
+        "3,244,032",
+        "147,456",
+        "294,912",
+        "589,824",
+        "1,179,648",
+    ):
+        assert figure in out
+    assert "124,439,808" in out
+
+
+def test_data_stats_prints_table_one(capsys, synthetic_dir):
+    assert main(["data", "stats", "--data-dir", str(synthetic_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "questions" in out and "64" in out and "16" in out and "what" in out
+
+
+def test_missing_data_dir_is_one_clear_line(capsys, tmp_path):
+    assert main(["data", "stats", "--data-dir", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nope" in err and "LORAQA_DATA_DIR" in err
+
+
+def test_truncated_json_is_one_clear_line(capsys, tmp_path):
+    (tmp_path / "train-v1.1.json").write_text('{"data": [{"title": "x", "paragr')
+    (tmp_path / "dev-v1.1.json").write_text('{"data": []}')
+    assert main(["data", "stats", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "train-v1.1.json" in err and "invalid JSON" in err
+
+
+def test_unknown_config_key_names_key_and_file(capsys, tmp_path):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("train:\n  learning_rate: 1e-4\n")
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "train.learning_rate" in err and str(cfg) in err
+
+
+def test_bad_override_value(capsys):
+    assert main(["train", "lora.r=many"]) == 2
+    assert "lora.r" in capsys.readouterr().err
+
+
+def test_train_and_eval_commands(capsys, tmp_path, synthetic_dir):
+    args = ["--model", "tiny-random-gpt2", "--data-dir", str(synthetic_dir), "--eval-limit", "4",
+            "--precision", "fp32", "--max-new-tokens", "4"]  # fmt: skip
+    rc = main(["train", *args, "--train-limit", "8", "--max-steps", "2", "--batch-size", "4", "--eval-steps", "0",
+               "--save-steps", "0", "--targets", "c_attn,c_fc", "-o", str(tmp_path / "run")])  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "EM " in out and "F1 " in out
+    assert "c_fc" in (tmp_path / "run" / "adapter_config.json").read_text()
+    assert main(["eval", str(tmp_path / "run")]) == 0
+    assert main(["eval", *args, "-o", str(tmp_path / "zs")]) == 0
+    assert (tmp_path / "zs" / "metrics.json").is_file()
+
+
+def test_help_lists_the_pipeline_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("train", "eval", "params", "data", "sweep", "report"):
+        assert cmd in out

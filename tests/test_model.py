@@ -1,0 +1,147 @@
+"""Model loading, target presets, parameter counts, and the LoRA mathematics of the reference study's section 8.1."""
+
+import pytest
+import torch
+
+from loraqa import model as model_mod
+from loraqa.model import (
+    ModelLoadError,
+    apply_lora,
+    count_parameters,
+    load_model_and_tokenizer,
+    parameter_table,
+    resolve_targets,
+)
+
+# The reference study's Table 7, "att + proj" rows (GPT-2 small, c_attn and every c_proj).
+SEED_ATT_PROJ = {4: 405_504, 8: 811_008, 16: 1_622_016, 32: 3_244_032}
+
+
+def test_gpt2_parameter_table_matches_the_reference_study():
+    rows = parameter_table("random-gpt2-124m")
+    by_key = {(r["targets"], r["r"]): r for r in rows}
+    for r, expected in SEED_ATT_PROJ.items():
+        assert by_key[("attn+proj", r)]["trainable"] == expected
+        # c_attn: 768 -> 2304 in each of 12 layers: r * (768 + 2304) * 12
+        assert by_key[("attn", r)]["trainable"] == 36_864 * r
+    assert rows[0]["base_total"] == 124_439_808  # GPT-2 small, tied embeddings counted once
+    assert by_key[("attn+proj", 8)]["percent"] == pytest.approx(100 * 811_008 / (124_439_808 + 811_008))
+
+
+def test_gpt2_hub_id_shape_offline(monkeypatch):
+    monkeypatch.setattr(model_mod, "_HUB_REACHABLE", False)
+    rows = parameter_table("gpt2", ranks=(8,), presets=("attn+proj",))
+    assert rows[0]["trainable"] == SEED_ATT_PROJ[8]
+
+
+def test_presets_per_architecture():
+    assert resolve_targets("attn", "gpt2") == ["c_attn"]
+    assert resolve_targets("attn+proj", "gpt2") == ["c_attn", "c_proj"]
+    assert resolve_targets("attn", "llama") == ["q_proj", "k_proj", "v_proj"]
+    assert resolve_targets("attn+proj", "llama") == ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
+    assert resolve_targets("all-linear", "gpt2") == "all-linear"
+    assert resolve_targets(["c_fc"], "gpt2") == ["c_fc"]
+    with pytest.raises(ValueError, match="unknown preset"):
+        resolve_targets("mlp", "gpt2")
+    with pytest.raises(ValueError, match="list of module names"):
+        resolve_targets("attn", "t5")
+
+
+def test_unreachable_hub_gives_a_clear_error(monkeypatch):
+    monkeypatch.setattr(model_mod, "_HUB_REACHABLE", False)
+    with pytest.raises(ModelLoadError, match="smollm2-135m"):
+        load_model_and_tokenizer("no-such-org/no-such-model", device="cpu")
+    with pytest.raises(ModelLoadError, match="no such GGUF"):
+        load_model_and_tokenizer("/nonexistent/model.gguf", device="cpu")
+
+
+def test_tiny_random_gpt2_uses_the_real_tokenizer():
+    lm = load_model_and_tokenizer("tiny-random-gpt2", precision="fp32", device="cpu")
+    assert lm.tokenizer("Hello world")["input_ids"] == [15496, 995]  # GPT-2 BPE ids
+    assert lm.model.config.n_layer == 2 and lm.model.dtype == torch.float32
+    assert lm.tokenizer.pad_token_id == lm.tokenizer.eos_token_id == 50256
+
+
+def test_bf16_stores_a_frozen_base_in_bf16_and_adapters_in_fp32():
+    lm = load_model_and_tokenizer("tiny-random-gpt2", precision="bf16", device="cpu")
+    assert lm.model.dtype == torch.bfloat16
+    peft_model = apply_lora(lm.model, r=4, targets="attn")
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    assert all("lora_" in n for n in trainable)
+
+
+class OneLayer(torch.nn.Module):
+    def __init__(self, d_in=6, d_out=5):
+        super().__init__()
+        self.proj = torch.nn.Linear(d_in, d_out, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_lora_mathematics_on_one_layer():
+    """Section 8.1: h = Wx + (alpha/r) B A x; W frozen; closed-form gradients of A and B; merge = W + (alpha/r) BA."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    r, alpha = 2, 8
+    scale = alpha / r
+    base = OneLayer()
+    W = base.proj.weight.detach().clone()
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["proj"]))
+    layer = model.base_model.model.proj
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert A.shape == (r, 6) and B.shape == (5, r)
+    assert torch.all(B == 0)  # B starts at zero: the adapted model starts as the base model
+    with torch.no_grad():
+        B.copy_(torch.randn_like(B))
+
+    x = torch.randn(4, 6)
+    out = model(x)
+    torch.testing.assert_close(out, x @ W.T + scale * (x @ A.T) @ B.T)
+
+    G = torch.randn_like(out)  # upstream gradient dL/dh
+    (out * G).sum().backward()
+    assert layer.base_layer.weight.grad is None and not layer.base_layer.weight.requires_grad
+    torch.testing.assert_close(B.grad, scale * G.T @ (x @ A.T).detach())
+    torch.testing.assert_close(A.grad, scale * (G @ B).T.detach() @ x)
+
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(merged.proj.weight, W + scale * (B @ A).detach())
+    torch.testing.assert_close(merged(x), out.detach())
+
+
+def test_count_parameters_on_a_lora_model():
+    lm = load_model_and_tokenizer("tiny-random-gpt2", precision="fp32", device="cpu")
+    _, base_total = count_parameters(lm.model)
+    peft_model = apply_lora(lm.model, r=4, targets="attn+proj")
+    trainable, total = count_parameters(peft_model)
+    # per layer: c_attn 64->192, attn.c_proj 64->64, mlp.c_proj 256->64
+    assert trainable == 2 * 4 * ((64 + 192) + (64 + 64) + (256 + 64))
+    assert total == base_total + trainable
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_loads_from_gguf_as_a_plain_trainable_model():
+    lm = load_model_and_tokenizer("smollm2-135m", precision="fp32", device="cpu")
+    m = lm.model
+    assert type(m).__name__ == "LlamaForCausalLM"
+    assert getattr(m, "hf_quantizer", None) is None and not getattr(m, "is_quantized", False)
+    assert getattr(m.config, "quantization_config", None) is None
+    assert m.config.num_hidden_layers == 30 and m.config.hidden_size == 576
+    assert count_parameters(m)[1] == 134_515_008
+    assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()  # tied
+    # the de-quantized weights are real: the model continues a factual prompt sensibly
+    tok = lm.tokenizer
+    ids = tok("The capital of France is", return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = m.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1] :])
+    # and the Trainer accepts it (it refuses models marked quantized)
+    from transformers import Trainer, TrainingArguments
+
+    Trainer(
+        model=apply_lora(m, r=4),
+        args=TrainingArguments(output_dir="/tmp/loraqa-t", use_cpu=True, report_to=[]),
+    )

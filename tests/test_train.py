@@ -1,0 +1,162 @@
+"""Training end to end on the tiny random GPT-2: the run folder, memorisation, determinism, resume."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from loraqa.config import ExperimentConfig, apply_overrides
+from loraqa.data import make_synthetic_squad
+from loraqa.evaluate import eval_run_dir, eval_zero_shot
+from loraqa.prompt import IGNORE_INDEX
+from loraqa.train import QACollator, run_experiment
+
+
+def tiny_config(data_dir, **overrides) -> ExperimentConfig:
+    base = {
+        "model.name": "tiny-random-gpt2", "model.precision": "fp32", "data.data_dir": str(data_dir),
+        "data.train_limit": 16, "data.eval_limit": 8, "data.loss_eval_limit": 4, "train.max_steps": 4,
+        "train.batch_size": 4, "train.warmup_steps": 0, "train.eval_steps": 2, "train.save_steps": 2,
+        "train.logging_steps": 1, "eval.batch_size": 4, "eval.max_new_tokens": 4,
+    }  # fmt: skip
+    base.update(overrides)
+    return apply_overrides(ExperimentConfig(), list(base.items()))
+
+
+def test_collator_pads_right_and_masks_padding():
+    batch = QACollator(pad_token_id=0)(
+        [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    )
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_run_folder_holds_everything_and_the_adapter_loads(tmp_path, synthetic_dir):
+    from peft import PeftModel
+
+    from loraqa.model import load_base_model
+
+    run = tmp_path / "run"
+    metrics = run_experiment(tiny_config(synthetic_dir), run, progress=False)
+    for name in ("config.yaml", "log_history.jsonl", "adapter_config.json", "adapter_model.safetensors",
+                 "predictions.jsonl", "metrics.json", "train_metrics.json"):  # fmt: skip
+        assert (run / name).is_file(), name
+    assert not (run / "checkpoints").exists()  # removed once the adapter is saved
+    for key in ("exact_match", "f1", "n_questions", "train_seconds", "train_tokens_per_second", "eval_seconds",
+                "eval_questions_per_second", "trainable_params", "total_params", "peak_memory_mb"):  # fmt: skip
+        assert metrics[key] is not None, key
+    assert metrics["n_questions"] == 8 and metrics["train_steps"] == 4
+    assert json.loads((run / "metrics.json").read_text()) == metrics
+    preds = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 8 and {"id", "prediction", "answers", "exact_match", "f1"} <= set(preds[0])
+    history = [json.loads(line) for line in (run / "log_history.jsonl").read_text().splitlines()]
+    assert any("loss" in h for h in history) and any("eval_loss" in h for h in history)
+    # train tokens are real tokens: the training examples' lengths, no padding
+    assert metrics["train_tokens"] > 0
+    model = PeftModel.from_pretrained(load_base_model("tiny-random-gpt2"), run)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+    # re-scoring the saved run gives the same answers
+    again = eval_run_dir(run, progress=False)
+    assert again["exact_match"] == metrics["exact_match"] and again["f1"] == metrics["f1"]
+    # a finished run is not redone
+    assert run_experiment(tiny_config(synthetic_dir), run, progress=False) == metrics
+
+
+def test_same_config_gives_the_same_metrics(tmp_path, synthetic_dir):
+    a = run_experiment(tiny_config(synthetic_dir), tmp_path / "a", progress=False)
+    b = run_experiment(tiny_config(synthetic_dir), tmp_path / "b", progress=False)
+    for key in ("exact_match", "f1", "final_train_loss", "final_eval_loss", "train_tokens"):
+        assert a[key] == b[key], key
+    assert (tmp_path / "a" / "predictions.jsonl").read_text() == (
+        tmp_path / "b" / "predictions.jsonl"
+    ).read_text()
+
+
+def test_a_different_config_in_the_same_folder_is_refused(tmp_path, synthetic_dir):
+    from loraqa.config import ConfigError
+
+    run_experiment(tiny_config(synthetic_dir, **{"train.max_steps": 1}), tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="different config"):
+        run_experiment(tiny_config(synthetic_dir, **{"train.max_steps": 2}), tmp_path, progress=False)
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, synthetic_dir):
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    cfg = tiny_config(synthetic_dir)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path, callbacks=[Interrupt()], progress=False)
+    assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir()
+    assert not (tmp_path / "metrics.json").exists()
+    metrics = run_experiment(cfg, tmp_path, progress=False)
+    assert metrics["resumed_from"] == "checkpoint-2" and metrics["train_steps"] == 4
+    # the resumed run ends where an uninterrupted one does
+    straight = run_experiment(cfg, tmp_path / "straight", progress=False)
+    assert metrics["final_train_loss"] == pytest.approx(straight["final_train_loss"], rel=1e-5)
+    assert metrics["exact_match"] == straight["exact_match"]
+
+
+def test_training_memorises_a_small_task_and_the_adapter_answers_it(tmp_path):
+    """A few steps drive the loss down and the trained adapter answers the questions it was taught;
+    the model comes from a local folder (save_pretrained), the path a user's own checkpoint takes."""
+    from loraqa.model import load_base_model, load_gpt2_tokenizer
+
+    model_dir = tmp_path / "model"
+    load_base_model("tiny-random-gpt2").save_pretrained(model_dir)
+    load_gpt2_tokenizer().save_pretrained(model_dir)
+    data = make_synthetic_squad(tmp_path / "data", n_train=4, n_dev=4)
+    shutil.copy(data / "train-v1.1.json", data / "dev-v1.1.json")  # ask what was taught
+    cfg = tiny_config(
+        data,
+        **{
+            "model.name": str(model_dir),
+            "lora.r": 16,
+            "lora.alpha": 32,
+            "lora.dropout": 0.0,
+            "lora.targets": "all-linear",
+            "train.lr": 1e-2,
+            "train.max_steps": 50,
+            "train.eval_steps": 0,
+            "train.save_steps": 0,
+            "eval.max_new_tokens": 8,
+        },  # fmt: skip
+    )
+    metrics = run_experiment(cfg, tmp_path / "run", progress=False)
+    losses = [h["loss"] for h in map(json.loads, (tmp_path / "run" / "log_history.jsonl").read_text().splitlines())
+              if "loss" in h]  # fmt: skip
+    assert losses[-1] < losses[0] / 3
+    assert metrics["exact_match"] == 100.0
+
+
+def test_zero_shot_evaluation_writes_predictions(tmp_path, synthetic_dir):
+    cfg = tiny_config(synthetic_dir)
+    metrics = eval_zero_shot(cfg, tmp_path, progress=False)
+    assert metrics["method"] == "zero-shot" and metrics["n_questions"] == 8
+    assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 8
+
+
+def test_full_fine_tuning_trains_every_parameter(tmp_path, synthetic_dir):
+    metrics = run_experiment(tiny_config(synthetic_dir, **{"train.method": "full", "train.max_steps": 2}),
+                             tmp_path, progress=False)  # fmt: skip
+    assert metrics["trainable_params"] == metrics["total_params"]
+    assert (tmp_path / "model.safetensors").is_file()
+    assert eval_run_dir(tmp_path, progress=False)["exact_match"] == metrics["exact_match"]
+
+
+def test_bf16_run_trains_and_scores(tmp_path, synthetic_dir):
+    if not torch.cuda.is_available():
+        from loraqa.model import cpu_has_bf16
+
+        if not cpu_has_bf16():
+            pytest.skip("no native bf16 here")
+    metrics = run_experiment(
+        tiny_config(synthetic_dir, **{"model.precision": "bf16"}), tmp_path, progress=False
+    )
+    assert metrics["precision"] == "bf16" and metrics["final_train_loss"] is not None
