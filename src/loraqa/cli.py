@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 # Flags that are shorthands for config keys: flag dest -> dotted key.
@@ -256,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # raised inside transformers/peft on every LoRA model, nothing a user can act on
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     try:
         return args.func(args)
     except (ConfigError, DataError, ModelLoadError, ValueError) as e:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from . import data as data_mod
 from .config import ConfigError, ExperimentConfig
-from .evaluate import evaluate_model, peak_memory_mb
+from .evaluate import evaluate_model, peak_memory_mb, reset_peak_memory
 from .io import read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from .model import apply_lora, count_parameters, load_model_and_tokenizer
 from .prompt import IGNORE_INDEX, PromptEncoder, encode_train_set
@@ -222,6 +222,7 @@ def run_experiment(
     if not full:
         model = apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
     trainable, total = count_parameters(model)
+    reset_peak_memory(lm.device)  # peak memory counts training and evaluation, not loading
 
     train_metrics_path = run_dir / "train_metrics.json"
     if train_metrics_path.exists():  # trained and saved before an interruption during evaluation
