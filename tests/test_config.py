@@ -1,0 +1,192 @@
+"""Tests for loraqa.config: YAML loading, validation messages, type coercion, overrides, sweep sections."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loraqa.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    from_dict,
+    get_value,
+    load_config,
+    parse_overrides,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_empty_file_is_the_reference_experiment(tmp_path):
+    cfg = load_config(write(tmp_path, ""))
+    assert cfg == ExperimentConfig()
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets) == (8, 16, 0.1, "attn")
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.epochs, cfg.train.weight_decay) == (
+        2e-4,
+        8,
+        3,
+        0.01,
+    )
+    assert cfg.sweep is None
+
+
+def test_unknown_key_names_the_key_and_the_file(tmp_path):
+    path = write(tmp_path, "lora:\n  rank: 8\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "lora.rank" in str(e.value) and str(path) in str(e.value)
+    assert "known:" in str(e.value) and " r" in str(e.value)  # lists what is allowed
+
+
+def test_unknown_section_names_it(tmp_path):
+    path = write(tmp_path, "optimizer:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown section 'optimizer'") as e:
+        load_config(path)
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("lora:\n  r: eight\n", "lora.r"),
+        ("lora:\n  r: 0\n", "lora.r"),
+        ("train:\n  lr: -1e-4\n", "train.lr"),
+        ("train:\n  lr: fast\n", "train.lr"),
+        ("prompt:\n  loss_on: everything\n", "prompt.loss_on"),
+        ("train:\n  method: qlora\n", "train.method"),
+        ("lora:\n  dropout: 1.5\n", "lora.dropout"),
+        ("train:\n  group_by_length: maybe\n", "train.group_by_length"),
+        ("lora:\n  r: true\n", "lora.r"),
+        ("model: gpt2\n", "model"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_file(tmp_path, text, key):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert key in str(e.value) and str(path) in str(e.value)
+
+
+def test_not_yaml_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "lora: [unclosed\n"))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_yaml_scientific_notation_strings_become_numbers(tmp_path):
+    # PyYAML (YAML 1.1) reads 2e-4 (no dot) as the string "2e-4"
+    import yaml
+
+    assert yaml.safe_load("lr: 2e-4")["lr"] == "2e-4"
+    cfg = load_config(
+        write(tmp_path, "train:\n  lr: 2e-4\n  epochs: '1'\n  warmup_steps: '10'\nlora:\n  alpha: 32\n")
+    )
+    assert cfg.train.lr == pytest.approx(2e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.train.epochs == 1.0 and isinstance(cfg.train.epochs, float)
+    assert cfg.train.warmup_steps == 10 and isinstance(cfg.train.warmup_steps, int)
+    assert cfg.lora.alpha == 32.0 and isinstance(cfg.lora.alpha, float)
+
+
+def test_optional_and_union_fields(tmp_path):
+    cfg = load_config(
+        write(tmp_path, "data:\n  train_limit: null\n  eval_limit: '50'\nlora:\n  targets: [c_attn]\n")
+    )
+    assert cfg.data.train_limit is None and cfg.data.eval_limit == 50
+    assert cfg.lora.targets == ["c_attn"]
+    with pytest.raises(ConfigError, match=r"lora.targets"):
+        from_dict({"lora": {"targets": [1, 2]}}, where="x.yaml")
+
+
+def test_parse_overrides_reads_values_as_yaml():
+    got = parse_overrides(["train.lr=5e-4", "lora.r=16", "lora.targets=[c_attn, c_proj]", "data.train_limit=",
+                           "train.fast_loss=false", "model.name=tiny-random-gpt2"])  # fmt: skip
+    assert got == [("train.lr", "5e-4"), ("lora.r", 16), ("lora.targets", ["c_attn", "c_proj"]),
+                   ("data.train_limit", None), ("train.fast_loss", False), ("model.name", "tiny-random-gpt2")]  # fmt: skip
+
+
+@pytest.mark.parametrize("item", ["lr=5e-4", "train.lr", "noequals"])
+def test_parse_overrides_rejects_malformed(item):
+    with pytest.raises(ConfigError, match="section.field=value"):
+        parse_overrides([item])
+
+
+def test_overrides_apply_on_top_of_the_file_and_are_validated(tmp_path):
+    path = write(tmp_path, "lora:\n  r: 4\ntrain:\n  lr: 1e-4\n")
+    cfg = load_config(path, ["lora.r=32", "train.lr=5e-4"])
+    assert cfg.lora.r == 32 and cfg.train.lr == pytest.approx(5e-4)
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        load_config(path, ["train.learning_rate=1"])
+    with pytest.raises(ConfigError, match="lora.r"):
+        load_config(path, ["lora.r=-3"])
+    with pytest.raises(ConfigError, match="unknown key 'sweep.mode'"):
+        apply_overrides(cfg, [("sweep.mode", "grid")])
+
+
+def test_apply_overrides_returns_a_copy():
+    base = ExperimentConfig()
+    new = apply_overrides(base, [("lora.r", 16)])
+    assert base.lora.r == 8 and new.lora.r == 16 and get_value(new, "lora.r") == 16
+
+
+def test_sweep_section_is_validated(tmp_path):
+    ok = load_config(write(tmp_path, "sweep:\n  mode: one-at-a-time\n  axes:\n    train.lr: [1e-4, 5e-4]\n"))
+    assert ok.sweep.mode == "one-at-a-time" and ok.sweep.axes == {"train.lr": ["1e-4", "5e-4"]}
+    cases = [
+        ("sweep:\n  mode: random\n", "sweep.mode"),
+        ("sweep:\n  axes:\n    lora.rank: [4]\n", "lora.rank"),
+        ("sweep:\n  axes:\n    lora.r: [4, -1]\n", "lora.r"),
+        ("sweep:\n  axes:\n    lora.r: []\n", "sweep.axes.lora.r"),
+        ("sweep:\n  axes:\n    lora.r: 4\n", "sweep.axes.lora.r"),
+        ("sweep:\n  axes:\n    train.method: [lora, partial]\n", "train.method"),
+        ("sweep:\n  budget: 3\n", "sweep.budget"),
+    ]
+    for i, (text, key) in enumerate(cases):
+        path = write(tmp_path, text, f"bad{i}.yaml")
+        with pytest.raises(ConfigError) as e:
+            load_config(path)
+        assert key in str(e.value) and str(path) in str(e.value), (text, str(e.value))
+
+
+def test_round_trip_through_yaml_is_exact(tmp_path):
+    cfg = load_config(CONFIGS / "cpu-study.yaml")
+    again = load_config(write(tmp_path, cfg.to_yaml()))
+    assert again == cfg and again.to_yaml() == cfg.to_yaml()
+
+
+@pytest.mark.parametrize("name", ["tiny-sweep.yaml", "cpu-study.yaml", "seed-study.yaml"])
+def test_shipped_sweep_configs_load(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.sweep is not None and cfg.sweep.axes
+
+
+def test_study_configs_match_the_brief():
+    seed = load_config(CONFIGS / "seed-study.yaml")
+    assert seed.model.name == "gpt2"
+    assert (seed.data.train_limit, seed.data.eval_limit, seed.data.data_dir) == (None, None, None)
+    t, lo = seed.train, seed.lora
+    assert (t.epochs, t.batch_size, t.lr, t.weight_decay, t.warmup_steps) == (3, 8, 2e-4, 0.01, 100)
+    assert (lo.r, lo.alpha, lo.dropout) == (8, 16, 0.1)
+    assert seed.sweep.mode == "one-at-a-time"
+    assert list(seed.sweep.axes) == ["lora.r", "lora.targets", "train.lr"]
+
+    cpu = load_config(CONFIGS / "cpu-study.yaml")
+    assert cpu.model.name == "smollm2-135m" and cpu.data.data_dir is None
+    assert list(cpu.sweep.axes) == ["lora.r", "lora.targets", "train.lr", "prompt.loss_on", "train.method"]
+
+    tiny = load_config(CONFIGS / "tiny-sweep.yaml")
+    assert tiny.model.name == "tiny-random-gpt2" and tiny.data.data_dir == "synthetic"
+    assert (
+        0 < tiny.train.save_steps < tiny.train.max_steps and 0 < tiny.train.eval_steps < tiny.train.max_steps
+    )

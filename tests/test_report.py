@@ -1,0 +1,207 @@
+"""Tests for loraqa.report on made-up sweep folders (no training): tables, CSV, figures, and that each verdict
+follows the stated rule — "holds" beyond noise, "does not hold" within it, "not measurable here" when trials are
+missing. The report on a real (tiny) sweep is tested in test_sweep.py, which has that folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from loraqa.config import from_dict
+from loraqa.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from loraqa.report import load_sweep, paired_diff, write_report
+from loraqa.sweep import expand_trials
+
+N_QUESTIONS = 400
+
+STUDY = {
+    "name": "made-up-study",
+    "model": {"name": "tiny-random-gpt2"},
+    "sweep": {
+        "mode": "one-at-a-time",
+        "axes": {
+            "lora.r": [4, 8, 16, 32],
+            "lora.targets": ["attn", "attn+proj"],
+            "train.lr": ["1e-4", "2e-4", "5e-4"],
+            "prompt.loss_on": ["answer", "all"],
+            "train.method": ["lora", "full"],
+        },
+    },
+}
+
+# Per trial: F1 (%), peak memory (MB), eval-loss offset. Rank gains: +10 (4->8), +6 (8->16), +1 (16->32).
+CLAIMS_HOLD = {
+    "base": (60.0, 1010, 0.0),
+    "r4": (50.0, 1000, 0.0),
+    "r16": (66.0, 1030, 0.0),
+    "r32": (67.0, 1070, 0.0),
+    "targets_attn+proj": (61.0, 1040, -0.2),
+    "lr1e-4": (55.0, 1010, 0.0),
+    "lr5e-4": (52.0, 1010, 0.0),
+    "loss_on_all": (45.0, 1015, 0.0),
+    "method_full": (63.0, 2100, 0.0),
+}
+# Every difference within noise (one or two questions of 400), memory flat, curves alike.
+WITHIN_NOISE = {name: (60.0 + 0.25 * (i % 2), 1000, 0.001) for i, name in enumerate(CLAIMS_HOLD)}
+
+
+def make_sweep(root: Path, numbers: dict, skip: tuple[str, ...] = (), fail: tuple[str, ...] = ()) -> Path:
+    """A sweep folder as `loraqa sweep` leaves it, with made-up results: question i is answered right by a
+    trial with F1 p% iff i < p% of the questions, so paired differences have the intended sign and size."""
+    cfg = from_dict(STUDY, where="study.yaml")
+    out = root / "sweep"
+    write_text_atomic(out / "sweep.yaml", cfg.to_yaml())
+    machine = {"host": "box", "platform": "Linux-test", "cpu_count": 2, "torch": "2.x", "gpus": []}
+    write_json_atomic(out / "sweep.json", {"invocations": [{"command": f"loraqa sweep study.yaml --output-dir {out}"}],
+                                           "machine": machine})  # fmt: skip
+    for t in expand_trials(cfg):
+        d = out / t.name
+        if t.name in skip:
+            continue
+        write_text_atomic(d / "trial.yaml", t.config.to_yaml())
+        attempt = {"started_at": "2026-01-01T10:00:00+00:00", "finished_at": "2026-01-01T10:12:00+00:00",
+                   "wall_seconds": 720.0, "exit_code": 0, "status": "done", "max_rss_mb": 1100.0}  # fmt: skip
+        write_json_atomic(d / "run.json", {"name": t.name, "attempts": [attempt], "wall_seconds": 720.0,
+                                           "machine": machine})  # fmt: skip
+        f1, memory, offset = numbers[t.name]
+        steps = range(25, 126, 25)
+        history = []
+        for s in range(5, 126, 5):
+            history.append({"loss": 3.0 - s / 100 + offset, "step": s})
+            if s in steps:
+                history.append({"eval_loss": 2.5 - s / 200 + offset, "step": s})
+        write_jsonl_atomic(d / "log_history.jsonl", history)
+        if t.name in fail:
+            write_json_atomic(
+                d / "error.json", {"exit_code": -9, "summary": "killed by SIGKILL (out of memory?)"}
+            )
+            continue
+        right = round(f1 / 100 * N_QUESTIONS)
+        preds = [
+            {"id": f"q{i}", "exact_match": float(i < right), "f1": float(i < right)}
+            for i in range(N_QUESTIONS)
+        ]
+        write_jsonl_atomic(d / "predictions.jsonl", preds)
+        full = t.config.train.method == "full"
+        trainable = (
+            134_515_008 if full else t.config.lora.r * (1408 if t.config.lora.targets == "attn+proj" else 512)
+        )
+        write_json_atomic(d / "metrics.json", {
+            "exact_match": 100 * right / N_QUESTIONS, "f1": 100 * right / N_QUESTIONS, "n_questions": N_QUESTIONS,
+            "final_train_loss": history[-2]["loss"], "final_eval_loss": history[-1]["eval_loss"],
+            "trainable_params": trainable, "total_params": 134_515_008 + (0 if full else trainable),
+            "train_seconds": 1400.0 if full else 600.0, "train_tokens_per_second": 500.0, "peak_memory_mb": memory,
+            "eval_seconds": 50.0, "train_steps": 125, "device": "cpu",
+        })  # fmt: skip
+    return out
+
+
+def verdict_line(text: str, label: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"- **({label})"))
+
+
+def test_claims_hold_when_the_numbers_say_so(tmp_path):
+    out = make_sweep(tmp_path, CLAIMS_HOLD)
+    report = write_report(out)
+    assert report == out / "report.md"
+    text = report.read_text()
+    for label in "abcd":
+        assert ": holds.**" in verdict_line(text, label), verdict_line(text, label)
+    assert "answers worse: holds; slower convergence: not measurable here" in verdict_line(text, "e")
+    # the numbers are beside the verdicts
+    assert "r4 50.00, r8 60.00, r16 66.00, r32 67.00" in verdict_line(text, "a")
+    assert "2e-4 − 5e-4: +8.00 ±" in verdict_line(text, "b")
+    assert "lower at 5 and higher at 0 of 5 common steps" in verdict_line(text, "c")
+    assert "r4 1,000 MB" in verdict_line(text, "d") and "+7.0%" in verdict_line(text, "d")
+    # full fine-tuning ablation table
+    ablation = text.split("### Full fine-tuning ablation")[1]
+    assert "134,515,008" in ablation and "2,100 MB" in ablation and "63.00" in ablation
+    assert "Rule: an EM or F1 difference counts only if it is more than 2 standard errors" in text
+
+
+def test_tables_csv_and_figures(tmp_path):
+    out = make_sweep(tmp_path, CLAIMS_HOLD)
+    write_report(out, out_dir=tmp_path / "rep")
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "- Command: `loraqa sweep study.yaml --output-dir" in text
+    assert "Linux-test, 2 CPUs, torch 2.x, no GPU" in text and "Date: trials ran 2026-01-01T10:00:00" in text
+    rank_table = text.split("### LoRA rank (`lora.r`)")[1].split("###")[0]
+    rows = [r for r in rank_table.splitlines() if r.startswith("| ") and r[2].isdigit()]
+    assert [r.split(" | ")[0] for r in rows] == ["| 4", "| 8 (reference)", "| 16", "| 32"]
+    assert "| 16 | 66.00 | 66.00 | 8,192 | 10.0 min | 1,030 MB | r16 (done) |" in rank_table
+    lr_table = text.split("### Learning rate (`train.lr`)")[1].split("###")[0]
+    assert "| 1e-4 |" in lr_table and "| 5e-4 |" in lr_table and "r16" not in lr_table
+    best = text.split("## Table 6")[1].split("##")[0]
+    assert best.index("| r32 |") < best.index("| r16 |") < best.index("| method_full |")
+    params = text.split("## Table 7")[1].split("##")[0]
+    assert "| attn | 8 | 4,096 | 0.121% | 4,096 |" in params and "full fine-tuning" in params
+    with open(tmp_path / "rep" / "results.csv") as f:
+        rows = {r["trial"]: r for r in csv.DictReader(f)}
+    assert len(rows) == 9 and rows["r16"]["f1"] == "66.0" and rows["r16"]["lora.r"] == "16"
+    assert rows["lr5e-4"]["train.lr"] == "5e-4" and rows["base"]["wall_seconds"] == "720.0"
+    for fig in ("figure3_rank_eval_loss.png", "figure4_targets_loss.png", "figure5_lr_loss.png"):
+        assert (tmp_path / "rep" / "figures" / fig).read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "report.md").exists()
+
+
+def test_differences_within_noise_are_not_called_holds(tmp_path):
+    out = make_sweep(tmp_path, WITHIN_NOISE)
+    text = write_report(out).read_text()
+    for label in "abcd":
+        assert ": does not hold.**" in verdict_line(text, label), verdict_line(text, label)
+    assert "within noise" in verdict_line(text, "a") and "within noise" in verdict_line(text, "b")
+    assert "answers worse: does not hold" in verdict_line(text, "e")
+
+
+def test_missing_failed_and_unfinished_trials_are_listed_and_not_measured(tmp_path):
+    out = make_sweep(tmp_path, CLAIMS_HOLD, skip=("r32", "loss_on_all"), fail=("method_full",))
+    (out / "lr5e-4" / "metrics.json").unlink()  # interrupted: logs but no metrics
+    text = write_report(out).read_text()
+    trials = text.split("## Trials")[1].split("## ")[0]
+    assert "| r32 | pending |" in trials and "| loss_on_all | pending |" in trials
+    assert "| method_full | failed |" in trials and "killed by SIGKILL (out of memory?)" in trials
+    assert "| lr5e-4 | unfinished |" in trials
+    assert "Not finished (left out of every comparison below): `r32` (pending)" in text
+    assert ": not measurable here.**" in verdict_line(text, "a") and "r32 (pending)" in verdict_line(
+        text, "a"
+    )
+    assert ": not measurable here.**" in verdict_line(text, "e")
+    assert ": holds.**" in verdict_line(text, "b")  # 2e-4 vs 1e-4 is still measured
+    assert "**not measurable here.**" in text.split("### Full fine-tuning ablation")[1]
+    assert "Trials: 5 done, 1 failed, 1 unfinished, 2 pending" in text
+
+
+def test_paired_difference():
+    out_a = {"q1": 1.0, "q2": 1.0, "q3": 0.0, "q4": 0.0}
+
+    class T:
+        def __init__(self, scores):
+            self.per_question = {k: {"f1": v, "exact_match": v} for k, v in scores.items()}
+
+    d = paired_diff(T(out_a), T({"q1": 1.0, "q2": 0.0, "q3": 0.0, "q4": 0.0}))
+    assert d.mean == pytest.approx(25.0) and d.n == 4 and d.se == pytest.approx(25.0)
+    assert not d.significant  # 25 < 2 * 25
+    same = paired_diff(T(out_a), T(out_a))
+    assert same.mean == 0 and not same.significant
+    assert paired_diff(T({"q1": 1.0}), T({"q9": 1.0})) is None
+
+
+def test_not_a_sweep_folder(tmp_path):
+    from loraqa.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not a sweep folder"):
+        write_report(tmp_path)
+
+
+def test_report_cli(tmp_path, capsys):
+    from loraqa.cli import main
+
+    out = make_sweep(tmp_path, CLAIMS_HOLD, skip=tuple(n for n in CLAIMS_HOLD if n != "base"))
+    assert main(["report", str(out), "--out", str(tmp_path / "r")]) == 0
+    assert "wrote" in capsys.readouterr().out and (tmp_path / "r" / "report.md").exists()
+    data = load_sweep(out)
+    assert [t.status for t in data.trials].count("done") == 1 and data.reference_trial.name == "base"
+    assert json.loads((out / "sweep.json").read_text())["machine"]["host"] == "box"

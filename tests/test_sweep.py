@@ -1,0 +1,439 @@
+"""Tests for loraqa.sweep: expansion, naming, sharding, failure handling, resuming after SIGKILL.
+
+Most tests replace the trial's child process (``sweep.trial_command``) by a short Python script, so the sweep's
+own machinery (subprocesses, error.json, sweep.json, retries, shards, parallel workers) is tested in
+milliseconds. One test runs configs/tiny-sweep.yaml for real, kills it with SIGKILL in the middle of a trial
+and reruns it; the report test reuses that folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from loraqa import sweep
+from loraqa.config import ConfigError, ExperimentConfig, from_dict, load_config
+from loraqa.io import read_json
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny-sweep.yaml"
+
+
+def cfg_from(axes: dict, mode: str = "one-at-a-time", **sections) -> ExperimentConfig:
+    return from_dict({**sections, "sweep": {"mode": mode, "axes": axes}}, where="test.yaml")
+
+
+# ---------------------------------------------------------------------------------------------- expansion
+
+
+def test_one_at_a_time_is_the_base_plus_each_axis_alone():
+    trials = sweep.expand_trials(load_config(ROOT / "configs" / "cpu-study.yaml"))
+    names = [t.name for t in trials]
+    assert names == ["base", "r4", "r16", "r32", "targets_attn+proj", "lr1e-4", "lr5e-4", "loss_on_all",
+                     "method_full"]  # fmt: skip
+    assert len(trials) == 4 + 1 + 2 + 1 + 1
+    base = trials[0]
+    assert base.overrides == {} and base.values == {"lora.r": 8, "lora.targets": "attn", "train.lr": 2e-4,
+                                                    "prompt.loss_on": "answer", "train.method": "lora"}  # fmt: skip
+    for t in trials[1:]:  # every other trial differs from the base in exactly one axis
+        changed = {k for k, v in t.values.items() if v != base.values[k]}
+        assert len(changed) == 1 and set(t.overrides) == changed
+    r16 = trials[2]
+    assert r16.config.lora.r == 16 and r16.config.train.lr == 2e-4 and r16.config.sweep is None
+    assert [t.index for t in trials] == list(range(9))
+
+
+def test_seed_study_has_seven_trials():
+    names = [t.name for t in sweep.expand_trials(load_config(ROOT / "configs" / "seed-study.yaml"))]
+    assert names == ["base", "r4", "r16", "r32", "targets_attn+proj", "lr1e-4", "lr5e-4"]
+
+
+def test_grid_is_every_combination():
+    cfg = cfg_from({"lora.r": [8, 16], "lora.targets": ["attn", "attn+proj"], "train.lr": ["1e-4", "5e-4"]},
+                   mode="grid")  # fmt: skip
+    trials = sweep.expand_trials(cfg)
+    assert len(trials) == 8
+    combos = {(t.values["lora.r"], t.values["lora.targets"], t.values["train.lr"]) for t in trials}
+    assert combos == {(r, p, lr) for r in (8, 16) for p in ("attn", "attn+proj") for lr in (1e-4, 5e-4)}
+    names = [t.name for t in trials]
+    assert len(set(names)) == 8
+    assert "r16-targets_attn+proj-lr5e-4" in names and "lr1e-4" in names  # r8 and attn are the base's values
+    # the reference point of a grid: each axis's base value where the axis has it, else its first value
+    assert sweep.reference_values(cfg) == {"lora.r": 8, "lora.targets": "attn", "train.lr": 1e-4}
+
+
+def test_duplicates_are_removed_and_values_are_coerced():
+    cfg = cfg_from({"lora.r": [8, 16, 16], "train.lr": ["2e-4", 0.0002, "5e-4"]})
+    names = [t.name for t in sweep.expand_trials(cfg)]
+    assert names == ["base", "r16", "lr5e-4"]  # r8 and lr 2e-4 are the base; 16 listed twice
+    grid = cfg_from({"lora.r": [8, 8], "train.lr": ["2e-4"]}, mode="grid")
+    assert [t.name for t in sweep.expand_trials(grid)] == ["base"]
+
+
+def test_names_are_short_safe_and_stable():
+    assert sweep.format_value(5e-4) == "5e-4" and sweep.format_value(2e-4) == "2e-4"
+    assert (
+        sweep.format_value(0.1) == "0.1" and sweep.format_value(16.0) == "16" and sweep.format_value(3) == "3"
+    )
+    assert (
+        sweep.format_value(["c_attn", "c_proj"]) == "c_attn+c_proj" and sweep.format_value(False) == "false"
+    )
+    cfg = cfg_from({"lora.targets": [["c_attn", "c_proj"]], "lora.dropout": [0.05], "train.fast_loss": [False],
+                    "train.batch_size": [16], "eval.batch_size": [64], "model.name": ["some/org-model"]})  # fmt: skip
+    names = [t.name for t in sweep.expand_trials(cfg)]
+    assert names == ["base", "targets_c_attn+c_proj", "dropout0.05", "fast_loss_false", "train_batch_size16",
+                     "eval_batch_size64", "name_some_org-model"]  # fmt: skip
+    assert names == [t.name for t in sweep.expand_trials(cfg)]  # stable
+    long = cfg_from({"lora.targets": [[f"module_number_{i}" for i in range(12)]]})
+    name = sweep.expand_trials(long)[1].name
+    assert len(name) <= 80 and name == sweep.expand_trials(long)[1].name
+
+
+def test_a_config_without_a_sweep_section_is_refused():
+    with pytest.raises(ConfigError, match="no sweep section"):
+        sweep.expand_trials(ExperimentConfig())
+
+
+# ---------------------------------------------------------------------------------------------- shards
+
+
+def test_shards_partition_the_trials():
+    trials = sweep.expand_trials(load_config(ROOT / "configs" / "cpu-study.yaml"))
+    for n in range(1, 12):
+        parts = [sweep.shard_trials(trials, i, n) for i in range(1, n + 1)]
+        names = [t.name for p in parts for t in p]
+        assert sorted(names) == sorted(t.name for t in trials) and len(names) == len(set(names))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1  # balanced
+        assert parts == [sweep.shard_trials(trials, i, n) for i in range(1, n + 1)]  # deterministic
+    assert sweep.parse_shard("2/3") == (2, 3) and sweep.parse_shard(None) == (1, 1)
+    for bad in ("0/2", "3/2", "1", "a/b", "1/0"):
+        with pytest.raises(ConfigError, match="--shard"):
+            sweep.parse_shard(bad)
+
+
+# ---------------------------------------------------------------------------------------------- fake trials
+
+FAKE_CHILD = textwrap.dedent(
+    """
+    import json, os, signal, sys, time
+    trial_dir = sys.argv[1]
+    name = os.path.basename(trial_dir)
+    fail = os.environ.get("FAKE_FAIL", "").split(",")
+    with open(os.path.join(trial_dir, "starts.txt"), "a") as f:
+        f.write(f"{time.time()} {os.environ.get('OMP_NUM_THREADS', '')}\\n")
+    time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
+    with open(os.path.join(trial_dir, "ends.txt"), "a") as f:
+        f.write(f"{time.time()}\\n")
+    print("a line on stdout")
+    sys.stderr.write(" 50%|#####     | 1/2 [00:01<00:01,  1.00it/s]\\r")
+    sys.stderr.write("100%|##########| 2/2 [00:02<00:00,  1.00it/s]\\n")
+    if name in fail and name.startswith("targets"):
+        os.kill(os.getpid(), signal.SIGKILL)  # like the kernel's OOM killer
+    if name in fail:
+        sys.stderr.write("Traceback (most recent call last):\\nRuntimeError: boom in " + name + "\\n")
+        sys.exit(3)
+    with open(os.path.join(trial_dir, "config.yaml"), "w") as f:
+        f.write(open(os.path.join(trial_dir, "trial.yaml")).read())
+    with open(os.path.join(trial_dir, "metrics.json"), "w") as f:
+        json.dump({"exact_match": 10.0, "f1": 20.0, "trainable_params": 1, "total_params": 2}, f)
+    """
+)
+
+
+@pytest.fixture
+def fake_trials(monkeypatch, tmp_path):
+    script = tmp_path / "fake_child.py"
+    script.write_text(FAKE_CHILD)
+    monkeypatch.setattr(sweep, "trial_command", lambda trial_yaml, trial_dir, device: [sys.executable, str(script),
+                                                                                        str(trial_dir)])  # fmt: skip
+    monkeypatch.delenv("FAKE_FAIL", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    return tmp_path / "sweep"
+
+
+def mtimes(out: Path) -> dict[str, int]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")}
+
+
+def test_a_failed_trial_is_recorded_and_the_others_go_on(fake_trials, monkeypatch):
+    out = fake_trials
+    cfg = load_config(TINY)
+    monkeypatch.setenv("FAKE_FAIL", "r16,targets_attn+proj")
+    assert sweep.run_sweep(cfg, out, progress=False) == 1
+
+    err = read_json(out / "r16" / "error.json")
+    assert err["exit_code"] == 3 and err["signal"] is None
+    assert "RuntimeError: boom in r16" in err["stderr_tail"] and "boom in r16" in err["summary"]
+    assert "1/2 [00:01" not in err["stderr_tail"]  # progress-bar updates are not kept as lines
+    killed = read_json(out / "targets_attn+proj" / "error.json")
+    assert killed["exit_code"] == -signal.SIGKILL and killed["signal"] == "SIGKILL"
+    assert "out of memory" in killed["summary"]
+    for name in ("base", "lr5e-4"):  # the others ran to the end
+        assert (out / name / "metrics.json").exists() and not (out / name / "error.json").exists()
+
+    index = read_json(out / "sweep.json")
+    status = {t["name"]: t["status"] for t in index["trials"]}
+    assert status == {"base": "done", "r16": "failed", "targets_attn+proj": "failed", "lr5e-4": "done"}
+    assert index["counts"]["failed"] == 2 and index["counts"]["done"] == 2
+    rec = {t["name"]: t for t in index["trials"]}
+    assert rec["r16"]["exit_code"] == 3 and rec["r16"]["overrides"] == {"lora.r": 16}
+    assert rec["base"]["wall_seconds"] > 0 and rec["base"]["metrics"]["f1"] == 20.0
+    assert "a line on stdout" in (out / "base" / "trial.log").read_text()
+
+    # a rerun retries the failed trials only
+    before = mtimes(out)
+    monkeypatch.delenv("FAKE_FAIL")
+    assert sweep.run_sweep(cfg, out, progress=False) == 0
+    assert {k: v for k, v in mtimes(out).items() if k in before} == before
+    assert not (out / "r16" / "error.json").exists() and (out / "r16" / "metrics.json").exists()
+    run = read_json(out / "r16" / "run.json")
+    assert [a["status"] for a in run["attempts"]] == ["failed", "done"] and run["attempts"][0][
+        "exit_code"
+    ] == 3
+    assert len((out / "base" / "starts.txt").read_text().splitlines()) == 1
+    assert all(t["status"] == "done" for t in read_json(out / "sweep.json")["trials"])
+
+
+def test_cli_sweep_exits_nonzero_when_a_trial_fails(fake_trials, monkeypatch, capsys):
+    from loraqa.cli import main
+
+    monkeypatch.setenv("FAKE_FAIL", "lr5e-4")
+    assert main(["sweep", str(TINY), "--output-dir", str(fake_trials)]) == 1
+    assert "FAILED lr5e-4" in capsys.readouterr().err
+    monkeypatch.delenv("FAKE_FAIL")
+    assert main(["sweep", str(TINY), "--output-dir", str(fake_trials)]) == 0
+    index = read_json(fake_trials / "sweep.json")
+    assert index["command"].startswith("loraqa sweep ") or "sweep.yaml" in index["command"]
+
+
+def test_shards_split_the_work_between_runs(fake_trials):
+    out = fake_trials
+    cfg = load_config(TINY)
+    names = [t.name for t in sweep.expand_trials(cfg)]
+    assert sweep.run_sweep(cfg, out, shard="2/2", progress=False) == 0
+    assert sorted(mtimes(out)) == sorted(names[1::2])
+    index = read_json(out / "sweep.json")  # lists every trial, done or not
+    assert {t["name"]: t["status"] for t in index["trials"]} == {
+        n: ("done" if i % 2 else "pending") for i, n in enumerate(names)
+    }
+    assert sweep.run_sweep(cfg, out, shard="1/2", progress=False) == 0
+    assert sorted(mtimes(out)) == sorted(names)
+
+
+def test_parallel_workers_overlap_and_share_the_cores(fake_trials, monkeypatch):
+    monkeypatch.setenv("FAKE_SLEEP", "0.6")
+    out = fake_trials
+    assert sweep.run_sweep(load_config(TINY), out, parallel=2, progress=False) == 0
+    starts = {}
+    for p in out.glob("*/starts.txt"):
+        t, threads = p.read_text().split()
+        starts[p.parent.name] = float(t)
+        assert threads == str(max(1, (os.cpu_count() or 1) // 2))
+    ends = {p.parent.name: float(p.read_text()) for p in out.glob("*/ends.txt")}
+    first_two = sorted(starts, key=starts.get)[:2]
+    # the second trial started before the first had ended
+    assert max(starts[n] for n in first_two) < min(ends[n] for n in first_two)
+
+
+def test_a_folder_holds_one_sweep(fake_trials):
+    cfg = load_config(TINY)
+    assert sweep.run_sweep(cfg, fake_trials, progress=False) == 0
+    other = load_config(TINY, ["train.max_steps=7"])
+    with pytest.raises(ConfigError, match=r"different config .*train.max_steps"):
+        sweep.run_sweep(other, fake_trials, progress=False)
+    with pytest.raises(ConfigError, match="--parallel"):
+        sweep.run_sweep(cfg, fake_trials, parallel=0, progress=False)
+
+
+INTERRUPTIBLE_SWEEP = textwrap.dedent(
+    """
+    import sys
+    from loraqa import sweep
+    from loraqa.config import load_config
+    script, tiny, out = sys.argv[1:4]
+    sweep.trial_command = lambda trial_yaml, trial_dir, device: [sys.executable, script, str(trial_dir)]
+    sys.exit(sweep.run_sweep(load_config(tiny), out, parallel=2, progress=False))
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_sweep_records_no_failure_and_resumes(fake_trials, tmp_path, sig):
+    """Ctrl-C reaches the whole process group; SIGTERM reaches the sweep alone, which passes it on. Either way
+    the running trials stop, nothing is recorded as failed, the exit code is 130 and a rerun finishes."""
+    out = fake_trials
+    runner = tmp_path / "runner.py"
+    runner.write_text(INTERRUPTIBLE_SWEEP)
+    cmd = [sys.executable, str(runner), str(tmp_path / "fake_child.py"), str(TINY), str(out)]
+    env = {**os.environ, "FAKE_SLEEP": "30"}
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 60
+    while len(list(out.glob("*/starts.txt"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert not list(out.glob("*/error.json")) and not list(out.glob("*/metrics.json"))
+    statuses = {t["name"]: t["status"] for t in read_json(out / "sweep.json")["trials"]}
+    assert sorted(statuses.values()) == ["pending", "pending", "unfinished", "unfinished"]
+    for name, status in statuses.items():
+        if status == "unfinished":
+            assert [a["status"] for a in read_json(out / name / "run.json")["attempts"]] == ["interrupted"]
+    env["FAKE_SLEEP"] = "0"
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=60).returncode == 0
+    assert len(mtimes(out)) == 4
+
+
+def test_trial_status_and_locks(tmp_path):
+    d = tmp_path / "t"
+    assert sweep.trial_status(d) == "pending"
+    fd = sweep._try_lock(d)
+    assert fd is not None and sweep.trial_status(d) == "running" and sweep._try_lock(d) is None
+    os.close(fd)
+    assert sweep.trial_status(d) == "pending"
+    (d / "log_history.jsonl").write_text("")
+    assert sweep.trial_status(d) == "unfinished"
+    (d / "error.json").write_text("{}")
+    assert sweep.trial_status(d) == "failed"
+    (d / "metrics.json").write_text("{}")
+    assert sweep.trial_status(d) == "done"
+
+
+def test_stderr_pump_separates_progress_bars_from_lines(tmp_path):
+    import io
+
+    class View:
+        def __init__(self):
+            self.bars, self.lines = [], []
+
+        def progress(self, name, text):
+            self.bars.append(text)
+
+        def line(self, name, text):
+            self.lines.append(text)
+
+    view = View()
+    with open(tmp_path / "log", "wb") as log:
+        pump = sweep._StderrPump("t", log, view)
+        data = ("loading\n 10%|#         | 1/10 [00:01<00:09,  1.00it/s]\r 20%|##        | 2/10 [00:02<00:08,  1.0"
+                "0it/s]\r{'loss': 1.0}\nTraceback\nÉrror: x\n").encode()  # fmt: skip
+        pump.run(io.BufferedReader(io.BytesIO(data)))
+    assert view.bars[-1].startswith("20%|") and len(view.bars) == 2
+    assert view.lines == ["loading", "{'loss': 1.0}", "Traceback", "Érror: x"]
+    assert pump.text().endswith("Érror: x") and (tmp_path / "log").read_bytes() == data
+
+
+# ---------------------------------------------------------------------------------------------- the real thing
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """configs/tiny-sweep.yaml run for real: SIGKILL-ed (the whole process group) once a trial has finished and
+    another has a checkpoint, then rerun with the same command."""
+    out = tmp_path_factory.mktemp("tiny") / "sweep"
+    cmd = [
+        sys.executable,
+        "-m",
+        "loraqa.cli",
+        "sweep",
+        str(TINY),
+        "--output-dir",
+        str(out),
+        "--parallel",
+        "2",
+    ]
+    log = (out.parent / "first.log").open("wb")
+    first = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True, cwd=ROOT)
+    deadline = time.monotonic() + 180
+    while True:
+        finished = {p.parent.name for p in out.glob("*/metrics.json")}
+        ckpts = {
+            p.parents[2].name for p in out.glob("*/checkpoints/checkpoint-*/trainer_state.json")
+        } - finished
+        ckpts = {n for n in ckpts if not (out / n / "train_metrics.json").exists()}  # still training
+        if finished and ckpts:
+            break
+        assert first.poll() is None, (
+            f"the sweep ended before it could be killed: {(out.parent / 'first.log').read_text()[-3000:]}"
+        )
+        assert time.monotonic() < deadline, "no checkpoint within 3 minutes"
+        time.sleep(0.02)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    log.close()
+    before = mtimes(out)
+    interrupted = {n for n in {p.name for p in out.iterdir() if p.is_dir()} - set(before)
+                   if not (out / n / "train_metrics.json").exists()
+                   and list((out / n).glob("checkpoints/checkpoint-*/trainer_state.json"))}  # fmt: skip
+    start = time.perf_counter()
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return {"out": out, "before": before, "interrupted": interrupted, "second": second,
+            "rerun_seconds": time.perf_counter() - start}  # fmt: skip
+
+
+def test_a_sweep_killed_mid_trial_resumes_without_redoing_or_losing_results(killed_and_resumed):
+    r = killed_and_resumed
+    out, second = r["out"], r["second"]
+    assert second.returncode == 0, second.stderr[-3000:]
+    names = [t.name for t in sweep.expand_trials(load_config(TINY))]
+    after = mtimes(out)
+    assert sorted(after) == sorted(names)  # every trial finished
+    assert r["before"] and {n: after[n] for n in r["before"]} == r["before"]  # finished ones were not redone
+    assert r["interrupted"]
+    for name in r["interrupted"]:  # an interrupted trial resumed from its checkpoint
+        tm = read_json(out / name / "train_metrics.json")
+        assert tm["resumed_from"] and tm["resumed_from"].startswith("checkpoint-")
+        assert tm["train_steps"] == load_config(TINY).train.max_steps
+        run = read_json(out / name / "run.json")
+        assert [a["status"] for a in run["attempts"]] == ["lost", "done"]
+        assert not (out / name / "checkpoints").exists()
+    index = read_json(out / "sweep.json")
+    assert index["counts"]["done"] == len(names) and all(t["wall_seconds"] for t in index["trials"])
+    for name in names:
+        m = read_json(out / name / "metrics.json")
+        for key in ("exact_match", "f1", "final_train_loss", "final_eval_loss", "trainable_params", "total_params",
+                    "train_seconds", "train_tokens_per_second", "peak_memory_mb"):  # fmt: skip
+            assert m.get(key) is not None, (name, key)
+        assert (out / name / "log_history.jsonl").exists()
+        assert (out / name / "config.yaml").read_text() == (out / name / "trial.yaml").read_text()
+    assert "finished already" in second.stderr
+
+
+def test_report_on_the_tiny_sweep(killed_and_resumed, tmp_path):
+    from loraqa.report import write_report
+
+    out = killed_and_resumed["out"]
+    path = write_report(out, out_dir=tmp_path / "report")
+    text = path.read_text()
+    assert path == tmp_path / "report" / "report.md"
+    for fig in ("figure3_rank_eval_loss.png", "figure4_targets_loss.png", "figure5_lr_loss.png"):
+        assert (tmp_path / "report" / "figures" / fig).stat().st_size > 1000
+        assert f"figures/{fig}" in text
+    assert f"loraqa sweep {TINY} --output-dir {out} --parallel 2" in text
+    assert "CPUs, torch" in text and "Date:" in text
+    base = read_json(out / "base" / "metrics.json")
+    r16 = read_json(out / "r16" / "metrics.json")
+    assert f"{r16['trainable_params']:,}" in text and f"{base['f1']:.2f}" in text
+    assert f"{base['final_eval_loss']:.3f}" in text
+    for claim in ("(a)", "(b)", "(c)", "(d)", "(e)"):
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"- **{claim}"))
+        assert any(v in line for v in ("holds", "does not hold", "not measurable here")), line
+    assert "Table 6" in text and "Table 7" in text and "Full fine-tuning" in text
+    rows = (tmp_path / "report" / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("trial,status,lora.r,lora.targets,train.lr,exact_match,f1")
+    assert len(rows) == 5 and all(",done," in row for row in rows[1:])
+    assert json.loads((out / "sweep.json").read_text())["counts"]["done"] == 4
