@@ -103,6 +103,19 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, synthetic
     assert metrics["exact_match"] == straight["exact_match"]
 
 
+def test_a_half_written_checkpoint_is_not_resumed_from(tmp_path):
+    from loraqa.train import _last_checkpoint
+
+    ckpt = tmp_path / "checkpoints"
+    (ckpt / "checkpoint-2").mkdir(parents=True)
+    (ckpt / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (ckpt / "checkpoint-4").mkdir()  # killed while saving: trainer_state.json is written last
+    (ckpt / "checkpoint-4" / "adapter_model.safetensors").write_text("")
+    assert _last_checkpoint(ckpt) == str(ckpt / "checkpoint-2")
+    assert not (ckpt / "checkpoint-4").exists()
+    assert _last_checkpoint(tmp_path / "none") is None
+
+
 def test_training_memorises_a_small_task_and_the_adapter_answers_it(tmp_path):
     """A few steps drive the loss down and the trained adapter answers the questions it was taught;
     the model comes from a local folder (save_pretrained), the path a user's own checkpoint takes."""

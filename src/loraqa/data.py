@@ -552,7 +552,7 @@ def make_synthetic_squad(
                   "answers": [{"text": color, "answer_start": start}]}  # fmt: skip
             paragraphs.append({"context": context, "qas": [qa]})
         doc = {"version": "1.1", "data": [{"title": f"Synthetic_{split}", "paragraphs": paragraphs}]}
-        tmp = folder / f".{split}.tmp"
+        tmp = folder / f".{split}.{os.getpid()}.tmp"  # unique: two processes may build it at once
         tmp.write_text(json.dumps(doc))
         os.replace(tmp, folder / _split_file_name(split))
     return folder

@@ -146,9 +146,20 @@ def _prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, overwrite: bool) -> N
 
 
 def _last_checkpoint(ckpt_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    """The newest complete checkpoint. The Trainer writes trainer_state.json last, so a folder without it was
+    being saved when the run was killed; it is removed rather than resumed from."""
+    if not ckpt_dir.is_dir():
+        return None
+    complete = []
+    for d in ckpt_dir.glob("checkpoint-*"):
+        if not d.is_dir() or not d.name.split("-")[-1].isdigit():
+            continue
+        if (d / "trainer_state.json").is_file():
+            complete.append(d)
+        else:
+            log.info("removing incomplete checkpoint %s", d)
+            shutil.rmtree(d, ignore_errors=True)
+    return str(max(complete, key=lambda d: int(d.name.split("-")[-1]))) if complete else None
 
 
 def training_arguments(cfg: ExperimentConfig, ckpt_dir: Path, precision: str, device: torch.device):
@@ -299,7 +310,7 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
             "skipped": dict(train_stats.skipped),
         },  # fmt: skip
         "train_steps": trainer.state.global_step,
-        "epochs": cfg.train.epochs,
+        "epochs": round(trainer.state.epoch or 0, 3),
         "resumed_from": os.path.basename(resume) if resume else None,
         "train_seconds": round(seconds, 3),
         "train_tokens": trainer.real_train_tokens,
