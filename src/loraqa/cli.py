@@ -257,8 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # raised inside transformers/peft on every LoRA model, nothing a user can act on
+    # raised inside transformers/peft on every LoRA model, nothing a user can act on; the second because a
+    # GGUF-loaded base has no config.json beside it for PEFT to compare vocabularies with (loraqa never
+    # resizes the embeddings)
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+    warnings.filterwarnings("ignore", message="Could not find a config file in")
     try:
         return args.func(args)
     except (ConfigError, DataError, ModelLoadError, ValueError) as e:
