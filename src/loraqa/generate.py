@@ -1,17 +1,33 @@
-"""Generate answers: batched greedy decoding with a KV cache and left padding.
+"""Generate answers: batched greedy decoding with a KV cache.
 
-Prompts are sorted by length so a batch wastes little compute on padding, decoding stops for a sequence
-at its first newline or EOS (the answer is one line) and for the batch as soon as every sequence has
-stopped (``transformers`` ``generate`` does both when every newline-bearing token is an EOS id), and the
-answer is the first line of the decoded continuation, stripped.
+The fast path (every part has a switch in :func:`generate_answers`):
+
+* prompts that begin with the same tokens (the questions on one SQuAD paragraph share the whole
+  ``Context: ...`` part) are grouped; the shared prefix runs through the model once and its KV cache is
+  copied to each question, so only the question part is computed per question (``share_prefixes``);
+* batches are sorted by length so little compute goes to padding (``sort_by_length``); a row is
+  ``[left padding][prefix][padding][question]``, with position ids that skip the padding;
+* the prompt's forward pass computes the output layer at the last position only;
+* decoding is a plain greedy loop over the model's forward pass with a ``DynamicCache``; a sequence stops at
+  its first newline or EOS (the answer is one line), stopped sequences leave the batch (their rows of the KV
+  cache too) once they are a quarter of it, so later steps run on the live sequences (``prune_finished``),
+  and the batch ends as soon as every sequence has stopped.
+
+The answer is the first line of the decoded continuation, stripped: the same text ``model.generate`` gives
+one question at a time with the same stop tokens (``engine="hf"`` runs ``model.generate`` instead, batched
+with left padding, for comparison).
 """
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 from tqdm.auto import tqdm
+
+MIN_SHARED_PREFIX = 16  # tokens; shorter common beginnings are not worth a second forward pass
 
 
 @lru_cache(maxsize=8)
@@ -32,6 +48,178 @@ def first_line(text: str) -> str:
     return text.split("\n", 1)[0].strip()
 
 
+def _accepts(model, name: str) -> bool:
+    """Whether the model's forward takes ``name`` (a PEFT wrapper passes it on to the model it wraps)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return name in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+
+@dataclass
+class PromptGroup:
+    """Prompts (indices) that start with the same ``shared`` tokens (0: a prompt on its own)."""
+
+    shared: int
+    members: list[int]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def plan_batches(
+    prompts: list[list[int]],
+    batch_size: int,
+    *,
+    sort_by_length: bool = True,
+    share_prefixes: bool = True,
+    min_shared: int = MIN_SHARED_PREFIX,
+) -> list[list[PromptGroup]]:
+    """Batches of at most ``batch_size`` prompts, as groups sharing a prefix; every prompt once."""
+    groups: list[PromptGroup] = []
+    if share_prefixes:
+        by_start: dict[tuple, list[int]] = {}
+        for i, p in enumerate(prompts):
+            key = tuple(p[:min_shared]) if len(p) > min_shared else ("alone", i)
+            by_start.setdefault(key, []).append(i)
+        for members in by_start.values():
+            first = prompts[members[0]]
+            shared = min((_common_prefix(first, prompts[m]) for m in members[1:]), default=0)
+            shared = min(shared, min(len(prompts[m]) for m in members) - 1)  # every member keeps a token
+            if len(members) < 2 or shared < min_shared:
+                groups.extend(PromptGroup(0, [m]) for m in members)
+            else:
+                groups.extend(PromptGroup(shared, members[s : s + batch_size])
+                              for s in range(0, len(members), batch_size))  # fmt: skip
+    else:
+        groups = [PromptGroup(0, [i]) for i in range(len(prompts))]
+    if sort_by_length:  # longest first (stable: ties keep their order)
+        groups.sort(key=lambda g: -max(len(prompts[m]) for m in g.members))
+    elif share_prefixes:  # in the order of each group's first prompt
+        groups.sort(key=lambda g: g.members[0])
+    batches: list[list[PromptGroup]] = [[]]
+    rows = 0
+    for g in groups:
+        if rows + len(g.members) > batch_size and batches[-1]:
+            batches.append([])
+            rows = 0
+        batches[-1].append(g)
+        rows += len(g.members)
+    return [b for b in batches if b]
+
+
+def _left_padded(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, ids in enumerate(seqs):  # left padding: every sequence ends at the last column
+        if ids:
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids) :] = 1
+    return input_ids.to(device), attention.to(device)
+
+
+def _positions(attention: torch.Tensor) -> torch.Tensor:
+    return (attention.cumsum(-1) - 1).clamp(min=0)
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+
+class _Forward:
+    """The model's forward pass with a KV cache (the argument was renamed past_key_values -> cache)."""
+
+    def __init__(self, model):
+        from transformers import DynamicCache
+
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+        self.cache_arg = "cache" if _accepts(model, "cache") else "past_key_values"
+        self.last_only = _accepts(model, "logits_to_keep")
+
+    def __call__(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        """Logits at the last position of each row."""
+        extra = {}
+        if self.last_only:
+            # an index, not the count 1: the count slices a strided view of the hidden states, and with
+            # frozen weights torch's matmul then runs the output layer as a batched matmul against a copy
+            # of its weight for every row (seconds for a 49k vocabulary); indexing gives a contiguous input
+            last = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
+            extra["logits_to_keep"] = last
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, **{self.cache_arg: self.cache}, **extra)  # fmt: skip
+        return out.logits[:, -1]
+
+
+def _prefill(fwd: _Forward, prompts, batch: list[PromptGroup], pad_id: int, device):
+    """Run a batch's prompts into the cache; returns (prompt indices by row, last logits, attention mask,
+    next position)."""
+    idx = [m for g in batch for m in g.members]
+    if all(g.shared == 0 for g in batch):  # one pass over left-padded prompts
+        ids, mask = _left_padded([prompts[i] for i in idx], pad_id, device)
+        pos = _positions(mask)
+        return idx, fwd(ids, mask, pos), mask, pos[:, -1:] + 1
+    # two passes: each group's prefix once (a prompt on its own: all but its last token), then every
+    # prompt's remaining tokens on a copy of its group's cache rows
+    prefixes = [prompts[g.members[0]][: g.shared or len(prompts[g.members[0]]) - 1] for g in batch]
+    row_group = torch.tensor([gi for gi, g in enumerate(batch) for _ in g.members], device=device)
+    ids, prefix_mask = _left_padded(prefixes, pad_id, device)
+    fwd(ids, prefix_mask, _positions(prefix_mask))
+    fwd.cache.batch_select_indices(row_group)
+    rests = [prompts[m][len(prefixes[gi]) :] for gi, g in enumerate(batch) for m in g.members]
+    ids, rest_mask = _left_padded(rests, pad_id, device)
+    mask = torch.cat([prefix_mask[row_group], rest_mask], -1)
+    pos = prefix_mask.sum(-1)[row_group, None] + _positions(rest_mask)
+    return idx, fwd(ids, mask, pos), mask, pos[:, -1:] + 1
+
+
+def greedy_continue(
+    fwd: _Forward,
+    logits: torch.Tensor,
+    attention_mask: torch.Tensor,
+    next_position: torch.Tensor,
+    stop_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    prune_finished: bool = True,
+) -> list[list[int]]:
+    """Greedy continuation from a filled cache: one list of new token ids a row, each ending at its first
+    stop token (included) or after ``max_new_tokens``."""
+    batch = logits.shape[0]
+    live = torch.arange(batch, device=logits.device)  # batch row of each sequence still decoding
+    finished = torch.zeros(batch, dtype=torch.bool, device=logits.device)  # stopped, still in the batch
+    new_tokens: list[list[int]] = [[] for _ in range(batch)]
+    for step in range(max_new_tokens):
+        token = logits.argmax(-1)
+        stopped = torch.isin(token, stop_ids) | finished
+        for row, t, done in zip(live.tolist(), token.tolist(), finished.tolist(), strict=True):
+            if not done:
+                new_tokens[row].append(t)
+        if step == max_new_tokens - 1 or bool(stopped.all()):
+            break
+        n_stopped = int(stopped.sum())
+        if prune_finished and n_stopped and 4 * n_stopped >= stopped.numel():
+            # dropping rows copies the whole cache: wait until a quarter of the rows have stopped
+            keep = (~stopped).nonzero().squeeze(1)
+            fwd.cache.batch_select_indices(keep)
+            live, token, stopped = live[keep], token[keep], stopped[keep]
+            attention_mask, next_position = attention_mask[keep], next_position[keep]
+        finished = stopped
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], -1)
+        logits = fwd(token[:, None], attention_mask, next_position)
+        next_position = next_position + 1
+    return new_tokens
+
+
 @torch.inference_mode()
 def generate_answers(
     model,
@@ -41,43 +229,52 @@ def generate_answers(
     batch_size: int = 32,
     max_new_tokens: int = 32,
     sort_by_length: bool = True,
+    share_prefixes: bool = True,
+    prune_finished: bool = True,
+    engine: str = "loop",
     progress: bool = True,
     desc: str = "generate",
 ) -> list[str]:
-    """Greedy answers for token-id prompts, in the order given."""
-    from transformers import GenerationConfig
+    """Greedy answers for token-id prompts, in the order given.
 
+    ``sort_by_length=False`` batches the prompts in the order given; ``share_prefixes=False`` runs every
+    prompt through the model whole; ``prune_finished=False`` keeps stopped sequences in the batch until the
+    last one stops; ``engine="hf"`` decodes left-padded batches with ``model.generate`` (no prefix sharing).
+    """
+    if engine not in ("loop", "hf"):
+        raise ValueError(f"engine must be 'loop' or 'hf', got {engine!r}")
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    gen_cfg = GenerationConfig(
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=stop_token_ids(tokenizer),
-        pad_token_id=pad_id,
-    )
-    order = (
-        sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        if sort_by_length
-        else list(range(len(prompts)))
-    )
+    stops = stop_token_ids(tokenizer)
+    stop_ids = torch.tensor(stops, device=device)
+    batches = plan_batches(prompts, batch_size, sort_by_length=sort_by_length,
+                           share_prefixes=share_prefixes and engine == "loop")  # fmt: skip
     answers: list[str] = [""] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, unit="q", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):  # left padding: every prompt ends at the last column
-            ids = prompts[i]
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention[row, width - len(ids) :] = 1
-        out = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=gen_cfg
-        )
-        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    for batch in batches:
+        if engine == "loop":
+            fwd = _Forward(model)
+            idx, logits, mask, next_position = _prefill(fwd, prompts, batch, pad_id, device)
+            new = greedy_continue(fwd, logits, mask, next_position, stop_ids, max_new_tokens,
+                                  prune_finished=prune_finished)  # fmt: skip
+            del fwd
+        else:
+            idx = [m for g in batch for m in g.members]
+            new = _hf_generate(model, [prompts[i] for i in idx], pad_id, stops, max_new_tokens, device)
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         for i, text in zip(idx, texts, strict=True):
             answers[i] = first_line(text)
         bar.update(len(idx))
     bar.close()
     return answers
+
+
+def _hf_generate(model, seqs, pad_id, stops, max_new_tokens, device) -> list[list[int]]:
+    from transformers import GenerationConfig
+
+    input_ids, attention = _left_padded(seqs, pad_id, device)
+    gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops,
+                               pad_token_id=pad_id)  # fmt: skip
+    out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=gen_cfg)
+    return out[:, input_ids.shape[1] :].tolist()

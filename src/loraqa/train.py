@@ -84,10 +84,63 @@ def labelled_positions_loss(model, batch: dict, num_items: int | torch.Tensor | 
 
 
 def make_trainer_class():
+    import contextlib
+
+    from torch.utils.data import Sampler
     from transformers import Trainer
 
+    def _decoder_layers(model) -> list[torch.nn.Module]:
+        """The decoder's blocks (``model.layers`` for Llama, ``transformer.h`` for GPT-2), under a PEFT wrapper."""
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        n = lm.config.num_hidden_layers
+        for module in lm.get_decoder().children():
+            if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+                return list(module)
+        return []
+
     class QATrainer(Trainer):
-        """The HF Trainer with the labelled-positions loss (``fast_loss``) and a count of real tokens."""
+        """The HF Trainer with the labelled-positions loss (``fast_loss``) and a count of real tokens.
+
+        With ``bf16`` the loss runs under bf16 autocast (the Trainer autocasts only ``model.forward``, which
+        the labelled-positions loss does not call) and PEFT's LoRA layers skip their cast of the activations
+        to the adapters' fp32: autocast runs the adapter matmuls in bf16 anyway, so the cast only cost a copy
+        of the hidden state (and an fp32 dropout mask) per adapted layer. Adapters, their gradients and the
+        optimizer state stay fp32.
+        """
+
+        class LengthGroupedBatches(Sampler):
+            """Batches of similar lengths in a random order (``train.group_by_length``).
+
+            Each epoch the examples are shuffled, cut into mega-batches of 50 batches, sorted by length
+            inside each and cut into batches of ``group`` (batch size x gradient accumulation); the full
+            batches are shuffled, the longest first (an out-of-memory error shows at once), a short last
+            batch last. On the first 240 SQuAD train examples ~98% of the computed tokens are real (random
+            batches: ~64%; the Trainer's ``LengthGroupedSampler``, whose mega-batches shrink to a quarter of
+            a small data set and whose batches run from longest to shortest: ~91%). Like that sampler it
+            draws one permutation per epoch from torch's global generator (the Trainer seeds it, and restores
+            it on resuming); the batch order is derived from that permutation.
+            """
+
+            def __init__(self, lengths: list[int], group: int, mega: int = 50):
+                self.lengths, self.group, self.mega = list(lengths), group, mega
+
+            def __len__(self) -> int:
+                return len(self.lengths)
+
+            def __iter__(self):
+                perm = torch.randperm(len(self.lengths)).tolist()
+                size = self.mega * self.group
+                batches = []
+                for start in range(0, len(perm), size):
+                    mega = sorted(perm[start : start + size], key=lambda i: -self.lengths[i])
+                    batches += [mega[j : j + self.group] for j in range(0, len(mega), self.group)]
+                tail = [batches.pop()] if batches and len(batches[-1]) < self.group else []
+                gen = torch.Generator().manual_seed(sum(i * p for i, p in enumerate(perm[:64], 1)))
+                batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+                if batches:
+                    longest = max(range(len(batches)), key=lambda b: max(self.lengths[i] for i in batches[b]))
+                    batches[0], batches[longest] = batches[longest], batches[0]
+                return iter([i for batch in batches + tail for i in batch])
 
         def __init__(self, *args, fast_loss: bool = True, **kwargs):
             super().__init__(*args, **kwargs)
@@ -95,13 +148,45 @@ def make_trainer_class():
             self.real_train_tokens = 0
             if fast_loss:
                 self.loss_is_scaled_for_ga = True  # divided by the tokens of the whole accumulated batch
+                if self.args.torch_compile:
+                    # the labelled-positions loss calls the decoder, not the (compiled) model.forward:
+                    # compile the decoder layers instead (they share one compiled graph)
+                    for layer in _decoder_layers(self.model):
+                        layer.compile(dynamic=True)
+            self._lora_layers = []
+            if self.args.bf16:
+                from peft.tuners.tuners_utils import BaseTunerLayer
+
+                self._lora_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+
+        @contextlib.contextmanager
+        def _low_precision(self):
+            if not self.args.bf16:
+                yield
+                return
+            for layer in self._lora_layers:
+                layer.cast_input_dtype_enabled = False
+            try:
+                with self.accelerator.autocast():
+                    yield
+            finally:
+                for layer in self._lora_layers:
+                    layer.cast_input_dtype_enabled = True
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            if self.args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, list):
+                return super()._get_train_sampler(train_dataset)
+            group = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return self.LengthGroupedBatches([len(f["input_ids"]) for f in dataset], group)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:
                 self.real_train_tokens += int(inputs["attention_mask"].sum())
-            if not self.fast_loss:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss = labelled_positions_loss(model, inputs, num_items_in_batch)
+            with self._low_precision():
+                if not self.fast_loss:
+                    return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                loss = labelled_positions_loss(model, inputs, num_items_in_batch)
             return (loss, {"loss": loss}) if return_outputs else loss
 
     return QATrainer
