@@ -173,3 +173,27 @@ def test_bf16_run_trains_and_scores(tmp_path, synthetic_dir):
         tiny_config(synthetic_dir, **{"model.precision": "bf16"}), tmp_path, progress=False
     )
     assert metrics["precision"] == "bf16" and metrics["final_train_loss"] is not None
+
+
+def test_generation_speed_switches_do_not_change_the_answers(synthetic_dir):
+    """eval.sort_by_length / share_prefixes / prune_finished / batch size change the speed, not the answers
+    (fp32, tiny model; several questions share each context so prefixes are really shared)."""
+    import dataclasses
+
+    from loraqa.config import EvalConfig
+    from loraqa.data import load_squad
+    from loraqa.evaluate import evaluate_model
+    from loraqa.model import load_model_and_tokenizer
+
+    dev, _ = load_squad(synthetic_dir, split="dev", limit=6)
+    examples = [
+        dataclasses.replace(ex, id=f"{ex.id}-{k}", context=dev[0].context) for k, ex in enumerate(dev)
+    ]
+    examples += dev
+    lm = load_model_and_tokenizer("tiny-random-gpt2", precision="fp32", device="cpu")
+    fast, _ = evaluate_model(
+        lm.model, lm.tokenizer, examples, eval_cfg=EvalConfig(batch_size=4), progress=False
+    )
+    plain_cfg = EvalConfig(batch_size=1, sort_by_length=False, share_prefixes=False, prune_finished=False)
+    plain, _ = evaluate_model(lm.model, lm.tokenizer, examples, eval_cfg=plain_cfg, progress=False)
+    assert [r["prediction"] for r in fast] == [r["prediction"] for r in plain]

@@ -79,6 +79,8 @@ class EvalConfig:
     batch_size: int = 32
     max_new_tokens: int = 32
     sort_by_length: bool = True
+    share_prefixes: bool = True  # run a paragraph's shared context once and reuse its KV cache per question
+    prune_finished: bool = True  # drop answered sequences from the decoding batch
     merge_adapter: bool = True  # merge LoRA into the weights before generating
 
 

@@ -65,7 +65,8 @@ def evaluate_model(
     start = time.perf_counter()
     answers = generate_answers(
         model, tokenizer, prompts, batch_size=eval_cfg.batch_size, max_new_tokens=eval_cfg.max_new_tokens,
-        sort_by_length=eval_cfg.sort_by_length, progress=progress,
+        sort_by_length=eval_cfg.sort_by_length, share_prefixes=eval_cfg.share_prefixes,
+        prune_finished=eval_cfg.prune_finished, progress=progress,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     records, summary = score_predictions(examples, answers)
