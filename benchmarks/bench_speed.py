@@ -445,7 +445,8 @@ def print_tables(report: dict) -> None:
     for model, block in report["models"].items():
         ref = block["results"][0]
         print(f"\n### {model}: {block['steps']} optimizer steps of {BATCH_SIZE} ({block['train_examples']} "
-              f"examples), {block['questions']} dev questions")  # fmt: skip
+              f"examples), {block['questions']} dev questions on {block.get('distinct_contexts')} paragraphs, "
+              f"{_fmt(block.get('mean_generated_tokens'))} tokens generated per question (reference)")  # fmt: skip
         print(
             "| recipe | precision | train tokens/s | x ref | train % of bf16 / fp32 peak | eval questions/s "
             "| x ref | eval % of bf16 / fp32 peak | peak memory MB train / all | EM / F1 | final loss | load avg |"
@@ -598,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
             "useful_train_gflop": train_flops / 1e9, "useful_eval_gflop": eval_flops / 1e9,
             "mean_train_length": statistics.mean(len(f["input_ids"]) for f in features),
             "mean_prompt_length": statistics.mean(len(x) for x in prompts),
+            "mean_generated_tokens": statistics.mean(generated) if generated else None,
+            "distinct_contexts": len({ex.context for ex in dev_ex}),
             "results": rows, "answers_equal_to_reference": same, "generation_switches": switch_rows,
         }  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
