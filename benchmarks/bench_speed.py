@@ -557,9 +557,16 @@ def main(argv: list[str] | None = None) -> int:
         runs = [("loraqa", [])] + [(f"loraqa {v}", v.split(",")) for v in args.variant]
         for i, (label, overrides) in enumerate(runs):
             print(f"[{name}] {label} ...", flush=True)
-            r = loraqa_run(
-                name, device, data_dir, steps, warmup, n_questions, work / f"run{i}", overrides, label
-            )
+            try:
+                r = loraqa_run(
+                    name, device, data_dir, steps, warmup, n_questions, work / f"run{i}", overrides, label
+                )
+            except Exception as e:  # a variant that fails is reported, not fatal (the first run is)
+                if i == 0:
+                    raise
+                print(f"[{name}] {label} failed: {type(e).__name__}: {e}", flush=True)
+                report.setdefault("failed", []).append(f"{name} {label}: {type(e).__name__}: {e}")
+                continue
             results.append(r)
             print(f"[{name}] {label}: {r.train_tokens_per_second:.0f} tok/s, "
                   f"{r.eval_questions_per_second:.2f} q/s", flush=True)  # fmt: skip
@@ -605,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
         }  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
     print_tables(report)
+    for line in report.get("failed", []):
+        print(f"FAILED: {line}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0

@@ -431,7 +431,11 @@ def _load_trained(model, run_dir: Path, full: bool, device):
 
 
 def prepare_for_generation(model, *, merge: bool = True, precision: str = "fp32"):
-    """Merge a LoRA adapter into the weights (one matmul per layer instead of three) and, for bf16, run in bf16."""
+    """Merge a LoRA adapter into the weights (one matmul per layer instead of three) and, for bf16, run in bf16.
+    Layers compiled for training (``train.compile``) go back to eager: generation's shapes would recompile them."""
+    for module in model.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
     if merge and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if precision == "bf16":
