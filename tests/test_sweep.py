@@ -425,6 +425,10 @@ def test_report_on_the_tiny_sweep(killed_and_resumed, tmp_path):
         assert f"figures/{fig}" in text
     assert f"loraqa sweep {TINY} --output-dir {out} --parallel 2" in text
     assert "CPUs, torch" in text and "Date:" in text
+    from loraqa.sweep import code_version
+
+    code = read_json(out / "base" / "run.json")["machine"]["code"]
+    assert code == code_version() and code.startswith("loraqa ") and f"- Code: {code}" in text
     base = read_json(out / "base" / "metrics.json")
     r16 = read_json(out / "r16" / "metrics.json")
     assert f"{r16['trainable_params']:,}" in text and f"{base['f1']:.2f}" in text

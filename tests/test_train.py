@@ -95,12 +95,19 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, synthetic
         run_experiment(cfg, tmp_path, callbacks=[Interrupt()], progress=False)
     assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir()
     assert not (tmp_path / "metrics.json").exists()
+    before = json.loads((tmp_path / "checkpoints" / "checkpoint-2" / "loraqa_clock.json").read_text())
+    assert before["segments"] == 1 and before["train_seconds"] > 0 and before["train_tokens"] > 0
     metrics = run_experiment(cfg, tmp_path, progress=False)
     assert metrics["resumed_from"] == "checkpoint-2" and metrics["train_steps"] == 4
     # the resumed run ends where an uninterrupted one does
     straight = run_experiment(cfg, tmp_path / "straight", progress=False)
     assert metrics["final_train_loss"] == pytest.approx(straight["final_train_loss"], rel=1e-5)
     assert metrics["exact_match"] == straight["exact_match"]
+    # its time and tokens cover both segments, not only the resumed one
+    assert metrics["train_segments"] == 2 and straight["train_segments"] == 1
+    assert metrics["train_tokens"] == straight["train_tokens"]
+    assert metrics["train_seconds"] > before["train_seconds"]
+    assert "train_seconds_cover_last_segment_only" not in metrics
 
 
 def test_a_half_written_checkpoint_is_not_resumed_from(tmp_path):
@@ -146,6 +153,24 @@ def test_training_memorises_a_small_task_and_the_adapter_answers_it(tmp_path):
               if "loss" in h]  # fmt: skip
     assert losses[-1] < losses[0] / 3
     assert metrics["exact_match"] == 100.0
+
+
+def test_eval_loss_is_on_the_answer_tokens_whatever_the_training_loss(tmp_path, synthetic_dir):
+    # with lr=0 the weights never move, so the two runs' eval losses are equal exactly when both are
+    # measured on the same (answer-only) labels; their train losses differ (all tokens vs the answer)
+    runs = {}
+    for loss_on in ("answer", "all"):
+        cfg = tiny_config(synthetic_dir, **{"train.lr": 0.0, "prompt.loss_on": loss_on})
+        runs[loss_on] = run_experiment(cfg, tmp_path / loss_on, progress=False)
+
+    def curve(name, key):
+        lines = (tmp_path / name / "log_history.jsonl").read_text().splitlines()
+        return [h[key] for h in map(json.loads, lines) if key in h]
+
+    assert curve("all", "eval_loss") == curve("answer", "eval_loss") and len(curve("all", "eval_loss")) >= 2
+    assert runs["all"]["final_eval_loss"] == runs["answer"]["final_eval_loss"]
+    assert runs["all"]["final_train_loss"] != runs["answer"]["final_train_loss"]
+    assert runs["all"]["eval_loss_on"] == runs["answer"]["eval_loss_on"] == "answer"
 
 
 def test_zero_shot_evaluation_writes_predictions(tmp_path, synthetic_dir):

@@ -38,7 +38,7 @@ class DataConfig:
     )
     train_limit: int | None = None  # first N train questions (None: all 87,599)
     eval_limit: int | None = None  # first K dev questions scored by EM/F1 (None: all 10,570)
-    loss_eval_limit: int = 200  # dev questions whose loss is measured during training
+    loss_eval_limit: int = 200  # dev questions whose answer-token loss is logged as eval_loss during training
 
 
 @dataclass

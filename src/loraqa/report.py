@@ -414,12 +414,26 @@ def verdict_masking(data: SweepData) -> Verdict:
             f"{f1.text() if f1 else '— (no predictions)'}; EM {_num(unmasked.m('exact_match'))} vs "
             f"{_num(masked.m('exact_match'))}, difference {em.text() if em else '— (no predictions)'}.")  # fmt: skip
     answers = HOLDS if f1 is not None and f1.significant and f1.mean < 0 else FAILS
-    conv = (
-        "slower convergence: not measurable here — with loss_on=all the logged train and eval losses cover "
-        "every token, not only the answer, so they are not comparable with the masked run's losses"
+    # train losses are never comparable (all tokens vs the answer); eval losses are when both runs logged the
+    # answer-token loss (eval_loss_on, recorded since loraqa logs it whatever prompt.loss_on trains on)
+    if not all(t.m("eval_loss_on") == "answer" for t in (masked, unmasked)):
+        conv = ("Slower convergence: not measurable here — these runs logged the loss on the tokens they trained "
+                "on, so the loss_on=all run's losses cover every token and are not comparable with the masked "
+                "run's; rerun them with this version of loraqa, which logs the answer-token eval loss for both.")
+        return Verdict("e", claim, f"answers worse: {answers}; slower convergence: {NA}", f"{nums} {conv}")
+    steps, lower, higher = _compare_curves(unmasked.curve("eval_loss"), masked.curve("eval_loss"))
+    if not steps:
+        conv = "Slower convergence: no common logged eval steps."
+        return Verdict("e", claim, f"answers worse: {answers}; slower convergence: {NA}", f"{nums} {conv}")
+    pick = sorted({steps[0], steps[len(steps) // 2], steps[-1]})
+    at_steps = ", ".join(
+        f"step {s}: {unmasked.curve('eval_loss')[s]:.3f} vs {masked.curve('eval_loss')[s]:.3f}" for s in pick
     )
-    verdict = f"answers worse: {answers}; slower convergence: {NA}"
-    return Verdict("e", claim, verdict, f"{nums} {conv[0].upper() + conv[1:]}.")
+    slower = HOLDS if higher * 2 > len(steps) and lower == 0 else FAILS
+    conv = (f"Answer-token eval loss without vs with masking: higher at {higher} and lower at {lower} of "
+            f"{len(steps)} common steps ({at_steps}). Slower convergence holds if higher by >{LOSS_TOLERANCE:.0%} "
+            "at most common steps and never lower.")  # fmt: skip
+    return Verdict("e", claim, f"answers worse: {answers}; slower convergence: {slower}", f"{nums} {conv}")
 
 
 def full_finetune_section(data: SweepData) -> tuple[str, str]:
@@ -501,11 +515,14 @@ FIGURES = (
      [("loss", "train loss"), ("eval_loss", "eval loss")]),
     ("Figure 5", "train.lr", "figure5_lr_loss.png", "Train and eval loss per learning rate",
      [("loss", "train loss"), ("eval_loss", "eval loss")]),
+    # not in the reference study, which argues masking without running it
+    ("Masking figure", "prompt.loss_on", "masking_eval_loss.png", "Answer-token eval loss with and without "
+     "loss masking", [("eval_loss", "eval loss (answer tokens)")]),
 )  # fmt: skip
 
 
 def draw_figures(data: SweepData, out_dir: Path) -> list[str]:
-    """Markdown lines for Figures 3-5 (image links, or why one is not drawn)."""
+    """Markdown lines for Figures 3-5 and the masking figure (image links, or why one is not drawn)."""
     lines = []
     for label, key, fname, title, keys in FIGURES:
         if key not in data.axes:
@@ -513,13 +530,18 @@ def draw_figures(data: SweepData, out_dir: Path) -> list[str]:
             continue
         series = []
         for t in data.axis_rows(key):
+            if key == "prompt.loss_on" and t.m("eval_loss_on") != "answer":
+                continue  # its eval loss may cover every token (see verdict_masking): not comparable
             if t.history:
-                prefix = "r=" if key == "lora.r" else ("lr=" if key == "train.lr" else "")
+                prefix = {"lora.r": "r=", "train.lr": "lr=", "prompt.loss_on": "loss_on="}.get(key, "")
                 note = "" if t.done else f" ({t.status})"
                 series.append((f"{prefix}{format_value(t.trial.values[key])}{note}", t))
         path = out_dir / "figures" / fname
         if series and _plot(path, f"{label}: {title} ({data.cfg.model.name})", series, keys):
             lines.append(f"**{label}: {title}.**\n\n![{label}: {title}](figures/{fname})\n")
+        elif key == "prompt.loss_on":
+            lines.append(f"- {label} ({title[0].lower() + title[1:]}): not drawn — no finished {key} trial logged "
+                         "the answer-token eval loss.")  # fmt: skip
         else:
             lines.append(f"- {label} ({title.lower()}): not drawn — no logged losses for the {key} trials.")
     return lines
@@ -631,6 +653,7 @@ def _header(data: SweepData) -> list[str]:
         s: sum(t.status == s for t in data.trials)
         for s in ("done", "failed", "running", "unfinished", "pending")
     }
+    codes = sorted({t.run["machine"]["code"] for t in data.trials if t.run.get("machine", {}).get("code")})
     here = machine_info()
     axes_text = "; ".join(
         f"`{k}` ∈ {{{', '.join(format_value(v) for v in vs)}}}" for k, vs in data.axes.items()
@@ -641,6 +664,8 @@ def _header(data: SweepData) -> list[str]:
         "- Command: " + "; ".join(f"`{c}`" for c in commands),
         f"- Rerun or resume: `loraqa sweep {data.dir / 'sweep.yaml'} --output-dir {data.dir}`",
         f"- Machine: {machine_text}" + (f"; trials ran on {', '.join(devices)}" if devices else ""),
+        "- Code: " + ("; ".join(codes) if codes else "not recorded") + (
+            " (trials ran on different versions)" if len(codes) > 1 else ""),
         f"- Date: trials ran {min(starts) if starts else '—'} to {max(ends) if ends else '—'}; "
         f"report written {datetime.now().astimezone().isoformat(timespec='seconds')} on {here['host']} "
         f"({platform.platform()})",

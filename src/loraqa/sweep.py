@@ -311,8 +311,27 @@ def _nvidia_gpus() -> list[tuple[str, str]]:
     return chosen
 
 
+def code_version() -> str:
+    """``loraqa 0.1.0``, plus the git commit when it runs from a checkout (``, git 1a2b3c4`` and ``+ changes``
+    when the working tree differs from it): which code produced a sweep's numbers."""
+    from . import __version__
+
+    text = f"loraqa {__version__}"
+    src = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10)  # fmt: skip
+        if commit.returncode != 0 or not commit.stdout.strip():
+            return text
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return text
+    return f"{text}, git {commit.stdout.strip()}" + (" + changes" if dirty.stdout.strip() else "")
+
+
 def machine_info() -> dict:
-    """Where trials run: host, platform, CPUs, torch version, GPUs (without importing torch)."""
+    """Where trials run: host, platform, CPUs, torch version, GPUs (without importing torch), and the code."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -326,6 +345,7 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "torch": torch_version,
         "gpus": [name for _, name in _nvidia_gpus()],
+        "code": code_version(),
     }
 
 

@@ -204,6 +204,59 @@ def make_log_callback(path: Path):
     return JsonlLogCallback()
 
 
+CLOCK_FILE = "loraqa_clock.json"
+
+
+def make_clock_callback(device: torch.device):
+    """Keeps train time, real tokens and peak memory across interruptions.
+
+    The Trainer restores the model, optimizer and step from a checkpoint, but not how long the steps before it
+    took, so a resumed run's own timer would count only its last segment. On every save this writes the
+    totals so far into the checkpoint folder (``loraqa_clock.json``); a resumed run starts from them.
+    """
+    from transformers import TrainerCallback
+
+    class ClockCallback(TrainerCallback):
+        def __init__(self):
+            self.trainer = None  # set once the trainer exists (its real-token count is read on save)
+            self.prior = {"train_seconds": 0.0, "train_tokens": 0, "peak_memory_mb": 0.0, "segments": 0}
+            self.start = None
+
+        def resume_from(self, checkpoint: str | None) -> None:
+            if checkpoint is None:
+                return
+            path = Path(checkpoint) / CLOCK_FILE
+            if path.is_file():
+                self.prior = read_json(path)
+            else:  # a checkpoint from an older loraqa: the time before it is unknown
+                log.warning("%s has no %s: train time and tokens/s will cover only the resumed part",
+                            checkpoint, CLOCK_FILE)  # fmt: skip
+                self.prior = dict(self.prior, incomplete=True)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def totals(self) -> dict:
+            seconds = time.perf_counter() - self.start if self.start is not None else 0.0
+            tokens = self.trainer.real_train_tokens if self.trainer is not None else 0
+            out = {
+                "train_seconds": self.prior["train_seconds"] + seconds,
+                "train_tokens": self.prior["train_tokens"] + tokens,
+                "peak_memory_mb": max(self.prior["peak_memory_mb"], peak_memory_mb(device)),
+                "segments": self.prior["segments"] + 1,
+            }
+            if self.prior.get("incomplete"):
+                out["incomplete"] = True
+            return out
+
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                write_json_atomic(folder / CLOCK_FILE, self.totals())
+
+    return ClockCallback()
+
+
 # ---------------------------------------------------------------------------------------------- the run
 
 
@@ -360,11 +413,17 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
     train_features, train_stats = encode_train_set(encoder, train_examples)
     if not train_features:
         raise ConfigError(f"no training examples left after encoding ({train_stats.summary()})")
-    loss_eval_features, _ = encode_train_set(encoder, dev_examples[: cfg.data.loss_eval_limit])
+    # The logged eval loss is always the loss on the answer tokens (+ EOS), whatever prompt.loss_on trains on:
+    # it is what the generated answers depend on, and it keeps the loss_on=answer and =all runs comparable.
+    answer_encoder = encoder if encoder.loss_on == "answer" else PromptEncoder(
+        tok, max_length=cfg.prompt.max_length, loss_on="answer"
+    )
+    loss_eval_features, _ = encode_train_set(answer_encoder, dev_examples[: cfg.data.loss_eval_limit])
     log.info("train prompts: %s", train_stats.summary())
 
     ckpt_dir = run_dir / "checkpoints"
     args = training_arguments(cfg, ckpt_dir, lm.precision, lm.device)
+    clock = make_clock_callback(lm.device)
     trainer = make_trainer_class()(
         model=model,
         args=args,
@@ -372,21 +431,24 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
         eval_dataset=loss_eval_features if cfg.train.eval_steps and loss_eval_features else None,
         data_collator=QACollator(tok.pad_token_id),
         processing_class=tok,
-        callbacks=[make_log_callback(run_dir / "log_history.jsonl"), *(callbacks or [])],
+        callbacks=[make_log_callback(run_dir / "log_history.jsonl"), clock, *(callbacks or [])],
         fast_loss=cfg.train.fast_loss,
     )
+    clock.trainer = trainer
     resume = _last_checkpoint(ckpt_dir)
     if resume:
         log.info("resuming from %s", resume)
-    start = time.perf_counter()
+    clock.resume_from(resume)
     trainer.train(resume_from_checkpoint=resume)
-    seconds = time.perf_counter() - start
+    totals = clock.totals()
+    seconds, tokens = totals["train_seconds"], totals["train_tokens"]
     final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
     history = trainer.state.log_history
     write_jsonl_atomic(run_dir / "log_history.jsonl", history)
     losses = _final_losses(history)
     if final_eval:
         losses["final_eval_loss"] = final_eval["eval_loss"]
+        losses["eval_loss_on"] = "answer"  # see above; runs without this key logged prompt.loss_on's loss
     return {
         "train_examples": len(train_features),
         "train_prompt_stats": {
@@ -397,11 +459,14 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
         "train_steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0, 3),
         "resumed_from": os.path.basename(resume) if resume else None,
+        # train time, tokens and peak memory sum up every segment of an interrupted run (see the clock)
         "train_seconds": round(seconds, 3),
-        "train_tokens": trainer.real_train_tokens,
-        "train_tokens_per_second": round(trainer.real_train_tokens / seconds, 2) if seconds > 0 else None,
+        "train_segments": totals["segments"],
+        **({"train_seconds_cover_last_segment_only": True} if totals.get("incomplete") else {}),
+        "train_tokens": tokens,
+        "train_tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None,
         **losses,
-        "peak_memory_mb": round(peak_memory_mb(lm.device), 1),
+        "peak_memory_mb": round(totals["peak_memory_mb"], 1),
     }
 
 
