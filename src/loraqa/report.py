@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import tempfile
+import textwrap
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -488,7 +489,8 @@ def _plot(path: Path, title: str, series: list[tuple[str, TrialResult]], keys: l
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+    width = 5.5 * len(keys)
+    fig, axes = plt.subplots(1, len(keys), figsize=(width, 4), squeeze=False)
     for ax, panel, (_, ylabel) in zip(axes[0], curves, keys, strict=True):
         for label, curve in panel:
             if curve:
@@ -500,7 +502,7 @@ def _plot(path: Path, title: str, series: list[tuple[str, TrialResult]], keys: l
         ax.grid(alpha=0.3)
         if any(c for _, c in panel):
             ax.legend()
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, int(width * 10)))  # ~10 characters an inch at the default font size
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
