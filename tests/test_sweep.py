@@ -441,3 +441,25 @@ def test_report_on_the_tiny_sweep(killed_and_resumed, tmp_path):
     assert rows[0].startswith("trial,status,lora.r,lora.targets,train.lr,exact_match,f1")
     assert len(rows) == 5 and all(",done," in row for row in rows[1:])
     assert json.loads((out / "sweep.json").read_text())["counts"]["done"] == 4
+
+
+@pytest.mark.parametrize("where, named", [("src", True), ("lib", False)])
+def test_code_version_names_only_loraqas_own_checkout(tmp_path, where, named):
+    """A copy under <repo>/src/loraqa is loraqa's checkout (its commit is named); a copy that merely sits in
+    some other repository (say, a project's virtual environment) gets the version alone."""
+    import shutil
+
+    import loraqa
+
+    repo = tmp_path / "repo"
+    shutil.copytree(Path(loraqa.__file__).parent, repo / where / "loraqa",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    out = subprocess.run([sys.executable, "-c", "from loraqa.sweep import code_version; print(code_version())"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(repo / where)},
+                         check=True).stdout.strip()  # fmt: skip
+    assert out == (f"loraqa {loraqa.__version__}, git {head}" if named else f"loraqa {loraqa.__version__}")

@@ -319,15 +319,17 @@ def code_version() -> str:
     text = f"loraqa {__version__}"
     src = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10)  # fmt: skip
-        if commit.returncode != 0 or not commit.stdout.strip():
+        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "--show-toplevel", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10)  # fmt: skip
+        lines = commit.stdout.split()
+        # only loraqa's own checkout counts, not some repository an installed copy happens to sit in
+        if commit.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() / "src" / "loraqa" != src:
             return text
         dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10)  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return text
-    return f"{text}, git {commit.stdout.strip()}" + (" + changes" if dirty.stdout.strip() else "")
+    return f"{text}, git {lines[1]}" + (" + changes" if dirty.stdout.strip() else "")
 
 
 def machine_info() -> dict:
