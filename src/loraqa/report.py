@@ -347,6 +347,12 @@ def _compare_curves(a: dict[int, float], b: dict[int, float]) -> tuple[list[int]
     return steps, lower, higher
 
 
+def _at_steps(a: dict[int, float], b: dict[int, float], steps: list[int]) -> str:
+    """``step s: a vs b`` at the first, middle and last of the common steps."""
+    pick = sorted({steps[0], steps[len(steps) // 2], steps[-1]})
+    return ", ".join(f"step {s}: {a[s]:.3f} vs {b[s]:.3f}" for s in pick)
+
+
 def verdict_targets(data: SweepData) -> Verdict:
     claim = "attention + projection converges faster"
     rows = {t.trial.values["lora.targets"]: t for t in _done_rows(data, "lora.targets")
@@ -363,8 +369,7 @@ def verdict_targets(data: SweepData) -> Verdict:
         if not steps:
             parts.append(f"{what}: no common logged steps")
             continue
-        pick = sorted({steps[0], steps[len(steps) // 2], steps[-1]})
-        at_steps = ", ".join(f"step {s}: {ap.curve(key)[s]:.3f} vs {at.curve(key)[s]:.3f}" for s in pick)
+        at_steps = _at_steps(ap.curve(key), at.curve(key), steps)
         parts.append(f"{what} (attn+proj vs attn) lower at {lower} and higher at {higher} of {len(steps)} common "
                      f"steps ({at_steps})")  # fmt: skip
         if used is None:
@@ -422,14 +427,12 @@ def verdict_masking(data: SweepData) -> Verdict:
                 "on, so the loss_on=all run's losses cover every token and are not comparable with the masked "
                 "run's; rerun them with this version of loraqa, which logs the answer-token eval loss for both.")
         return Verdict("e", claim, f"answers worse: {answers}; slower convergence: {NA}", f"{nums} {conv}")
-    steps, lower, higher = _compare_curves(unmasked.curve("eval_loss"), masked.curve("eval_loss"))
+    unmasked_curve, masked_curve = unmasked.curve("eval_loss"), masked.curve("eval_loss")
+    steps, lower, higher = _compare_curves(unmasked_curve, masked_curve)
     if not steps:
         conv = "Slower convergence: no common logged eval steps."
         return Verdict("e", claim, f"answers worse: {answers}; slower convergence: {NA}", f"{nums} {conv}")
-    pick = sorted({steps[0], steps[len(steps) // 2], steps[-1]})
-    at_steps = ", ".join(
-        f"step {s}: {unmasked.curve('eval_loss')[s]:.3f} vs {masked.curve('eval_loss')[s]:.3f}" for s in pick
-    )
+    at_steps = _at_steps(unmasked_curve, masked_curve, steps)
     slower = HOLDS if higher * 2 > len(steps) and lower == 0 else FAILS
     conv = (f"Answer-token eval loss without vs with masking: higher at {higher} and lower at {lower} of "
             f"{len(steps)} common steps ({at_steps}). Slower convergence holds if higher by >{LOSS_TOLERANCE:.0%} "
