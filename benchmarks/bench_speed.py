@@ -337,8 +337,7 @@ def generation_switches(name, device, run_dir, prompts, batch_size: int = 32) ->
     from peft import PeftModel
 
     from loraqa.generate import generate_answers
-    from loraqa.model import load_model_and_tokenizer
-    from loraqa.train import prepare_for_generation
+    from loraqa.model import load_model_and_tokenizer, prepare_for_generation
 
     bases = {}
     rows, reference = [], None

@@ -24,15 +24,10 @@ import torch
 from loraqa.config import ExperimentConfig, apply_overrides
 from loraqa.data import load_squad, make_synthetic_squad
 from loraqa.generate import first_line, generate_answers, plan_batches, stop_token_ids
-from loraqa.model import apply_lora, load_base_model
+from loraqa.model import apply_lora, load_base_model, prepare_for_generation
 from loraqa.prompt import IGNORE_INDEX, PromptEncoder, encode_train_set
-from loraqa.train import (
-    QACollator,
-    labelled_positions_loss,
-    make_trainer_class,
-    prepare_for_generation,
-    run_experiment,
-)
+from loraqa.train import run_experiment
+from loraqa.trainer import LengthGroupedBatches, QACollator, labelled_positions_loss, make_trainer_class
 
 
 def rel(a: torch.Tensor | float, b: torch.Tensor | float) -> float:
@@ -300,7 +295,7 @@ def test_predictions_file_matches_a_fresh_evaluation(trained, gpt2_tokenizer):
 
 def test_length_grouped_batches_are_full_similar_and_seeded():
     lengths = [(i * 37) % 101 + 5 for i in range(203)]  # 25 full batches of 8 and a last one of 3
-    sampler = make_trainer_class().LengthGroupedBatches(lengths, group=8, mega=10)
+    sampler = LengthGroupedBatches(lengths, group=8, mega=10)
     torch.manual_seed(3)
     order = list(sampler)
     assert sorted(order) == list(range(len(lengths)))
@@ -323,7 +318,7 @@ def test_the_trainer_uses_length_grouped_batches(tmp_path, batch):
                              train_sampling_strategy="group_by_length", remove_unused_columns=False)  # fmt: skip
     trainer = trainer_cls(model=lora_model(), args=args, train_dataset=features)
     sampler = trainer._get_train_sampler()
-    assert isinstance(sampler, trainer_cls.LengthGroupedBatches)
+    assert isinstance(sampler, LengthGroupedBatches)
     order = list(sampler)
     pairs = [sorted(len(features[i]["input_ids"]) // 10 for i in order[j : j + 2]) for j in range(0, 8, 2)]
     assert all(a == b for a, b in pairs)  # short with short, long with long

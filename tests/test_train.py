@@ -10,7 +10,8 @@ from loraqa.config import ExperimentConfig, apply_overrides
 from loraqa.data import make_synthetic_squad
 from loraqa.evaluate import eval_run_dir, eval_zero_shot
 from loraqa.prompt import IGNORE_INDEX
-from loraqa.train import QACollator, run_experiment
+from loraqa.train import run_experiment
+from loraqa.trainer import QACollator
 
 
 def tiny_config(data_dir, **overrides) -> ExperimentConfig:
@@ -82,7 +83,7 @@ def test_a_different_config_in_the_same_folder_is_refused(tmp_path, synthetic_di
         run_experiment(tiny_config(synthetic_dir, **{"train.max_steps": 2}), tmp_path, progress=False)
 
 
-def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, synthetic_dir):
+def test_an_interrupted_run_resumes_from_itslast_checkpoint(tmp_path, synthetic_dir):
     from transformers import TrainerCallback
 
     class Interrupt(TrainerCallback):
@@ -111,16 +112,16 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, synthetic
 
 
 def test_a_half_written_checkpoint_is_not_resumed_from(tmp_path):
-    from loraqa.train import _last_checkpoint
+    from loraqa.rundir import last_checkpoint
 
     ckpt = tmp_path / "checkpoints"
     (ckpt / "checkpoint-2").mkdir(parents=True)
     (ckpt / "checkpoint-2" / "trainer_state.json").write_text("{}")
     (ckpt / "checkpoint-4").mkdir()  # killed while saving: trainer_state.json is written last
     (ckpt / "checkpoint-4" / "adapter_model.safetensors").write_text("")
-    assert _last_checkpoint(ckpt) == str(ckpt / "checkpoint-2")
+    assert last_checkpoint(ckpt) == str(ckpt / "checkpoint-2")
     assert not (ckpt / "checkpoint-4").exists()
-    assert _last_checkpoint(tmp_path / "none") is None
+    assert last_checkpoint(tmp_path / "none") is None
 
 
 def test_training_memorises_a_small_task_and_the_adapter_answers_it(tmp_path):

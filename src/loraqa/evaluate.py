@@ -108,36 +108,19 @@ def eval_run_dir(run_dir, *, data_dir: str | None = None, eval_limit: int | None
     ``eval-<n>/predictions.jsonl`` and ``metrics.json`` inside the run folder and returns the metrics."""
     from pathlib import Path
 
-    from .config import ConfigError, apply_overrides, load_config
     from .data import load_squad, squad_path
     from .io import write_json_atomic, write_jsonl_atomic
-    from .model import load_model_and_tokenizer
-    from .train import _load_trained, prepare_for_generation
+    from .rundir import load_run
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir}: not a run folder (no config.yaml); train one with `loraqa train`")
-    cfg = load_config(run_dir / "config.yaml")
     overrides = [
         (k, v) for k, v in (("data.data_dir", data_dir), ("data.eval_limit", eval_limit)) if v is not None
     ]
-    cfg = apply_overrides(cfg, overrides) if overrides else cfg
-    full = cfg.train.method == "full"
-    if not (run_dir / ("model.safetensors" if full else "adapter_model.safetensors")).is_file():
-        raise ConfigError(f"{run_dir}: has no trained weights yet; finish it with `loraqa train` first")
+    run = load_run(run_dir, overrides=overrides, device=device)
+    cfg, lm = run.cfg, run.lm
     dev, _ = load_squad(squad_path("dev", cfg.data.data_dir), split="dev", limit=cfg.data.eval_limit)
-    lm = load_model_and_tokenizer(cfg.model.name, cfg.model.precision, cfg.model.attn_implementation, device,
-                                  trainable_base=full)  # fmt: skip
-    model = lm.model
-    if full:
-        model = _load_trained(model, run_dir, True, lm.device)
-    else:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, run_dir)
-    model = prepare_for_generation(model, merge=cfg.eval.merge_adapter, precision=lm.precision)
     records, summary = evaluate_model(
-        model, lm.tokenizer, dev, max_length=cfg.prompt.max_length, eval_cfg=cfg.eval, progress=progress
+        run.model, lm.tokenizer, dev, max_length=cfg.prompt.max_length, eval_cfg=cfg.eval, progress=progress
     )
     out = run_dir / f"eval-{len(dev)}"
     write_jsonl_atomic(out / "predictions.jsonl", records)

@@ -361,3 +361,17 @@ def parameter_table(name: str, ranks=(4, 8, 16, 32), presets=("attn", "attn+proj
                  "percent": 100.0 * trainable / total}
             )  # fmt: skip
     return rows
+
+
+def prepare_for_generation(model, *, merge: bool = True, precision: str = "fp32"):
+    """Merge a LoRA adapter into the weights (one matmul per layer instead of three) and, for bf16, run in bf16.
+    Layers compiled for training (``train.compile``) go back to eager: generation's shapes would recompile them."""
+    for module in model.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+    if merge and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    model.eval()
+    return model

@@ -1,0 +1,278 @@
+"""The Hugging Face Trainer, fitted to extractive QA: what ``loraqa train`` adds to it and nothing else.
+
+- :class:`QACollator` pads a batch (right padding, label -100 on padding);
+- :func:`labelled_positions_loss` runs the output layer only where labels are (the ~50k-wide vocabulary
+  projection is skipped at prompt positions);
+- :class:`LengthGroupedBatches` batches examples of similar lengths;
+- :func:`make_trainer_class` is the Trainer subclass using them (bf16 autocast, a real-token count);
+- the callbacks write ``log_history.jsonl`` and keep the train clock across interruptions;
+- :func:`training_arguments` maps an experiment config onto ``TrainingArguments``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Sampler
+
+from .config import ExperimentConfig
+from .evaluate import peak_memory_mb
+from .io import read_json, write_json_atomic, write_jsonl_atomic
+from .prompt import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+
+class QACollator:
+    """Pads a batch to its longest example (right padding); padded positions get label -100."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            input_ids[row, :n] = torch.tensor(f["input_ids"])
+            labels[row, :n] = torch.tensor(f["labels"])
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def labelled_positions_loss(model, batch: dict, num_items: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Causal-LM cross-entropy computed only at labelled positions.
+
+    transformers' own loss runs the output layer (hidden x vocab) at every position and then ignores all
+    but the few answer tokens; here the decoder's hidden states are gathered at the labelled positions
+    first, so the output layer and the softmax see only those. Same value as the model's loss
+    (sum over labelled tokens / ``num_items``, or their mean).
+    """
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = lm.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+    denominator = num_items if num_items is not None else keep.sum()
+    return loss / denominator
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The decoder's blocks (``model.layers`` for Llama, ``transformer.h`` for GPT-2), under a PEFT wrapper."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    n = lm.config.num_hidden_layers
+    for module in lm.get_decoder().children():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return list(module)
+    return []
+
+
+class LengthGroupedBatches(Sampler):
+    """Batches of similar lengths in a random order (``train.group_by_length``).
+
+    Each epoch the examples are shuffled, cut into mega-batches of 50 batches, sorted by length
+    inside each and cut into batches of ``group`` (batch size x gradient accumulation); the full
+    batches are shuffled, the longest first (an out-of-memory error shows at once), a short last
+    batch last. On the first 240 SQuAD train examples ~98% of the computed tokens are real (random
+    batches: ~64%; the Trainer's ``LengthGroupedSampler``, whose mega-batches shrink to a quarter of
+    a small data set and whose batches run from longest to shortest: ~91%). Like that sampler it
+    draws one permutation per epoch from torch's global generator (the Trainer seeds it, and restores
+    it on resuming); the batch order is derived from that permutation.
+    """
+
+    def __init__(self, lengths: list[int], group: int, mega: int = 50):
+        self.lengths, self.group, self.mega = list(lengths), group, mega
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        perm = torch.randperm(len(self.lengths)).tolist()
+        size = self.mega * self.group
+        batches = []
+        for start in range(0, len(perm), size):
+            mega = sorted(perm[start : start + size], key=lambda i: -self.lengths[i])
+            batches += [mega[j : j + self.group] for j in range(0, len(mega), self.group)]
+        tail = [batches.pop()] if batches and len(batches[-1]) < self.group else []
+        gen = torch.Generator().manual_seed(sum(i * p for i, p in enumerate(perm[:64], 1)))
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+        if batches:
+            longest = max(range(len(batches)), key=lambda b: max(self.lengths[i] for i in batches[b]))
+            batches[0], batches[longest] = batches[longest], batches[0]
+        return iter([i for batch in batches + tail for i in batch])
+
+
+def make_trainer_class():
+    import contextlib
+
+    from transformers import Trainer
+
+    class QATrainer(Trainer):
+        """The HF Trainer with the labelled-positions loss (``fast_loss``) and a count of real tokens.
+
+        With ``bf16`` the loss runs under bf16 autocast (the Trainer autocasts only ``model.forward``, which
+        the labelled-positions loss does not call) and PEFT's LoRA layers skip their cast of the activations
+        to the adapters' fp32: autocast runs the adapter matmuls in bf16 anyway, so the cast only cost a copy
+        of the hidden state (and an fp32 dropout mask) per adapted layer. Adapters, their gradients and the
+        optimizer state stay fp32.
+        """
+
+        def __init__(self, *args, fast_loss: bool = True, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.fast_loss = fast_loss
+            self.real_train_tokens = 0
+            if fast_loss:
+                self.loss_is_scaled_for_ga = True  # divided by the tokens of the whole accumulated batch
+                if self.args.torch_compile:
+                    # the labelled-positions loss calls the decoder, not the (compiled) model.forward:
+                    # compile the decoder layers instead (they share one compiled graph)
+                    for layer in decoder_layers(self.model):
+                        layer.compile(dynamic=True)
+            self._lora_layers = []
+            if self.args.bf16:
+                from peft.tuners.tuners_utils import BaseTunerLayer
+
+                self._lora_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+
+        @contextlib.contextmanager
+        def _low_precision(self):
+            if not self.args.bf16:
+                yield
+                return
+            for layer in self._lora_layers:
+                layer.cast_input_dtype_enabled = False
+            try:
+                with self.accelerator.autocast():
+                    yield
+            finally:
+                for layer in self._lora_layers:
+                    layer.cast_input_dtype_enabled = True
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            if self.args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, list):
+                return super()._get_train_sampler(train_dataset)
+            group = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedBatches([len(f["input_ids"]) for f in dataset], group)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                self.real_train_tokens += int(inputs["attention_mask"].sum())
+            with self._low_precision():
+                if not self.fast_loss:
+                    return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                loss = labelled_positions_loss(model, inputs, num_items_in_batch)
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    return QATrainer
+
+
+def make_log_callback(path: Path):
+    from transformers import TrainerCallback
+
+    class JsonlLogCallback(TrainerCallback):
+        """Rewrites ``log_history.jsonl`` (atomically) whenever the Trainer logs."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            write_jsonl_atomic(path, state.log_history)
+
+    return JsonlLogCallback()
+
+
+CLOCK_FILE = "loraqa_clock.json"
+
+
+def make_clock_callback(device: torch.device):
+    """Keeps train time, real tokens and peak memory across interruptions.
+
+    The Trainer restores the model, optimizer and step from a checkpoint, but not how long the steps before it
+    took, so a resumed run's own timer would count only its last segment. On every save this writes the
+    totals so far into the checkpoint folder (``loraqa_clock.json``); a resumed run starts from them.
+    """
+    from transformers import TrainerCallback
+
+    class ClockCallback(TrainerCallback):
+        def __init__(self):
+            self.trainer = None  # set once the trainer exists (its real-token count is read on save)
+            self.prior = {"train_seconds": 0.0, "train_tokens": 0, "peak_memory_mb": 0.0, "segments": 0}
+            self.start = None
+
+        def resume_from(self, checkpoint: str | None) -> None:
+            if checkpoint is None:
+                return
+            path = Path(checkpoint) / CLOCK_FILE
+            if path.is_file():
+                self.prior = read_json(path)
+            else:  # a checkpoint from an older loraqa: the time before it is unknown
+                log.warning("%s has no %s: train time and tokens/s will cover only the resumed part",
+                            checkpoint, CLOCK_FILE)  # fmt: skip
+                self.prior = dict(self.prior, incomplete=True)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def totals(self) -> dict:
+            seconds = time.perf_counter() - self.start if self.start is not None else 0.0
+            tokens = self.trainer.real_train_tokens if self.trainer is not None else 0
+            out = {
+                "train_seconds": self.prior["train_seconds"] + seconds,
+                "train_tokens": self.prior["train_tokens"] + tokens,
+                "peak_memory_mb": max(self.prior["peak_memory_mb"], peak_memory_mb(device)),
+                "segments": self.prior["segments"] + 1,
+            }
+            if self.prior.get("incomplete"):
+                out["incomplete"] = True
+            return out
+
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                write_json_atomic(folder / CLOCK_FILE, self.totals())
+
+    return ClockCallback()
+
+
+def training_arguments(cfg: ExperimentConfig, ckpt_dir: Path, precision: str, device: torch.device):
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    return TrainingArguments(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type="linear",
+        optim="adamw_torch",
+        seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps or None,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=1,
+        bf16=precision == "bf16",
+        use_cpu=device.type == "cpu",
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+        torch_compile=t.compile,
+        report_to=[],
+        dataloader_num_workers=0,
+        disable_tqdm=os.environ.get("LORAQA_NO_PROGRESS") == "1",
+    )
