@@ -192,8 +192,14 @@ def cmd_sweep(args) -> int:
 
 def cmd_report(args) -> int:
     from .report import write_report
+    from .study import write_study_report
 
-    path = write_report(args.sweep_dir, out_dir=args.out)
+    if len(args.sweep_dir) == 1 and not args.compare:
+        path = write_report(args.sweep_dir[0], out_dir=args.out)
+    elif not args.out:
+        raise ValueError("a report on several sweeps (or with --compare) needs --out DIR")
+    else:
+        path = write_study_report(args.sweep_dir, args.out, compare=args.compare)
     print(f"wrote {path}")
     return 0
 
@@ -241,8 +247,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--device")
     s.set_defaults(func=cmd_sweep)
 
-    r = sub.add_parser("report", help="tables, figures and verdicts from a sweep folder")
-    r.add_argument("sweep_dir")
+    r = sub.add_parser("report", help="tables, figures and verdicts from one or more sweep folders")
+    r.add_argument("sweep_dir", nargs="+", help="sweep folders; several make one study report (needs --out)")
+    r.add_argument("--compare", help="an earlier report.md whose verdicts the new ones are set against")
     r.add_argument("--out", help="folder for report.md, results.csv and figures (default: the sweep folder)")
     r.set_defaults(func=cmd_report)
     return p

@@ -440,6 +440,98 @@ def verdict_masking(data: SweepData) -> Verdict:
     return Verdict("e", claim, f"answers worse: {answers}; slower convergence: {slower}", f"{nums} {conv}")
 
 
+SMOOTHNESS_TOLERANCE = 0.10  # a roughness or instability difference counts when it is more than 10% (relative)
+
+
+def roughness(curve: dict[int, float], skip_before: int = 0) -> float | None:
+    """How much a loss curve zigzags between logs: the mean of |l_i - (l_{i-1} + l_{i+1}) / 2| over the logged
+    points from step ``skip_before`` on (past the warmup), relative to their mean. 0 for a straight or smoothly
+    bending curve (logs are evenly spaced, so the midpoint is the straight line through the neighbours)."""
+    values = [curve[s] for s in sorted(curve) if s >= skip_before]
+    if len(values) < 5:
+        return None
+    dev = [abs(values[i] - (values[i - 1] + values[i + 1]) / 2) for i in range(1, len(values) - 1)]
+    return (sum(dev) / len(dev)) / (sum(values) / len(values))
+
+
+def instability(curve: dict[int, float], skip_before: int = 0) -> float | None:
+    """How often and how far an eval loss goes back up: the sum of its rises between consecutive evaluations
+    from step ``skip_before`` on, relative to its mean. 0 for a loss that only falls."""
+    values = [curve[s] for s in sorted(curve) if s >= skip_before]
+    if len(values) < 3:
+        return None
+    return sum(max(0.0, b - a) for a, b in zip(values, values[1:], strict=False)) / (sum(values) / len(values))
+
+
+def _steadily(values: list[float], direction: int) -> bool:
+    """``values`` move in ``direction`` (+1 up, -1 down) from first to last by more than SMOOTHNESS_TOLERANCE
+    and never against it by more than that from one to the next."""
+    tol = SMOOTHNESS_TOLERANCE
+    ends = values[-1] > values[0] * (1 + tol) if direction > 0 else values[-1] < values[0] * (1 - tol)
+    if direction > 0:
+        against = any(b < a * (1 - tol) for a, b in zip(values, values[1:], strict=False))
+    else:
+        against = any(b > a * (1 + tol) for a, b in zip(values, values[1:], strict=False))
+    return ends and not against
+
+
+def verdict_rank_smoothness(data: SweepData) -> Verdict:
+    claim = "higher ranks converge more smoothly"
+    rows = [t for t in _done_rows(data, "lora.r") if t.trial.config.train.method == "lora"]
+    rows.sort(key=lambda t: t.trial.values["lora.r"])
+    warm = data.cfg.train.warmup_steps
+    rough = {t.trial.values["lora.r"]: roughness(t.curve("loss"), warm) for t in rows}
+    rough = {r: v for r, v in rough.items() if v is not None}
+    rule = (f"Roughness: the mean distance of each logged train loss from the midpoint of its two neighbours, "
+            f"relative to the mean loss, after the {warm} warmup steps. Holds if it falls from the lowest to the "
+            f"highest rank by more than {SMOOTHNESS_TOLERANCE:.0%} and never rises by more than that from one rank "
+            "to the next.")  # fmt: skip
+    if len(rough) < 2:
+        extra = _missing_note(data, "lora.r")
+        return Verdict("f", claim, NA, f"Needs two finished ranks with at least 5 logged train losses after warmup"
+                       f"{'; ' + extra if extra else ''}. {rule}")  # fmt: skip
+    listing = ", ".join(f"r{r} {v:.4f}" for r, v in rough.items())
+    word = HOLDS if _steadily(list(rough.values()), -1) else FAILS
+    return Verdict("f", claim, word, f"Train-loss roughness by rank: {listing}. {rule}")
+
+
+def _steps_to(curve: dict[int, float], level: float) -> int | None:
+    return next((s for s in sorted(curve) if curve[s] <= level), None)
+
+
+def verdict_lr_dynamics(data: SweepData) -> Verdict:
+    claim = "higher learning rates converge faster but with a less stable eval loss"
+    rows = [t for t in _done_rows(data, "train.lr") if t.curve("eval_loss")]
+    rows.sort(key=lambda t: t.trial.values["train.lr"])
+    if len(rows) < 2:
+        extra = _missing_note(data, "train.lr")
+        return Verdict("g", claim, NA, f"Needs two finished learning rates with logged eval losses"
+                       f"{'; ' + extra if extra else ''}.")  # fmt: skip
+    curves = {format_value(t.trial.values["train.lr"]): t.curve("eval_loss") for t in rows}
+    level = max(min(c.values()) for c in curves.values()) * (1 + LOSS_TOLERANCE)
+    steps = {lr: _steps_to(c, level) for lr, c in curves.items()}
+    warm = data.cfg.train.warmup_steps
+    unstable = {lr: instability(c, warm) for lr, c in curves.items()}
+    step_list = [steps[lr] for lr in curves]
+    faster = HOLDS if step_list[-1] < step_list[0] and all(b <= a for a, b in zip(step_list, step_list[1:], strict=False)) else FAILS
+    ins = [unstable[lr] for lr in curves]
+    if any(v is None for v in ins):
+        less_stable = NA
+    else:
+        rising = ins[-1] > 0 and (ins[0] == 0 or _steadily(ins, +1))
+        less_stable = HOLDS if rising and all(b >= a * (1 - SMOOTHNESS_TOLERANCE) for a, b in zip(ins, ins[1:], strict=False)) else FAILS
+    detail = (
+        "Steps to reach an eval loss of " + f"{level:.3f} (the lowest level every rate reaches, +{LOSS_TOLERANCE:.0%}): "
+        + ", ".join(f"lr {lr}: {steps[lr]}" for lr in curves)
+        + "; eval-loss instability (the sum of its rises between evaluations after warmup, relative to its mean): "
+        + ", ".join(f"lr {lr}: {'—' if unstable[lr] is None else f'{unstable[lr]:.4f}'}" for lr in curves)
+        + f". Faster holds if the step count falls as the rate rises (strictly from the lowest to the highest); "
+        f"less stable holds if the instability rises with the rate by more than {SMOOTHNESS_TOLERANCE:.0%} and "
+        "never falls by more than that."
+    )
+    return Verdict("g", claim, f"faster: {faster}; less stable: {less_stable}", detail)
+
+
 def full_finetune_section(data: SweepData) -> tuple[str, str]:
     """(verdict word, markdown) for the full fine-tuning ablation."""
     rows = {t.trial.values["train.method"]: t for t in _done_rows(data, "train.method")}
@@ -526,8 +618,9 @@ FIGURES = (
 )  # fmt: skip
 
 
-def draw_figures(data: SweepData, out_dir: Path) -> list[str]:
-    """Markdown lines for Figures 3-5 and the masking figure (image links, or why one is not drawn)."""
+def draw_figures(data: SweepData, out_dir: Path, file_prefix: str = "") -> list[str]:
+    """Markdown lines for Figures 3-5 and the masking figure (image links, or why one is not drawn); the files
+    are ``figures/<file_prefix><name>.png``."""
     lines = []
     for label, key, fname, title, keys in FIGURES:
         if key not in data.axes:
@@ -541,6 +634,7 @@ def draw_figures(data: SweepData, out_dir: Path) -> list[str]:
                 prefix = {"lora.r": "r=", "train.lr": "lr=", "prompt.loss_on": "loss_on="}.get(key, "")
                 note = "" if t.done else f" ({t.status})"
                 series.append((f"{prefix}{format_value(t.trial.values[key])}{note}", t))
+        fname = file_prefix + fname
         path = out_dir / "figures" / fname
         if series and _plot(path, f"{label}: {title} ({data.cfg.model.name})", series, keys):
             lines.append(f"**{label}: {title}.**\n\n![{label}: {title}](figures/{fname})\n")
@@ -556,8 +650,8 @@ def draw_figures(data: SweepData, out_dir: Path) -> list[str]:
 
 
 CSV_METRICS = ("exact_match", "f1", "final_train_loss", "final_eval_loss", "trainable_params", "total_params",
-               "train_seconds", "train_tokens_per_second", "peak_memory_mb", "eval_seconds", "train_steps",
-               "n_questions", "device")  # fmt: skip
+               "train_seconds", "train_tokens_per_second", "train_questions_per_second", "peak_memory_mb",
+               "eval_seconds", "train_steps", "train_examples", "n_questions", "device")  # fmt: skip
 
 
 def results_csv(data: SweepData) -> str:
@@ -565,7 +659,7 @@ def results_csv(data: SweepData) -> str:
     w = csv.writer(buf, lineterminator="\n")
     axes = list(data.axes)
     w.writerow(["trial", "status", *axes, *CSV_METRICS, "trainable_percent", "wall_seconds", "max_rss_mb",
-                "attempts", "error"])  # fmt: skip
+                "attempts", "error", "code"])  # fmt: skip
     for t in data.trials:
         m = t.metrics
         pct = 100.0 * m["trainable_params"] / m["total_params"] if m.get("total_params") else None
@@ -573,7 +667,7 @@ def results_csv(data: SweepData) -> str:
                     *("" if m.get(k) is None else m[k] for k in CSV_METRICS),
                     "" if pct is None else round(pct, 4), "" if t.wall_seconds is None else t.wall_seconds,
                     "" if t.max_rss_mb is None else t.max_rss_mb, len(t.run.get("attempts", [])),
-                    t.error.get("summary", "")])  # fmt: skip
+                    t.error.get("summary", ""), t.run.get("machine", {}).get("code", "")])  # fmt: skip
     return buf.getvalue()
 
 
@@ -681,6 +775,11 @@ def _header(data: SweepData) -> list[str]:
     return lines
 
 
+def all_verdicts(data: SweepData) -> list[Verdict]:
+    return [verdict_rank_quality(data), verdict_lr(data), verdict_targets(data), verdict_rank_memory(data),
+            verdict_masking(data), verdict_rank_smoothness(data), verdict_lr_dynamics(data)]  # fmt: skip
+
+
 def render_report(data: SweepData, figure_lines: list[str]) -> str:
     ref_trial = data.reference_trial
     out = _header(data)
@@ -731,8 +830,7 @@ def render_report(data: SweepData, figure_lines: list[str]) -> str:
     out += ["", "## Table 7: trainable parameters", "", _param_table(data)]
     out += ["", "## Figures", "", *figure_lines]
 
-    verdicts = [verdict_rank_quality(data), verdict_lr(data), verdict_targets(data), verdict_rank_memory(data),
-                verdict_masking(data)]  # fmt: skip
+    verdicts = all_verdicts(data)
     ft_word, ft_text = full_finetune_section(data)
     out += ["", "## The reference study's claims, measured", "",
             f"Rule: an EM or F1 difference counts only if it is more than {SE_MULTIPLIER:g} standard errors of the "

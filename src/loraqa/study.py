@@ -1,0 +1,261 @@
+"""A study: several sweeps reported as one (``loraqa report SWEEP SWEEP ... --out DIR``).
+
+The full-scale study is three sweeps, one config each: a data-scaling curve (``data.train_limit`` as the
+axis), the reference study's claims at 1,000 optimizer steps (one-at-a-time), and the full fine-tuning
+ceiling. Each keeps its own sweep folder, resumable on its own; this module reads them together and adds
+what no single sweep has: every trial in one table (train and dev questions, time, questions/s, memory, the
+code that ran it), the data-scaling figure, the best LoRA and full fine-tuning figures beside published
+anchors, and, given the report of an earlier study (``--compare``), which verdicts changed.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .io import write_text_atomic
+from .report import (
+    NA,
+    SweepData,
+    TrialResult,
+    _header,
+    _mb,
+    _num,
+    _plot,
+    _secs,
+    _settings,
+    _table,
+    _write_bytes_atomic,
+    all_verdicts,
+    draw_figures,
+    load_sweep,
+    render_report,
+    results_csv,
+)
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A published SQuAD v1.1 dev figure, shown beside loraqa's own and never run here."""
+
+    model: str
+    method: str
+    em: float
+    f1: float
+    source: str
+
+
+ANCHORS = (
+    Anchor("GPT-2 small (124M)", "span-prediction head, fully fine-tuned", 68.4, 78.9,
+           "as cited in loraqa's full-study plan; not reproduced here"),
+    Anchor("BERT-base (uncased, 110M)", "span-prediction head, fully fine-tuned", 81.2, 88.5,
+           "Hugging Face transformers' question-answering example (run_qa.py) as its README reports"),
+)  # fmt: skip
+
+SCALING_KEY = "data.train_limit"
+
+
+def train_questions(t: TrialResult) -> int | None:
+    """The number of train questions a trial trained on: its limit, or what it encoded when it took them all."""
+    limit = t.trial.config.data.train_limit
+    return limit if limit is not None else t.m("train_examples")
+
+
+def dev_questions(t: TrialResult) -> int | None:
+    return t.m("n_questions")
+
+
+def _commit(t: TrialResult) -> str:
+    code = t.run.get("machine", {}).get("code") or ""
+    m = re.search(r"git (\w+)", code)
+    return m.group(1) if m else (code or "—")
+
+
+def _questions_per_second(t: TrialResult) -> float | None:
+    qps = t.m("train_questions_per_second")
+    if qps is None and t.m("train_examples") and t.m("train_seconds") and t.m("epochs"):
+        qps = t.m("train_examples") * t.m("epochs") / t.m("train_seconds")
+    return qps
+
+
+def trials_table(sweeps: list[SweepData]) -> str:
+    rows = []
+    for data in sweeps:
+        for t in data.trials:
+            rows.append([data.cfg.name, t.name, t.status, _settings(t, data.reference), _num(train_questions(t)),
+                         _num(dev_questions(t)), _num(t.m("f1")), _num(t.m("exact_match")),
+                         _num(t.m("train_steps")), _secs(t.m("train_seconds")), _num(_questions_per_second(t), 1),
+                         _secs(t.m("eval_seconds")), _mb(t.m("peak_memory_mb")), _commit(t)])  # fmt: skip
+    header = ["sweep", "trial", "status", "settings", "train questions", "dev questions", "F1", "EM", "steps",
+              "train time", "train questions/s", "eval time", "peak memory", "commit"]  # fmt: skip
+    return _table(header, rows, right=set(range(4, 13)))
+
+
+# ---------------------------------------------------------------------------------------------- data scaling
+
+
+def scaling_points(sweeps: list[SweepData]) -> list[TrialResult]:
+    """Finished trials of every sweep that varies the number of train questions, fewest first."""
+    points = [t for d in sweeps if SCALING_KEY in d.axes for t in d.trials if t.done and train_questions(t)]
+    return sorted(points, key=train_questions)
+
+
+def scaling_figure(points: list[TrialResult], path: Path, model: str) -> bool:
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [train_questions(t) for t in points]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for key, label in (("f1", "F1"), ("exact_match", "EM")):
+        ax.plot(x, [t.m(key) for t in points], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("train questions (1 epoch; log scale)")
+    ax.set_ylabel("score on SQuAD v1.1 dev (%)")
+    devs = sorted({dev_questions(t) for t in points})
+    ax.set_title(f"Data scaling: {model}, LoRA ({' / '.join(f'{n:,}' for n in devs)} dev questions)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    _write_bytes_atomic(path, buf.getvalue())
+    return True
+
+
+def scaling_section(sweeps: list[SweepData], out_dir: Path) -> list[str]:
+    points = scaling_points(sweeps)
+    if not points:
+        have = any(SCALING_KEY in d.axes for d in sweeps)
+        why = "no data-scaling trial has finished yet" if have else f"no sweep has a {SCALING_KEY} axis"
+        return ["## Data scaling", "", f"Not drawn: {why}."]
+    rows = [[_num(train_questions(t)), _num(t.m("train_steps")), _num(dev_questions(t)), _num(t.m("f1")),
+             _num(t.m("exact_match")), _num(t.m("final_eval_loss"), 3), _secs(t.m("train_seconds")), t.name]
+            for t in points]  # fmt: skip
+    lines = ["## Data scaling", "",
+             _table(["train questions", "steps", "dev questions", "F1", "EM", "final eval loss", "train time",
+                     "trial"], rows, right=set(range(7)))]  # fmt: skip
+    model = points[0].trial.config.model.name
+    if scaling_figure(points, out_dir / "figures" / "data_scaling.png", model):
+        lines += ["", "**Data scaling: EM and F1 against train questions.**", "",
+                  "![Data scaling](figures/data_scaling.png)"]  # fmt: skip
+    curves = [(f"{train_questions(t):,} questions", t) for t in points if t.history]
+    if curves and _plot(out_dir / "figures" / "data_scaling_loss.png", f"Learning curves per data size ({model})",
+                        curves, [("loss", "train loss"), ("eval_loss", "eval loss (answer tokens)")]):  # fmt: skip
+        lines += ["", "**Learning curves per data size.**", "", "![Learning curves](figures/data_scaling_loss.png)"]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- quality
+
+
+def quality_section(sweeps: list[SweepData]) -> list[str]:
+    done = [t for d in sweeps for t in d.trials if t.done and t.m("f1") is not None]
+    rows = []
+    for method, label in (("lora", "best LoRA"), ("full", "full fine-tuning")):
+        pool = [t for t in done if t.trial.config.train.method == method]
+        if not pool:
+            rows.append([f"loraqa {label}", "—", "—", "—", "not finished yet"])
+            continue
+        # prefer the trial scored on the most dev questions, then the best F1 among those
+        best = max(pool, key=lambda t: (dev_questions(t) or 0, t.m("f1")))
+        model = best.trial.config.model.name
+        rows.append([f"{model}, loraqa {label} (`{best.name}`, {_num(train_questions(best))} train questions)",
+                     _num(best.m("exact_match")), _num(best.m("f1")), _num(dev_questions(best)),
+                     "measured here, generated answers"])  # fmt: skip
+    for a in ANCHORS:
+        rows.append([f"{a.model}, {a.method}", f"{a.em:.1f}", f"{a.f1:.1f}", "10,570", f"published, not run here: {a.source}"])
+    return ["## Quality beside published figures", "",
+            "loraqa's models answer by generating text; the published rows extract a span with a classification "
+            "head, a different and easier output format. They are anchors, not a like-for-like comparison.", "",
+            _table(["model", "EM", "F1", "dev questions", "source"], rows, right={1, 2, 3})]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- changes
+
+
+VERDICT_LINE = re.compile(r"^- \*\*\((\w)\) “(.+?)”: (.+?)\.\*\* ?(.*)$")
+
+
+def earlier_verdicts(report_md: Path) -> dict[str, tuple[str, str, str]]:
+    """label -> (claim, verdict, detail) from an earlier report.md written by ``loraqa report``."""
+    out = {}
+    for line in report_md.read_text().splitlines():
+        m = VERDICT_LINE.match(line)
+        if m:
+            out[m.group(1)] = (m.group(2), m.group(3), m.group(4))
+    return out
+
+
+def _first_sentence(text: str, limit: int = 180) -> str:
+    head = text.split(". ")[0].rstrip(".")
+    return head if len(head) <= limit else head[: limit - 1] + "…"
+
+
+def changes_section(claims: SweepData | None, compare: Path | None) -> list[str]:
+    if compare is None:
+        return []
+    title = f"## Verdicts against the earlier study ({compare.as_posix()})"
+    if claims is None:
+        return [title, "", "Not compared: no sweep here varies the reference study's axes."]
+    before = earlier_verdicts(compare)
+    rows = []
+    for v in all_verdicts(claims):
+        old = before.get(v.label)
+        old_word = old[1] if old else "not judged"
+        changed = "—" if NA in (old_word, v.verdict) or old is None else ("yes" if old_word != v.verdict else "no")
+        why = (f"then: {_first_sentence(old[2])}; now: {_first_sentence(v.detail)}" if old
+               else f"now: {_first_sentence(v.detail)}")  # fmt: skip
+        rows.append([f"({v.label}) {v.claim}", old_word, v.verdict, changed, why])
+    return [title, "", _table(["claim", "before", "now", "changed", "the numbers behind it"], rows, right=set())]
+
+
+# ---------------------------------------------------------------------------------------------- the report
+
+
+def write_study_report(sweep_dirs: list[str | Path], out_dir: str | Path, compare: str | Path | None = None) -> Path:
+    """``report.md``, ``results.csv`` and figures for several sweeps at once; returns report.md's path.
+    Each sweep's own section is its single-sweep report (tables, figures, verdicts), one level down."""
+    sweeps = [load_sweep(d) for d in sweep_dirs]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [d.cfg.name for d in sweeps]
+    lines = [f"# Study report: {', '.join(names)}", ""]
+    for data in sweeps:  # the command that made each sweep (the rest of its header is in its own section)
+        lines.append(f"- {data.cfg.name}: {_header(data)[2][2:]}")
+    lines += ["", "## Every trial", "", trials_table(sweeps), ""]
+    lines += scaling_section(sweeps, out) + [""]
+    lines += quality_section(sweeps) + [""]
+    claims = next((d for d in sweeps if {"lora.r", "train.lr"} & set(d.axes)), None)
+    lines += changes_section(claims, Path(compare) if compare else None) + [""]
+    csv_parts = []
+    for data in sweeps:
+        figure_lines = draw_figures(data, out, file_prefix=f"{data.cfg.name}_")
+        section = render_report(data, figure_lines)
+        lines += ["#" + ln if ln.startswith("#") else ln for ln in section.splitlines()] + [""]
+        csv_parts.append(results_csv(data).splitlines())
+    write_text_atomic(out / "results.csv", _merge_csv(names, csv_parts))
+    return write_text_atomic(out / "report.md", "\n".join(lines).rstrip() + "\n")
+
+
+def _merge_csv(names: list[str], parts: list[list[str]]) -> str:
+    """One CSV for every sweep: a ``sweep`` column first, the union of the sweeps' columns after it."""
+    import csv
+
+    columns: list[str] = []
+    rows = []
+    for name, part in zip(names, parts, strict=True):
+        reader = csv.DictReader(part)
+        columns += [c for c in reader.fieldnames or [] if c not in columns]
+        rows += [{"sweep": name, **r} for r in reader]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, ["sweep", *columns], lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
