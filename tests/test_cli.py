@@ -67,9 +67,11 @@ def test_train_and_eval_commands(capsys, tmp_path, synthetic_dir):
     out = capsys.readouterr().out
     assert "EM " in out and "F1 " in out
     assert "c_fc" in (tmp_path / "run" / "adapter_config.json").read_text()
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "--train-limit 8" in card and str(tmp_path) not in card  # the command, with no absolute path
     assert main(["eval", str(tmp_path / "run")]) == 0
     assert main(["eval", *args, "-o", str(tmp_path / "zs")]) == 0
-    assert (tmp_path / "zs" / "metrics.json").is_file()
+    assert (tmp_path / "zs" / "metrics.json").is_file() and (tmp_path / "zs" / "predictions.json").is_file()
 
 
 def test_help_lists_the_pipeline_commands(capsys):

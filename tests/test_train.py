@@ -58,6 +58,16 @@ def test_run_folder_holds_everything_and_the_adapter_loads(tmp_path, synthetic_d
     assert metrics["train_tokens"] > 0
     model = PeftModel.from_pretrained(load_base_model("tiny-random-gpt2"), run)
     assert any("lora_A" in n for n, _ in model.named_parameters())
+    # the official predictions format, {id: answer}, agrees with predictions.jsonl
+    official = json.loads((run / "predictions.json").read_text())
+    assert official == {p["id"]: p["prediction"] for p in preds}
+    # the adapter names a portable base, and the model card is filled in, with no path of this machine
+    assert json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-random-gpt2"
+    card = (run / "README.md").read_text()
+    assert "More Information Needed" not in card and str(tmp_path) not in card and str(synthetic_dir) not in card
+    for fact in ("tiny-random-gpt2", "train-v1.1.json", "dev-v1.1.json", "rank r = 8", "c_attn", "Question:",
+                 f"| exact match | {metrics['exact_match']:.2f} |", "| questions scored | 8 |", "loraqa 0."):
+        assert fact in card, fact
     # re-scoring the saved run gives the same answers
     again = eval_run_dir(run, progress=False)
     assert again["exact_match"] == metrics["exact_match"] and again["f1"] == metrics["f1"]

@@ -122,11 +122,13 @@ def _print_metrics(metrics: dict, title: str) -> None:
 
 
 def cmd_train(args) -> int:
+    from .card import current_command
     from .train import run_experiment
 
     cfg = build_config(args)
     out = Path(args.output_dir or os.path.join("runs", cfg.name))
-    metrics = run_experiment(cfg, out, overwrite=args.overwrite, device=args.device)
+    command = current_command(["loraqa", *args.argv])
+    metrics = run_experiment(cfg, out, overwrite=args.overwrite, device=args.device, command=command)
     _print_metrics(metrics, f"{cfg.model.name} + {cfg.train.method} -> {out}")
     print(
         f"EM {metrics['exact_match']:.2f}  F1 {metrics['f1']:.2f}  on {metrics['n_questions']} dev questions  ({out})"
@@ -260,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .model import ModelLoadError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = make_parser().parse_args(argv)
+    args.argv = argv  # the model card records the command
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -83,8 +83,9 @@ def eval_zero_shot(cfg, out_dir, *, device: str | None = None, progress: bool = 
     from pathlib import Path
 
     from .data import load_squad, squad_path
-    from .io import write_json_atomic, write_jsonl_atomic, write_text_atomic
+    from .io import write_json_atomic, write_text_atomic
     from .model import count_parameters, load_model_and_tokenizer
+    from .rundir import write_predictions
 
     out_dir = Path(out_dir)
     dev, _ = load_squad(squad_path("dev", cfg.data.data_dir), split="dev", limit=cfg.data.eval_limit)
@@ -97,7 +98,7 @@ def eval_zero_shot(cfg, out_dir, *, device: str | None = None, progress: bool = 
                "method": "zero-shot", "precision": lm.precision, "device": str(lm.device),
                "peak_memory_mb": round(peak_memory_mb(lm.device), 1)}  # fmt: skip
     write_text_atomic(out_dir / "config.yaml", cfg.to_yaml())
-    write_jsonl_atomic(out_dir / "predictions.jsonl", records)
+    write_predictions(out_dir, records)
     write_json_atomic(out_dir / "metrics.json", metrics)
     return metrics
 
@@ -109,8 +110,8 @@ def eval_run_dir(run_dir, *, data_dir: str | None = None, eval_limit: int | None
     from pathlib import Path
 
     from .data import load_squad, squad_path
-    from .io import write_json_atomic, write_jsonl_atomic
-    from .rundir import load_run
+    from .io import write_json_atomic
+    from .rundir import load_run, write_predictions
 
     run_dir = Path(run_dir)
     overrides = [
@@ -123,7 +124,7 @@ def eval_run_dir(run_dir, *, data_dir: str | None = None, eval_limit: int | None
         run.model, lm.tokenizer, dev, max_length=cfg.prompt.max_length, eval_cfg=cfg.eval, progress=progress
     )
     out = run_dir / f"eval-{len(dev)}"
-    write_jsonl_atomic(out / "predictions.jsonl", records)
+    write_predictions(out, records)
     metrics = {**summary, "model": cfg.model.name, "precision": lm.precision, "device": str(lm.device)}
     write_json_atomic(out / "metrics.json", metrics)
     return metrics

@@ -8,7 +8,9 @@ A run folder holds::
     adapter_model.safetensors   a full fine-tune saves model.safetensors + config.json instead
     train_metrics.json          written when training has finished (its presence means: skip training)
     predictions.jsonl           one dev question a line: id, prediction, answers, exact_match, f1
+    predictions.json            the official SQuAD format, {id: answer}: the official scripts score it as is
     metrics.json                EM/F1, speeds, parameters, memory; written last (its presence means: done)
+    README.md                   the model card: base, data, prompt, LoRA settings, EM/F1, command, version
     checkpoints/                Trainer checkpoints while training (removed once training is saved)
 
 :func:`load_run` is the one way back from a folder to a model: evaluation, prediction and export share it.
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, ExperimentConfig, apply_overrides, load_config
-from .io import write_text_atomic
+from .io import read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from .model import LoadedModel, load_model_and_tokenizer, prepare_for_generation
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,8 @@ CONFIG_FILE = "config.yaml"
 LOG_FILE = "log_history.jsonl"
 TRAIN_METRICS_FILE = "train_metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
+OFFICIAL_PREDICTIONS_FILE = "predictions.json"
+MODEL_CARD_FILE = "README.md"
 METRICS_FILE = "metrics.json"
 CHECKPOINTS_DIR = "checkpoints"
 
@@ -71,12 +75,32 @@ def last_checkpoint(ckpt_dir: Path) -> str | None:
     return str(max(complete, key=lambda d: int(d.name.split("-")[-1]))) if complete else None
 
 
-def save_trained(model, tok, run_dir: Path, full: bool) -> None:
+def write_predictions(folder: Path, records: list[dict]) -> None:
+    """``predictions.jsonl`` (one record a question) and ``predictions.json``, the official SQuAD format
+    ``{id: answer}`` that the official evaluation scripts read as is; both written atomically."""
+    write_jsonl_atomic(Path(folder) / PREDICTIONS_FILE, records)
+    write_json_atomic(Path(folder) / OFFICIAL_PREDICTIONS_FILE, {r["id"]: r["prediction"] for r in records})
+
+
+def portable_model_name(name: str) -> str:
+    """The base model as another machine can name it: a hub id or built-in name as is, a local folder or
+    ``.gguf`` file by its file name (never a path of the machine that trained it)."""
+    return Path(name).name if Path(name).expanduser().is_absolute() or Path(name).exists() else name
+
+
+def save_trained(model, tok, run_dir: Path, full: bool, base_name: str | None = None) -> None:
+    """Save the adapter (or the full model) into ``run_dir``. ``base_name`` (the config's model name) goes into
+    ``adapter_config.json`` as ``base_model_name_or_path`` instead of the path the base was loaded from."""
     # save_pretrained writes each file in place; write into a temporary folder and move the files in,
     # so an interruption never leaves a half-written adapter under the run folder's names
     tmp = run_dir / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    adapter_cfg = tmp / "adapter_config.json"
+    if base_name is not None and adapter_cfg.is_file():
+        # set in the file, not on the model: PEFT's save would look the name up on the hub
+        write_json_atomic(adapter_cfg, {**read_json(adapter_cfg),
+                                        "base_model_name_or_path": portable_model_name(base_name)})  # fmt: skip
     if full:
         tok.save_pretrained(tmp)
     for f in tmp.iterdir():

@@ -15,12 +15,20 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
+from .card import current_command, model_card
 from .config import ConfigError, ExperimentConfig
 from .evaluate import evaluate_model, peak_memory_mb, reset_peak_memory
-from .io import read_json, write_json_atomic, write_jsonl_atomic
+from .io import read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from .model import apply_lora, count_parameters, load_model_and_tokenizer, prepare_for_generation
 from .prompt import PromptEncoder, encode_train_set
-from .rundir import last_checkpoint, load_trained, prepare_run_dir, save_trained
+from .rundir import (
+    MODEL_CARD_FILE,
+    last_checkpoint,
+    load_trained,
+    prepare_run_dir,
+    save_trained,
+    write_predictions,
+)
 from .trainer import (
     QACollator,
     make_clock_callback,
@@ -33,14 +41,16 @@ log = logging.getLogger(__name__)
 
 
 def load_examples(cfg: ExperimentConfig):
-    """(train examples, dev examples) as the config asks, with one line of load report each."""
+    """(train examples, dev examples, what was read for the model card) as the config asks, with one line of
+    load report each."""
     train_path = data_mod.squad_path("train", cfg.data.data_dir)
     dev_path = data_mod.squad_path("dev", cfg.data.data_dir)
     train, train_report = data_mod.load_squad(train_path, split="train", limit=cfg.data.train_limit)
     dev, dev_report = data_mod.load_squad(dev_path, split="dev", limit=cfg.data.eval_limit)
     log.info(train_report.summary())
     log.info(dev_report.summary())
-    return train, dev
+    info = {"format": "squad", "train": train_path.name, "dev": dev_path.name, "train_questions": len(train)}
+    return train, dev, info
 
 
 def _final_losses(history: list[dict]) -> dict:
@@ -57,8 +67,10 @@ def run_experiment(
     device: str | None = None,
     callbacks: list | None = None,
     progress: bool = True,
+    command: str | None = None,
 ) -> dict:
-    """Train (resuming if interrupted), save, evaluate on the dev questions; returns ``metrics.json``'s content."""
+    """Train (resuming if interrupted), save, evaluate on the dev questions; returns ``metrics.json``'s content.
+    ``command`` (default: the running command line) goes into the run's model card."""
     from transformers import set_seed
 
     run_dir = Path(run_dir)
@@ -67,7 +79,7 @@ def run_experiment(
         log.info("%s: finished already (metrics.json); pass --overwrite to run it again", run_dir)
         return read_json(run_dir / "metrics.json")
 
-    train_examples, dev_examples = load_examples(cfg)
+    train_examples, dev_examples, data_info = load_examples(cfg)
     set_seed(cfg.train.seed)
     full = cfg.train.method == "full"
     lm = load_model_and_tokenizer(
@@ -87,7 +99,7 @@ def run_experiment(
     else:
         train_metrics = _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks)
         train_metrics.update(trainable_params=trainable, total_params=total)
-        save_trained(model, tok, run_dir, full)
+        save_trained(model, tok, run_dir, full, base_name=cfg.model.name)
         write_json_atomic(train_metrics_path, train_metrics)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
@@ -95,7 +107,7 @@ def run_experiment(
     records, summary = evaluate_model(
         model, tok, dev_examples, max_length=cfg.prompt.max_length, eval_cfg=cfg.eval, progress=progress
     )
-    write_jsonl_atomic(run_dir / "predictions.jsonl", records)
+    write_predictions(run_dir, records)
     metrics = {
         "exact_match": summary["exact_match"],
         "f1": summary["f1"],
@@ -111,6 +123,9 @@ def run_experiment(
         "device": str(lm.device),
         "torch_threads": torch.get_num_threads(),
     }
+    card = model_card(cfg, metrics, data=data_info, command=current_command() if command is None else command,
+                      model_type=getattr(lm.model.config, "model_type", None))  # fmt: skip
+    write_text_atomic(run_dir / MODEL_CARD_FILE, card)
     write_json_atomic(run_dir / "metrics.json", metrics)
     return metrics
 

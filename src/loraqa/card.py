@@ -1,0 +1,139 @@
+"""The run folder's model card (README.md): what was trained on what, how, and how well.
+
+PEFT's ``save_pretrained`` writes an empty template card; a run folder gets this one instead, written after
+evaluation so it holds the scores. Nothing in it names a path of the machine that made the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from .config import ExperimentConfig
+from .prompt import format_example
+
+
+def portable_arg(arg: str) -> str:
+    """A command-line argument with an absolute path made relative to the working folder, or shortened to
+    ``…/NAME`` when outside it, so the card never names this machine's folders."""
+    for prefix in ("", "--data-dir=", "--output-dir=", "-o="):
+        if arg.startswith(prefix) and os.path.isabs(arg[len(prefix) :]):
+            path = arg[len(prefix) :]
+            try:
+                rel = os.path.relpath(path)
+            except ValueError:  # another drive (Windows)
+                rel = os.pardir
+            return prefix + (rel if not rel.startswith(os.pardir) else f"…/{Path(path).name}")
+    return arg
+
+
+def current_command(argv: list[str] | None = None) -> str:
+    """The command line that is running, as a user would type it (``loraqa train ...``)."""
+    argv = list(sys.argv if argv is None else argv)
+    if not argv:
+        return ""
+    prog = Path(argv[0]).name
+    if prog in ("__main__.py", "cli.py"):
+        prog = "loraqa"
+    return shlex.join([prog, *(portable_arg(a) for a in argv[1:])])
+
+
+def _lora_lines(cfg: ExperimentConfig, model_type: str | None) -> list[str]:
+    if cfg.train.method == "full":
+        return ["- method: full fine-tuning (every weight trained; no adapter)"]
+    targets = cfg.lora.targets
+    if model_type is not None:
+        from .model import resolve_targets
+
+        with contextlib.suppress(ValueError):
+            targets = resolve_targets(targets, model_type)
+    targets_text = ", ".join(targets) if isinstance(targets, list) else targets
+    return [
+        f"- rank r = {cfg.lora.r}, alpha = {cfg.lora.alpha:g}, dropout = {cfg.lora.dropout:g}",
+        f"- target modules: {targets_text} (preset or list `{cfg.lora.targets}`)",
+    ]
+
+
+def model_card(
+    cfg: ExperimentConfig,
+    metrics: dict,
+    *,
+    data: dict,
+    command: str,
+    model_type: str | None = None,
+) -> str:
+    """The card's Markdown. ``data`` describes the data: ``format``, ``train`` / ``dev`` (file or data set
+    names), ``train_questions`` (loaded for training), ``dev_questions`` (scored)."""
+    from . import __version__
+    from .rundir import portable_model_name
+
+    base = portable_model_name(cfg.model.name)
+    t = cfg.train
+    steps = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epochs"
+    lines = [
+        "---",
+        "library_name: peft" if t.method == "lora" else "library_name: transformers",
+        "tags: [loraqa, lora, extractive-qa]",
+        "---",
+        "",
+        f"# {cfg.name}: {base} fine-tuned for extractive QA",
+        "",
+        f"Made with loraqa {__version__}.",
+        "",
+        "## Base model",
+        "",
+        f"`{base}` ({cfg.model.precision} precision requested, {metrics.get('precision', '?')} used)",
+        "",
+        "## Data",
+        "",
+        f"- format: `{data.get('format', 'squad')}`",
+        f"- trained on {data.get('train_questions', '?')} questions from `{data.get('train', '?')}` "
+        f"({metrics.get('train_examples', '?')} training examples after encoding)",
+        f"- scored on {metrics.get('n_questions', '?')} questions from `{data.get('dev', '?')}`",
+        "",
+        "## Prompt",
+        "",
+        "```",
+        format_example("{context}", "{question}", "{answer}") + "<eos>",
+        "```",
+        "",
+        f"At most {cfg.prompt.max_length} tokens; the loss is on "
+        + ("the answer tokens and EOS only." if cfg.prompt.loss_on == "answer" else "every token.")
+        + " Answers are generated greedily and end at the first newline or EOS.",
+        "",
+        "## Training",
+        "",
+        *_lora_lines(cfg, model_type),
+        f"- {steps}, batch size {t.batch_size} x {t.grad_accum} accumulation, lr {t.lr:g}, "
+        f"weight decay {t.weight_decay:g}, {t.warmup_steps} warmup steps, seed {t.seed}",
+        "",
+        "## Results",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| exact match | {metrics['exact_match']:.2f} |",
+        f"| F1 | {metrics['f1']:.2f} |",
+        f"| questions scored | {metrics['n_questions']} |",
+    ]
+    for part in ("HasAns", "NoAns"):
+        if f"{part}_total" in metrics:
+            lines.append(
+                f"| {part} exact / F1 (questions) | {metrics[f'{part}_exact']:.2f} / "
+                f"{metrics[f'{part}_f1']:.2f} ({metrics[f'{part}_total']}) |"
+            )
+    lines += [
+        "",
+        "## How it was made",
+        "",
+        "```bash",
+        command or "(through the Python API: loraqa.train.run_experiment)",
+        "```",
+        "",
+        "The resolved experiment is `config.yaml` beside this card; "
+        "`loraqa train config.yaml --output-dir DIR` remakes the run.",
+        "",
+    ]
+    return "\n".join(lines)
