@@ -169,6 +169,7 @@ class Result:
     recipe: str
     train_seconds: float = 0.0
     train_tokens: int = 0
+    train_questions: int = 0
     train_steps: int = 0
     eval_seconds: float = 0.0
     eval_questions: int = 0
@@ -183,6 +184,10 @@ class Result:
     @property
     def train_tokens_per_second(self) -> float:
         return self.train_tokens / self.train_seconds if self.train_seconds else 0.0
+
+    @property
+    def train_questions_per_second(self) -> float:
+        return self.train_questions / self.train_seconds if self.train_seconds else 0.0
 
     @property
     def eval_questions_per_second(self) -> float:
@@ -241,6 +246,7 @@ def reference_run(
     res.train_seconds = time.perf_counter() - start
     res.train_tokens = sum(batch_tokens)
     res.train_steps = trainer.state.global_step
+    res.train_questions = res.train_steps * BATCH_SIZE
     res.train_peak_memory_mb = peak_memory_mb(device)
     res.load_avg.append(os.getloadavg()[0])
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -299,6 +305,7 @@ def loraqa_run(name, device, data_dir, steps, warmup, n_questions, out_dir, over
     res.train_seconds = m["train_seconds"]
     res.train_tokens = m["train_tokens"]
     res.train_steps = m["train_steps"]
+    res.train_questions = m["train_questions"]
     res.eval_seconds = m["eval_seconds"]
     res.eval_questions = m["n_questions"]
     res.peak_memory_mb = m["peak_memory_mb"]
@@ -309,7 +316,8 @@ def loraqa_run(name, device, data_dir, steps, warmup, n_questions, out_dir, over
     res.load_avg.append(os.getloadavg()[0])
     res.extra["final_train_loss"] = m.get("final_train_loss")
     res.extra["metrics_json"] = {
-        k: m.get(k) for k in ("train_tokens_per_second", "eval_questions_per_second", "train_seconds",
+        k: m.get(k) for k in ("train_tokens_per_second", "train_questions_per_second", "train_tokens_counted",
+                              "eval_questions_per_second", "train_seconds",
                               "eval_seconds", "train_tokens", "train_steps", "precision", "torch_threads")
     }  # fmt: skip
     preds = [json.loads(line)["prediction"] for line in (Path(out_dir) / "predictions.jsonl").open()]
@@ -447,17 +455,19 @@ def print_tables(report: dict) -> None:
               f"examples), {block['questions']} dev questions on {block.get('distinct_contexts')} paragraphs, "
               f"{_fmt(block.get('mean_generated_tokens'))} tokens generated per question (reference)")  # fmt: skip
         print(
-            "| recipe | precision | train tokens/s | x ref | train % of bf16 / fp32 peak | eval questions/s "
-            "| x ref | eval % of bf16 / fp32 peak | peak memory MB train / all | EM / F1 | final loss | load avg |"
+            "| recipe | precision | train questions/s | x ref | tokens computed/s | train % of bf16 / fp32 peak "
+            "| eval questions/s | x ref | eval % of bf16 / fp32 peak | peak memory MB train / all | EM / F1 "
+            "| final loss | load avg |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in block["results"]:
-            tr, ev = r["train_tokens_per_second"], r["eval_questions_per_second"]
+            tq, tr, ev = r["train_questions_per_second"], r["train_tokens_per_second"], r["eval_questions_per_second"]
             ts, es = r["train_share"], r["eval_share"]
             em = "-" if r["exact_match"] is None else f"{r['exact_match']:.1f} / {r['f1']:.1f}"
             print(
-                f"| {r['recipe']} | {r['precision']} | {tr:,.0f} | {tr / ref['train_tokens_per_second']:.2f} "
-                f"| {ts['bf16']:.1%} / {ts['fp32']:.1%} | {ev:.2f} | {ev / ref['eval_questions_per_second']:.2f} "
+                f"| {r['recipe']} | {r['precision']} | {tq:.2f} | {tq / ref['train_questions_per_second']:.2f} "
+                f"| {tr:,.0f} | {ts['bf16']:.1%} / {ts['fp32']:.1%} | {ev:.2f} "
+                f"| {ev / ref['eval_questions_per_second']:.2f} "
                 f"| {es['bf16']:.2%} / {es['fp32']:.2%} | {r['train_peak_memory_mb']:,.0f} / {r['peak_memory_mb']:,.0f} "
                 f"| {em} "
                 f"| {_fmt(r['extra'].get('final_train_loss'), 3)} "
@@ -551,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
                 name, device, features, dev_ex, prompts, steps, warmup, work / "ref"
             )
             results.append(ref)
-            print(f"[{name}] reference: {ref.train_tokens_per_second:.0f} tok/s, "
+            print(f"[{name}] reference: {ref.train_questions_per_second:.2f} train q/s, "
                   f"{ref.eval_questions_per_second:.2f} q/s", flush=True)  # fmt: skip
         runs = [("loraqa", [])] + [(f"loraqa {v}", v.split(",")) for v in args.variant]
         for i, (label, overrides) in enumerate(runs):
@@ -567,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
                 report.setdefault("failed", []).append(f"{name} {label}: {type(e).__name__}: {e}")
                 continue
             results.append(r)
-            print(f"[{name}] {label}: {r.train_tokens_per_second:.0f} tok/s, "
+            print(f"[{name}] {label}: {r.train_questions_per_second:.2f} train q/s, "
                   f"{r.eval_questions_per_second:.2f} q/s", flush=True)  # fmt: skip
             if i == 0 and args.generation_switches:
                 print(f"[{name}] generation switches, with the adapter that run trained ...", flush=True)
@@ -584,11 +594,12 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             train_f = train_flops * r.train_steps * BATCH_SIZE / max(len(features), 1)
             row = {
-                **{k: getattr(r, k) for k in ("recipe", "precision", "train_seconds", "train_tokens",
+                **{k: getattr(r, k) for k in ("recipe", "precision", "train_seconds", "train_tokens", "train_questions",
                                               "train_steps", "eval_seconds", "eval_questions",
                                               "peak_memory_mb", "train_peak_memory_mb", "exact_match", "f1",
                                               "load_avg")},
                 "train_tokens_per_second": r.train_tokens_per_second,
+                "train_questions_per_second": r.train_questions_per_second,
                 "eval_questions_per_second": r.eval_questions_per_second,
                 "train_share": {k: train_f / r.train_seconds / (v * 1e9) for k, v in peak.items()},
                 "eval_share": {k: eval_flops / r.eval_seconds / (v * 1e9) for k, v in peak.items()},

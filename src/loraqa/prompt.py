@@ -100,7 +100,10 @@ class PromptEncoder:
         answer_start: int | None = None,
         stats: PromptStats | None = None,
     ) -> dict | None:
-        """``{"input_ids", "labels", "prompt_length"}`` for one training example, or None when it is skipped.
+        """``{"input_ids", "labels", "prompt_length", "context_length"}`` for one training example, or None when
+        it is skipped. ``context_length`` is where the ``Context: ...`` tokens end and the question segment
+        (``\nQuestion: ...\nAnswer: ...<eos>``) starts: questions whose ids agree up to there share their
+        context in shared-context training (:mod:`loraqa.packing`).
 
         An example longer than ``max_length`` keeps a window of its context that still contains the answer
         span (located with ``answer_start``, else by searching the text); it is skipped only when the
@@ -132,7 +135,8 @@ class PromptEncoder:
         else:
             labels = list(input_ids)
         stats.encoded += 1
-        return {"input_ids": input_ids, "labels": labels, "prompt_length": len(prompt)}
+        return {"input_ids": input_ids, "labels": labels, "prompt_length": len(prompt),
+                "context_length": len(self._prefix_ids) + len(ctx_ids)}  # fmt: skip
 
 
 def _answer_window(

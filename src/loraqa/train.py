@@ -20,6 +20,7 @@ from .config import ConfigError, ExperimentConfig
 from .evaluate import evaluate_model, peak_memory_mb, reset_peak_memory
 from .io import read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from .model import apply_lora, count_parameters, load_model_and_tokenizer, prepare_for_generation
+from .packing import SharedContextCollator
 from .prompt import PromptEncoder, encode_train_set
 from .rundir import (
     MODEL_CARD_FILE,
@@ -51,6 +52,12 @@ def load_examples(cfg: ExperimentConfig):
     log.info(dev_report.summary())
     info = {"format": "squad", "train": train_path.name, "dev": dev_path.name, "train_questions": len(train)}
     return train, dev, info
+
+
+TOKENS_COUNTED = {  # what metrics.json's train_tokens count, by layout
+    False: "non-padding tokens computed (every question with its own copy of its context)",
+    True: "non-padding tokens computed (each shared context once per batch row)",
+}
 
 
 def _final_losses(history: list[dict]) -> dict:
@@ -145,6 +152,11 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
     loss_eval_features, _ = encode_train_set(answer_encoder, dev_examples[: cfg.data.loss_eval_limit])
     log.info("train prompts: %s", train_stats.summary())
 
+    # prompt.loss_on=all labels the context: shared, it would count once per paragraph instead of once per
+    # question (another objective), so that ablation keeps stand-alone examples
+    shared = cfg.train.share_contexts and encoder.loss_on == "answer"
+    if cfg.train.share_contexts and not shared:
+        log.info("train.share_contexts: prompt.loss_on=all trains on stand-alone examples")
     ckpt_dir = run_dir / "checkpoints"
     args = training_arguments(cfg, ckpt_dir, lm.precision, lm.device)
     clock = make_clock_callback(lm.device)
@@ -153,10 +165,11 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
         args=args,
         train_dataset=train_features,
         eval_dataset=loss_eval_features if cfg.train.eval_steps and loss_eval_features else None,
-        data_collator=QACollator(tok.pad_token_id),
+        data_collator=SharedContextCollator(tok.pad_token_id) if shared else QACollator(tok.pad_token_id),
         processing_class=tok,
         callbacks=[make_log_callback(run_dir / "log_history.jsonl"), clock, *(callbacks or [])],
         fast_loss=cfg.train.fast_loss,
+        share_contexts=shared,
     )
     clock.trainer = trainer
     resume = last_checkpoint(ckpt_dir)
@@ -165,7 +178,7 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
     clock.resume_from(resume)
     trainer.train(resume_from_checkpoint=resume)
     totals = clock.totals()
-    seconds, tokens = totals["train_seconds"], totals["train_tokens"]
+    seconds, tokens, questions = totals["train_seconds"], totals["train_tokens"], totals["train_questions"]
     final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
     history = trainer.state.log_history
     write_jsonl_atomic(run_dir / "log_history.jsonl", history)
@@ -189,6 +202,10 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
         **({"train_seconds_cover_last_segment_only": True} if totals.get("incomplete") else {}),
         "train_tokens": tokens,
         "train_tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None,
+        "train_tokens_counted": TOKENS_COUNTED[shared],
+        "train_questions": questions,
+        "train_questions_per_second": round(questions / seconds, 3) if seconds > 0 else None,
+        "train_share_contexts": shared,
         **losses,
         "peak_memory_mb": round(totals["peak_memory_mb"], 1),
     }

@@ -23,6 +23,7 @@ from torch.utils.data import Sampler
 from .config import ExperimentConfig
 from .evaluate import peak_memory_mb
 from .io import read_json, write_json_atomic, write_jsonl_atomic
+from .packing import SharedContextBatches
 from .prompt import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def labelled_positions_loss(model, batch: dict, num_items: int | torch.Tensor | 
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = lm.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch.get("position_ids")
     ).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
@@ -127,10 +128,12 @@ def make_trainer_class():
         optimizer state stay fp32.
         """
 
-        def __init__(self, *args, fast_loss: bool = True, **kwargs):
+        def __init__(self, *args, fast_loss: bool = True, share_contexts: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
             self.fast_loss = fast_loss
-            self.real_train_tokens = 0
+            self.share_contexts = share_contexts  # paragraph-ordered batches for SharedContextCollator
+            self.real_train_tokens = 0  # non-padding positions computed (a shared context counts once a row)
+            self.train_questions = 0
             if fast_loss:
                 self.loss_is_scaled_for_ga = True  # divided by the tokens of the whole accumulated batch
                 if self.args.torch_compile:
@@ -160,14 +163,20 @@ def make_trainer_class():
 
         def _get_train_sampler(self, train_dataset=None):
             dataset = self.train_dataset if train_dataset is None else train_dataset
-            if self.args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, list):
-                return super()._get_train_sampler(train_dataset)
+            by_length = self.args.train_sampling_strategy == "group_by_length"
             group = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            if self.share_contexts and isinstance(dataset, list):
+                return SharedContextBatches(dataset, group, by_length=by_length)
+            if not by_length or not isinstance(dataset, list):
+                return super()._get_train_sampler(train_dataset)
             return LengthGroupedBatches([len(f["input_ids"]) for f in dataset], group)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # counts a SharedContextCollator adds (the model must not see them)
+            questions, real = inputs.pop("num_questions", None), inputs.pop("real_tokens", None)
             if model.training:
-                self.real_train_tokens += int(inputs["attention_mask"].sum())
+                self.real_train_tokens += int(inputs["attention_mask"].sum() if real is None else real)
+                self.train_questions += int(inputs["input_ids"].shape[0] if questions is None else questions)
             with self._low_precision():
                 if not self.fast_loss:
                     return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -204,7 +213,8 @@ def make_clock_callback(device: torch.device):
     class ClockCallback(TrainerCallback):
         def __init__(self):
             self.trainer = None  # set once the trainer exists (its real-token count is read on save)
-            self.prior = {"train_seconds": 0.0, "train_tokens": 0, "peak_memory_mb": 0.0, "segments": 0}
+            self.prior = {"train_seconds": 0.0, "train_tokens": 0, "train_questions": 0, "peak_memory_mb": 0.0,
+                          "segments": 0}  # fmt: skip
             self.start = None
 
         def resume_from(self, checkpoint: str | None) -> None:
@@ -224,9 +234,11 @@ def make_clock_callback(device: torch.device):
         def totals(self) -> dict:
             seconds = time.perf_counter() - self.start if self.start is not None else 0.0
             tokens = self.trainer.real_train_tokens if self.trainer is not None else 0
+            questions = self.trainer.train_questions if self.trainer is not None else 0
             out = {
                 "train_seconds": self.prior["train_seconds"] + seconds,
                 "train_tokens": self.prior["train_tokens"] + tokens,
+                "train_questions": self.prior.get("train_questions", 0) + questions,
                 "peak_memory_mb": max(self.prior["peak_memory_mb"], peak_memory_mb(device)),
                 "segments": self.prior["segments"] + 1,
             }

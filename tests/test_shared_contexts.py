@@ -1,0 +1,288 @@
+"""Shared-context training computes what stand-alone training computes (tiny random GPT-2 and Llama, CPU).
+
+* fp32: every question's loss, and the LoRA (or full fine-tuning) gradients of the batch loss, equal the
+  stand-alone computation to 1e-5 relative, through the labelled-positions loss and through the model's own
+  loss (``train.fast_loss=false``), with sdpa and eager attention;
+* bf16 (frozen base in bf16, autocast, fp32 adapters): each question's loss within 1e-2 relative of the same
+  computation stand-alone, the gradients' cosine similarity above 0.999;
+* contexts cut to fit ``prompt.max_length``: questions whose windows differ get separate blocks, and the
+  losses still match;
+* the sampler keeps ``batch_size`` questions per step and covers every question once per epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from loraqa.model import apply_lora, load_base_model
+from loraqa.packing import SharedContextBatches, SharedContextCollator, build_blocks, context_key
+from loraqa.prompt import IGNORE_INDEX, PromptEncoder
+from loraqa.trainer import QACollator, labelled_positions_loss, make_trainer_class
+
+FACTS = [("box", "garden", "red"), ("lamp", "library", "blue"), ("kite", "harbor", "green"),
+         ("coin", "kitchen", "yellow"), ("hat", "museum", "black"), ("cup", "forest", "white")]  # fmt: skip
+
+
+def paragraph(facts) -> tuple[str, list[tuple[str, str, int]]]:
+    context = " ".join(f"The {o} in the {p} is {c}." for o, p, c in facts)
+    qas = []
+    for o, p, c in facts:
+        sentence = f"The {o} in the {p} is {c}."
+        qas.append((f"What color is the {o} in the {p}?", c, context.index(sentence) + len(sentence) - len(c) - 1))
+    return context, qas
+
+
+def make_features(encoder: PromptEncoder, sizes=(3, 1, 4, 2)) -> list[dict]:
+    """Questions on paragraphs of ``sizes`` questions each, in file order (a paragraph's questions together)."""
+    features = []
+    for k, n in enumerate(sizes):
+        facts = [FACTS[(k + j) % len(FACTS)] for j in range(max(n, 2) + k % 2)]
+        context, qas = paragraph(facts)
+        for question, answer, start in qas[:n]:
+            features.append(encoder.encode_train(context, question, answer, start))
+    return features
+
+
+def tiny_llama(seed: int = 0, attn: str = "sdpa", vocab: int = 50257):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, initializer_range=0.2)  # fmt: skip
+    return LlamaForCausalLM._from_config(cfg, attn_implementation=attn)
+
+
+def base_model(family: str, attn: str = "sdpa", seed: int = 0):
+    if family == "llama":
+        return tiny_llama(seed, attn)
+    return load_base_model("tiny-random-gpt2", seed=seed, attn_implementation=attn)
+
+
+def with_lora(model, seed: int = 0):
+    """LoRA on every linear layer, B matrices non-zero (PEFT starts them at zero), dropout 0."""
+    model = apply_lora(model, r=4, alpha=8, dropout=0.0, targets="all-linear")
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in ("num_questions", "real_tokens", "labels")}
+
+
+def per_question_losses(model, features, collator) -> list[float]:
+    """Each question's summed answer-token loss, from the model's own logits in one forward pass: the features
+    collated again with every label replaced by its question's index tell which position is whose."""
+    batch = collator(features)
+    tagged = collator([{**f, "labels": [k if x != IGNORE_INDEX else x for x in f["labels"]]}
+                       for k, f in enumerate(features)])["labels"][:, 1:]  # fmt: skip
+    with torch.no_grad():
+        logits = model(**model_inputs(batch)).logits[:, :-1].float()
+    token_losses = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    assert int((tagged != IGNORE_INDEX).sum()) == int((batch["labels"] != IGNORE_INDEX).sum())
+    return [float(token_losses[tagged == k].sum()) for k in range(len(features))]
+
+
+def batch_loss(model, batch: dict, fast: bool) -> torch.Tensor:
+    """The answer-token mean, by the labelled-positions loss or by the model's own loss."""
+    if fast:
+        return labelled_positions_loss(model, {k: v for k, v in batch.items() if k != "num_questions"})
+    return model(**model_inputs(batch), labels=batch["labels"]).loss
+
+
+def grads_of_batch_loss(model, features, collator, fast: bool) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = batch_loss(model, collator(features), fast)
+    loss.backward()
+    return float(loss.detach()), {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.fixture(scope="module")
+def features(gpt2_tokenizer):
+    return make_features(PromptEncoder(gpt2_tokenizer))
+
+
+@pytest.fixture(scope="module")
+def collators(gpt2_tokenizer):
+    pad = gpt2_tokenizer.pad_token_id
+    return SharedContextCollator(pad), QACollator(pad)
+
+
+def test_the_batch_shares_each_context_once(features, collators):
+    shared, alone = collators
+    batch, plain = shared(features), alone(features)
+    assert batch["num_questions"] == len(features) == 10
+    assert batch["input_ids"].shape[0] < len(features)  # several questions a row
+    assert batch["real_tokens"] < int(plain["attention_mask"].sum()) * 0.7
+    assert batch["attention_mask"].dtype == torch.float32 and batch["attention_mask"].dim() == 4
+    # the same labelled tokens, so the same num_items_in_batch and the same answer-token average
+    assert sorted(batch["labels"][batch["labels"] != IGNORE_INDEX].tolist()) == sorted(
+        plain["labels"][plain["labels"] != IGNORE_INDEX].tolist()
+    )
+    assert len(build_blocks(features)) == 4
+
+
+@pytest.mark.parametrize("family,attn,fast", [("gpt2", "sdpa", True), ("gpt2", "eager", False),
+                                              ("llama", "sdpa", True), ("llama", "eager", True),
+                                              ("llama", "sdpa", False)])  # fmt: skip
+def test_fp32_lora_losses_and_gradients_equal_stand_alone(features, collators, family, attn, fast):
+    shared, alone = collators
+    model = with_lora(base_model(family, attn))
+    model.eval()
+    expected = per_question_losses(model, features, alone)
+    got = per_question_losses(model, features, shared)
+    for k, (g, e) in enumerate(zip(got, expected, strict=True)):
+        assert abs(g - e) <= 1e-5 * abs(e), (k, g, e)
+    ref_loss, ref = grads_of_batch_loss(model, features, alone, fast)
+    new_loss, new = grads_of_batch_loss(model, features, shared, fast)
+    assert abs(new_loss - ref_loss) <= 1e-5 * ref_loss
+    assert ref and set(ref) == set(new)
+    for name in ref:
+        assert rel_err(new[name], ref[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_fp32_full_fine_tuning_gradients_equal_stand_alone(features, collators, family):
+    shared, alone = collators
+    model = base_model(family)
+    model.eval()
+    _, ref = grads_of_batch_loss(model, features, alone, True)
+    _, new = grads_of_batch_loss(model, features, shared, True)
+    for name in ref:
+        if ref[name].norm() > 0:  # embedding rows of tokens absent from the batch have no gradient
+            assert rel_err(new[name], ref[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_bf16_losses_within_1e_2_of_stand_alone(features, collators, family):
+    """As loraqa trains in bf16: frozen base stored in bf16, fp32 adapters, bf16 autocast; both layouts."""
+    shared, alone = collators
+    model = with_lora(base_model(family))
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = per_question_losses(model, features, alone)
+        got = per_question_losses(model, features, shared)
+        _, ref = grads_of_batch_loss(model, features, alone, True)
+        _, new = grads_of_batch_loss(model, features, shared, True)
+    for g, e in zip(got, expected, strict=True):
+        assert abs(g - e) <= 1e-2 * abs(e)
+    flat = torch.nn.functional.cosine_similarity(
+        torch.cat([new[n].flatten() for n in ref]), torch.cat([ref[n].flatten() for n in ref]), dim=0
+    )
+    assert flat > 0.999
+
+
+def test_truncated_contexts_split_the_group_and_keep_each_answer(gpt2_tokenizer, collators):
+    """A paragraph too long for max_length: each question keeps a window around its own answer; windows that
+    differ make separate blocks, equal ones share, and the losses are the stand-alone ones."""
+    shared, alone = collators
+    facts = FACTS + [(o, "attic", c) for o, _, c in FACTS] + [(o, "garage", c) for o, _, c in FACTS]
+    context, qas = paragraph(facts)
+    encoder = PromptEncoder(gpt2_tokenizer, max_length=60)
+    chosen = [qas[0], qas[1], qas[-1]]  # the first two answers lie in one window, the last far away
+    features = [encoder.encode_train(context, q, a, s) for q, a, s in chosen]
+    assert all(f is not None for f in features)
+    keys = [context_key(f) for f in features]
+    assert len(keys[0]) < len(PromptEncoder(gpt2_tokenizer, max_length=2048).encode_train(context, *chosen[0])
+                              ["input_ids"])  # fmt: skip
+    assert keys[2] != keys[0]
+    for f, (_, answer, _) in zip(features, chosen, strict=True):
+        assert answer in gpt2_tokenizer.decode(f["input_ids"][: f["context_length"]])
+    blocks = build_blocks(features)
+    assert len(blocks) == len(set(keys)) >= 2
+    model = with_lora(base_model("llama"))
+    model.eval()
+    expected = per_question_losses(model, features, alone)
+    got = per_question_losses(model, features, shared)
+    for g, e in zip(got, expected, strict=True):
+        assert abs(g - e) <= 1e-5 * abs(e)
+
+
+def test_labelled_contexts_are_refused(gpt2_tokenizer, collators):
+    features = make_features(PromptEncoder(gpt2_tokenizer, loss_on="all"), sizes=(2,))
+    with pytest.raises(ValueError, match="loss_on=answer"):
+        collators[0](features)
+
+
+# ---------------------------------------------------------------------------------------------- the sampler
+
+
+def sampler_features(sizes: list[int]) -> list[dict]:
+    """Fake features: paragraph p has sizes[p] questions; context length 20 + p % 7, segments 5 + q % 3."""
+    out = []
+    for p, n in enumerate(sizes):
+        ctx = [1000 + p] * (20 + p % 7)
+        out += [{"input_ids": ctx + [7] * (5 + q % 3), "context_length": len(ctx)} for q in range(n)]
+    return out
+
+
+@pytest.mark.parametrize("by_length", [True, False])
+def test_sampler_keeps_batch_size_questions_and_covers_each_once(by_length):
+    sizes = [(p * 5) % 11 + 1 for p in range(40)]  # 1..11 questions a paragraph
+    feats = sampler_features(sizes)
+    sampler = SharedContextBatches(feats, group=8, by_length=by_length, mega=3)
+    torch.manual_seed(5)
+    order = list(sampler)
+    assert len(sampler) == len(order) == len(feats)
+    assert sorted(order) == list(range(len(feats)))  # every question exactly once an epoch
+    batches = [order[i : i + 8] for i in range(0, len(order), 8)]
+    assert all(len(b) == 8 for b in batches[:-1])  # one optimizer step = batch_size questions
+    # a paragraph's questions come together and batches are filled with whole paragraphs where the counts
+    # allow: cutting the paragraph list at every 8th question would split ~one paragraph per batch (63 pieces)
+    para = [f["input_ids"][0] for f in feats]
+    pieces = sum(len({para[i] for i in b}) for b in batches)
+    assert pieces <= len(sizes) + len(batches) // 2
+    torch.manual_seed(5)
+    assert list(sampler) == order  # the same seed gives the same order
+    assert list(sampler) != order  # the next epoch another
+
+
+def test_the_trainer_samples_paragraphs_together_when_sharing(tmp_path, features):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4,
+                             remove_unused_columns=False)  # fmt: skip
+    trainer = make_trainer_class()(model=with_lora(base_model("gpt2")), args=args, train_dataset=features,
+                                   share_contexts=True)  # fmt: skip
+    assert isinstance(trainer._get_train_sampler(), SharedContextBatches)
+
+
+# ---------------------------------------------------------------------------------------------- through the Trainer
+
+
+def test_trainer_losses_and_eval_loss_equal_stand_alone(tmp_path, features, collators, gpt2_tokenizer):
+    """compute_loss with num_items_in_batch (both loss paths) and trainer.evaluate() on the dev answer tokens."""
+    from transformers import TrainingArguments
+
+    shared, alone = collators
+    model = with_lora(base_model("llama"))
+    model.eval()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_eval_batch_size=4,
+                             remove_unused_columns=False)  # fmt: skip
+    results = {}
+    for name, collator in (("shared", shared), ("alone", alone)):
+        for fast in (True, False):
+            trainer = make_trainer_class()(model=model, args=args, data_collator=collator, eval_dataset=features,
+                                           fast_loss=fast, share_contexts=name == "shared")  # fmt: skip
+            n = torch.tensor(int((alone(features)["labels"][:, 1:] != IGNORE_INDEX).sum()) * 2)
+            loss = trainer.compute_loss(model, collator(copy.deepcopy(features)), num_items_in_batch=n)
+            results[name, fast] = (float(loss.detach()), trainer.evaluate()["eval_loss"])
+    for fast in (True, False):
+        (a, ea), (b, eb) = results["shared", fast], results["alone", fast]
+        assert abs(a - b) <= 1e-5 * abs(b) and abs(ea - eb) <= 1e-5 * abs(eb), (fast, results)
