@@ -121,6 +121,46 @@ def test_an_interrupted_run_resumes_from_itslast_checkpoint(tmp_path, synthetic_
     assert "train_seconds_cover_last_segment_only" not in metrics
 
 
+def test_a_run_interrupted_in_a_later_epoch_resumes_with_the_same_batches(tmp_path, synthetic_dir):
+    """Each epoch's batch order comes from (seed, epoch), not from the global generator the checkpoint restores
+    (which is past that epoch's permutation), so a resume in epoch 2 trains on what a straight run does."""
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    # 8 questions, 4 a step: 2 steps an epoch; the checkpoint at step 3 is inside the second epoch
+    cfg = tiny_config(synthetic_dir, **{"data.train_limit": 8, "train.max_steps": 6, "train.save_steps": 3,
+                                        "train.eval_steps": 0})  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "resumed", callbacks=[Interrupt()], progress=False)
+    resumed = run_experiment(cfg, tmp_path / "resumed", progress=False)
+    straight = run_experiment(cfg, tmp_path / "straight", progress=False)
+    assert resumed["resumed_from"] == "checkpoint-3" and resumed["epochs"] == 3
+    assert resumed["final_train_loss"] == pytest.approx(straight["final_train_loss"], rel=1e-5)
+
+    def losses(name):
+        lines = (tmp_path / name / "log_history.jsonl").read_text().splitlines()
+        return [h["loss"] for h in map(json.loads, lines) if "loss" in h]
+
+    assert losses("resumed") == pytest.approx(losses("straight"), rel=1e-5) and len(losses("straight")) == 6
+
+
+def test_length_grouped_batches_depend_on_seed_and_epoch_only():
+    from loraqa.trainer import LengthGroupedBatches
+
+    lengths = [(7 * i) % 23 + 1 for i in range(40)]
+    sampler = LengthGroupedBatches(lengths, group=4, seed=42)
+    first = list(sampler)
+    torch.manual_seed(0)  # the global generator plays no part
+    assert list(sampler) == first and sorted(first) == list(range(40))
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    assert list(LengthGroupedBatches(lengths, group=4, seed=43)) != first
+
+
 def test_a_half_written_checkpoint_is_not_resumed_from(tmp_path):
     from loraqa.rundir import last_checkpoint
 

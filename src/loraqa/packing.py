@@ -152,8 +152,8 @@ class SharedContextBatches(Sampler):
     """Question order for shared-context training: each paragraph's questions consecutively.
 
     Each epoch the paragraphs (questions with the same context tokens) are shuffled with one permutation drawn
-    from torch's global generator (the Trainer seeds it and restores it on resuming, as for
-    :class:`~loraqa.trainer.LengthGroupedBatches`). With ``by_length`` they are cut into mega-groups of about
+    from a generator seeded with (``seed``, epoch), as for :class:`~loraqa.trainer.LengthGroupedBatches` (a
+    resume in a later epoch sees the same order; under DDP every process draws the same). With ``by_length`` they are cut into mega-groups of about
     ``mega`` batches' worth of questions and sorted by block length (context + segments) inside each, so the
     blocks of one batch have similar lengths. The question list is cut into batches of ``group`` (batch size x
     gradient accumulation); the full batches are shuffled, the one computing the most tokens first (an
@@ -161,7 +161,8 @@ class SharedContextBatches(Sampler):
     the question counts allow (:func:`fill_batches`), so few paragraphs are split across two batches.
     """
 
-    def __init__(self, features: list[dict], group: int, by_length: bool = True, mega: int = 50, window: int = 64):
+    def __init__(self, features: list[dict], group: int, by_length: bool = True, mega: int = 50, window: int = 64,
+                 seed: int = 0):  # fmt: skip
         paragraphs: dict[tuple[int, ...], list[int]] = {}
         for i, f in enumerate(features):
             paragraphs.setdefault(context_key(f), []).append(i)
@@ -170,6 +171,10 @@ class SharedContextBatches(Sampler):
         self.segment = [len(f["input_ids"]) - f["context_length"] for f in features]
         self.n, self.group, self.by_length, self.mega, self.window = len(features), group, by_length, mega, window
         self._paragraph_of = {q: p for p, qs in enumerate(self.paragraphs) for q in qs}
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.n
@@ -180,7 +185,8 @@ class SharedContextBatches(Sampler):
         return sum(self.context[p] for p in contexts) + sum(self.segment[q] for q in questions)
 
     def __iter__(self):
-        perm = torch.randperm(len(self.paragraphs)).tolist()
+        epoch_gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        perm = torch.randperm(len(self.paragraphs), generator=epoch_gen).tolist()
         if self.by_length:
             per_mega = max(1, round(self.mega * self.group * len(self.paragraphs) / max(self.n, 1)))
             block = [self.context[p] + sum(self.segment[q] for q in self.paragraphs[p]) for p in range(len(perm))]

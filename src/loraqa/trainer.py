@@ -86,19 +86,25 @@ class LengthGroupedBatches(Sampler):
     batches are shuffled, the longest first (an out-of-memory error shows at once), a short last
     batch last. On the first 240 SQuAD train examples ~98% of the computed tokens are real (random
     batches: ~64%; the Trainer's ``LengthGroupedSampler``, whose mega-batches shrink to a quarter of
-    a small data set and whose batches run from longest to shortest: ~91%). Like that sampler it
-    draws one permutation per epoch from torch's global generator (the Trainer seeds it, and restores
-    it on resuming); the batch order is derived from that permutation.
+    a small data set and whose batches run from longest to shortest: ~91%). Each epoch's permutation
+    comes from a generator seeded with (``seed``, epoch) -- the Trainer calls :meth:`set_epoch` -- not from
+    torch's global one: a run resumed in a later epoch then sees the batches an uninterrupted run saw (the
+    global generator, restored from the checkpoint, is past the permutation), and under DDP every process
+    draws the same permutation.
     """
 
-    def __init__(self, lengths: list[int], group: int, mega: int = 50):
-        self.lengths, self.group, self.mega = list(lengths), group, mega
+    def __init__(self, lengths: list[int], group: int, mega: int = 50, seed: int = 0):
+        self.lengths, self.group, self.mega, self.seed, self.epoch = list(lengths), group, mega, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __iter__(self):
-        perm = torch.randperm(len(self.lengths)).tolist()
+        epoch_gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        perm = torch.randperm(len(self.lengths), generator=epoch_gen).tolist()
         size = self.mega * self.group
         batches = []
         for start in range(0, len(perm), size):
@@ -166,10 +172,10 @@ def make_trainer_class():
             by_length = self.args.train_sampling_strategy == "group_by_length"
             group = self.args.train_batch_size * self.args.gradient_accumulation_steps
             if self.share_contexts and isinstance(dataset, list):
-                return SharedContextBatches(dataset, group, by_length=by_length)
+                return SharedContextBatches(dataset, group, by_length=by_length, seed=self.args.seed)
             if not by_length or not isinstance(dataset, list):
                 return super()._get_train_sampler(train_dataset)
-            return LengthGroupedBatches([len(f["input_ids"]) for f in dataset], group)
+            return LengthGroupedBatches([len(f["input_ids"]) for f in dataset], group, seed=self.args.seed)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # counts a SharedContextCollator adds (the model must not see them)
