@@ -122,13 +122,19 @@ def _print_metrics(metrics: dict, title: str) -> None:
 
 
 def cmd_train(args) -> int:
+    from . import dist
     from .card import current_command
     from .train import run_experiment
 
     cfg = build_config(args)
     out = Path(args.output_dir or os.path.join("runs", cfg.name))
     command = current_command(["loraqa", *args.argv])
-    metrics = run_experiment(cfg, out, overwrite=args.overwrite, device=args.device, command=command)
+    try:
+        metrics = run_experiment(cfg, out, overwrite=args.overwrite, device=args.device, command=command)
+    finally:
+        dist.close()
+    if not dist.is_main_process():  # under torchrun: one table, from the process that wrote the folder
+        return 0
     _print_metrics(metrics, f"{cfg.model.name} + {cfg.train.method} -> {out}")
     print(
         f"EM {metrics['exact_match']:.2f}  F1 {metrics['f1']:.2f}  on {metrics['n_questions']} dev questions  ({out})"
@@ -260,12 +266,14 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataError
+    from .dist import is_main_process
     from .model import ModelLoadError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = make_parser().parse_args(argv)
     args.argv = argv  # the model card records the command
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    level = logging.DEBUG if args.verbose else logging.INFO if is_main_process() else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # raised inside transformers/peft on every LoRA model, nothing a user can act on; the second because a

@@ -60,8 +60,10 @@ class TrainConfig:
     method: str = "lora"  # lora | full (full fine-tuning, the ablation)
     epochs: float = 3
     max_steps: int = -1  # > 0 overrides epochs
+    # questions per forward-backward pass summed over all processes (torchrun/accelerate: each of N processes
+    # takes batch_size / N; it must divide); with grad_accum 1, the questions per optimizer step under any N
     batch_size: int = 8
-    grad_accum: int = 1
+    grad_accum: int = 1  # passes per optimizer step: batch_size x grad_accum questions per step
     lr: float = 2e-4
     weight_decay: float = 0.01
     warmup_steps: int = 100

@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from . import dist
 from .config import EvalConfig
 from .generate import generate_answers
 from .metrics import score_predictions
@@ -57,17 +58,21 @@ def evaluate_model(
     progress: bool = True,
 ) -> tuple[list[dict], dict]:
     """Greedy answers to ``examples`` scored by SQuAD EM/F1; returns per-question records and a summary with
-    ``exact_match``, ``f1``, ``n_questions``, ``eval_seconds``, ``eval_questions_per_second``."""
+    ``exact_match``, ``f1``, ``n_questions``, ``eval_seconds``, ``eval_questions_per_second``.
+
+    Under several processes each answers a contiguous share of ``examples`` and every process gets all the
+    answers back, in the order of ``examples``; the time is until the last share is in."""
     eval_cfg = eval_cfg or EvalConfig()
     encoder = PromptEncoder(tokenizer, max_length=max_length)
     stats = PromptStats()
     prompts = [encoder.encode_prompt(ex.context, ex.question, stats) for ex in examples]
     start = time.perf_counter()
     answers = generate_answers(
-        model, tokenizer, prompts, batch_size=eval_cfg.batch_size, max_new_tokens=eval_cfg.max_new_tokens,
-        sort_by_length=eval_cfg.sort_by_length, share_prefixes=eval_cfg.share_prefixes,
-        prune_finished=eval_cfg.prune_finished, progress=progress,
+        model, tokenizer, prompts[dist.shard(len(prompts))], batch_size=eval_cfg.batch_size,
+        max_new_tokens=eval_cfg.max_new_tokens, sort_by_length=eval_cfg.sort_by_length,
+        share_prefixes=eval_cfg.share_prefixes, prune_finished=eval_cfg.prune_finished, progress=progress,
     )  # fmt: skip
+    answers = dist.gather_lists(answers)
     seconds = time.perf_counter() - start
     records, summary = score_predictions(examples, answers)
     summary.update(

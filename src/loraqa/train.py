@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
+from . import dist
 from .card import current_command, model_card
 from .config import ConfigError, ExperimentConfig
 from .evaluate import evaluate_model, peak_memory_mb, reset_peak_memory
@@ -35,6 +36,7 @@ from .trainer import (
     make_clock_callback,
     make_log_callback,
     make_trainer_class,
+    per_process_batch,
     training_arguments,
 )
 
@@ -77,11 +79,17 @@ def run_experiment(
     command: str | None = None,
 ) -> dict:
     """Train (resuming if interrupted), save, evaluate on the dev questions; returns ``metrics.json``'s content.
-    ``command`` (default: the running command line) goes into the run's model card."""
+    ``command`` (default: the running command line) goes into the run's model card.
+
+    Under torchrun / accelerate launch every process runs this: each trains on its share of every batch and
+    answers its share of the dev questions; only the main process writes the run folder (see :mod:`loraqa.dist`).
+    """
     from transformers import set_seed
 
     run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, cfg, overwrite)
+    device = dist.init(device)
+    per_process_batch(cfg)  # a batch that does not split over the processes stops here, before any loading
+    dist.on_main(prepare_run_dir, run_dir, cfg, overwrite)  # the others wait: none reads a half-made folder
     if (run_dir / "metrics.json").exists():
         log.info("%s: finished already (metrics.json); pass --overwrite to run it again", run_dir)
         return read_json(run_dir / "metrics.json")
@@ -90,7 +98,7 @@ def run_experiment(
     set_seed(cfg.train.seed)
     full = cfg.train.method == "full"
     lm = load_model_and_tokenizer(
-        cfg.model.name, cfg.model.precision, cfg.model.attn_implementation, device, seed=cfg.train.seed,
+        cfg.model.name, cfg.model.precision, cfg.model.attn_implementation, str(device), seed=cfg.train.seed,
         trainable_base=full,
     )  # fmt: skip
     model, tok = lm.model, lm.tokenizer
@@ -106,15 +114,13 @@ def run_experiment(
     else:
         train_metrics = _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks)
         train_metrics.update(trainable_params=trainable, total_params=total)
-        save_trained(model, tok, run_dir, full, base_name=cfg.model.name)
-        write_json_atomic(train_metrics_path, train_metrics)
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        dist.on_main(_save_training, cfg, model, tok, run_dir, train_metrics)
 
     model = prepare_for_generation(model, merge=cfg.eval.merge_adapter, precision=lm.precision)
     records, summary = evaluate_model(
-        model, tok, dev_examples, max_length=cfg.prompt.max_length, eval_cfg=cfg.eval, progress=progress
-    )
-    write_predictions(run_dir, records)
+        model, tok, dev_examples, max_length=cfg.prompt.max_length, eval_cfg=cfg.eval,
+        progress=progress and dist.is_main_process(),
+    )  # fmt: skip
     metrics = {
         "exact_match": summary["exact_match"],
         "f1": summary["f1"],
@@ -123,17 +129,31 @@ def run_experiment(
         "eval_seconds": summary["eval_seconds"],
         "eval_questions_per_second": summary["eval_questions_per_second"],
         "eval_prompts_truncated": summary["eval_prompts_truncated"],
-        "peak_memory_mb": round(max(peak_memory_mb(lm.device), train_metrics.get("peak_memory_mb", 0)), 1),
+        "peak_memory_mb": round(
+            max(dist.max_across(peak_memory_mb(lm.device)), train_metrics.get("peak_memory_mb", 0)), 1
+        ),  # the largest of any process
         "model": cfg.model.name,
         "method": cfg.train.method,
         "precision": lm.precision,
         "device": str(lm.device),
-        "torch_threads": torch.get_num_threads(),
+        "world_size": dist.world_size(),  # processes (one per GPU); batch_size is their sum, see config.py
+        "torch_threads": torch.get_num_threads(),  # per process
     }
     card = model_card(cfg, metrics, data=data_info, command=current_command() if command is None else command,
                       model_type=getattr(lm.model.config, "model_type", None))  # fmt: skip
+    return dist.on_main(_save_results, run_dir, records, metrics, card)  # the main process's figures, everywhere
+
+
+def _save_training(cfg, model, tok, run_dir: Path, train_metrics: dict) -> None:
+    save_trained(dist.unwrap(model), tok, run_dir, cfg.train.method == "full", base_name=cfg.model.name)
+    write_json_atomic(run_dir / "train_metrics.json", train_metrics)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+
+def _save_results(run_dir: Path, records: list[dict], metrics: dict, card: str) -> dict:
+    write_predictions(run_dir, records)
     write_text_atomic(run_dir / MODEL_CARD_FILE, card)
-    write_json_atomic(run_dir / "metrics.json", metrics)
+    write_json_atomic(run_dir / "metrics.json", metrics)  # last: its presence means the run is done
     return metrics
 
 
@@ -172,7 +192,7 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
         share_contexts=shared,
     )
     clock.trainer = trainer
-    resume = last_checkpoint(ckpt_dir)
+    resume = dist.on_main(last_checkpoint, ckpt_dir)  # it removes half-written ones: one process, one answer
     if resume:
         log.info("resuming from %s", resume)
     clock.resume_from(resume)
@@ -181,7 +201,7 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
     seconds, tokens, questions = totals["train_seconds"], totals["train_tokens"], totals["train_questions"]
     final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
     history = trainer.state.log_history
-    write_jsonl_atomic(run_dir / "log_history.jsonl", history)
+    dist.on_main(write_jsonl_atomic, run_dir / "log_history.jsonl", history)
     losses = _final_losses(history)
     if final_eval:
         losses["final_eval_loss"] = final_eval["eval_loss"]

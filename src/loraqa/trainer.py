@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Sampler
 
-from .config import ExperimentConfig
+from . import dist
+from .config import ConfigError, ExperimentConfig
 from .evaluate import peak_memory_mb
 from .io import read_json, write_json_atomic, write_jsonl_atomic
 from .packing import SharedContextBatches
@@ -90,7 +91,7 @@ class LengthGroupedBatches(Sampler):
     comes from a generator seeded with (``seed``, epoch) -- the Trainer calls :meth:`set_epoch` -- not from
     torch's global one: a run resumed in a later epoch then sees the batches an uninterrupted run saw (the
     global generator, restored from the checkpoint, is past the permutation), and under DDP every process
-    draws the same permutation.
+    draws the same permutation (``group`` is then the global batch; accelerate deals each its share).
     """
 
     def __init__(self, lengths: list[int], group: int, mega: int = 50, seed: int = 0):
@@ -122,7 +123,21 @@ class LengthGroupedBatches(Sampler):
 def make_trainer_class():
     import contextlib
 
-    from transformers import Trainer
+    from transformers import Trainer, TrainerCallback
+
+    class SamplerEpoch(TrainerCallback):
+        """Tells the trainer's epoch-seeded sampler which epoch begins. The Trainer's own ``set_epoch`` does not
+        reach it in a run resumed under DDP: accelerate's skip-batches wrapper adds a level that neither the
+        Trainer nor ``DataLoaderShard.set_epoch`` looks through, so the sampler would replay epoch 0's order.
+        ``state.epoch`` is the whole number ``e`` when epoch ``e`` begins, ``e`` + a fraction when resumed in it.
+        """
+
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            if self.trainer.epoch_sampler is not None:
+                self.trainer.epoch_sampler.set_epoch(int(state.epoch or 0))
 
     class QATrainer(Trainer):
         """The HF Trainer with the labelled-positions loss (``fast_loss``) and a count of real tokens.
@@ -140,6 +155,8 @@ def make_trainer_class():
             self.share_contexts = share_contexts  # paragraph-ordered batches for SharedContextCollator
             self.real_train_tokens = 0  # non-padding positions computed (a shared context counts once a row)
             self.train_questions = 0
+            self.epoch_sampler = None  # the sampler, where its order depends on the epoch
+            self.add_callback(SamplerEpoch(self))
             if fast_loss:
                 self.loss_is_scaled_for_ga = True  # divided by the tokens of the whole accumulated batch
                 if self.args.torch_compile:
@@ -170,12 +187,16 @@ def make_trainer_class():
         def _get_train_sampler(self, train_dataset=None):
             dataset = self.train_dataset if train_dataset is None else train_dataset
             by_length = self.args.train_sampling_strategy == "group_by_length"
-            group = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            # the global batch: accelerate deals each process its share of it
+            group = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
             if self.share_contexts and isinstance(dataset, list):
-                return SharedContextBatches(dataset, group, by_length=by_length, seed=self.args.seed)
-            if not by_length or not isinstance(dataset, list):
+                self.epoch_sampler = SharedContextBatches(dataset, group, by_length=by_length, seed=self.args.seed)
+            elif by_length and isinstance(dataset, list):
+                lengths = [len(f["input_ids"]) for f in dataset]
+                self.epoch_sampler = LengthGroupedBatches(lengths, group, seed=self.args.seed)
+            else:
                 return super()._get_train_sampler(train_dataset)
-            return LengthGroupedBatches([len(f["input_ids"]) for f in dataset], group, seed=self.args.seed)
+            return self.epoch_sampler
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # counts a SharedContextCollator adds (the model must not see them)
@@ -186,7 +207,12 @@ def make_trainer_class():
             with self._low_precision():
                 if not self.fast_loss:
                     return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-                loss = labelled_positions_loss(model, inputs, num_items_in_batch)
+                # through the DDP wrapper's forward, so the gradients are averaged over the processes
+                loss = dist.call_as_forward(model, labelled_positions_loss, inputs, num_items_in_batch)
+                if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                    # num_items counts every process's tokens and DDP averages the gradients: scale back up,
+                    # as the Trainer does for its own loss (the logged loss is then the global one)
+                    loss = loss * self.accelerator.num_processes
             return (loss, {"loss": loss}) if return_outputs else loss
 
     return QATrainer
@@ -199,7 +225,8 @@ def make_log_callback(path: Path):
         """Rewrites ``log_history.jsonl`` (atomically) whenever the Trainer logs."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            write_jsonl_atomic(path, state.log_history)
+            if state.is_world_process_zero:
+                write_jsonl_atomic(path, state.log_history)
 
     return JsonlLogCallback()
 
@@ -238,14 +265,16 @@ def make_clock_callback(device: torch.device):
             self.start = time.perf_counter()
 
         def totals(self) -> dict:
+            """The run's totals so far: the main process's time, every process's tokens and questions, the
+            largest peak memory of a process. Every process calls it (it gathers)."""
             seconds = time.perf_counter() - self.start if self.start is not None else 0.0
-            tokens = self.trainer.real_train_tokens if self.trainer is not None else 0
-            questions = self.trainer.train_questions if self.trainer is not None else 0
+            tokens = dist.sum_across(self.trainer.real_train_tokens if self.trainer is not None else 0)
+            questions = dist.sum_across(self.trainer.train_questions if self.trainer is not None else 0)
             out = {
                 "train_seconds": self.prior["train_seconds"] + seconds,
                 "train_tokens": self.prior["train_tokens"] + tokens,
                 "train_questions": self.prior.get("train_questions", 0) + questions,
-                "peak_memory_mb": max(self.prior["peak_memory_mb"], peak_memory_mb(device)),
+                "peak_memory_mb": max(self.prior["peak_memory_mb"], dist.max_across(peak_memory_mb(device))),
                 "segments": self.prior["segments"] + 1,
             }
             if self.prior.get("incomplete"):
@@ -254,10 +283,23 @@ def make_clock_callback(device: torch.device):
 
         def on_save(self, args, state, control, **kwargs):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                write_json_atomic(folder / CLOCK_FILE, self.totals())
+            totals = self.totals()  # on every process: it gathers
+            if state.is_world_process_zero and folder.is_dir():
+                write_json_atomic(folder / CLOCK_FILE, totals)
 
     return ClockCallback()
+
+
+def per_process_batch(cfg: ExperimentConfig) -> int:
+    """``train.batch_size`` counts the questions of one forward-backward pass over all processes (with
+    ``grad_accum`` 1, of one optimizer step), so a run means the same under any number of processes."""
+    n, b = dist.world_size(), cfg.train.batch_size
+    if b % n:
+        raise ConfigError(
+            f"train.batch_size={b} is the questions per step over all {n} processes and must divide by {n}; "
+            f"pick a multiple of {n} (e.g. train.batch_size={max(n, b - b % n)}) or another process count"
+        )
+    return b // n
 
 
 def training_arguments(cfg: ExperimentConfig, ckpt_dir: Path, precision: str, device: torch.device):
@@ -266,7 +308,9 @@ def training_arguments(cfg: ExperimentConfig, ckpt_dir: Path, precision: str, de
     t = cfg.train
     return TrainingArguments(
         output_dir=str(ckpt_dir),
-        per_device_train_batch_size=t.batch_size,
+        per_device_train_batch_size=per_process_batch(cfg),
+        # not divided: eval-loss batches are then the same questions under any number of processes (accelerate
+        # deals whole batches round-robin), and so is the eval loss, a mean over batches of their token mean
         per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         num_train_epochs=t.epochs,

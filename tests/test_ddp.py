@@ -1,0 +1,200 @@
+"""One run over two processes (torchrun, gloo, CPU): the same training as one process, one run folder, every dev
+question answered once, and a run killed mid-training resumes under torchrun.
+
+The model is the tiny random GPT-2 saved with its dropouts at 0 (and LoRA dropout 0): with dropout each process
+draws its own masks, so two processes would not train exactly like one. Without dropout the two runs do the same
+arithmetic but for the order of float sums (a batch split in two, gradients all-reduced), so losses agree to
+rel 1e-5 and the answers are the same strings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from loraqa.config import ConfigError, ExperimentConfig, apply_overrides
+from loraqa.data import load_squad
+from loraqa.train import run_experiment
+
+pytestmark = pytest.mark.slow  # each torchrun starts two Python processes that import torch (~5 s each)
+
+REL = 1e-5  # 1 vs 2 processes: float sums in another order, nothing else
+
+
+@pytest.fixture(scope="module")
+def no_dropout_model(tmp_path_factory):
+    from loraqa.model import load_base_model, load_gpt2_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-no-dropout")
+    model = load_base_model("tiny-random-gpt2")
+    model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = 0.0
+    model.save_pretrained(folder)
+    load_gpt2_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def settings(model, data, **extra) -> dict:
+    """A tiny run: 16 train questions, 4 a step (2 per process), lr high enough that unsynchronised processes
+    would drift apart within a step; 9 dev questions, so the two shares differ in size (4 and 5)."""
+    s = {
+        "model.name": str(model), "model.precision": "fp32", "data.data_dir": str(data), "data.train_limit": 16,
+        "data.eval_limit": 9, "data.loss_eval_limit": 8, "lora.dropout": 0.0, "train.max_steps": 6,
+        "train.batch_size": 4, "train.lr": 1e-2, "train.warmup_steps": 0, "train.eval_steps": 3,
+        "train.save_steps": 3, "train.logging_steps": 1, "eval.batch_size": 2, "eval.max_new_tokens": 4,
+    }  # fmt: skip
+    s.update(extra)
+    return s
+
+
+def one_process(settings_: dict, run_dir) -> dict:
+    return run_experiment(apply_overrides(ExperimentConfig(), list(settings_.items())), run_dir, progress=False)
+
+
+def torchrun_command(settings_: dict, run_dir) -> list[str]:
+    # --standalone: a rendezvous on a free port, so parallel test runs never collide
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "loraqa.cli", "train", *(f"{k}={v}" for k, v in settings_.items()), "-o", str(run_dir)]  # fmt: skip
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "LORAQA_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers (torchrun starts each worker in a session of its own, so killing
+    torchrun's process group alone would leave them running)."""
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait(timeout=30)
+    psutil.wait_procs(procs, timeout=30)
+
+
+def run_torchrun(settings_: dict, run_dir, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen(torchrun_command(settings_, run_dir), env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        kill_tree(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out)
+
+
+def history(run_dir, key: str) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run_dir / "log_history.jsonl").read_text().splitlines()]
+    return [(h["step"], h[key]) for h in rows if key in h]
+
+
+def test_two_processes_train_and_score_like_one(tmp_path, synthetic_dir, no_dropout_model):
+    s = settings(no_dropout_model, synthetic_dir)
+    ref = one_process(s, tmp_path / "one")
+    done = run_torchrun(s, tmp_path / "two")
+    assert done.returncode == 0, done.stdout[-3000:]
+    two = tmp_path / "two"
+    metrics = json.loads((two / "metrics.json").read_text())
+
+    # one complete run folder, written once
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert not (two / "checkpoints").exists() and not list(two.glob(".*"))
+    assert metrics["world_size"] == 2 and ref["world_size"] == 1
+    assert done.stdout.count("EM ") == 1  # one process printed the result
+
+    # the same training: every logged loss, the tokens, the final losses
+    for key in ("loss", "eval_loss"):
+        a, b = history(tmp_path / "one", key), history(two, key)
+        assert [step for step, _ in a] == [step for step, _ in b] and len(a) >= 2, key
+        assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=REL), key
+    assert metrics["train_steps"] == ref["train_steps"] == 6
+    assert metrics["train_tokens"] == ref["train_tokens"]
+    for key in ("final_train_loss", "final_eval_loss"):
+        assert metrics[key] == pytest.approx(ref[key], rel=REL), key
+
+    # every dev question answered once, in dev order, as one process answers it
+    dev, _ = load_squad(synthetic_dir, split="dev", limit=9)
+    preds = [json.loads(line) for line in (two / "predictions.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in preds] == [ex.id for ex in dev]
+    assert (two / "predictions.jsonl").read_text() == (tmp_path / "one" / "predictions.jsonl").read_text()
+    assert (metrics["exact_match"], metrics["f1"], metrics["n_questions"]) == (
+        ref["exact_match"], ref["f1"], ref["n_questions"])  # fmt: skip
+
+
+def test_a_run_killed_under_torchrun_resumes_from_its_checkpoint(tmp_path, synthetic_dir, no_dropout_model):
+    s = settings(no_dropout_model, synthetic_dir, **{"train.max_steps": 40, "train.save_steps": 5,
+                                                     "train.eval_steps": 0, "train.logging_steps": 5})  # fmt: skip
+    run = tmp_path / "run"
+    proc = subprocess.Popen(torchrun_command(s, run), env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:  # SIGKILL everything once a checkpoint is complete (its clock file is written last)
+        deadline = time.monotonic() + 240
+        while not list(run.glob("checkpoints/checkpoint-*/loraqa_clock.json")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+            time.sleep(0.05)
+    finally:
+        kill_tree(proc)
+    assert not (run / "metrics.json").exists(), "the run finished before it was killed"
+
+    done = run_torchrun(s, run)
+    assert done.returncode == 0, done.stdout[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    resumed_step = int(metrics["resumed_from"].split("-")[1])
+    assert 0 < resumed_step < 40 and metrics["train_steps"] == 40 and metrics["train_segments"] == 2
+    # the Trainer really continued from that step: the loss curve logs each step once, and the run ends where
+    # an uninterrupted one does
+    steps = [step for step, _ in history(run, "loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 40
+    straight = one_process(s, tmp_path / "straight")
+    assert metrics["final_train_loss"] == pytest.approx(straight["final_train_loss"], rel=1e-4)
+    if "train_seconds_cover_last_segment_only" not in metrics:
+        assert metrics["train_tokens"] == straight["train_tokens"]  # first segment's + the rest, no step twice
+    else:  # killed between the checkpoint's trainer state and its clock: tokens of the resumed part only
+        assert metrics["train_tokens"] < straight["train_tokens"]
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_one_clear_error(monkeypatch, tmp_path, synthetic_dir):
+    from loraqa.trainer import per_process_batch
+
+    cfg = apply_overrides(ExperimentConfig(), [("train.batch_size", 8)])
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match=r"train\.batch_size=8 .* 3 processes"):
+        per_process_batch(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert per_process_batch(cfg) == 2
+
+
+def test_shards_cover_every_item_once_in_order(monkeypatch):
+    from loraqa import dist
+
+    for n in (0, 1, 5, 9, 16):
+        for w in (1, 2, 3, 4):
+            monkeypatch.setenv("WORLD_SIZE", str(w))
+            parts = []
+            for r in range(w):
+                monkeypatch.setenv("RANK", str(r))
+                parts += list(range(n))[dist.shard(n)]
+            assert parts == list(range(n)), (n, w)
+
+
+def test_kill_tree_leaves_no_process(tmp_path):
+    # the helper the resume test relies on: a parent and a child in a session of its own both die
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], " \
+           "start_new_session=True); time.sleep(60)"  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 30
+    while not psutil.Process(proc.pid).children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = psutil.Process(proc.pid).children()[0]
+    kill_tree(proc)
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    assert proc.returncode == -signal.SIGKILL
