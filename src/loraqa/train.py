@@ -216,6 +216,7 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
         "train_steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0, 3),
         "resumed_from": os.path.basename(resume) if resume else None,
+        "fast_loss": trainer.fast_loss,  # False where the config or the model family ruled it out
         # train time, tokens and peak memory sum up every segment of an interrupted run (see the clock)
         "train_seconds": round(seconds, 3),
         "train_segments": totals["segments"],

@@ -2,7 +2,7 @@
 
 - :class:`QACollator` pads a batch (right padding, label -100 on padding);
 - :func:`labelled_positions_loss` runs the output layer only where labels are (the ~50k-wide vocabulary
-  projection is skipped at prompt positions);
+  projection is skipped at prompt positions), for the model families :func:`fast_loss_supported` allows;
 - :class:`LengthGroupedBatches` batches examples of similar lengths;
 - :func:`make_trainer_class` is the Trainer subclass using them (bf16 autocast, a real-token count);
 - the callbacks write ``log_history.jsonl`` and keep the train clock across interruptions;
@@ -67,6 +67,34 @@ def labelled_positions_loss(model, batch: dict, num_items: int | torch.Tensor | 
     loss = F.cross_entropy(logits, targets[keep], reduction="sum")
     denominator = num_items if num_items is not None else keep.sum()
     return loss / denominator
+
+
+# Families whose causal-LM head is ``logits = lm_head(hidden)`` and whose loss is plain cross-entropy over those
+# logits, so that the labelled-positions loss is theirs; each is proven by a parity test (tests/test_parity.py).
+# Others may post-process the logits (Gemma 2 soft-caps them, Granite divides them by ``logits_scaling``,
+# Cohere multiplies them by ``logit_scale``), which the fast path would silently skip.
+FAST_LOSS_FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
+# config attributes that change the logits after the output layer, checked even for a listed family
+LOGIT_MODIFIERS = ("final_logit_softcapping", "logits_scaling", "logit_scale", "output_multiplier_scale")
+
+
+def fast_loss_blocker(model) -> str | None:
+    """Why the labelled-positions loss might differ from ``model``'s own loss, or None where it cannot."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(lm, "config", None)
+    family = getattr(config, "model_type", None)
+    if family not in FAST_LOSS_FAMILIES:
+        return f"model family {family!r} is not one whose loss the fast path is proven to equal"
+    for name in LOGIT_MODIFIERS:
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            return f"its config sets {name}={value}, which the fast path would skip"
+    return None
+
+
+def fast_loss_supported(model) -> bool:
+    """True where the labelled-positions loss equals the model's own (see :data:`FAST_LOSS_FAMILIES`)."""
+    return fast_loss_blocker(model) is None
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
@@ -142,6 +170,9 @@ def make_trainer_class():
     class QATrainer(Trainer):
         """The HF Trainer with the labelled-positions loss (``fast_loss``) and a count of real tokens.
 
+        The labelled-positions loss runs only where :func:`fast_loss_supported` says it equals the model's own;
+        elsewhere the Trainer computes the model's own loss, and says so in one log line.
+
         With ``bf16`` the loss runs under bf16 autocast (the Trainer autocasts only ``model.forward``, which
         the labelled-positions loss does not call) and PEFT's LoRA layers skip their cast of the activations
         to the adapters' fp32: autocast runs the adapter matmuls in bf16 anyway, so the cast only cost a copy
@@ -151,6 +182,10 @@ def make_trainer_class():
 
         def __init__(self, *args, fast_loss: bool = True, share_contexts: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
+            blocker = fast_loss_blocker(self.model) if fast_loss else None
+            if blocker:
+                log.warning("train.fast_loss: using the model's own full-vocabulary loss instead: %s", blocker)
+                fast_loss = False
             self.fast_loss = fast_loss
             self.share_contexts = share_contexts  # paragraph-ordered batches for SharedContextCollator
             self.real_train_tokens = 0  # non-padding positions computed (a shared context counts once a row)
