@@ -223,3 +223,17 @@ def test_report_cli(tmp_path, capsys):
     data = load_sweep(out)
     assert [t.status for t in data.trials].count("done") == 1 and data.reference_trial.name == "base"
     assert json.loads((out / "sweep.json").read_text())["machine"]["host"] == "box"
+
+
+def test_report_names_no_folder_of_this_machine(tmp_path, monkeypatch):
+    """The recorded command holds absolute paths (as typed); the report writes them relative to the working
+    folder, or as ``…/NAME`` outside it."""
+    out = make_sweep(tmp_path, CLAIMS_HOLD, skip=tuple(n for n in CLAIMS_HOLD if n != "base"))
+    index = json.loads((out / "sweep.json").read_text())
+    index["invocations"][0]["command"] += " --data-dir /elsewhere/squad"
+    write_json_atomic(out / "sweep.json", index)
+    monkeypatch.chdir(tmp_path)
+    text = write_report(out).read_text()
+    assert str(tmp_path) not in text and "/elsewhere" not in text
+    assert "- Command: `loraqa sweep study.yaml --output-dir sweep --data-dir …/squad`" in text
+    assert "- Rerun or resume: `loraqa sweep sweep/sweep.yaml --output-dir sweep`" in text

@@ -166,11 +166,13 @@ def test_a_half_written_checkpoint_is_not_resumed_from(tmp_path):
 
     ckpt = tmp_path / "checkpoints"
     (ckpt / "checkpoint-2").mkdir(parents=True)
-    (ckpt / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (ckpt / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
     (ckpt / "checkpoint-4").mkdir()  # killed while saving: trainer_state.json is written last
     (ckpt / "checkpoint-4" / "adapter_model.safetensors").write_text("")
+    (ckpt / "checkpoint-6").mkdir()  # killed while trainer_state.json itself was written (in place)
+    (ckpt / "checkpoint-6" / "trainer_state.json").write_text('{"global_step": 6, "log_hist')
     assert last_checkpoint(ckpt) == str(ckpt / "checkpoint-2")
-    assert not (ckpt / "checkpoint-4").exists()
+    assert not (ckpt / "checkpoint-4").exists() and not (ckpt / "checkpoint-6").exists()
     assert last_checkpoint(tmp_path / "none") is None
 
 

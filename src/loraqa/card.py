@@ -30,6 +30,23 @@ def portable_arg(arg: str) -> str:
     return arg
 
 
+def portable_path(path: str | os.PathLike) -> str:
+    """``path`` as typed when relative; an absolute path relative to the working folder, or ``…/NAME`` when
+    outside it."""
+    return portable_arg(str(path))
+
+
+def portable_command(command: str) -> str:
+    """A recorded command line with every absolute path argument made portable (see :func:`portable_arg`)."""
+    try:
+        args = shlex.split(command)
+    except ValueError:  # unbalanced quotes: leave it as recorded
+        return command
+    # quoted like shlex.join, except that the ellipsis of a shortened path needs no quotes
+    out = [portable_arg(a) for a in args]
+    return " ".join(a if shlex.quote(a.replace("…", "x")) == a.replace("…", "x") else shlex.quote(a) for a in out)
+
+
 def current_command(argv: list[str] | None = None) -> str:
     """The command line that is running, as a user would type it (``loraqa train ...``)."""
     argv = list(sys.argv if argv is None else argv)

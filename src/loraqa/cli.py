@@ -284,11 +284,41 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, DataError, ModelLoadError, ValueError) as e:
-        print(f"loraqa: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e, 2)
     except KeyboardInterrupt:
         print("loraqa: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # one line, never a traceback (-v shows it)
+        if args.verbose:
+            raise
+        return _error(e, 1)
+
+
+def _error(e: BaseException, status: int) -> int:
+    """Print ``e`` as the one line ``loraqa: error: ...`` (the last line a sweep records) and return ``status``."""
+    print(f"loraqa: error: {_describe_error(e)}", file=sys.stderr)
+    return status
+
+
+def _describe_error(e: BaseException) -> str:
+    import errno
+
+    from .trainer import TrainingDiverged
+
+    text = " ".join(str(e).split())  # one line
+    if isinstance(e, (TrainingDiverged, ValueError)):
+        return text
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    # torch and safetensors report a full disk as their own errors, with the OS reason inside
+    full = full or any(s in text for s in ("No space left on device", "StorageFull", "Disk quota exceeded"))
+    if full:
+        where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
+        return (f"{where}no space left on device; free some space and rerun the same command (it resumes from "
+                "the last complete checkpoint)")  # fmt: skip
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror or text}"
+    return f"{type(e).__name__}: {text[:300]} (rerun with -v to see where)"
 
 
 if __name__ == "__main__":

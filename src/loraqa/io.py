@@ -35,11 +35,30 @@ def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+class CorruptFileError(ValueError):
+    """A result file that is not what loraqa wrote (not JSON, not UTF-8); the message names the file."""
+
+
 def read_json(path: str | os.PathLike):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise CorruptFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise CorruptFileError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise CorruptFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return rows

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from .card import portable_command, portable_path
 from .config import ConfigError, from_dict
 from .io import read_json, read_jsonl, write_text_atomic
 from .sweep import (
@@ -724,12 +725,13 @@ def _header(data: SweepData) -> list[str]:
     commands = []
     for inv in idx.get("invocations", []):
         c = inv.get("command")
+        c = portable_command(c) if c else c  # a report names no folder of the machine that made it
         if c and c not in commands:
             commands.append(c + (" (reconstructed: not started from the command line)"
                                  if inv.get("command_is_reconstructed") else ""))  # fmt: skip
     if not commands:
         commands = [
-            f"loraqa sweep CONFIG --output-dir {data.dir} (no sweep.json: the command was not recorded)"
+            f"loraqa sweep CONFIG --output-dir {portable_path(data.dir)} (no sweep.json: the command was not recorded)"
         ]
     machines = {}
     for t in data.trials:
@@ -761,7 +763,7 @@ def _header(data: SweepData) -> list[str]:
         f"# Sweep report: {cfg.name}",
         "",
         "- Command: " + "; ".join(f"`{c}`" for c in commands),
-        f"- Rerun or resume: `loraqa sweep {data.dir / 'sweep.yaml'} --output-dir {data.dir}`",
+        f"- Rerun or resume: `loraqa sweep {portable_path(data.dir / 'sweep.yaml')} --output-dir {portable_path(data.dir)}`",
         f"- Machine: {machine_text}" + (f"; trials ran on {', '.join(devices)}" if devices else ""),
         "- Code: " + ("; ".join(codes) if codes else "not recorded") + (
             " (trials ran on different versions)" if len(codes) > 1 else ""),

@@ -12,22 +12,27 @@ A run folder holds::
     metrics.json                EM/F1, speeds, parameters, memory; written last (its presence means: done)
     README.md                   the model card: base, data, prompt, LoRA settings, EM/F1, command, version
     checkpoints/                Trainer checkpoints while training (removed once training is saved)
+    error.json                  why the last attempt failed (removed when a new attempt starts)
+    .loraqa.lock                flock-ed by the process working in the folder (a second one is refused)
 
 :func:`load_run` is the one way back from a folder to a model: evaluation, prediction and export share it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import ConfigError, ExperimentConfig, apply_overrides, load_config
-from .io import read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from .io import CorruptFileError, read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from .model import LoadedModel, load_model_and_tokenizer, prepare_for_generation
 
 log = logging.getLogger(__name__)
@@ -40,17 +45,96 @@ OFFICIAL_PREDICTIONS_FILE = "predictions.json"
 MODEL_CARD_FILE = "README.md"
 METRICS_FILE = "metrics.json"
 CHECKPOINTS_DIR = "checkpoints"
+ERROR_FILE = "error.json"
+LOCK_FILE = ".loraqa.lock"
+
+
+class RunFolderError(ConfigError):
+    """A run folder that cannot be used as it is (busy, not a folder, a corrupt file); the message names it."""
 
 
 def weights_file(full: bool) -> str:
     return "model.safetensors" if full else "adapter_model.safetensors"
 
 
+def make_run_folder(run_dir: Path) -> None:
+    """Create ``run_dir`` (and its parents), or say in one line why it cannot be."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir}: exists and is not a folder; pick another --output-dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunFolderError(
+            f"{run_dir}: cannot create the run folder ({e.strerror or e}); pick another --output-dir"
+        ) from None
+
+
+def lock_run_folder(run_dir: Path) -> int:
+    """Take ``run_dir``'s lock (``fcntl.flock`` on ``.loraqa.lock``) for this process and return the file
+    descriptor that holds it (closing it releases the lock); a :class:`RunFolderError` if another process holds
+    it. The kernel drops the lock when the process dies, however it dies, so a killed run never leaves the
+    folder locked."""
+    import fcntl
+
+    make_run_folder(run_dir)
+    path = run_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunFolderError(f"{run_dir}: cannot write in the run folder ({e.strerror or e})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise RunFolderError(
+            f"{run_dir}: another loraqa process (pid {holder}) is working in this run folder; wait for it to "
+            "finish, or pick another --output-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd  # the file stays when the lock is released (unlinking it would let two processes lock two files)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """:func:`lock_run_folder` as a context manager."""
+    fd = lock_run_folder(run_dir)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def record_failure(run_dir: Path, error: BaseException) -> None:
+    """``error.json``: why this attempt failed, for whoever looks at the folder (a sweep reads the reason from
+    the process's last line of stderr). Best effort: a full disk may refuse this file too."""
+    summary = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    with contextlib.suppress(OSError):
+        write_json_atomic(run_dir / ERROR_FILE, {"error": type(error).__name__, "summary": summary})
+
+
 def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, overwrite: bool) -> None:
+    """Write the config into ``run_dir``; refuse a folder holding another config's run. With ``overwrite``
+    everything in it is removed first (but the lock file the caller holds)."""
     cfg_path = run_dir / "config.yaml"
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    if cfg_path.exists() and cfg_path.read_text() != cfg.to_yaml():
+    make_run_folder(run_dir)
+    if overwrite:
+        for entry in run_dir.iterdir():
+            if entry.name == LOCK_FILE:
+                continue
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    (run_dir / ERROR_FILE).unlink(missing_ok=True)
+    # what a kill can leave behind: an atomic write's temporary file, a half-moved adapter (the lock held
+    # means no other process is writing them)
+    for tmp in run_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    shutil.rmtree(run_dir / ".saving", ignore_errors=True)
+    try:
+        old = cfg_path.read_text(encoding="utf-8") if cfg_path.exists() else None
+    except (OSError, UnicodeDecodeError):
+        old = "unreadable"
+    if old is not None and old != cfg.to_yaml():
         raise ConfigError(
             f"{run_dir}: holds a run of a different config ({cfg_path}); pick another --output-dir, "
             "or pass --overwrite to replace it"
@@ -58,21 +142,60 @@ def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, overwrite: bool) -> No
     write_text_atomic(cfg_path, cfg.to_yaml())
 
 
+def _state_is_complete(path: Path) -> bool:
+    """trainer_state.json is whole: the Trainer writes it in place, last, so a kill can leave half of it."""
+    try:
+        return "global_step" in json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+
+
+def check_checkpoint(checkpoint: Path) -> None:
+    """A :class:`RunFolderError` naming the first file of a complete checkpoint that cannot be read back (a
+    damaged disk or a hand edit: a kill cannot do this, as these files are written before trainer_state.json).
+    Safetensors files are opened (header and size checked), torch pickles (zip archives) are CRC-checked."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(checkpoint.iterdir()):
+        problem = None
+        try:
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt") as st:
+                    st.keys()
+            elif f.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(f) as z:
+                    bad = z.testzip()
+                    problem = f"member {bad} fails its checksum" if bad else None
+            elif f.suffix == ".json":
+                read_json(f)
+        except (SafetensorError, zipfile.BadZipFile, CorruptFileError, OSError, ValueError) as e:
+            problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if problem:
+            raise RunFolderError(
+                f"{f}: corrupt checkpoint file ({problem}); delete {checkpoint} to resume from an earlier "
+                "checkpoint or from the start"
+            )
+
+
 def last_checkpoint(ckpt_dir: Path) -> str | None:
-    """The newest complete checkpoint. The Trainer writes trainer_state.json last, so a folder without it was
-    being saved when the run was killed; it is removed rather than resumed from."""
+    """The newest complete checkpoint, checked readable. The Trainer writes trainer_state.json last, so a
+    folder without a whole one was being saved when the run was killed; it is removed rather than resumed from."""
     if not ckpt_dir.is_dir():
         return None
     complete = []
     for d in ckpt_dir.glob("checkpoint-*"):
         if not d.is_dir() or not d.name.split("-")[-1].isdigit():
             continue
-        if (d / "trainer_state.json").is_file():
+        if _state_is_complete(d / "trainer_state.json"):
             complete.append(d)
         else:
             log.info("removing incomplete checkpoint %s", d)
             shutil.rmtree(d, ignore_errors=True)
-    return str(max(complete, key=lambda d: int(d.name.split("-")[-1]))) if complete else None
+    if not complete:
+        return None
+    newest = max(complete, key=lambda d: int(d.name.split("-")[-1]))
+    check_checkpoint(newest)
+    return str(newest)
 
 
 def write_predictions(folder: Path, records: list[dict]) -> None:
@@ -108,7 +231,30 @@ def save_trained(model, tok, run_dir: Path, full: bool, base_name: str | None = 
     tmp.rmdir()
 
 
+def check_weights(run_dir: Path, full: bool) -> None:
+    """A :class:`RunFolderError` naming the trained-weights file (or its config) that cannot be read back."""
+    from safetensors import SafetensorError, safe_open
+
+    files = [weights_file(full), "config.json" if full else "adapter_config.json"]
+    for name in files:
+        path = run_dir / name
+        if not path.is_file():
+            raise RunFolderError(f"{path}: missing; retrain the run (`loraqa train ... --overwrite`)")
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(str(path), framework="pt") as st:
+                    st.keys()
+            elif not isinstance(read_json(path), dict):
+                raise ValueError("not a JSON object")
+        except (SafetensorError, CorruptFileError, OSError, ValueError) as e:
+            problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise RunFolderError(
+                f"{path}: corrupt ({problem}); retrain the run (`loraqa train ... --overwrite`)"
+            ) from None
+
+
 def load_trained(model, run_dir: Path, full: bool, device):
+    check_weights(run_dir, full)
     if full:
         from transformers import AutoModelForCausalLM
 
@@ -140,6 +286,7 @@ def load_run(
     full = cfg.train.method == "full"
     if not (run_dir / weights_file(full)).is_file():
         raise ConfigError(f"{run_dir}: has no trained weights yet; finish it with `loraqa train` first")
+    check_weights(run_dir, full)
     lm = load_model_and_tokenizer(cfg.model.name, cfg.model.precision, cfg.model.attn_implementation, device,
                                   trainable_base=full)  # fmt: skip
     if full:

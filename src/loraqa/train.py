@@ -27,13 +27,16 @@ from .rundir import (
     MODEL_CARD_FILE,
     last_checkpoint,
     load_trained,
+    lock_run_folder,
     prepare_run_dir,
+    record_failure,
     save_trained,
     write_predictions,
 )
 from .trainer import (
     QACollator,
     make_clock_callback,
+    make_finite_loss_callback,
     make_log_callback,
     make_trainer_class,
     per_process_batch,
@@ -83,13 +86,28 @@ def run_experiment(
 
     Under torchrun / accelerate launch every process runs this: each trains on its share of every batch and
     answers its share of the dev questions; only the main process writes the run folder (see :mod:`loraqa.dist`).
+    The main process holds the folder's lock: a second ``loraqa`` on the same folder is refused.
     """
-    from transformers import set_seed
-
     run_dir = Path(run_dir)
     device = dist.init(device)
     per_process_batch(cfg)  # a batch that does not split over the processes stops here, before any loading
-    dist.on_main(prepare_run_dir, run_dir, cfg, overwrite)  # the others wait: none reads a half-made folder
+    lock = dist.on_main(lock_run_folder, run_dir)  # refused (on every process) if another run holds it
+    try:
+        dist.on_main(prepare_run_dir, run_dir, cfg, overwrite)  # the others wait: none reads a half-made folder
+        try:
+            return _run(cfg, run_dir, device, callbacks, progress, command)
+        except Exception as e:
+            if dist.is_main_process():
+                record_failure(run_dir, e)  # the reason stays in the folder (error.json)
+            raise
+    finally:
+        if dist.is_main_process():
+            os.close(lock)  # releases the lock (the kernel does the same when a process dies)
+
+
+def _run(cfg, run_dir: Path, device, callbacks, progress, command) -> dict:
+    from transformers import set_seed
+
     if (run_dir / "metrics.json").exists():
         log.info("%s: finished already (metrics.json); pass --overwrite to run it again", run_dir)
         return read_json(run_dir / "metrics.json")
@@ -111,6 +129,7 @@ def run_experiment(
     if train_metrics_path.exists():  # trained and saved before an interruption during evaluation
         train_metrics = read_json(train_metrics_path)
         model = load_trained(model, run_dir, full, lm.device)
+        dist.on_main(shutil.rmtree, run_dir / "checkpoints", ignore_errors=True)  # a kill came while removing them
     else:
         train_metrics = _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks)
         train_metrics.update(trainable_params=trainable, total_params=total)
@@ -186,8 +205,11 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
         train_dataset=train_features,
         eval_dataset=loss_eval_features if cfg.train.eval_steps and loss_eval_features else None,
         data_collator=SharedContextCollator(tok.pad_token_id) if shared else QACollator(tok.pad_token_id),
-        processing_class=tok,
-        callbacks=[make_log_callback(run_dir / "log_history.jsonl"), clock, *(callbacks or [])],
+        # no processing_class: the Trainer would copy the tokenizer (3.5 MB for GPT-2) into every checkpoint,
+        # and the tokenizers library writes tokenizer.json without reporting a full disk (a truncated file in an
+        # otherwise complete checkpoint, found by tests/test_faults.py); loraqa reloads the tokenizer by name
+        callbacks=[make_log_callback(run_dir / "log_history.jsonl"), make_finite_loss_callback(), clock,
+                   *(callbacks or [])],  # fmt: skip
         fast_loss=cfg.train.fast_loss,
         share_contexts=shared,
     )
@@ -216,6 +238,7 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
         "train_steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0, 3),
         "resumed_from": os.path.basename(resume) if resume else None,
+        "resumed_at_step": clock.start_step,  # the step the Trainer restored, read from the Trainer
         "fast_loss": trainer.fast_loss,  # False where the config or the model family ruled it out
         # train time, tokens and peak memory sum up every segment of an interrupted run (see the clock)
         "train_seconds": round(seconds, 3),

@@ -266,6 +266,34 @@ def make_log_callback(path: Path):
     return JsonlLogCallback()
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss (or the gradient norm) became NaN or infinite; the message says at which step and what to try."""
+
+
+FINITE_KEYS = ("loss", "grad_norm", "eval_loss", "train_loss")
+
+
+def make_finite_loss_callback():
+    """Stops training when a logged loss or gradient norm is NaN or infinite (checked every
+    ``train.logging_steps`` steps, as the Trainer logs: no extra synchronisation per step). The Trainer logs
+    before it saves, so no checkpoint is saved after a non-finite logged loss."""
+    import math
+
+    from transformers import TrainerCallback
+
+    class FiniteLossCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key in FINITE_KEYS:
+                value = (logs or {}).get(key)
+                if isinstance(value, (int, float)) and not math.isfinite(value):
+                    raise TrainingDiverged(
+                        f"training diverged: {key} is {value} at step {state.global_step}; lower train.lr "
+                        f"(now {args.learning_rate:g}) or use model.precision=fp32, then rerun with --overwrite"
+                    )
+
+    return FiniteLossCallback()
+
+
 CLOCK_FILE = "loraqa_clock.json"
 
 
@@ -284,6 +312,7 @@ def make_clock_callback(device: torch.device):
             self.prior = {"train_seconds": 0.0, "train_tokens": 0, "train_questions": 0, "peak_memory_mb": 0.0,
                           "segments": 0}  # fmt: skip
             self.start = None
+            self.start_step = 0
 
         def resume_from(self, checkpoint: str | None) -> None:
             if checkpoint is None:
@@ -298,6 +327,7 @@ def make_clock_callback(device: torch.device):
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = time.perf_counter()
+            self.start_step = state.global_step  # where the Trainer itself resumed (0: from the start)
 
         def totals(self) -> dict:
             """The run's totals so far: the main process's time, every process's tokens and questions, the
