@@ -198,3 +198,20 @@ def test_kill_tree_leaves_no_process(tmp_path):
     kill_tree(proc)
     assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
     assert proc.returncode == -signal.SIGKILL
+
+
+def test_accelerate_launch_runs_the_same_command(tmp_path, synthetic_dir, no_dropout_model):
+    # accelerate's multi-GPU launcher is torchrun underneath; without a GPU the processes join with gloo on CPU
+    s = settings(no_dropout_model, synthetic_dir, **{"train.max_steps": 2, "train.eval_steps": 0,
+                                                     "train.save_steps": 0, "data.eval_limit": 4})  # fmt: skip
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "loraqa.cli", "train", *(f"{k}={v}" for k, v in s.items()), "-o", str(tmp_path / "run")]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        kill_tree(proc)
+    assert proc.returncode == 0, out[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["train_steps"] == 2 and metrics["n_questions"] == 4
