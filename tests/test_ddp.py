@@ -150,6 +150,7 @@ def test_a_run_killed_under_torchrun_resumes_from_its_checkpoint(tmp_path, synth
     metrics = json.loads((run / "metrics.json").read_text())
     resumed_step = int(metrics["resumed_from"].split("-")[1])
     assert 0 < resumed_step < 40 and metrics["train_steps"] == 40 and metrics["train_segments"] == 2
+    assert metrics["resumed_at_step"] == resumed_step  # the global step the Trainer itself restored
     # the Trainer really continued from that step: the loss curve logs each step once, and the run ends where
     # an uninterrupted one does
     steps = [step for step, _ in history(run, "loss")]
