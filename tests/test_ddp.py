@@ -22,6 +22,7 @@ import pytest
 
 from loraqa.config import ConfigError, ExperimentConfig, apply_overrides
 from loraqa.data import load_squad
+from loraqa.rundir import LOCK_FILE
 from loraqa.train import run_experiment
 
 pytestmark = pytest.mark.slow  # each torchrun starts two Python processes that import torch (~5 s each)
@@ -107,7 +108,7 @@ def test_two_processes_train_and_score_like_one(tmp_path, synthetic_dir, no_drop
 
     # one complete run folder, written once
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
-    assert not (two / "checkpoints").exists() and not list(two.glob(".*"))
+    assert not (two / "checkpoints").exists() and [p.name for p in two.glob(".*")] == [LOCK_FILE]  # no temp files
     assert metrics["world_size"] == 2 and ref["world_size"] == 1
     assert done.stdout.count("EM ") == 1  # one process printed the result
 
