@@ -284,8 +284,10 @@ def reference_run(
 # ---------------------------------------------------------------------------------------------- loraqa
 
 
-def loraqa_run(name, device, data_dir, steps, warmup, n_questions, out_dir, overrides=(), label="loraqa"):
-    """``run_experiment`` with loraqa's defaults (plus ``overrides``); speeds from its metrics.json."""
+def loraqa_run(name, device, data_dir, steps, warmup, n_questions, out_dir, overrides=(), label="loraqa",
+               train_limit: int | None = -1):  # fmt: skip
+    """``run_experiment`` with loraqa's defaults (plus ``overrides``); speeds from its metrics.json. ``steps``
+    -1: one epoch of ``train_limit`` questions (-1: ``steps`` x 8; None: the whole train file)."""
     from loraqa.config import ExperimentConfig, apply_overrides, parse_overrides
     from loraqa.model import load_config
     from loraqa.train import run_experiment
@@ -293,10 +295,11 @@ def loraqa_run(name, device, data_dir, steps, warmup, n_questions, out_dir, over
     model_type = load_config(name).model_type
     cfg = apply_overrides(
         ExperimentConfig(name=f"bench-{label}"),
-        [("model.name", name), ("data.data_dir", str(data_dir)), ("data.train_limit", steps * BATCH_SIZE),
+        [("model.name", name), ("data.data_dir", str(data_dir)),
+         ("data.train_limit", steps * BATCH_SIZE if train_limit == -1 else train_limit),
          ("data.eval_limit", n_questions), ("lora.targets", TARGETS[model_type]), ("train.epochs", 1),
          ("train.max_steps", steps), ("train.warmup_steps", warmup), ("train.eval_steps", 0),
-         ("train.save_steps", 0), ("train.logging_steps", max(steps // 4, 1)), ("train.seed", SEED),
+         ("train.save_steps", 0), ("train.logging_steps", max(steps // 4, 1) if steps > 0 else 25), ("train.seed", SEED),
          ("train.lr", LR), ("train.batch_size", BATCH_SIZE)]
         + parse_overrides(list(overrides)),
     )  # fmt: skip
@@ -402,6 +405,39 @@ def make_data_dir(squad_dir: Path, out: Path, n_questions: int, seed: int = 0) -
     return out
 
 
+def make_epoch_slice(squad_dir: Path, out: Path, n_questions: int) -> tuple[Path, int, int]:
+    """A data folder whose train file is ~``n_questions`` questions as whole paragraphs spread evenly over the
+    whole train file (every k-th paragraph), the dev file linked. Returns (folder, questions in the slice,
+    questions in the whole train file)."""
+    from loraqa.data import squad_path
+
+    out.mkdir(parents=True, exist_ok=True)
+    train = json.loads(squad_path("train", squad_dir).read_text())
+    paragraphs = [(a["title"], p) for a in train["data"] for p in a["paragraphs"]]
+    total = sum(len(p["qas"]) for _, p in paragraphs)
+    step = max(1, round(total / n_questions))
+    chosen = [{"title": t, "paragraphs": [p]} for i, (t, p) in enumerate(paragraphs) if i % step == 0]
+    taken = sum(len(a["paragraphs"][0]["qas"]) for a in chosen)
+    (out / "train-v1.1.json").write_text(json.dumps({"version": train.get("version", "1.1"), "data": chosen}))
+    (out / "dev-v1.1.json").symlink_to(squad_path("dev", squad_dir).resolve())
+    return out, taken, total
+
+
+def epoch_projection(name, device, squad_dir, work, n_questions, overrides=()) -> dict:
+    """Train loraqa (its defaults + ``overrides``) for one epoch of the slice; project one epoch of the whole
+    train file from its questions/s (the slice is spread over the file, so it has the file's mix)."""
+    data_dir, taken, total = make_epoch_slice(squad_dir, work / "epoch-data", n_questions)
+    r = loraqa_run(name, device, data_dir, -1, 10, 8, work / "epoch-run", overrides, "epoch slice",
+                   train_limit=None)  # fmt: skip
+    shutil.rmtree(work / "epoch-run", ignore_errors=True)
+    shutil.rmtree(work / "epoch-data", ignore_errors=True)
+    qps = r.train_questions_per_second
+    return {"overrides": list(overrides), "slice_questions": taken, "train_questions": r.train_questions,
+            "train_seconds": r.train_seconds, "train_questions_per_second": qps,
+            "train_peak_memory_mb": r.train_peak_memory_mb, "train_file_questions": total,
+            "projected_epoch_hours": total / qps / 3600 if qps else None}  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- reporting
 
 
@@ -484,6 +520,12 @@ def print_tables(report: dict) -> None:
                 print(f"| {g['switch']} | {g['precision']} | {g['questions_per_second']:.2f} "
                       f"| {g['questions_per_second'] / rows[0]['questions_per_second']:.2f} "
                       f"| {g['same_answers']}/{block['questions']} |")  # fmt: skip
+        for e in block.get("epoch", []):
+            print(f"\nOne epoch of all {e['train_file_questions']:,} train questions ({model}, loraqa"
+                  f"{' ' + ','.join(e['overrides']) if e['overrides'] else ''}), projected from one epoch of "
+                  f"{e['slice_questions']:,} questions (whole paragraphs, every k-th of the file): "
+                  f"{e['train_questions_per_second']:.2f} questions/s, {e['train_seconds']:.0f} s, train peak "
+                  f"{e['train_peak_memory_mb']:,.0f} MB -> **{e['projected_epoch_hours']:.2f} h**")  # fmt: skip
         same = block.get("answers_equal_to_reference")
         if same:
             print("answers identical to the reference's: "
@@ -505,6 +547,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--generation-switches", action="store_true",
                    help="time loraqa's trained adapter answering with each generation switch turned off")  # fmt: skip
+    p.add_argument("--epoch-slice", type=int, default=0, metavar="N",
+                   help="also train one epoch of ~N questions (whole paragraphs spread over the train file) "
+                        "and project one epoch of the whole file (the documented run: 2000)")
+    p.add_argument("--epoch-variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="also project the epoch with these config overrides (repeatable)")
     p.add_argument("--json", help="write every number to this file")
     args = p.parse_args(argv)
     os.environ["LORAQA_NO_PROGRESS"] = "1"
@@ -620,6 +667,14 @@ def main(argv: list[str] | None = None) -> int:
             "distinct_contexts": len({ex.context for ex in dev_ex}),
             "results": rows, "answers_equal_to_reference": same, "generation_switches": switch_rows,
         }  # fmt: skip
+        if args.epoch_slice:
+            epochs = report["models"][name]["epoch"] = []
+            for overrides in [[]] + [v.split(",") for v in args.epoch_variant]:
+                print(f"[{name}] one epoch of a {args.epoch_slice}-question slice {overrides or ''} ...", flush=True)
+                epochs.append(epoch_projection(name, device, Path(args.data_dir), work, args.epoch_slice, overrides))
+                e = epochs[-1]
+                print(f"[{name}] slice: {e['train_questions_per_second']:.2f} q/s, one epoch of "
+                      f"{e['train_file_questions']:,} questions: {e['projected_epoch_hours']:.2f} h", flush=True)
     shutil.rmtree(work, ignore_errors=True)
     print_tables(report)
     for line in report.get("failed", []):
