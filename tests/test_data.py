@@ -482,14 +482,14 @@ def no_download(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("unexpected download")
 
-    monkeypatch.setattr(data, "download_squad", refuse)
+    monkeypatch.setattr(data.squad, "download_squad", refuse)
 
 
 def test_resolve_precedence_arg_env_cache(tmp_path, monkeypatch, no_download):
     arg_dir = make_data_dir(tmp_path / "arg", "train", "dev")
     env_dir = make_data_dir(tmp_path / "env", "train", "dev")
     cache_dir = make_data_dir(tmp_path / "cache", "train", "dev")
-    monkeypatch.setattr(data, "DEFAULT_CACHE_DIR", cache_dir)
+    monkeypatch.setattr(data.squad, "DEFAULT_CACHE_DIR", cache_dir)
 
     assert data.resolve_data_dir() == cache_dir
     monkeypatch.setenv("LORAQA_DATA_DIR", str(env_dir))
@@ -501,7 +501,7 @@ def test_resolve_precedence_arg_env_cache(tmp_path, monkeypatch, no_download):
 
 
 def test_resolve_cache_dir_env_overrides_default(tmp_path, monkeypatch, no_download):
-    monkeypatch.setattr(data, "DEFAULT_CACHE_DIR", tmp_path / "unused")
+    monkeypatch.setattr(data.squad, "DEFAULT_CACHE_DIR", tmp_path / "unused")
     custom = make_data_dir(tmp_path / "custom", "train", "dev")
     monkeypatch.setenv("LORAQA_CACHE_DIR", str(custom))
     assert data.resolve_data_dir() == custom
@@ -670,7 +670,7 @@ def test_cache_downloads_missing_files_once(tmp_path, server, monkeypatch):
     assert sorted(p.name for p in cache.iterdir()) == ["dev-v1.1.json", "train-v1.1.json"]
 
     # now everything is cached: no further download
-    monkeypatch.setattr(data, "download_squad", lambda *a, **k: pytest.fail("downloaded again"))
+    monkeypatch.setattr(data.squad, "download_squad", lambda *a, **k: pytest.fail("downloaded again"))
     assert data.squad_path("train") == cache / "train-v1.1.json"
 
 

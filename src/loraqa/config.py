@@ -39,6 +39,14 @@ class DataConfig:
     train_limit: int | None = None  # first N train questions (None: all 87,599)
     eval_limit: int | None = None  # first K dev questions scored by EM/F1 (None: all 10,570)
     loss_eval_limit: int = 200  # dev questions whose answer-token loss is logged as eval_loss during training
+    format: str = "squad"  # squad (v1.1) | squad_v2 | jsonl | csv | hf (a datasets folder or hub id); see loraqa.data
+    train_file: str | None = None  # the train split's file (or datasets folder); else the format's file in data_dir
+    dev_file: str | None = None  # the dev split's file (or datasets folder); else the format's file in data_dir
+    unanswerable_answer: str = "unanswerable"  # squad_v2: the answer taught and expected for unanswerable questions
+
+    def no_answer_text(self) -> str | None:
+        """What the model answers an unanswerable question with, for formats that have them (else None)."""
+        return self.unanswerable_answer if self.format == "squad_v2" else None
 
 
 @dataclass
@@ -132,6 +140,7 @@ CHOICES = {
     "model.precision": ("auto", "bf16", "fp32"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "prompt.loss_on": ("answer", "all"),
+    "data.format": ("squad", "squad_v2", "jsonl", "csv", "hf"),  # loraqa.data.FORMATS
     "train.method": ("lora", "full"),
     "sweep.mode": SWEEP_MODES,
 }

@@ -56,9 +56,11 @@ def evaluate_model(
     max_length: int = 512,
     eval_cfg: EvalConfig | None = None,
     progress: bool = True,
+    unanswerable_answer: str | None = None,
 ) -> tuple[list[dict], dict]:
-    """Greedy answers to ``examples`` scored by SQuAD EM/F1; returns per-question records and a summary with
-    ``exact_match``, ``f1``, ``n_questions``, ``eval_seconds``, ``eval_questions_per_second``.
+    """Greedy answers to ``examples`` scored by SQuAD EM/F1 (the v2.0 rules with ``unanswerable_answer``);
+    returns per-question records and a summary with ``exact_match``, ``f1``, ``n_questions`` (questions with
+    gold answers, the ones scored), ``eval_seconds``, ``eval_questions_per_second``.
 
     Under several processes each answers a contiguous share of ``examples`` and every process gets all the
     answers back, in the order of ``examples``; the time is until the last share is in."""
@@ -74,7 +76,7 @@ def evaluate_model(
     )  # fmt: skip
     answers = dist.gather_lists(answers)
     seconds = time.perf_counter() - start
-    records, summary = score_predictions(examples, answers)
+    records, summary = score_predictions(examples, answers, unanswerable_answer)
     summary.update(
         eval_seconds=round(seconds, 3),
         eval_questions_per_second=round(len(examples) / seconds, 3) if seconds > 0 else None,
@@ -87,17 +89,18 @@ def eval_zero_shot(cfg, out_dir, *, device: str | None = None, progress: bool = 
     """Score the base model (no fine-tuning) with the same prompt; writes predictions.jsonl and metrics.json."""
     from pathlib import Path
 
-    from .data import load_squad, squad_path
+    from .data import load_split
     from .io import write_json_atomic, write_text_atomic
     from .model import count_parameters, load_model_and_tokenizer
     from .rundir import write_predictions
 
     out_dir = Path(out_dir)
-    dev, _ = load_squad(squad_path("dev", cfg.data.data_dir), split="dev", limit=cfg.data.eval_limit)
+    dev, _, _ = load_split(cfg.data, "dev", limit=cfg.data.eval_limit)
     lm = load_model_and_tokenizer(cfg.model.name, cfg.model.precision, cfg.model.attn_implementation, device)
     records, summary = evaluate_model(
-        lm.model, lm.tokenizer, dev, max_length=cfg.prompt.max_length, eval_cfg=cfg.eval, progress=progress
-    )
+        lm.model, lm.tokenizer, dev, max_length=cfg.prompt.max_length, eval_cfg=cfg.eval, progress=progress,
+        unanswerable_answer=cfg.data.no_answer_text(),
+    )  # fmt: skip
     _, total = count_parameters(lm.model)
     metrics = {**summary, "trainable_params": 0, "total_params": total, "model": cfg.model.name,
                "method": "zero-shot", "precision": lm.precision, "device": str(lm.device),
@@ -114,7 +117,7 @@ def eval_run_dir(run_dir, *, data_dir: str | None = None, eval_limit: int | None
     ``eval-<n>/predictions.jsonl`` and ``metrics.json`` inside the run folder and returns the metrics."""
     from pathlib import Path
 
-    from .data import load_squad, squad_path
+    from .data import load_split
     from .io import write_json_atomic
     from .rundir import load_run, write_predictions
 
@@ -124,10 +127,11 @@ def eval_run_dir(run_dir, *, data_dir: str | None = None, eval_limit: int | None
     ]
     run = load_run(run_dir, overrides=overrides, device=device)
     cfg, lm = run.cfg, run.lm
-    dev, _ = load_squad(squad_path("dev", cfg.data.data_dir), split="dev", limit=cfg.data.eval_limit)
+    dev, _, _ = load_split(cfg.data, "dev", limit=cfg.data.eval_limit)
     records, summary = evaluate_model(
-        run.model, lm.tokenizer, dev, max_length=cfg.prompt.max_length, eval_cfg=cfg.eval, progress=progress
-    )
+        run.model, lm.tokenizer, dev, max_length=cfg.prompt.max_length, eval_cfg=cfg.eval, progress=progress,
+        unanswerable_answer=cfg.data.no_answer_text(),
+    )  # fmt: skip
     out = run_dir / f"eval-{len(dev)}"
     write_predictions(out, records)
     metrics = {**summary, "model": cfg.model.name, "precision": lm.precision, "device": str(lm.device)}

@@ -1,10 +1,16 @@
-"""Score generated answers: SQuAD v1.1 exact match and F1.
+"""Score generated answers: SQuAD v1.1 exact match and F1, and the SQuAD 2.0 rules for unanswerable questions.
 
 This is the official v1.1 evaluation script (``evaluate-v1.1.py``) rewritten as importable functions,
 so the numbers are comparable with every published SQuAD v1.1 result: lowercase, drop punctuation,
 drop the articles a/an/the, collapse whitespace; F1 over token multisets; the best score over the
 gold answers; a question without a prediction scores 0; means are reported x 100.
 (``evaluate`` on the hub has the same code, but loading it needs the network.)
+
+SQuAD 2.0 (``evaluate-v2.0.py``): a question without an answer has the gold answer ``""`` and the no-answer
+prediction is ``""``; a gold answer that normalizes to nothing is dropped; F1 is 1 or 0 when either side has
+no tokens; EM and F1 are reported overall and for the answerable (``HasAns``) and unanswerable (``NoAns``)
+questions. The model answers unanswerable questions with a fixed text (``data.unanswerable_answer``), which
+`official_answer` turns into ``""``.
 """
 
 from __future__ import annotations
@@ -73,19 +79,76 @@ def squad_scores(predictions: Mapping[str, str], gold: Mapping[str, Sequence[str
     }
 
 
-def score_predictions(examples, predictions: Sequence[str]) -> tuple[list[dict], dict[str, float | int]]:
-    """Per-question records (``id``, ``question``, ``prediction``, ``answers``, ``exact_match``, ``f1``; the
+def score_predictions(
+    examples, predictions: Sequence[str], unanswerable_answer: str | None = None
+) -> tuple[list[dict], dict[str, float | int]]:
+    """With ``unanswerable_answer`` (a SQuAD 2.0 task), `score_predictions_v2`. Otherwise per-question records (``id``, ``question``, ``prediction``, ``answers``, ``exact_match``, ``f1``; the
     last two in [0, 1]) and the corpus scores (x 100) for examples answered in order."""
+    if unanswerable_answer is not None:
+        return score_predictions_v2(examples, predictions, unanswerable_answer)
     if len(examples) != len(predictions):
         raise ValueError(f"{len(examples)} questions but {len(predictions)} predictions")
     records = []
     for ex, pred in zip(examples, predictions, strict=True):
-        em, f1 = score_one(pred, ex.answers)
-        records.append(
-            {"id": ex.id, "question": ex.question, "prediction": pred, "answers": list(ex.answers),
-             "exact_match": em, "f1": f1}
-        )  # fmt: skip
+        record = {"id": ex.id, "question": ex.question, "prediction": pred, "answers": list(ex.answers)}
+        if ex.answers:  # a question without gold answers (prediction-only input) is answered, not scored
+            em, f1 = score_one(pred, ex.answers)
+            record.update(exact_match=em, f1=f1)
+        records.append(record)
     summary = squad_scores(
-        {r["id"]: r["prediction"] for r in records}, {ex.id: ex.answers for ex in examples}
+        {r["id"]: r["prediction"] for r in records}, {ex.id: ex.answers for ex in examples if ex.answers}
     )
+    return records, summary
+
+
+# ---------------------------------------------------------------------------------------------- SQuAD 2.0
+
+
+def official_answer(generated: str, unanswerable_answer: str) -> str:
+    """The answer in the official v2.0 form: ``""`` when the model gave the no-answer text."""
+    return "" if normalize_answer(generated) == normalize_answer(unanswerable_answer) else generated
+
+
+def _v2_f1(prediction: str, gold: str) -> float:
+    pred_tokens, gold_tokens = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not pred_tokens or not gold_tokens:  # the official rule: a no-answer scores 1 only against a no-answer
+        return float(pred_tokens == gold_tokens)
+    return f1_score(prediction, gold)
+
+
+def score_one_v2(prediction: str, answers: Sequence[str]) -> tuple[float, float]:
+    """(exact_match, f1) of one prediction under the v2.0 rules; ``answers`` empty means unanswerable."""
+    gold = [a for a in answers if normalize_answer(a)] or [""]
+    return best_over_answers(exact_match_score, prediction, gold), best_over_answers(_v2_f1, prediction, gold)
+
+
+def _means(rows: list[tuple[float, float]]) -> tuple[float, float]:
+    n = len(rows)
+    return 100.0 * sum(r[0] for r in rows) / n, 100.0 * sum(r[1] for r in rows) / n
+
+
+def score_predictions_v2(examples, predictions: Sequence[str], unanswerable_answer: str):
+    """`score_predictions` under the SQuAD 2.0 rules. Records carry ``prediction`` in the official form (``""``
+    for no answer) and ``generated``, the model's text; the summary adds ``HasAns_*`` and ``NoAns_*`` (the
+    official script's names). Examples with no gold answers that are not unanswerable are not scored."""
+    if len(examples) != len(predictions):
+        raise ValueError(f"{len(examples)} questions but {len(predictions)} predictions")
+    records, has, no = [], [], []
+    for ex, generated in zip(examples, predictions, strict=True):
+        pred = official_answer(generated, unanswerable_answer)
+        record = {"id": ex.id, "question": ex.question, "prediction": pred, "generated": generated,
+                  "answers": list(ex.answers), "is_impossible": ex.is_impossible}  # fmt: skip
+        if ex.answers or ex.is_impossible:
+            em, f1 = score_one_v2(pred, ex.answers)
+            record.update(exact_match=em, f1=f1)
+            (no if ex.is_impossible else has).append((em, f1))
+        records.append(record)
+    scored = has + no
+    summary: dict = {"exact_match": None, "f1": None, "n_questions": len(scored)}
+    if scored:
+        summary["exact_match"], summary["f1"] = _means(scored)
+    for name, rows in (("HasAns", has), ("NoAns", no)):
+        if rows:
+            summary[f"{name}_exact"], summary[f"{name}_f1"] = _means(rows)
+            summary[f"{name}_total"] = len(rows)
     return records, summary

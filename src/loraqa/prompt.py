@@ -99,6 +99,7 @@ class PromptEncoder:
         answer: str,
         answer_start: int | None = None,
         stats: PromptStats | None = None,
+        answer_in_context: bool = True,
     ) -> dict | None:
         """``{"input_ids", "labels", "prompt_length", "context_length"}`` for one training example, or None when
         it is skipped. ``context_length`` is where the ``Context: ...`` tokens end and the question segment
@@ -108,6 +109,8 @@ class PromptEncoder:
         An example longer than ``max_length`` keeps a window of its context that still contains the answer
         span (located with ``answer_start``, else by searching the text); it is skipped only when the
         question and answer alone do not fit, or the answer cannot be located in the context.
+        ``answer_in_context=False`` (the no-answer text of an unanswerable question) keeps the context's
+        beginning instead, as at test time.
         """
         stats = stats if stats is not None else PromptStats()
         answer = answer.strip()
@@ -121,7 +124,10 @@ class PromptEncoder:
         if budget <= 0:
             stats.skipped["question and answer longer than max_length"] += 1
             return None
-        if len(ctx_ids) > budget:
+        if len(ctx_ids) > budget and not answer_in_context:
+            ctx_ids = ctx_ids[:budget]
+            stats.truncated += 1
+        elif len(ctx_ids) > budget:
             window = _answer_window(context, answer, answer_start, offsets, budget)
             if window is None:
                 stats.skipped["answer does not fit in a context window"] += 1
@@ -159,12 +165,22 @@ def _answer_window(
     return start, start + budget
 
 
-def encode_train_set(encoder: PromptEncoder, examples) -> tuple[list[dict], PromptStats]:
-    """Encode the first gold answer of every example; returns the features and what was cut or skipped."""
+def encode_train_set(
+    encoder: PromptEncoder, examples, unanswerable_answer: str | None = None
+) -> tuple[list[dict], PromptStats]:
+    """Encode the first gold answer of every example (``unanswerable_answer`` for an unanswerable one);
+    returns the features and what was cut or skipped."""
     stats = PromptStats()
     features = []
     for ex in examples:
-        feat = encoder.encode_train(ex.context, ex.question, ex.answers[0], ex.answer_starts[0], stats)
+        if getattr(ex, "is_impossible", False) and unanswerable_answer is not None:
+            feat = encoder.encode_train(ex.context, ex.question, unanswerable_answer, None, stats,
+                                        answer_in_context=False)  # fmt: skip
+        elif not ex.answers:
+            stats.skipped["no gold answer"] += 1
+            continue
+        else:
+            feat = encoder.encode_train(ex.context, ex.question, ex.answers[0], ex.answer_starts[0], stats)
         if feat is not None:
             features.append(feat)
     return features, stats

@@ -134,7 +134,7 @@ def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, overwrite: bool) -> No
         old = cfg_path.read_text(encoding="utf-8") if cfg_path.exists() else None
     except (OSError, UnicodeDecodeError):
         old = "unreadable"
-    if old is not None and old != cfg.to_yaml():
+    if old is not None and old != cfg.to_yaml() and not _same_experiment(cfg_path, cfg):
         raise ConfigError(
             f"{run_dir}: holds a run of a different config ({cfg_path}); pick another --output-dir, "
             "or pass --overwrite to replace it"
@@ -175,6 +175,14 @@ def check_checkpoint(checkpoint: Path) -> None:
                 f"{f}: corrupt checkpoint file ({problem}); delete {checkpoint} to resume from an earlier "
                 "checkpoint or from the start"
             )
+
+
+def _same_experiment(cfg_path: Path, cfg: ExperimentConfig) -> bool:
+    """Whether a saved config, read with today's defaults for fields added since, is ``cfg``."""
+    try:
+        return load_config(cfg_path) == cfg
+    except ConfigError:
+        return False
 
 
 def last_checkpoint(ckpt_dir: Path) -> str | None:

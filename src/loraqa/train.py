@@ -49,13 +49,12 @@ log = logging.getLogger(__name__)
 def load_examples(cfg: ExperimentConfig):
     """(train examples, dev examples, what was read for the model card) as the config asks, with one line of
     load report each."""
-    train_path = data_mod.squad_path("train", cfg.data.data_dir)
-    dev_path = data_mod.squad_path("dev", cfg.data.data_dir)
-    train, train_report = data_mod.load_squad(train_path, split="train", limit=cfg.data.train_limit)
-    dev, dev_report = data_mod.load_squad(dev_path, split="dev", limit=cfg.data.eval_limit)
+    train, train_report, train_source = data_mod.load_split(cfg.data, "train", limit=cfg.data.train_limit)
+    dev, dev_report, dev_source = data_mod.load_split(cfg.data, "dev", limit=cfg.data.eval_limit)
     log.info(train_report.summary())
     log.info(dev_report.summary())
-    info = {"format": "squad", "train": train_path.name, "dev": dev_path.name, "train_questions": len(train)}
+    info = {"format": cfg.data.format, "train": Path(train_source).name, "dev": Path(dev_source).name,
+            "train_questions": len(train)}  # fmt: skip
     return train, dev, info
 
 
@@ -138,12 +137,13 @@ def _run(cfg, run_dir: Path, device, callbacks, progress, command) -> dict:
     model = prepare_for_generation(model, merge=cfg.eval.merge_adapter, precision=lm.precision)
     records, summary = evaluate_model(
         model, tok, dev_examples, max_length=cfg.prompt.max_length, eval_cfg=cfg.eval,
-        progress=progress and dist.is_main_process(),
+        progress=progress and dist.is_main_process(), unanswerable_answer=cfg.data.no_answer_text(),
     )  # fmt: skip
     metrics = {
         "exact_match": summary["exact_match"],
         "f1": summary["f1"],
         "n_questions": summary["n_questions"],
+        **{k: v for k, v in summary.items() if k.startswith(("HasAns_", "NoAns_"))},  # SQuAD 2.0
         **train_metrics,
         "eval_seconds": summary["eval_seconds"],
         "eval_questions_per_second": summary["eval_questions_per_second"],
@@ -178,7 +178,8 @@ def _save_results(run_dir: Path, records: list[dict], metrics: dict, card: str) 
 
 def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks) -> dict:
     encoder = PromptEncoder(tok, max_length=cfg.prompt.max_length, loss_on=cfg.prompt.loss_on)
-    train_features, train_stats = encode_train_set(encoder, train_examples)
+    no_answer = cfg.data.no_answer_text()
+    train_features, train_stats = encode_train_set(encoder, train_examples, no_answer)
     if not train_features:
         raise ConfigError(f"no training examples left after encoding ({train_stats.summary()})")
     # The logged eval loss is always the loss on the answer tokens (+ EOS), whatever prompt.loss_on trains on:
@@ -188,7 +189,7 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
         if encoder.loss_on == "answer"
         else PromptEncoder(tok, max_length=cfg.prompt.max_length, loss_on="answer")
     )
-    loss_eval_features, _ = encode_train_set(answer_encoder, dev_examples[: cfg.data.loss_eval_limit])
+    loss_eval_features, _ = encode_train_set(answer_encoder, dev_examples[: cfg.data.loss_eval_limit], no_answer)
     log.info("train prompts: %s", train_stats.summary())
 
     # prompt.loss_on=all labels the context: shared, it would count once per paragraph instead of once per

@@ -1,4 +1,4 @@
-"""Data stage: find, download, validate and load SQuAD v1.1, and describe it.
+"""SQuAD JSON: find, download, validate and load SQuAD v1.1 (and the v2.0 layout), and generate a small set.
 
 Where the files come from (see `resolve_data_dir`):
 
@@ -12,7 +12,8 @@ Malformed input raises `DataError` with a one-line message naming the file (and 
 field); questions that are well formed but unusable (no answers, answer text not in the context) are
 skipped and counted in the returned `LoadReport` instead.
 
-`dataset_stats` and `format_stats_table` give the corpus description (Table 1 of the reference study).
+With ``unanswerable=True`` (the ``squad_v2`` format) a question marked ``is_impossible`` is kept, with no
+answers and ``is_impossible`` set, instead of being skipped for having none.
 """
 
 from __future__ import annotations
@@ -23,12 +24,10 @@ import http.client
 import json
 import logging
 import os
-import re
 import tempfile
 import urllib.error
 import urllib.request
 import zlib
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +73,9 @@ class Example:
     question: str
     answers: tuple[str, ...]  # gold answer texts, in file order (duplicates kept, like the official file)
     answer_starts: tuple[int, ...]  # char offsets into `context`, same length as `answers`
+    # SQuAD 2.0: the question has no answer in the context (`answers` is empty). An example that is neither
+    # this nor has answers has no gold answer (prediction-only input): it is answered, not scored.
+    is_impossible: bool = False
 
 
 @dataclass
@@ -262,7 +264,7 @@ def _describe(error: BaseException) -> str:
 
 
 def load_squad(
-    source: str | os.PathLike, *, split: str = "dev", limit: int | None = None
+    source: str | os.PathLike, *, split: str = "dev", limit: int | None = None, unanswerable: bool = False
 ) -> tuple[list[Example], LoadReport]:
     """Load SQuAD v1.1 questions from `source`, in file order.
 
@@ -276,6 +278,7 @@ def load_squad(
     (counted in the report by reason, with its id) when its answers list is empty ("no answers") or no
     answer is left. An ``answer_start`` that does not point at its text, when the text does occur in
     the context, is moved to the nearest occurrence (counted in ``fixed_offsets``).
+    With ``unanswerable`` (SQuAD 2.0), a question with ``"is_impossible": true`` is kept with no answers.
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
@@ -316,7 +319,7 @@ def load_squad(
                     )
                 seen_ids.add(qid)
                 report.n_questions_in_file += 1
-                example = _parse_question(qa, qid, title, context, path, report)
+                example = _parse_question(qa, qid, title, context, path, report, unanswerable)
                 if example is not None:
                     examples.append(example)
 
@@ -371,7 +374,14 @@ def _get(obj: dict, key: str, kind: type, path: Path, where: str) -> Any:
     return value
 
 
-_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}
+_JSON_TYPES = {
+    bool: "true or false",
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+}
 
 
 def _type_name(value: Any) -> str:
@@ -384,11 +394,13 @@ def _type_name(value: Any) -> str:
 
 
 def _parse_question(
-    qa: dict, qid: str, title: str, context: str, path: Path, report: LoadReport
+    qa: dict, qid: str, title: str, context: str, path: Path, report: LoadReport, unanswerable: bool = False
 ) -> Example | None:
     """One question as an Example, or None (counted in `report`) when no usable answer is left."""
     where = f"question {qid!r}"
     question = _get(qa, "question", str, path, where)
+    if unanswerable and "is_impossible" in qa and _get(qa, "is_impossible", bool, path, where):
+        return Example(qid, title, context, question, (), (), is_impossible=True)
     raw_answers = _get(qa, "answers", list, path, where)
     if not raw_answers:
         report.skip("no answers", qid)
@@ -432,81 +444,6 @@ def _nearest_occurrence(context: str, text: str, start: int) -> int | None:
             best = found
         found = context.find(text, found + 1)
     return best
-
-
-# --------------------------------------------------------------------------------------------------
-# Corpus statistics (Table 1)
-# --------------------------------------------------------------------------------------------------
-
-_WORD = re.compile(r"[a-z]+")
-
-
-def question_type(question: str) -> str:
-    """The question's wh-word: who, what, when, where, why, how, which, or "other".
-
-    Rule: lowercase the question, split it into runs of letters a-z, and return the *first word in the
-    question* (reading left to right) that is one of the seven wh-words; "other" if none occurs. Only whole
-    words count ("Howard" is not "how"; "What's" is "what"), so "In which year did ..." is "which" and
-    "How many ..." is "how".
-    """
-    for word in _WORD.findall(question.lower()):
-        if word in QUESTION_TYPES[:-1]:
-            return word
-    return "other"
-
-
-def _mean(values: list[int]) -> float:
-    return sum(values) / len(values) if values else 0.0
-
-
-def dataset_stats(examples: list[Example]) -> dict:
-    """Corpus statistics for one split.
-
-    Returns a dict with ``questions``, ``articles`` (distinct titles), ``paragraphs`` (distinct
-    (title, context) pairs), ``mean_question_words``, ``mean_answer_words`` (first gold answer),
-    ``mean_context_words`` (averaged over questions, so long paragraphs with many questions weigh more),
-    and ``question_types``: share (0..1) of each type in `QUESTION_TYPES`, in that order. Words are
-    whitespace-separated tokens. An empty list gives zeros.
-    """
-    types = Counter(question_type(ex.question) for ex in examples)
-    n = len(examples)
-    return {
-        "questions": n,
-        "articles": len({ex.title for ex in examples}),
-        "paragraphs": len({(ex.title, ex.context) for ex in examples}),
-        "mean_question_words": _mean([len(ex.question.split()) for ex in examples]),
-        "mean_answer_words": _mean([len(ex.answers[0].split()) for ex in examples if ex.answers]),
-        "mean_context_words": _mean([len(ex.context.split()) for ex in examples]),
-        "question_types": {t: (types[t] / n if n else 0.0) for t in QUESTION_TYPES},
-    }
-
-
-def format_stats_table(stats_by_split: dict[str, dict]) -> str:
-    """A markdown table (aligned, so also readable as plain text) with one column per split.
-
-    Rows: questions, articles, paragraphs, mean question/answer/context words (one decimal), then one
-    row per question type as a percentage of the split's questions (one decimal).
-    """
-    rows: list[tuple[str, list[str]]] = []
-    for key in ("questions", "articles", "paragraphs"):
-        rows.append((key, [str(s[key]) for s in stats_by_split.values()]))
-    for part in ("question", "answer", "context"):
-        key = f"mean_{part}_words"
-        rows.append((f"mean {part} words", [f"{s[key]:.1f}" for s in stats_by_split.values()]))
-    for qtype in QUESTION_TYPES:
-        cells = [f"{100 * s['question_types'].get(qtype, 0.0):.1f}" for s in stats_by_split.values()]
-        rows.append((f"{qtype} (%)", cells))
-
-    table = [["", *stats_by_split], *([label, *cells] for label, cells in rows)]
-    widths = [max(len(row[col]) for row in table) for col in range(len(table[0]))]
-
-    def render(row: list[str]) -> str:
-        # first column (labels) left-aligned, numbers right-aligned
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
-        return "| " + " | ".join(cells) + " |"
-
-    rule = "|" + "-" * (widths[0] + 2) + "".join(f"|{'-' * (w + 1)}:" for w in widths[1:]) + "|"
-    return "\n".join([render(table[0]), rule, *(render(row) for row in table[1:])])
 
 
 # ---------------------------------------------------------------------------------------------- synthetic data

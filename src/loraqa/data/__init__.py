@@ -1,0 +1,126 @@
+"""Data stage: read extractive-QA questions in any of the supported formats into `Example`s.
+
+``data.format`` picks the reader (`FORMATS`):
+
+* ``squad``: SQuAD v1.1 JSON (:mod:`.squad`; found, downloaded and checked as before), the default;
+* ``squad_v2``: SQuAD 2.0 JSON; unanswerable questions are kept (``is_impossible``) and the model is taught
+  to answer ``data.unanswerable_answer`` for them; scored by the official v2.0 rules (:mod:`loraqa.metrics`);
+* ``jsonl`` / ``csv``: one record a line or row (:mod:`.tabular`);
+* ``hf``: a Hugging Face ``datasets`` folder (``save_to_disk``) or hub id with SQuAD's columns (:mod:`.hf`).
+
+`split_source` says where a split is read from (``data.train_file`` / ``data.dev_file`` if set, else the
+format's file in ``data.data_dir``), `load_split` reads it. Bad input is a one-line `DataError` naming the
+file, the line or question id, and the field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .squad import (
+    DEFAULT_CACHE_DIR,
+    QUESTION_TYPES,
+    SQUAD_FILES,
+    SYNTHETIC,
+    DataError,
+    Example,
+    LoadReport,
+    download_squad,
+    load_squad,
+    make_synthetic_squad,
+    resolve_data_dir,
+    squad_path,
+    synthetic_data_dir,
+)
+from .stats import dataset_stats, format_stats_table, question_type
+
+__all__ = [
+    "DEFAULT_CACHE_DIR", "FORMATS", "QUESTION_TYPES", "SQUAD_FILES", "SYNTHETIC", "DataError", "Example",
+    "LoadReport", "dataset_stats", "detect_format", "download_squad", "format_stats_table", "load_file",
+    "load_split", "load_squad", "make_synthetic_squad", "question_type", "resolve_data_dir", "split_source",
+    "squad_path", "synthetic_data_dir",
+]  # fmt: skip
+
+FORMATS = ("squad", "squad_v2", "jsonl", "csv", "hf")
+# the file a format reads from a data folder, per split
+_FILE_NAMES = {
+    "squad_v2": {"train": "train-v2.0.json", "dev": "dev-v2.0.json"},
+    "jsonl": {"train": "train.jsonl", "dev": "dev.jsonl"},
+    "csv": {"train": "train.csv", "dev": "dev.csv"},
+}
+
+
+def split_source(data_cfg, split: str) -> str:
+    """Where ``split`` ("train" or "dev") is read from, for a `DataConfig`."""
+    explicit = data_cfg.train_file if split == "train" else data_cfg.dev_file
+    if explicit:
+        return str(explicit)
+    fmt = data_cfg.format
+    if fmt == "squad":
+        return str(squad_path(split, data_cfg.data_dir))
+    folder = data_cfg.data_dir or os.environ.get("LORAQA_DATA_DIR")
+    if not folder:
+        key = "train_file" if split == "train" else "dev_file"
+        raise DataError(f"data.format={fmt}: give data.{key} (or --data-dir, a folder holding the data)")
+    if fmt == "hf":
+        return str(folder)  # the DatasetDict folder (or hub id); the split is picked inside it
+    name = _FILE_NAMES[fmt][split]
+    path = Path(folder).expanduser() / name
+    if fmt == "squad_v2" and not path.is_file() and Path(f"{path}.gz").is_file():
+        path = Path(f"{path}.gz")
+    if not path.is_file():
+        raise DataError(
+            f"{folder}: no {name} for data.format={fmt}; add it, or name the file with data.{split}_file"
+        )
+    return str(path)
+
+
+def detect_format(source: str | os.PathLike) -> str:
+    """A file's format from its name and content: ``.jsonl``, ``.csv``, a folder (``datasets``), or SQuAD
+    JSON (v2 when its version says so or a question has ``is_impossible``)."""
+    path = Path(source).expanduser()
+    name = path.name.lower()
+    if path.is_dir():
+        return "hf"
+    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+        return "jsonl"
+    if name.endswith(".csv"):
+        return "csv"
+    if name.endswith((".json", ".json.gz")):
+        from .squad import _read_json
+
+        top = _read_json(path)
+        version = str(top.get("version", "")) if isinstance(top, dict) else ""
+        return "squad_v2" if version.startswith(("v2", "2")) else "squad"
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    raise DataError(f"{path}: unknown format; name it .json (SQuAD), .jsonl or .csv, or pass --format")
+
+
+def load_file(source: str | os.PathLike, fmt: str, *, split: str = "dev", limit: int | None = None):
+    """(examples, LoadReport) from one file (or ``datasets`` folder) in format ``fmt``."""
+    if fmt == "squad":
+        return load_squad(source, split=split, limit=limit)
+    if fmt == "squad_v2":
+        return load_squad(source, split=split, limit=limit, unanswerable=True)
+    if fmt == "jsonl":
+        from .tabular import load_jsonl
+
+        return load_jsonl(source, limit=limit)
+    if fmt == "csv":
+        from .tabular import load_csv
+
+        return load_csv(source, limit=limit)
+    if fmt == "hf":
+        from .hf import load_hf
+
+        return load_hf(source, split=split, limit=limit)
+    raise DataError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+def load_split(data_cfg, split: str, limit: int | None = None):
+    """(examples, LoadReport, source) of ``split`` ("train" or "dev") as a `DataConfig` asks."""
+    source = split_source(data_cfg, split)
+    examples, report = load_file(source, data_cfg.format, split=split, limit=limit)
+    return examples, report, source
