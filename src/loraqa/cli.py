@@ -6,6 +6,8 @@ loraqa params --model M
 loraqa data stats [--data-dir DIR]
 loraqa sweep CONFIG.yaml --output-dir DIR [--shard i/n] [--parallel k]
 loraqa report DIR
+loraqa predict RUN_DIR --input FILE --output FILE | loraqa ask RUN_DIR --question TEXT --context TEXT|@FILE
+loraqa export RUN_DIR --out DIR
 """
 
 from __future__ import annotations
@@ -162,6 +164,58 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _answerer(args):
+    from .predict import load_answerer
+
+    overrides = [("eval.batch_size", args.batch_size)] if getattr(args, "batch_size", None) else []
+    return load_answerer(args.run_dir, model=args.model, device=args.device, overrides=overrides)
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict_file
+
+    summary = predict_file(_answerer(args), args.input, args.output, fmt=args.format)
+    print(f"wrote {summary['n_answered']} answers to {args.output}", file=sys.stderr)
+    if summary["n_questions"]:
+        print(f"EM {summary['exact_match']:.2f}  F1 {summary['f1']:.2f}  on {summary['n_questions']} questions "
+              f"with gold answers")  # fmt: skip
+        for part in ("HasAns", "NoAns"):
+            if f"{part}_total" in summary:
+                print(f"{part}: EM {summary[f'{part}_exact']:.2f}  F1 {summary[f'{part}_f1']:.2f}  "
+                      f"on {summary[f'{part}_total']} questions")  # fmt: skip
+    else:
+        print("no gold answers in the input: not scored", file=sys.stderr)
+    return 0
+
+
+def cmd_ask(args) -> int:
+    from .config import ConfigError
+    from .predict import ask
+
+    context = args.context
+    if context.startswith("@"):
+        path = Path(context[1:]).expanduser()
+        try:
+            context = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read the context file ({type(e).__name__}: {e})") from None
+    if not context.strip():
+        raise ConfigError("--context is empty; give the paragraph the answer is in (or @FILE)")
+    answers = ask(_answerer(args), args.question, context)
+    for question, answer in zip(args.question, answers, strict=True):
+        print(answer if len(answers) == 1 else f"{question}\t{answer}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_run
+
+    out = export_run(args.run_dir, args.out, overwrite=args.overwrite)
+    print(f"exported {args.run_dir} to {out}: load it with AutoModelForCausalLM.from_pretrained and "
+          "AutoTokenizer.from_pretrained")  # fmt: skip
+    return 0
+
+
 def cmd_params(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -254,6 +308,30 @@ def make_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--device")
     s.set_defaults(func=cmd_sweep)
+
+    pr = sub.add_parser("predict", help="answer every question of a file (SQuAD JSON, JSONL, CSV, datasets)")
+    pr.add_argument("run_dir", nargs="?", help="a run folder made by `loraqa train`")
+    pr.add_argument("--input", "-i", required=True, help=".json (SQuAD v1.1/v2.0), .jsonl, .csv, or a datasets folder")
+    pr.add_argument("--output", "-o", required=True, help="JSONL out: one {id, answer} a line")
+    pr.add_argument("--format", choices=["squad", "squad_v2", "jsonl", "csv", "hf"], help="default: from the name")
+    pr.add_argument("--model", help="no run: ask this base model zero-shot")
+    pr.add_argument("--batch-size", type=int, help="questions generated at once (default: the run's eval.batch_size)")
+    pr.add_argument("--device")
+    pr.set_defaults(func=cmd_predict)
+
+    a = sub.add_parser("ask", help="answer a question about a paragraph")
+    a.add_argument("run_dir", nargs="?", help="a run folder made by `loraqa train`")
+    a.add_argument("--question", "-q", required=True, action="append", help="repeat to ask several at once")
+    a.add_argument("--context", "-c", required=True, help="the paragraph, or @FILE to read it from a file")
+    a.add_argument("--model", help="no run: ask this base model zero-shot")
+    a.add_argument("--device")
+    a.set_defaults(func=cmd_ask)
+
+    x = sub.add_parser("export", help="merge a run's adapter into its base: a plain transformers model folder")
+    x.add_argument("run_dir", help="a run folder made by `loraqa train`")
+    x.add_argument("--out", required=True, help="the folder to write (safetensors, config, tokenizer)")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    x.set_defaults(func=cmd_export)
 
     r = sub.add_parser("report", help="tables, figures and verdicts from one or more sweep folders")
     r.add_argument("sweep_dir", nargs="+", help="sweep folders; several make one study report (needs --out)")

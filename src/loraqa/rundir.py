@@ -295,8 +295,10 @@ def load_run(
     if not (run_dir / weights_file(full)).is_file():
         raise ConfigError(f"{run_dir}: has no trained weights yet; finish it with `loraqa train` first")
     check_weights(run_dir, full)
+    # the seed the run's base was made with: a random built-in (tiny-random-gpt2) is made from it, and the
+    # adapter was trained on exactly those weights
     lm = load_model_and_tokenizer(cfg.model.name, cfg.model.precision, cfg.model.attn_implementation, device,
-                                  trainable_base=full)  # fmt: skip
+                                  seed=cfg.train.seed, trainable_base=full)  # fmt: skip
     if full:
         model = load_trained(lm.model, run_dir, True, lm.device)
     else:

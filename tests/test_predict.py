@@ -1,0 +1,98 @@
+"""loraqa predict / ask on a tiny trained run: the same answers as the run's own evaluation, batched."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loraqa.cli import main
+from loraqa.data import load_squad
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, synthetic_dir):
+    run = tmp_path_factory.mktemp("predict") / "run"
+    rc = main(["train", "--model", "tiny-random-gpt2", "--data-dir", str(synthetic_dir), "--eval-limit", "6",
+               "--precision", "fp32", "--max-new-tokens", "6", "--train-limit", "8", "--max-steps", "2",
+               "--batch-size", "4", "--eval-steps", "0", "--save-steps", "0", "-o", str(run)])  # fmt: skip
+    assert rc == 0
+    return run
+
+
+def run_predictions(run) -> dict:
+    return json.loads((run / "predictions.json").read_text())
+
+
+def test_predict_jsonl_answers_like_the_run_and_scores(tiny_run, synthetic_dir, tmp_path, capsys):
+    dev, _ = load_squad(synthetic_dir, split="dev", limit=6)
+    src = tmp_path / "dev.jsonl"
+    src.write_text("".join(json.dumps({"id": e.id, "context": e.context, "question": e.question,
+                                       "answers": list(e.answers)}) + "\n" for e in dev))  # fmt: skip
+    capsys.readouterr()
+    assert main(["predict", str(tiny_run), "--input", str(src), "--output", str(tmp_path / "out.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [e.id for e in dev] and set(rows[0]) == {"id", "answer"}
+    assert {r["id"]: r["answer"] for r in rows} == run_predictions(tiny_run)
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert (
+        f"EM {metrics['exact_match']:.2f}  F1 {metrics['f1']:.2f}  on 6 questions" in capsys.readouterr().out
+    )
+
+
+def test_predict_without_gold_answers_and_from_squad_json(tiny_run, synthetic_dir, tmp_path, capsys):
+    dev, _ = load_squad(synthetic_dir, split="dev", limit=6)
+    src = tmp_path / "q.csv"
+    src.write_text("id,context,question\n" + "".join(f'{e.id},"{e.context}","{e.question}"\n' for e in dev))
+    assert (
+        main(["predict", str(tiny_run), "-i", str(src), "-o", str(tmp_path / "a.jsonl"), "--batch-size", "2"])
+        == 0
+    )
+    assert "not scored" in capsys.readouterr().err
+    answers = {
+        json.loads(x)["id"]: json.loads(x)["answer"] for x in (tmp_path / "a.jsonl").read_text().splitlines()
+    }
+    assert answers == run_predictions(tiny_run)
+    # the whole SQuAD dev file: every question answered
+    out = tmp_path / "all.jsonl"
+    assert main(["predict", str(tiny_run), "-i", str(synthetic_dir / "dev-v1.1.json"), "-o", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 16
+
+
+def test_ask_answers_like_the_run(tiny_run, synthetic_dir, tmp_path, capsys):
+    dev, _ = load_squad(synthetic_dir, split="dev", limit=2)
+    (tmp_path / "para.txt").write_text(dev[0].context + "\n")
+    capsys.readouterr()
+    assert (
+        main(["ask", str(tiny_run), "--question", dev[0].question, "--context", f"@{tmp_path / 'para.txt'}"])
+        == 0
+    )
+    assert capsys.readouterr().out == run_predictions(tiny_run)[dev[0].id] + "\n"
+    # several questions at once: one line each, question TAB answer
+    assert (
+        main(["ask", str(tiny_run), "-q", dev[0].question, "-q", dev[1].question, "-c", dev[0].context]) == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0] == f"{dev[0].question}\t{run_predictions(tiny_run)[dev[0].id]}"
+
+
+def test_ask_zero_shot_and_clear_errors(capsys, tmp_path):
+    assert main(["ask", "--model", "tiny-random-gpt2", "-q", "What color?", "-c", "The box is red."]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    assert main(["ask", "-q", "What?", "-c", "x"]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert main(["ask", "--model", "tiny-random-gpt2", "-q", "What?", "-c", f"@{tmp_path / 'none.txt'}"]) == 2
+    err = capsys.readouterr().err
+    assert "none.txt" in err and len(err.strip().splitlines()) == 1
+    assert main(["predict", str(tmp_path), "-i", "x.jsonl", "-o", "y.jsonl"]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def test_predict_bad_input_is_one_line(tiny_run, tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text('{"id": "x", "question": "q"}\n')
+    assert (
+        main(["predict", str(tiny_run), "-i", str(tmp_path / "bad.jsonl"), "-o", str(tmp_path / "o.jsonl")])
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.jsonl: line 1 (id 'x'): missing field 'context'" in err
