@@ -1,0 +1,96 @@
+"""loraqa export: a merged, plain transformers folder that loads and answers like the run without loraqa."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from loraqa.cli import main
+
+# Runs in a fresh interpreter that never imports loraqa: plain transformers, greedy generate(), one prompt at
+# a time, the answer is the first line of the continuation.
+PLAIN_TRANSFORMERS = r"""
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+job = json.load(open(sys.argv[1]))
+model = AutoModelForCausalLM.from_pretrained(job["dir"]).eval()
+tok = AutoTokenizer.from_pretrained(job["dir"])
+answers, same_ids = [], []
+for text, ids in zip(job["texts"], job["ids"]):
+    same_ids.append(tok(text, add_special_tokens=False)["input_ids"] == ids)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=job["max_new_tokens"], do_sample=False)
+    answers.append(tok.decode(out[0, len(ids):], skip_special_tokens=True).split("\n", 1)[0].strip())
+print(json.dumps({"answers": answers, "same_ids": same_ids, "loraqa_imported": "loraqa" in sys.modules,
+                  "dtype": str(model.dtype)}))
+"""
+
+
+def plain_answers(folder, examples, tokenizer, max_new_tokens, tmp_path) -> dict:
+    from loraqa.prompt import PromptEncoder, format_prompt
+
+    enc = PromptEncoder(tokenizer, max_length=512)
+    job = {"dir": str(folder), "max_new_tokens": max_new_tokens,
+           "texts": [format_prompt(e.context, e.question) for e in examples],
+           "ids": [enc.encode_prompt(e.context, e.question) for e in examples]}  # fmt: skip
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    (tmp_path / "plain.py").write_text(PLAIN_TRANSFORMERS)
+    done = subprocess.run([sys.executable, str(tmp_path / "plain.py"), str(tmp_path / "job.json")],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_export_loads_with_plain_transformers_and_answers_like_the_run(tmp_path, synthetic_dir, capsys):
+    from loraqa.data import load_squad
+    from loraqa.model import load_tokenizer
+
+    run, out = tmp_path / "run", tmp_path / "merged"
+    rc = main(["train", "--model", "tiny-random-gpt2", "--data-dir", str(synthetic_dir), "--eval-limit", "6",
+               "--precision", "fp32", "--max-new-tokens", "6", "--train-limit", "8", "--max-steps", "3",
+               "--lr", "5e-3", "--batch-size", "4", "--eval-steps", "0", "--save-steps", "0", "-o", str(run)])  # fmt: skip
+    assert rc == 0
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer_config.json", "README.md"} <= names
+    assert not any(n.startswith("adapter_") for n in names)  # merged: no adapter left
+    assert "tiny-random-gpt2" in (out / "README.md").read_text()
+    # a second export into the same folder needs --overwrite
+    assert main(["export", str(run), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+    dev, _ = load_squad(synthetic_dir, split="dev", limit=6)
+    got = plain_answers(out, dev, load_tokenizer("tiny-random-gpt2"), 6, tmp_path)
+    assert not got["loraqa_imported"] and all(got["same_ids"])
+    expected = json.loads((run / "predictions.json").read_text())
+    assert got["answers"] == [expected[e.id] for e in dev]
+    assert any(expected.values())  # the run answered something, so the comparison compares
+
+
+@pytest.mark.slow
+def test_export_of_a_smollm2_run_keeps_its_gguf_tokenizer(tmp_path, synthetic_dir):
+    """SmolLM2's tokenizer comes from the GGUF file; the export saves it as a standard HF tokenizer.
+    Base weights only (lr 0, 1 step): the check is the folder and tokenizer, not the training."""
+    from loraqa.config import ExperimentConfig, apply_overrides
+    from loraqa.data import load_squad
+    from loraqa.export import export_run
+    from loraqa.model import load_tokenizer
+    from loraqa.train import run_experiment
+
+    cfg = apply_overrides(ExperimentConfig(), [
+        ("model.name", "smollm2-135m"), ("model.precision", "fp32"), ("data.data_dir", str(synthetic_dir)),
+        ("data.train_limit", 2), ("data.eval_limit", 3), ("train.max_steps", 1), ("train.lr", 0.0),
+        ("train.batch_size", 2), ("train.warmup_steps", 0), ("train.eval_steps", 0), ("train.save_steps", 0),
+        ("eval.max_new_tokens", 6),
+    ])  # fmt: skip
+    run_experiment(cfg, tmp_path / "run", progress=False)
+    export_run(tmp_path / "run", tmp_path / "merged")
+    dev, _ = load_squad(synthetic_dir, split="dev", limit=3)
+    got = plain_answers(tmp_path / "merged", dev, load_tokenizer("smollm2-135m"), 6, tmp_path)
+    expected = json.loads((tmp_path / "run" / "predictions.json").read_text())
+    assert not got["loraqa_imported"]
+    assert got["answers"] == [expected[e.id] for e in dev]
