@@ -81,6 +81,7 @@ class TrainConfig:
     save_steps: int = 50  # checkpoint every N steps so an interrupted run resumes (0: no checkpoints)
     fast_loss: bool = True  # logits and cross-entropy only at labelled positions (False: full-vocab loss)
     group_by_length: bool = True  # batches of similar lengths, so little compute goes to padding
+    report_to: str | list[str] = "tensorboard"  # tensorboard (event files in RUN/tensorboard) | wandb | mlflow | none | a list
     share_contexts: bool = True  # a paragraph's context computed once per batch for all its questions
     # (loraqa.packing; same loss per question; prompt.loss_on=all falls back to stand-alone examples)
     compile: bool = False  # torch.compile the model

@@ -35,9 +35,11 @@ from .rundir import (
 )
 from .trainer import (
     QACollator,
+    log_final_scores,
     make_clock_callback,
     make_finite_loss_callback,
     make_log_callback,
+    make_tensorboard_callback,
     make_trainer_class,
     per_process_batch,
     training_arguments,
@@ -160,6 +162,7 @@ def _run(cfg, run_dir: Path, device, callbacks, progress, command) -> dict:
     }
     card = model_card(cfg, metrics, data=data_info, command=current_command() if command is None else command,
                       model_type=getattr(lm.model.config, "model_type", None))  # fmt: skip
+    dist.on_main(log_final_scores, run_dir, cfg.train.report_to, metrics, metrics.get("train_steps") or 0)
     return dist.on_main(_save_results, run_dir, records, metrics, card)  # the main process's figures, everywhere
 
 
@@ -210,7 +213,7 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
         # and the tokenizers library writes tokenizer.json without reporting a full disk (a truncated file in an
         # otherwise complete checkpoint, found by tests/test_faults.py); loraqa reloads the tokenizer by name
         callbacks=[make_log_callback(run_dir / "log_history.jsonl"), make_finite_loss_callback(), clock,
-                   *(callbacks or [])],  # fmt: skip
+                   *(callbacks or []), *filter(None, [make_tensorboard_callback(run_dir, cfg.train.report_to)])],  # fmt: skip
         fast_loss=cfg.train.fast_loss,
         share_contexts=shared,
     )

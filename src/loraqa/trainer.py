@@ -367,6 +367,51 @@ def per_process_batch(cfg: ExperimentConfig) -> int:
     return b // n
 
 
+TENSORBOARD_DIR = "tensorboard"  # inside the run folder; `tensorboard --logdir` a sweep folder finds every trial's
+
+
+def reporters(report_to: str | list[str]) -> list[str]:
+    """``train.report_to`` as the Trainer's ``report_to`` list. tensorboard is handled by
+    :func:`make_tensorboard_callback` (the Trainer would log under ``output_dir``, the checkpoints folder, which
+    is removed after training); wandb, mlflow and the other integrations pass through, checked installed."""
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    names = [n for n in names if n not in ("none", "tensorboard")]
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(f"train.report_to: {name} is not installed; pip install {name}, or drop it")
+    return names
+
+
+def make_tensorboard_callback(run_dir: Path, report_to: str | list[str]):
+    """The Trainer's own TensorBoardCallback, writing its event files to ``RUN/tensorboard`` (None when
+    ``train.report_to`` does not name tensorboard)."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    if "tensorboard" not in names:
+        return None
+    from transformers.integrations import TensorBoardCallback
+
+    callback = TensorBoardCallback()
+    callback.logging_dir = str(run_dir / TENSORBOARD_DIR)
+    return callback
+
+
+def log_final_scores(run_dir: Path, report_to: str | list[str], metrics: dict, step: int) -> None:
+    """EM and F1 (and SQuAD 2.0's HasAns/NoAns ones) as TensorBoard scalars ``eval/exact_match`` ... at the
+    last training step, beside the training curves."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    if "tensorboard" not in names:
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    keys = ["exact_match", "f1"] + [k for k in metrics if k.startswith(("HasAns_", "NoAns_")) and "total" not in k]
+    with SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR)) as writer:
+        for key in keys:
+            if metrics.get(key) is not None:
+                writer.add_scalar(f"eval/{key}", metrics[key], step)
+
+
 def training_arguments(cfg: ExperimentConfig, ckpt_dir: Path, precision: str, device: torch.device):
     from transformers import TrainingArguments
 
@@ -399,7 +444,7 @@ def training_arguments(cfg: ExperimentConfig, ckpt_dir: Path, precision: str, de
         remove_unused_columns=False,
         prediction_loss_only=True,
         torch_compile=t.compile,
-        report_to=[],
+        report_to=reporters(t.report_to),
         dataloader_num_workers=0,
         disable_tqdm=os.environ.get("LORAQA_NO_PROGRESS") == "1",
     )
