@@ -152,5 +152,13 @@ def model_card(
         "The resolved experiment is `config.yaml` beside this card; "
         "`loraqa train config.yaml --output-dir DIR` remakes the run.",
         "",
+        "## Use",
+        "",
+        "```bash",
+        "loraqa ask RUN_DIR --question '...' --context @paragraph.txt",
+        "loraqa predict RUN_DIR --input questions.jsonl --output answers.jsonl",
+        "loraqa export RUN_DIR --out merged/   # a plain transformers model folder, the adapter merged in",
+        "```",
+        "",
     ]
     return "\n".join(lines)

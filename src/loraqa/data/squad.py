@@ -107,10 +107,9 @@ class LoadReport:
 
     def summary(self) -> str:
         """One line for humans, e.g. ``dev-v1.1.json: loaded 10570 of 10570 questions (...)``."""
-        text = (
-            f"{self.path.name}: loaded {self.n_loaded} of {self.n_questions_in_file} questions "
-            f"({self.n_articles} articles, {self.n_paragraphs} paragraphs)"
-        )
+        text = f"{self.path.name}: loaded {self.n_loaded} of {self.n_questions_in_file} questions"
+        if self.n_articles or self.n_paragraphs:  # SQuAD JSON; a JSONL/CSV file has neither
+            text += f" ({self.n_articles} articles, {self.n_paragraphs} paragraphs)"
         n_valid = self.n_questions_in_file - sum(self.skipped.values())
         if self.n_loaded < n_valid:
             text += f"; limited to the first {self.n_loaded} of {n_valid} valid"
