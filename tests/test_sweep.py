@@ -1,6 +1,6 @@
 """Tests for loraqa.sweep: expansion, naming, sharding, failure handling, resuming after SIGKILL.
 
-Most tests replace the trial's child process (``sweep.trial_command``) by a short Python script, so the sweep's
+Most tests replace the trial's child process (``sweep.attempt.trial_command``) by a short Python script, so the sweep's
 own machinery (subprocesses, error.json, sweep.json, retries, shards, parallel workers) is tested in
 milliseconds. One test runs configs/tiny-sweep.yaml for real, kills it with SIGKILL in the middle of a trial
 and reruns it; the report test reuses that folder.
@@ -152,7 +152,7 @@ FAKE_CHILD = textwrap.dedent(
 def fake_trials(monkeypatch, tmp_path):
     script = tmp_path / "fake_child.py"
     script.write_text(FAKE_CHILD)
-    monkeypatch.setattr(sweep, "trial_command", lambda trial_yaml, trial_dir, device: [sys.executable, str(script),
+    monkeypatch.setattr(sweep.attempt, "trial_command", lambda trial_yaml, trial_dir, device: [sys.executable, str(script),
                                                                                         str(trial_dir)])  # fmt: skip
     monkeypatch.delenv("FAKE_FAIL", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -259,7 +259,7 @@ INTERRUPTIBLE_SWEEP = textwrap.dedent(
     from loraqa import sweep
     from loraqa.config import load_config
     script, tiny, out = sys.argv[1:4]
-    sweep.trial_command = lambda trial_yaml, trial_dir, device: [sys.executable, script, str(trial_dir)]
+    sweep.attempt.trial_command = lambda trial_yaml, trial_dir, device: [sys.executable, script, str(trial_dir)]
     sys.exit(sweep.run_sweep(load_config(tiny), out, parallel=2, progress=False))
     """
 )
@@ -301,8 +301,8 @@ def test_an_interrupted_sweep_records_no_failure_and_resumes(fake_trials, tmp_pa
 def test_trial_status_and_locks(tmp_path):
     d = tmp_path / "t"
     assert sweep.trial_status(d) == "pending"
-    fd = sweep._try_lock(d)
-    assert fd is not None and sweep.trial_status(d) == "running" and sweep._try_lock(d) is None
+    fd = sweep.state.try_lock(d)
+    assert fd is not None and sweep.trial_status(d) == "running" and sweep.state.try_lock(d) is None
     os.close(fd)
     assert sweep.trial_status(d) == "pending"
     (d / "log_history.jsonl").write_text("")
@@ -328,7 +328,7 @@ def test_stderr_pump_separates_progress_bars_from_lines(tmp_path):
 
     view = View()
     with open(tmp_path / "log", "wb") as log:
-        pump = sweep._StderrPump("t", log, view)
+        pump = sweep.attempt.StderrPump("t", log, view)
         data = ("loading\n 10%|#         | 1/10 [00:01<00:09,  1.00it/s]\r 20%|##        | 2/10 [00:02<00:08,  1.0"
                 "0it/s]\r{'loss': 1.0}\nTraceback\nÉrror: x\n").encode()  # fmt: skip
         pump.run(io.BufferedReader(io.BytesIO(data)))

@@ -1,0 +1,315 @@
+"""One attempt at one trial, the same under every runner: take the trial's lock, record the attempt in run.json,
+run the trial's command (``loraqa train``) in a child process with its output in trial.log, and record how
+it ended: done (metrics.json), interrupted (the sweep was stopping) or failed (error.json with the exit code
+and the tail of stderr).
+
+The local runner calls :func:`run_attempt` from a worker thread; the Ray runner from a Ray task on whichever
+node holds the trial's resources. What it needs travels in a picklable :class:`Job`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import contextlib
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ..io import write_json_atomic, write_text_atomic
+from .machine import machine_info, now
+from .state import fcntl, read_json_or, try_lock
+from .view import fmt_score, hms
+
+STDERR_TAIL_LINES = 40
+STDERR_TAIL_CHARS = 6000
+
+
+def trial_command(trial_yaml: Path, trial_dir: Path, device: str | None) -> list[str]:
+    """The child process that runs one trial (tests replace this)."""
+    cmd = [sys.executable, "-m", "loraqa.cli", "train", str(trial_yaml), "--output-dir", str(trial_dir)]
+    return cmd + (["--device", device] if device else [])
+
+
+@dataclass
+class Job:
+    """Everything one attempt needs; picklable, as a Ray task receives it."""
+
+    name: str
+    overrides: dict[str, Any]
+    config_yaml: str  # the trial's resolved config, written to trial.yaml
+    trial_dir: str
+    command: list[str]
+    shard: str
+    env: dict[str, str] = field(default_factory=dict)  # set on top of the environment for the child
+    worker: int | str | None = None
+    where: str = ""  # "GPU 1", a Ray node, ...
+    machine: dict | None = None  # None: found out where the attempt runs
+
+
+@dataclass
+class Outcome:
+    name: str
+    status: str  # done, failed, interrupted, skipped
+    message: str  # the line the sweep prints
+
+
+class Children:
+    """The child processes running attempts in this process, and the stop flag.
+
+    The flag is set under the same lock that spawning takes, so once :meth:`request_stop` returns no new child
+    starts and :meth:`signal_all` reaches every child there will be."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._procs: dict[str, subprocess.Popen] = {}
+
+    def spawn(self, name: str, cmd: list[str], **popen_kwargs) -> subprocess.Popen | None:
+        with self._lock:
+            if self.stop.is_set():
+                return None
+            proc = subprocess.Popen(cmd, **popen_kwargs)
+            self._procs[name] = proc
+            return proc
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._procs.pop(name, None)
+
+    def request_stop(self) -> None:
+        with self._lock:
+            self.stop.set()
+
+    def signal_all(self, sig: int) -> None:
+        with self._lock:
+            procs = list(self._procs.values())
+        for p in procs:
+            if p.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, sig)
+
+    def any_running(self) -> bool:
+        with self._lock:
+            return any(p.returncode is None for p in self._procs.values())
+
+    def stop_all(self, first: int | None, grace: float = 30.0) -> None:
+        """Stop the sweep: no new child starts; send ``first`` (None: they were signalled already, as by
+        Ctrl-C), give them ``grace`` seconds to exit, then SIGTERM, then SIGKILL. A second Ctrl-C here kills
+        them at once."""
+        self.request_stop()
+        try:
+            for sig, wait in ((first, grace), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+                if sig is not None:
+                    self.signal_all(sig)
+                deadline = time.monotonic() + wait
+                while self.any_running() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if not self.any_running():
+                    return
+        except KeyboardInterrupt:
+            self.signal_all(signal.SIGKILL)
+
+
+def run_attempt(job: Job, children: Children, view, on_change: Callable[[], None] = lambda: None) -> Outcome:
+    """Run one attempt at ``job``'s trial unless another process holds it or it finished meanwhile.
+    ``on_change`` is called after run.json changes (the local runner rewrites sweep.json there)."""
+    tdir = Path(job.trial_dir)
+    if children.stop.is_set():
+        return Outcome(job.name, "skipped", "")
+    fd = try_lock(tdir)
+    if fd is None:
+        return Outcome(job.name, "skipped", f"skip {job.name}: another process is running it")
+    try:
+        if (tdir / "metrics.json").exists():  # finished by another process meanwhile
+            return Outcome(job.name, "done", f"done {job.name} (finished elsewhere)")
+        return _attempt(job, tdir, fd, children, view, on_change)
+    finally:
+        os.close(fd)
+
+
+def _begin(job: Job, tdir: Path, machine: dict) -> tuple[dict, dict]:
+    """Record a new attempt in run.json (an older one still marked running was lost with its sweep: we hold
+    the lock now). Returns run.json's content and the new attempt."""
+    write_text_atomic(tdir / "trial.yaml", job.config_yaml)
+    run = read_json_or(tdir / "run.json", {}) or {}
+    attempts = run.get("attempts", [])
+    for a in attempts:
+        if a.get("status") == "running":
+            a.update(status="lost", wall_seconds=_lost_wall_seconds(tdir, a), wall_seconds_estimated=True)
+    attempt = {"started_at": now(), "host": machine["host"], "shard": job.shard, "worker": job.worker,
+               "where": job.where or None, "status": "running"}  # fmt: skip
+    attempts.append(attempt)
+    run.update(name=job.name, overrides=job.overrides, machine=machine, attempts=attempts)
+    write_json_atomic(tdir / "run.json", run)
+    (tdir / "error.json").unlink(missing_ok=True)
+    return run, attempt
+
+
+def _undo_begin(tdir: Path, run: dict) -> None:
+    run["attempts"].pop()
+    if run["attempts"]:
+        write_json_atomic(tdir / "run.json", run)
+    else:
+        (tdir / "run.json").unlink(missing_ok=True)
+
+
+def _attempt(job: Job, tdir: Path, lock_fd: int, children: Children, view, on_change) -> Outcome:
+    machine = job.machine or machine_info()
+    run, attempt = _begin(job, tdir, machine)
+    on_change()
+    cmd = job.command
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **job.env}
+    view.start(job.name, job.where, len(run["attempts"]))
+    start = time.perf_counter()
+    with open(tdir / "trial.log", "ab") as log_file:
+        log_file.write(
+            f"\n===== attempt {len(run['attempts'])} {attempt['started_at']}: {shlex.join(cmd)}\n".encode()
+        )
+        log_file.flush()
+        # the child inherits the lock, so the trial stays locked while an orphaned child still runs
+        proc = children.spawn(job.name, cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.PIPE,
+                              env=env, pass_fds=(lock_fd,) if fcntl else ())  # fmt: skip
+        if proc is None:  # the sweep began stopping meanwhile: this attempt never started
+            _undo_begin(tdir, run)
+            on_change()
+            return Outcome(job.name, "skipped", "")
+        pump = StderrPump(job.name, log_file, view)
+        reader = threading.Thread(target=pump.run, args=(proc.stderr,), daemon=True)
+        reader.start()
+        rc, max_rss_mb = _wait(proc)
+        reader.join()
+        proc.stderr.close()
+        children.forget(job.name)
+    wall = time.perf_counter() - start
+    status = _verdict(tdir, rc, children.stop)
+    attempt.update(finished_at=now(), wall_seconds=round(wall, 3), exit_code=rc, status=status,
+                   max_rss_mb=max_rss_mb)  # fmt: skip
+    run["wall_seconds"] = round(sum(a.get("wall_seconds") or 0 for a in run["attempts"]), 3)
+    if status == "failed":
+        attempt["error"] = _failure_summary(rc, pump.tail)
+        write_json_atomic(tdir / "error.json", {
+            "trial": job.name, "exit_code": rc, "signal": signal_name(rc), "summary": attempt["error"],
+            "stderr_tail": pump.text(), "wall_seconds": round(wall, 3), "max_rss_mb": max_rss_mb,
+            "command": shlex.join(cmd), "host": machine["host"], "finished_at": attempt["finished_at"],
+            "log": "trial.log",
+        })  # fmt: skip
+    write_json_atomic(tdir / "run.json", run)
+    on_change()
+    return Outcome(job.name, status, _message(job.name, status, tdir, wall, attempt.get("error")))
+
+
+def _verdict(tdir: Path, rc: int | None, stop: threading.Event) -> str:
+    if (tdir / "metrics.json").exists():
+        return "done"
+    if stop.is_set():
+        return "interrupted"
+    return "failed"
+
+
+def _message(name: str, status: str, tdir: Path, wall: float, error: str | None) -> str:
+    if status == "done":
+        m = read_json_or(tdir / "metrics.json", {}) or {}
+        return (
+            f"done {name}: F1 {fmt_score(m.get('f1'))}  EM {fmt_score(m.get('exact_match'))}  ({hms(wall)})"
+        )
+    if status == "failed":
+        return f"FAILED {name}: {error} — see {tdir / 'error.json'}"
+    return f"interrupted {name} (rerun the command to resume it)"
+
+
+def _lost_wall_seconds(tdir: Path, attempt: dict) -> float | None:
+    """For an attempt whose sweep was killed: from its start to the last file its child wrote."""
+    try:
+        started = datetime.fromisoformat(attempt["started_at"]).timestamp()
+    except (KeyError, ValueError):
+        return None
+    skip = {".lock", "run.json", "trial.yaml", "error.json"}
+    mtimes = [p.stat().st_mtime for p in tdir.rglob("*") if p.is_file() and p.name not in skip]
+    last = max((m for m in mtimes if m >= started), default=None)
+    return round(last - started, 3) if last is not None else 0.0
+
+
+def _wait(proc: subprocess.Popen) -> tuple[int, float | None]:
+    """Wait for the child; its exit code (negative: killed by that signal) and peak RSS in MiB."""
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except ChildProcessError:  # reaped elsewhere
+        return (proc.returncode if proc.returncode is not None else proc.wait()), None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    rss = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    return proc.returncode, round(rss, 1)
+
+
+def signal_name(rc: int | None) -> str | None:
+    if rc is None or rc >= 0:
+        return None
+    try:
+        return signal.Signals(-rc).name
+    except ValueError:
+        return f"signal {-rc}"
+
+
+def _failure_summary(rc: int | None, tail) -> str:
+    sig = signal_name(rc)
+    if sig:
+        hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if sig == "SIGKILL" else ""
+        return f"killed by {sig}{hint}"
+    last = next((line for line in reversed(tail) if line.strip()), "")
+    return f"exit code {rc}: {last.strip()[:300]}" if last else f"exit code {rc}"
+
+
+_TQDM = re.compile(r"\|\s*[\d.]+[kMG]?/[\d.?]+[kMG]?\s*\[")
+
+
+class StderrPump:
+    """Reads a child's stderr: copies it to the trial log, keeps the last lines for error.json, hands tqdm
+    progress updates (``\\r``-separated) and ordinary lines to the view."""
+
+    def __init__(self, trial: str, log_file, view):
+        self.trial, self.log_file, self.view = trial, log_file, view
+        self.tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+
+    def run(self, pipe) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        buf = ""
+        while True:
+            chunk = pipe.read1(65536)
+            if not chunk:
+                break
+            self.log_file.write(chunk)
+            self.log_file.flush()
+            buf += decoder.decode(chunk)
+            while True:
+                m = re.search(r"[\r\n]", buf)
+                if not m:
+                    break
+                segment, sep, buf = buf[: m.start()], buf[m.start()], buf[m.end() :]
+                self._segment(segment, sep)
+        buf += decoder.decode(b"", final=True)
+        if buf:
+            self._segment(buf, "\n")
+
+    def _segment(self, segment: str, sep: str) -> None:
+        text = segment.rstrip()
+        if not text:
+            return
+        if _TQDM.search(text):
+            self.view.progress(self.trial, text.strip())
+        elif sep == "\n":
+            self.tail.append(text)
+            self.view.line(self.trial, text)
+
+    def text(self) -> str:
+        out = "\n".join(self.tail)
+        return out[-STDERR_TAIL_CHARS:]

@@ -1,0 +1,163 @@
+"""``loraqa sweep``: check the folder, pick this shard's unfinished trials, hand them to a runner, summarise."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from ..config import ConfigError, ExperimentConfig, from_dict
+from ..io import write_text_atomic
+from . import attempt
+from .attempt import Job
+from .machine import machine_info, now
+from .runner import LocalRunner, Runner, Terminated
+from .state import SweepIndex, trial_status
+from .trials import Trial, base_config, expand_trials, parse_shard, shard_trials
+from .view import View
+
+
+def run_sweep(
+    cfg: ExperimentConfig,
+    output_dir: str | os.PathLike,
+    shard: str = "1/1",
+    parallel: int = 1,
+    device: str | None = None,
+    *,
+    progress: bool | None = None,
+) -> int:
+    """Run this shard's unfinished trials, ``parallel`` at a time, each in a child process. Returns 0 when all
+    of them finished, 1 if any failed (error.json in its folder), 130 if interrupted. ``progress``: a live
+    display (default: when stderr is a terminal)."""
+    index, count = parse_shard(shard)
+    if parallel < 1:
+        raise ConfigError(f"--parallel {parallel}: must be >= 1")
+    trials = expand_trials(cfg)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _check_sweep_yaml(output_dir, cfg)
+    mine = shard_trials(trials, index, count)
+    todo = [t for t in mine if trial_status(output_dir / t.name) != "done"]
+    already = len(mine) - len(todo)
+    if todo:
+        _prefetch_data(todo)
+    machine = machine_info()
+    command, real = _command_line(output_dir, f"{index}/{count}", parallel)
+    title = f"sweep {cfg.name} -> {output_dir}" + (f" (shard {index}/{count})" if count > 1 else "")
+    view = View(title, len(mine), sys.stderr.isatty() if progress is None else progress)
+    view.counts["done"] = already
+    invocation = {
+        "id": f"{machine['host']}-{os.getpid()}-{time.time():.0f}", "command": command,
+        "command_is_reconstructed": not real, "shard": f"{index}/{count}", "parallel": parallel,
+        "device": device, "host": machine["host"], "started_at": now(),
+    }  # fmt: skip
+    index_file = SweepIndex(cfg, output_dir, trials, machine, invocation)
+    index_file.write()
+    view.note(
+        f"{cfg.sweep.mode} sweep: {len(trials)} trials"
+        + (f", {len(mine)} in shard {index}/{count}" if count > 1 else "")
+        + f"; {already} finished already, {len(todo)} to run, {parallel} at a time"
+    )
+    runner = LocalRunner(parallel, device, view, index_file.write)
+    jobs = [_job(t, output_dir, f"{index}/{count}", device, machine) for t in todo]
+    interrupted = _run(runner, jobs, view, index_file)
+    return _summary(view, output_dir, mine, interrupted)
+
+
+def _job(trial: Trial, output_dir: Path, shard: str, device, machine) -> Job:
+    tdir = output_dir / trial.name
+    return Job(name=trial.name, overrides=trial.overrides, config_yaml=trial.config.to_yaml(), trial_dir=str(tdir),
+               command=attempt.trial_command(tdir / "trial.yaml", tdir, device), shard=shard, machine=machine)  # fmt: skip
+
+
+def _run(runner: Runner, jobs: list[Job], view: View, index_file: SweepIndex) -> bool:
+    """Run the jobs; True if the sweep was interrupted (Ctrl-C or SIGTERM)."""
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+
+        def on_term(signum, frame):
+            raise Terminated
+
+        old_term = signal.signal(signal.SIGTERM, on_term)
+    try:
+        with view:
+            runner.run(jobs)
+    except KeyboardInterrupt:
+        return True
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        index_file.write()
+    return False
+
+
+def _summary(view: View, output_dir: Path, mine: list[Trial], interrupted: bool) -> int:
+    final = {t.name: trial_status(output_dir / t.name) for t in mine}
+    failed = [n for n, s in final.items() if s == "failed"]
+    others = [f"{n} ({s})" for n, s in final.items() if s not in ("done", "failed")]
+    done = sum(s == "done" for s in final.values())
+    view.note(f"{done}/{len(mine)} trials done" + (f", failed: {', '.join(failed)}" if failed else "")
+              + (f", not finished: {', '.join(others)}" if others else "") + f"; index: {output_dir / 'sweep.json'}; tables and verdicts: loraqa report {output_dir}")  # fmt: skip
+    if interrupted:
+        view.note("interrupted; rerun the same command to resume", style="yellow")
+        return 130
+    return 1 if failed else 0
+
+
+def _prefetch_data(trials: list[Trial]) -> None:
+    """Find (and where needed download or generate) the data once here, so parallel trials do not race and a
+    missing data set is reported once instead of by every trial."""
+    from ..data import resolve_data_dir
+
+    for data_dir in dict.fromkeys(t.config.data.data_dir for t in trials):
+        resolve_data_dir(data_dir)
+
+
+def _command_line(output_dir: Path, shard: str, parallel: int) -> tuple[str, bool]:
+    """The command that started this sweep: the real one when run from the ``loraqa`` command line, else a
+    reconstruction from the saved sweep.yaml (second value False)."""
+    argv = sys.argv
+    if argv and Path(argv[0]).name in ("loraqa", "cli.py", "__main__.py") and "sweep" in argv[1:]:
+        return "loraqa " + shlex.join(argv[1:]), True
+    cmd = f"loraqa sweep {shlex.quote(str(output_dir / 'sweep.yaml'))} --output-dir {shlex.quote(str(output_dir))}"
+    if shard != "1/1":
+        cmd += f" --shard {shard}"
+    if parallel != 1:
+        cmd += f" --parallel {parallel}"
+    return cmd, False
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "axes":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_sweep_yaml(output_dir: Path, cfg: ExperimentConfig) -> None:
+    """A folder holds one sweep: refuse one whose base config differs; a changed sweep section is allowed
+    (trials are named by their values, so old trials are reused where they still belong)."""
+    path = output_dir / "sweep.yaml"
+    if path.exists():
+        try:
+            old = from_dict(yaml.safe_load(path.read_text()), where=str(path))
+        except (ConfigError, yaml.YAMLError):
+            old = None
+        if old is not None:
+            a, b = _flat(base_config(old).to_dict()), _flat(base_config(cfg).to_dict())
+            differs = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+            if differs:
+                raise ConfigError(
+                    f"{output_dir}: holds a sweep of a different config (differs in {', '.join(differs)}); "
+                    "pick another --output-dir"
+                )
+    write_text_atomic(path, cfg.to_yaml())

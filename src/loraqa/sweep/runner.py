@@ -1,0 +1,118 @@
+"""Runners: what runs a sweep's attempts. Both run the same :func:`~.attempt.run_attempt` per trial.
+
+- :class:`LocalRunner` (the default): child processes on this machine, ``parallel`` at a time, each worker
+  with its own GPU (``CUDA_VISIBLE_DEVICES``) or its share of the cores (``OMP_NUM_THREADS``).
+- ``RayRunner`` (loraqa.sweep.ray_runner, ``--backend ray``): one Ray task per trial, on a local Ray
+  instance or a cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+from ..io import write_json_atomic
+from .attempt import Children, Job, Outcome, run_attempt
+from .machine import nvidia_gpus
+
+log = logging.getLogger(__name__)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached the sweep alone (not its children, as Ctrl-C does): stopping must pass it on."""
+
+
+class Runner(Protocol):
+    def run(self, jobs: list[Job]) -> None:
+        """Run every job's attempt and return when all have ended. On KeyboardInterrupt (Ctrl-C, or
+        :class:`Terminated`) stop the running attempts, let them record themselves as interrupted, re-raise."""
+
+    def stop(self, forward: int | None) -> None:
+        """Start no new attempt; pass signal ``forward`` (None: they already got it) to the running ones and
+        wait for them to end."""
+
+
+def record_crash(trial_dir: str | os.PathLike, name: str, error: BaseException) -> None:
+    """A bug in the bookkeeping or a lost Ray worker: recorded like a failed trial, so the rerun retries it."""
+    log.error("trial %s: %r", name, error)
+    write_json_atomic(Path(trial_dir) / "error.json", {
+        "trial": name, "exit_code": None, "summary": f"sweep error: {error!r}", "stderr_tail": "",
+    })  # fmt: skip
+
+
+def worker_slots(parallel: int, device: str | None) -> list[dict]:
+    """One slot per parallel worker: on GPUs its own CUDA_VISIBLE_DEVICES (round robin when there are more
+    workers than GPUs); on CPUs its share of the cores as OMP_NUM_THREADS."""
+    slots = [{"id": i, "env": {}, "where": ""} for i in range(parallel)]
+    if parallel == 1:
+        return slots
+    gpus = [] if (device or "").startswith("cpu") or (device or "").startswith("cuda:") else nvidia_gpus()
+    if gpus:
+        if parallel > len(gpus):
+            log.warning("--parallel %d with %d GPUs: workers share GPUs", parallel, len(gpus))
+        for s in slots:
+            idx, _name = gpus[s["id"] % len(gpus)]
+            s["env"]["CUDA_VISIBLE_DEVICES"] = idx
+            s["where"] = f"GPU {idx}"
+    elif "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // parallel)
+        for s in slots:
+            s["env"]["OMP_NUM_THREADS"] = str(threads)
+    return slots
+
+
+class LocalRunner:
+    """Attempts in child processes of this one, ``parallel`` worker threads each waiting on its child."""
+
+    def __init__(self, parallel: int, device: str | None, view, on_change: Callable[[], None]):
+        self.parallel, self.device, self.view, self.on_change = parallel, device, view, on_change
+        self.children = Children()
+
+    def run(self, jobs: list[Job]) -> None:
+        slots: queue.Queue = queue.Queue()
+        for s in worker_slots(self.parallel, self.device):
+            slots.put(s)
+        interrupted = None
+        with ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="trial") as pool:
+            futures = {pool.submit(self._one, job, slots): job for job in jobs}
+            try:
+                while any(not f.done() for f in futures):
+                    time.sleep(0.2)
+            except KeyboardInterrupt as e:
+                interrupted = e
+                self.stop(signal.SIGTERM if isinstance(e, Terminated) else None)
+        for f, job in futures.items():
+            if f.exception() is not None:
+                record_crash(job.trial_dir, job.name, f.exception())
+        if interrupted is not None:
+            raise interrupted
+
+    def _one(self, job: Job, slots: queue.Queue) -> None:
+        if self.children.stop.is_set():
+            return
+        slot = slots.get()
+        try:
+            job = dataclasses.replace(
+                job, env={**job.env, **slot["env"]}, worker=slot["id"], where=slot["where"]
+            )
+            outcome = run_attempt(job, self.children, self.view, self.on_change)
+        finally:
+            slots.put(slot)
+        self.finish(outcome)
+
+    def finish(self, outcome: Outcome) -> None:
+        if outcome.message:
+            shown = "skipped" if outcome.status == "interrupted" else outcome.status
+            self.view.finish(outcome.name, shown, outcome.message)
+
+    def stop(self, forward: int | None) -> None:
+        self.view.note("stopping: waiting for the running trials to exit…", style="yellow")
+        self.children.stop_all(forward)

@@ -1,0 +1,151 @@
+"""Trial state, read from the files alone: locks, a trial's status, its entry in sweep.json, and sweep.json.
+
+The files are the truth (a sweep killed at any moment leaves nothing else behind), so any process on any
+machine that sees the folder can tell what is done: ``metrics.json`` = done, a held lock = running,
+``error.json`` = failed, other files = unfinished, nothing = pending.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import ExperimentConfig
+from ..io import read_json, write_json_atomic
+from .machine import now
+from .trials import Trial, axis_values, reference_values
+
+try:  # advisory locks so two processes never run the same trial at once
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+STATUSES = ("done", "failed", "running", "unfinished", "pending")
+METRIC_KEYS = ("exact_match", "f1", "final_train_loss", "final_eval_loss", "trainable_params", "total_params",
+               "train_seconds", "train_tokens_per_second", "peak_memory_mb", "eval_seconds", "train_steps",
+               "n_questions")  # fmt: skip
+
+
+def _lock_path(trial_dir: Path) -> Path:
+    return trial_dir / ".lock"
+
+
+def try_lock(trial_dir: Path) -> int | None:
+    """An open, exclusively flock-ed file descriptor, or None if another process holds the trial."""
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(_lock_path(trial_dir), os.O_RDWR | os.O_CREAT, 0o644)
+    if fcntl is None:
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def is_locked(trial_dir: Path) -> bool:
+    path = _lock_path(trial_dir)
+    if fcntl is None or not path.exists():
+        return False
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:  # a read-only copy of the folder: nobody runs trials there
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock taken here
+    return False
+
+
+def trial_status(trial_dir: Path) -> str:
+    """From the files: done (metrics.json), running (locked by a process), failed (error.json), unfinished
+    (started, interrupted), or pending."""
+    trial_dir = Path(trial_dir)
+    if (trial_dir / "metrics.json").exists():
+        return "done"
+    if is_locked(trial_dir):
+        return "running"
+    if (trial_dir / "error.json").exists():
+        return "failed"
+    if any((trial_dir / f).exists() for f in ("log_history.jsonl", "checkpoints", "train_metrics.json",
+                                              "run.json")):  # fmt: skip
+        return "unfinished"
+    return "pending"
+
+
+def read_json_or(path: Path, default=None):
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return default
+
+
+def trial_record(trial: Trial, sweep_dir: Path) -> dict:
+    """One trial's entry in sweep.json: overrides, status, wall time, key metrics or the error."""
+    tdir = sweep_dir / trial.name
+    status = trial_status(tdir)
+    run = read_json_or(tdir / "run.json", {}) or {}
+    rec: dict[str, Any] = {
+        "name": trial.name,
+        "dir": trial.name,
+        "overrides": trial.overrides,
+        "values": trial.values,
+        "status": status,
+        "attempts": len(run.get("attempts", [])),
+        "wall_seconds": run.get("wall_seconds"),
+    }
+    if status == "done":
+        metrics = read_json_or(tdir / "metrics.json", {}) or {}
+        rec["metrics"] = {k: metrics.get(k) for k in METRIC_KEYS if k in metrics}
+    elif status == "failed":
+        err = read_json_or(tdir / "error.json", {}) or {}
+        rec["exit_code"] = err.get("exit_code")
+        rec["error"] = err.get("summary")
+    return rec
+
+
+@dataclass
+class SweepIndex:
+    """sweep.json: the trials with their status, rebuilt from the trial folders and rewritten atomically. Each
+    invocation (a run of ``loraqa sweep`` on this folder, one per shard or rerun) keeps its own entry."""
+
+    cfg: ExperimentConfig
+    dir: Path
+    trials: list[Trial]
+    machine: dict
+    invocation: dict
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def write(self) -> None:
+        assert self.cfg.sweep is not None
+        with self.lock:
+            path = self.dir / "sweep.json"
+            old = read_json_or(path, {}) or {}
+            invocations = [i for i in old.get("invocations", []) if i.get("id") != self.invocation["id"]]
+            invocations.append(self.invocation)
+            records = [trial_record(t, self.dir) for t in self.trials]
+            counts = collections.Counter(r["status"] for r in records)
+            index = {
+                "name": self.cfg.name,
+                "mode": self.cfg.sweep.mode,
+                "axes": axis_values(self.cfg),
+                "reference": reference_values(self.cfg),
+                "config": "sweep.yaml",
+                "command": old.get("command") or self.invocation["command"],
+                "reproduce": f"loraqa sweep {self.dir / 'sweep.yaml'} --output-dir {self.dir}",
+                "created_at": old.get("created_at") or self.invocation["started_at"],
+                "updated_at": now(),
+                "machine": self.machine,
+                "counts": {s: counts.get(s, 0) for s in STATUSES},
+                "invocations": invocations[-50:],
+                "trials": records,
+            }
+            write_json_atomic(path, index)
