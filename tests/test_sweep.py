@@ -255,7 +255,10 @@ def test_a_folder_holds_one_sweep(fake_trials):
 
 INTERRUPTIBLE_SWEEP = textwrap.dedent(
     """
-    import sys
+    import signal, sys
+    # a test run in the background (pytest ... &) inherits SIGINT ignored, and so would the sweep and its
+    # children: Ctrl-C must work here whatever the test runner inherited
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from loraqa import sweep
     from loraqa.config import load_config
     script, tiny, out = sys.argv[1:4]

@@ -33,6 +33,16 @@ from .view import fmt_score, hms
 
 STDERR_TAIL_LINES = 40
 STDERR_TAIL_CHARS = 6000
+# Ctrl-C reaches the sweep and its children (one process group) at once, so a worker thread may reap a child
+# killed by it before the main thread has woken up, taken the KeyboardInterrupt and set the stop flag (under
+# load this happened in 6 of 40 tries). A child's SIGINT death counts as a failure only if the flag stays unset
+# this long; on an idle machine the flag is set within milliseconds, so it costs nothing but a delay when a
+# child alone gets a SIGINT. (The children keep the sweep's process group so that killing the group, or closing
+# the terminal, still ends them all; and SIGTERM cannot race: the sweep sets the flag before passing it on.)
+SIGINT_GRACE_SECONDS = 30.0
+# how a child reports Ctrl-C: killed by SIGINT (Python's default), or KeyboardInterrupt caught and exit
+# status 130 = 128 + SIGINT (what `loraqa train` does)
+SIGINT_EXITS = (-signal.SIGINT, 128 + signal.SIGINT)
 
 
 def trial_command(trial_yaml: Path, trial_dir: Path, device: str | None) -> list[str]:
@@ -213,6 +223,8 @@ def _verdict(tdir: Path, rc: int | None, stop: threading.Event) -> str:
     if (tdir / "metrics.json").exists():
         return "done"
     if stop.is_set():
+        return "interrupted"
+    if rc in SIGINT_EXITS and stop.wait(SIGINT_GRACE_SECONDS):  # Ctrl-C: see SIGINT_GRACE_SECONDS
         return "interrupted"
     return "failed"
 
