@@ -301,6 +301,27 @@ def test_an_interrupted_sweep_records_no_failure_and_resumes(fake_trials, tmp_pa
     assert len(mtimes(out)) == 4
 
 
+def test_a_trial_finished_just_before_its_sweep_was_killed_is_recorded_on_rerun(fake_trials):
+    """The child wrote metrics.json, then the sweep was killed before it recorded the attempt's end: run.json
+    still says running. The rerun does not redo the trial, and records that attempt as done, with an estimated
+    wall time (sweep.json and the report need one)."""
+    out, cfg = fake_trials, load_config(TINY)
+    assert sweep.run_sweep(cfg, out, progress=False) == 0
+    path = out / "r16" / "run.json"
+    run = read_json(path)
+    started = run["attempts"][0]["started_at"]
+    run["attempts"] = [{"started_at": started, "host": "h", "status": "running"}]
+    del run["wall_seconds"]
+    path.write_text(json.dumps(run))
+    assert sweep.run_sweep(cfg, out, progress=False) == 0
+    run = read_json(path)
+    assert [a["status"] for a in run["attempts"]] == ["done"] and run["attempts"][0]["wall_seconds_estimated"]
+    assert run["wall_seconds"] == run["attempts"][0]["wall_seconds"] >= 0
+    rec = {t["name"]: t for t in read_json(out / "sweep.json")["trials"]}["r16"]
+    assert rec["status"] == "done" and rec["wall_seconds"] == run["wall_seconds"]
+    assert len((out / "r16" / "starts.txt").read_text().splitlines()) == 1
+
+
 def test_trial_status_and_locks(tmp_path):
     d = tmp_path / "t"
     assert sweep.trial_status(d) == "pending"
@@ -396,13 +417,15 @@ def test_a_sweep_killed_mid_trial_resumes_without_redoing_or_losing_results(kill
     after = mtimes(out)
     assert sorted(after) == sorted(names)  # every trial finished
     assert r["before"] and {n: after[n] for n in r["before"]} == r["before"]  # finished ones were not redone
+    for name in r["before"]:  # the kill may have come between the child's end and the sweep's record of it
+        assert read_json(out / name / "run.json")["attempts"][-1]["status"] == "done"
     assert r["interrupted"]
     for name in r["interrupted"]:  # an interrupted trial resumed from its checkpoint
         tm = read_json(out / name / "train_metrics.json")
         assert tm["resumed_from"] and tm["resumed_from"].startswith("checkpoint-")
         assert tm["train_steps"] == load_config(TINY).train.max_steps
         run = read_json(out / name / "run.json")
-        assert [a["status"] for a in run["attempts"]] == ["lost", "done"]
+        assert [a["status"] for a in run["attempts"]] == ["lost", "done"], run["attempts"]
         assert not (out / name / "checkpoints").exists()
     index = read_json(out / "sweep.json")
     assert index["counts"]["done"] == len(names) and all(t["wall_seconds"] for t in index["trials"])

@@ -142,10 +142,14 @@ def run_attempt(job: Job, children: Children, view, on_change: Callable[[], None
         return Outcome(job.name, "skipped", f"skip {job.name}: another process is running it")
     try:
         if (tdir / "metrics.json").exists():  # finished by another process meanwhile
+            os.close(fd)
+            fd = None
+            settle_finished(tdir)
             return Outcome(job.name, "done", f"done {job.name} (finished elsewhere)")
         return _attempt(job, tdir, fd, children, view, on_change)
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def _begin(job: Job, tdir: Path, machine: dict) -> tuple[dict, dict]:
@@ -164,6 +168,31 @@ def _begin(job: Job, tdir: Path, machine: dict) -> tuple[dict, dict]:
     write_json_atomic(tdir / "run.json", run)
     (tdir / "error.json").unlink(missing_ok=True)
     return run, attempt
+
+
+def settle_finished(trial_dir: str | os.PathLike) -> None:
+    """A trial whose child wrote metrics.json, but whose sweep was killed before it recorded the end (run.json
+    still says running): record that attempt as done, its wall time estimated from its files, so the rerun,
+    which skips the finished trial, does not leave it without a wall time. Only while nobody holds the trial."""
+    tdir = Path(trial_dir)
+    run = read_json_or(tdir / "run.json", {}) or {}
+    if not any(a.get("status") == "running" for a in run.get("attempts", [])):
+        return
+    fd = try_lock(tdir)
+    if fd is None:
+        return
+    try:
+        run = read_json_or(tdir / "run.json", {}) or {}
+        attempts = run.get("attempts", [])
+        for i, a in enumerate(attempts):
+            if a.get("status") == "running":  # the last one finished the trial; any other was lost
+                done = i == len(attempts) - 1 and (tdir / "metrics.json").exists()
+                a.update(status="done" if done else "lost", wall_seconds=_lost_wall_seconds(tdir, a),
+                         wall_seconds_estimated=True)  # fmt: skip
+        run["wall_seconds"] = round(sum(a.get("wall_seconds") or 0 for a in attempts), 3)
+        write_json_atomic(tdir / "run.json", run)
+    finally:
+        os.close(fd)
 
 
 def _undo_begin(tdir: Path, run: dict) -> None:

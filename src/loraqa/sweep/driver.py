@@ -44,6 +44,9 @@ def run_sweep(
     _check_sweep_yaml(output_dir, cfg)
     mine = shard_trials(trials, index, count)
     todo = [t for t in mine if trial_status(output_dir / t.name) != "done"]
+    for t in mine:
+        if t not in todo:
+            attempt.settle_finished(output_dir / t.name)
     already = len(mine) - len(todo)
     if todo:
         _prefetch_data(todo)
