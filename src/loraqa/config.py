@@ -100,10 +100,16 @@ class EvalConfig:
 SWEEP_MODES = ("grid", "one-at-a-time")
 
 
+TRIAL_RESOURCES = {"cpus": 1.0, "gpus": 0.0}  # what one trial holds on Ray (--backend ray), by default
+
+
 @dataclass
 class SweepConfig:
     mode: str = "grid"
     axes: dict[str, list] = field(default_factory=dict)  # dotted key -> values
+    # CPUs and GPUs a trial holds under --backend ray (fractions allowed, as Ray allows); missing keys default
+    # to TRIAL_RESOURCES. The local runner shares the machine by --parallel instead.
+    resources_per_trial: dict[str, float] = field(default_factory=lambda: dict(TRIAL_RESOURCES))
 
 
 @dataclass
@@ -176,7 +182,9 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {key}: expected a mapping, got {value!r}")
-        return dict(value)
+        _, item_tp = typing.get_args(tp) or (str, Any)
+        item_tp = {list: list[Any], dict: dict[str, Any]}.get(item_tp, item_tp)
+        return {str(k): _coerce(v, item_tp, f"{key}.{k}", where) for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:
@@ -245,6 +253,7 @@ def from_dict(raw: dict, where: str = "<config>") -> ExperimentConfig:
             raise ConfigError(f"{where}: unknown section '{key}' (known: name, {', '.join(SECTIONS)})")
     cfg = ExperimentConfig(**kwargs)
     if cfg.sweep is not None:
+        cfg.sweep.resources_per_trial = _trial_resources(cfg.sweep.resources_per_trial, where)
         for axis, values in cfg.sweep.axes.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{where}: sweep.axes.{axis}: expected a non-empty list of values")
@@ -252,6 +261,22 @@ def from_dict(raw: dict, where: str = "<config>") -> ExperimentConfig:
                 apply_overrides(cfg, [(axis, v)], where=f"{where}: sweep.axes")
     _check_consistency(cfg, where)
     return cfg
+
+
+def _trial_resources(given: dict[str, float], where: str) -> dict[str, float]:
+    key = "sweep.resources_per_trial"
+    unknown = sorted(set(given) - set(TRIAL_RESOURCES))
+    if unknown:
+        raise ConfigError(
+            f"{where}: {key}: unknown resource '{unknown[0]}' (known: {', '.join(TRIAL_RESOURCES)})"
+        )
+    out = {**TRIAL_RESOURCES, **given}
+    for name, amount in out.items():
+        if amount < 0:
+            raise ConfigError(f"{where}: {key}.{name}: must be >= 0, got {amount!r}")
+    if not any(out.values()):
+        raise ConfigError(f"{where}: {key}: a trial must hold some CPUs or GPUs, got {given!r}")
+    return out
 
 
 def _check_consistency(cfg: ExperimentConfig, where: str) -> None:

@@ -25,6 +25,7 @@ The modules, one job each (none imports this package's ``__init__``):
 - ``attempt``: one attempt at one trial (lock, run.json, the child process, error.json);
 - ``view``: the progress display;
 - ``runner``: the ``Runner`` interface and the local runner (child processes of this machine);
+- ``ray_runner``: the Ray runner (``--backend ray``: one Ray task per trial; needs the ``loraqa[ray]`` extra);
 - ``driver``: ``run_sweep``, which picks the trials and hands them to a runner.
 """
 

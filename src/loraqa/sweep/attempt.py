@@ -80,8 +80,11 @@ class Children:
     The flag is set under the same lock that spawning takes, so once :meth:`request_stop` returns no new child
     starts and :meth:`signal_all` reaches every child there will be."""
 
-    def __init__(self):
+    def __init__(self, orphaned: Callable[[], bool] | None = None):
         self.stop = threading.Event()
+        # whether the process that hosts these attempts has lost what started it (a Ray worker whose raylet
+        # died with the driver): a child then killed by SIGKILL was killed in the teardown, not by a fault
+        self.orphaned = orphaned or (lambda: False)
         self._lock = threading.Lock()
         self._procs: dict[str, subprocess.Popen] = {}
 
@@ -231,7 +234,7 @@ def _attempt(job: Job, tdir: Path, lock_fd: int, children: Children, view, on_ch
         proc.stderr.close()
         children.forget(job.name)
     wall = time.perf_counter() - start
-    status = _verdict(tdir, rc, children.stop)
+    status = _verdict(tdir, rc, children)
     attempt.update(finished_at=now(), wall_seconds=round(wall, 3), exit_code=rc, status=status,
                    max_rss_mb=max_rss_mb)  # fmt: skip
     run["wall_seconds"] = round(sum(a.get("wall_seconds") or 0 for a in run["attempts"]), 3)
@@ -248,13 +251,15 @@ def _attempt(job: Job, tdir: Path, lock_fd: int, children: Children, view, on_ch
     return Outcome(job.name, status, _message(job.name, status, tdir, wall, attempt.get("error")))
 
 
-def _verdict(tdir: Path, rc: int | None, stop: threading.Event) -> str:
+def _verdict(tdir: Path, rc: int | None, children: Children) -> str:
     if (tdir / "metrics.json").exists():
         return "done"
-    if stop.is_set():
+    if children.stop.is_set():
         return "interrupted"
-    if rc in SIGINT_EXITS and stop.wait(SIGINT_GRACE_SECONDS):  # Ctrl-C: see SIGINT_GRACE_SECONDS
+    if rc in SIGINT_EXITS and children.stop.wait(SIGINT_GRACE_SECONDS):  # Ctrl-C: see SIGINT_GRACE_SECONDS
         return "interrupted"
+    if rc == -signal.SIGKILL and children.orphaned():  # as a rerun finds an attempt of a killed sweep
+        return "lost"
     return "failed"
 
 
@@ -266,6 +271,8 @@ def _message(name: str, status: str, tdir: Path, wall: float, error: str | None)
         )
     if status == "failed":
         return f"FAILED {name}: {error} — see {tdir / 'error.json'}"
+    if status == "lost":
+        return f"lost {name}: its sweep went away (rerun the command to resume it)"
     return f"interrupted {name} (rerun the command to resume it)"
 
 

@@ -22,22 +22,32 @@ from .state import SweepIndex, trial_status
 from .trials import Trial, base_config, expand_trials, parse_shard, shard_trials
 from .view import View
 
+BACKENDS = ("local", "ray")
+
 
 def run_sweep(
     cfg: ExperimentConfig,
     output_dir: str | os.PathLike,
     shard: str = "1/1",
-    parallel: int = 1,
+    parallel: int | None = None,
     device: str | None = None,
     *,
+    backend: str = "local",
+    address: str | None = None,
     progress: bool | None = None,
 ) -> int:
-    """Run this shard's unfinished trials, ``parallel`` at a time, each in a child process. Returns 0 when all
+    """Run this shard's unfinished trials, each in a child process: ``parallel`` at a time on this machine
+    (default 1), or with ``backend="ray"`` as Ray tasks holding ``sweep.resources_per_trial`` (on a local Ray
+    instance, or the cluster at ``address``; ``parallel`` then caps the trials in flight). Returns 0 when all
     of them finished, 1 if any failed (error.json in its folder), 130 if interrupted. ``progress``: a live
     display (default: when stderr is a terminal)."""
     index, count = parse_shard(shard)
-    if parallel < 1:
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if parallel is not None and parallel < 1:
         raise ConfigError(f"--parallel {parallel}: must be >= 1")
+    if address and backend != "ray":
+        raise ConfigError("--address names a Ray cluster: use it with --backend ray")
     trials = expand_trials(cfg)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -51,32 +61,49 @@ def run_sweep(
     if todo:
         _prefetch_data(todo)
     machine = machine_info()
-    command, real = _command_line(output_dir, f"{index}/{count}", parallel)
+    command, real = _command_line(output_dir, f"{index}/{count}", parallel, backend, address)
     title = f"sweep {cfg.name} -> {output_dir}" + (f" (shard {index}/{count})" if count > 1 else "")
     view = View(title, len(mine), sys.stderr.isatty() if progress is None else progress)
     view.counts["done"] = already
     invocation = {
         "id": f"{machine['host']}-{os.getpid()}-{time.time():.0f}", "command": command,
         "command_is_reconstructed": not real, "shard": f"{index}/{count}", "parallel": parallel,
-        "device": device, "host": machine["host"], "started_at": now(),
+        "backend": backend, "address": address, "device": device, "host": machine["host"], "started_at": now(),
     }  # fmt: skip
     index_file = SweepIndex(cfg, output_dir, trials, machine, invocation)
     index_file.write()
     view.note(
         f"{cfg.sweep.mode} sweep: {len(trials)} trials"
         + (f", {len(mine)} in shard {index}/{count}" if count > 1 else "")
-        + f"; {already} finished already, {len(todo)} to run, {parallel} at a time"
+        + f"; {already} finished already, {len(todo)} to run, {_at_once(backend, parallel)}"
     )
-    runner = LocalRunner(parallel, device, view, index_file.write)
-    jobs = [_job(t, output_dir, f"{index}/{count}", device, machine) for t in todo]
+    runner = _runner(cfg, backend, address, parallel, device, view, index_file)
+    jobs = [_job(t, output_dir, f"{index}/{count}", device, machine, absolute=backend == "ray") for t in todo]
     interrupted = _run(runner, jobs, view, index_file)
     return _summary(view, output_dir, mine, interrupted)
 
 
-def _job(trial: Trial, output_dir: Path, shard: str, device, machine) -> Job:
-    tdir = output_dir / trial.name
+def _at_once(backend: str, parallel: int | None) -> str:
+    if backend == "local":
+        return f"{parallel or 1} at a time"
+    return "as Ray tasks" + (f", at most {parallel} at a time" if parallel else "")
+
+
+def _runner(cfg, backend, address, parallel, device, view, index_file) -> Runner:
+    if backend == "ray":
+        from .ray_runner import RayRunner  # Ray is an extra (loraqa[ray]), imported only when asked for
+
+        return RayRunner(cfg.sweep.resources_per_trial, address, parallel, view, index_file.write)
+    return LocalRunner(parallel or 1, device, view, index_file.write)
+
+
+def _job(trial: Trial, output_dir: Path, shard: str, device, machine, absolute: bool) -> Job:
+    """A Ray task may run on another node, in another working folder: it gets absolute paths (which must name
+    the same storage there) and finds out its machine itself."""
+    tdir = (output_dir.resolve() if absolute else output_dir) / trial.name
     return Job(name=trial.name, overrides=trial.overrides, config_yaml=trial.config.to_yaml(), trial_dir=str(tdir),
-               command=attempt.trial_command(tdir / "trial.yaml", tdir, device), shard=shard, machine=machine)  # fmt: skip
+               command=attempt.trial_command(tdir / "trial.yaml", tdir, device), shard=shard,
+               machine=None if absolute else machine)  # fmt: skip
 
 
 def _run(runner: Runner, jobs: list[Job], view: View, index_file: SweepIndex) -> bool:
@@ -122,7 +149,7 @@ def _prefetch_data(trials: list[Trial]) -> None:
         resolve_data_dir(data_dir)
 
 
-def _command_line(output_dir: Path, shard: str, parallel: int) -> tuple[str, bool]:
+def _command_line(output_dir: Path, shard: str, parallel: int | None, backend: str, address: str | None):
     """The command that started this sweep: the real one when run from the ``loraqa`` command line, else a
     reconstruction from the saved sweep.yaml (second value False)."""
     argv = sys.argv
@@ -131,8 +158,10 @@ def _command_line(output_dir: Path, shard: str, parallel: int) -> tuple[str, boo
     cmd = f"loraqa sweep {shlex.quote(str(output_dir / 'sweep.yaml'))} --output-dir {shlex.quote(str(output_dir))}"
     if shard != "1/1":
         cmd += f" --shard {shard}"
-    if parallel != 1:
+    if parallel not in (None, 1):
         cmd += f" --parallel {parallel}"
+    if backend != "local":
+        cmd += f" --backend {backend}" + (f" --address {shlex.quote(address)}" if address else "")
     return cmd, False
 
 

@@ -110,7 +110,7 @@ class LocalRunner:
 
     def finish(self, outcome: Outcome) -> None:
         if outcome.message:
-            shown = "skipped" if outcome.status == "interrupted" else outcome.status
+            shown = outcome.status if outcome.status in ("done", "failed") else "skipped"
             self.view.finish(outcome.name, shown, outcome.message)
 
     def stop(self, forward: int | None) -> None:
