@@ -449,7 +449,8 @@ def test_report_on_the_tiny_sweep(killed_and_resumed, tmp_path):
     for fig in ("figure3_rank_eval_loss.png", "figure4_targets_loss.png", "figure5_lr_loss.png"):
         assert (tmp_path / "report" / "figures" / fig).stat().st_size > 1000
         assert f"figures/{fig}" in text
-    assert f"loraqa sweep {TINY} --output-dir {out} --parallel 2" in text
+    # the report names paths relative to the working folder (the fixture's is the repository), others by name
+    assert f"loraqa sweep {TINY.relative_to(ROOT)} --output-dir …/{out.name} --parallel 2" in text
     assert "CPUs, torch" in text and "Date:" in text
     from loraqa.sweep import code_version
 
