@@ -80,3 +80,53 @@ def test_help_lists_the_pipeline_commands(capsys):
     out = capsys.readouterr().out
     for cmd in ("train", "eval", "params", "data", "sweep", "report"):
         assert cmd in out
+
+
+# Every shorthand flag, a value unlike the default, and the config key it must set (and nothing else).
+SHORTHAND_CASES = [
+    (["--model", "tiny-random-gpt2"], "model.name", "tiny-random-gpt2"),
+    (["--precision", "bf16"], "model.precision", "bf16"),
+    (["--data-dir", "somewhere"], "data.data_dir", "somewhere"),
+    (["--train-limit", "7"], "data.train_limit", 7),
+    (["--eval-limit", "9"], "data.eval_limit", 9),
+    (["--max-length", "333"], "prompt.max_length", 333),
+    (["--loss-on", "all"], "prompt.loss_on", "all"),
+    (["--rank", "13"], "lora.r", 13),
+    (["-r", "14"], "lora.r", 14),
+    (["--alpha", "3.5"], "lora.alpha", 3.5),
+    (["--dropout", "0.25"], "lora.dropout", 0.25),
+    (["--targets", "attn+proj"], "lora.targets", "attn+proj"),
+    (["--targets", "c_attn, c_fc"], "lora.targets", ["c_attn", "c_fc"]),
+    (["--method", "full"], "train.method", "full"),
+    (["--epochs", "1.5"], "train.epochs", 1.5),
+    (["--max-steps", "77"], "train.max_steps", 77),
+    (["--batch-size", "6"], "train.batch_size", 6),
+    (["--lr", "0.0031"], "train.lr", 0.0031),
+    (["--weight-decay", "0.07"], "train.weight_decay", 0.07),
+    (["--warmup-steps", "11"], "train.warmup_steps", 11),
+    (["--seed", "1234"], "train.seed", 1234),
+    (["--eval-steps", "17"], "train.eval_steps", 17),
+    (["--save-steps", "19"], "train.save_steps", 19),
+    (["--eval-batch-size", "5"], "eval.batch_size", 5),
+    (["--max-new-tokens", "21"], "eval.max_new_tokens", 21),
+]
+
+
+@pytest.mark.parametrize("flags, key, value", SHORTHAND_CASES, ids=[c[0][0] + "=" + c[0][1] for c in SHORTHAND_CASES])
+def test_each_shorthand_sets_exactly_the_key_it_names(flags, key, value):
+    from loraqa.cli import build_config, make_parser
+    from loraqa.config import ExperimentConfig
+
+    cfg = build_config(make_parser().parse_args(["train", *flags]))
+    default = ExperimentConfig().to_dict()
+    got = cfg.to_dict()
+    section, name = key.split(".")
+    assert got[section][name] == value and default[section][name] != value
+    got[section][name] = default[section][name]
+    assert got == default, "the flag changed another key too"
+
+
+def test_every_shorthand_is_in_the_table():
+    from loraqa.cli import SHORTHANDS
+
+    assert {key for _, key, _ in SHORTHAND_CASES} == set(SHORTHANDS.values())

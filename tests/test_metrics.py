@@ -55,3 +55,10 @@ def test_score_predictions_records():
     assert summary == {"exact_match": 50.0, "f1": 50.0, "n_questions": 2}
     with pytest.raises(ValueError):
         score_predictions(ex, ["only one"])
+
+
+def test_f1_counts_repeated_tokens_as_a_multiset():
+    """SQuAD's F1 intersects token multisets: a repeated token counts as often as it occurs in both. On token
+    sets this case would score 1.0 (both sides are {cat, sat})."""
+    assert f1_score("cat cat sat", "cat sat sat") == pytest.approx(2 / 3)
+    assert f1_score("cat cat cat", "cat") == pytest.approx(0.5)  # precision 1/3, recall 1

@@ -6,7 +6,7 @@
   reference, the adapters and their gradients stay fp32;
 * batched greedy generation (shared prompt prefixes computed once, sorted by length, finished sequences
   dropped from the batch, merged adapter) gives the same answers as ``model.generate`` one question at a time;
-* a small trained case scores the same EM/F1 (within two questions of eight) in bf16 as in fp32.
+* a small trained case scores the same EM/F1 (within one question of eight) in bf16 as in fp32.
 
 Speed is shown by ``benchmarks/bench_speed.py``, never by a timed test.
 """
@@ -260,8 +260,9 @@ def test_bf16_training_scores_like_fp32(trained):
     _, runs = trained
     fp32, bf16 = runs["fp32"][1], runs["bf16"][1]
     assert fp32["exact_match"] >= 75.0, fp32  # the case is learnt, so the comparison means something
-    assert abs(bf16["exact_match"] - fp32["exact_match"]) <= 25.0  # two questions of eight
-    assert abs(bf16["f1"] - fp32["f1"]) <= 25.0
+    # one question of eight at most (measured 2026-11-29 on the 2-core AMX VM: fp32 8/8, bf16 7/8)
+    assert abs(bf16["exact_match"] - fp32["exact_match"]) <= 12.5
+    assert abs(bf16["f1"] - fp32["f1"]) <= 12.5
     assert rel(bf16["final_train_loss"] + 1.0, fp32["final_train_loss"] + 1.0) < 0.5
 
 
@@ -275,8 +276,8 @@ def test_bf16_generation_of_an_fp32_adapter_scores_like_fp32(trained, gpt2_token
         answers = generate_answers(model, gpt2_tokenizer, prompts, batch_size=4, max_new_tokens=8,
                                    progress=False)  # fmt: skip
         scores[precision] = score_predictions(dev, answers)[1]
-    assert abs(scores["bf16"]["exact_match"] - scores["fp32"]["exact_match"]) <= 25.0
-    assert abs(scores["bf16"]["f1"] - scores["fp32"]["f1"]) <= 25.0
+    assert abs(scores["bf16"]["exact_match"] - scores["fp32"]["exact_match"]) <= 12.5  # one question of eight
+    assert abs(scores["bf16"]["f1"] - scores["fp32"]["f1"]) <= 12.5
 
 
 def test_predictions_file_matches_a_fresh_evaluation(trained, gpt2_tokenizer):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -211,7 +212,10 @@ def test_cli_sweep_exits_nonzero_when_a_trial_fails(fake_trials, monkeypatch, ca
     monkeypatch.delenv("FAKE_FAIL")
     assert main(["sweep", str(TINY), "--output-dir", str(fake_trials)]) == 0
     index = read_json(fake_trials / "sweep.json")
-    assert index["command"].startswith("loraqa sweep ") or "sweep.yaml" in index["command"]
+    # run in-process (not from the command line), the command is rebuilt from the saved sweep.yaml, and says so
+    (inv,) = {i["command"]: i for i in index["invocations"]}.values()
+    assert inv["command"] == f"loraqa sweep {fake_trials / 'sweep.yaml'} --output-dir {fake_trials}"
+    assert inv["command_is_reconstructed"] is True
 
 
 def test_shards_split_the_work_between_runs(fake_trials):
@@ -431,9 +435,12 @@ def test_a_sweep_killed_mid_trial_resumes_without_redoing_or_losing_results(kill
     assert index["counts"]["done"] == len(names) and all(t["wall_seconds"] for t in index["trials"])
     for name in names:
         m = read_json(out / name / "metrics.json")
-        for key in ("exact_match", "f1", "final_train_loss", "final_eval_loss", "trainable_params", "total_params",
-                    "train_seconds", "train_tokens_per_second", "peak_memory_mb"):  # fmt: skip
+        for key in ("exact_match", "f1", "final_train_loss", "final_eval_loss", "train_seconds",
+                    "train_tokens_per_second", "peak_memory_mb"):  # fmt: skip
             assert m.get(key) is not None, (name, key)
+        # LoRA on the 2-layer, width-64 GPT-2: r x (in + out) per adapted matrix per layer
+        per_rank = {"targets_attn+proj": (64 + 192) + (64 + 64) + (256 + 64)}.get(name, 64 + 192)
+        assert m["trainable_params"] == 2 * (16 if name == "r16" else 8) * per_rank, name
         assert (out / name / "log_history.jsonl").exists()
         assert (out / name / "config.yaml").read_text() == (out / name / "trial.yaml").read_text()
     assert "finished already" in second.stderr
@@ -462,7 +469,11 @@ def test_report_on_the_tiny_sweep(killed_and_resumed, tmp_path):
     assert f"{base['final_eval_loss']:.3f}" in text
     for claim in ("(a)", "(b)", "(c)", "(d)", "(e)"):
         line = next(ln for ln in text.splitlines() if ln.startswith(f"- **{claim}"))
-        assert any(v in line for v in ("holds", "does not hold", "not measurable here")), line
+        # the verdict is the bold text's ending ("...”: VERDICT.**"), exactly one of the three
+        verdict = re.match(r"- \*\*\(.\) “.*”: (.*?)\.\*\*", line)
+        assert verdict and verdict.group(1) in ("holds", "does not hold", "not measurable here"), line
+        if claim in ("(a)", "(e)"):  # no rank above 16, no prompt.loss_on axis in the tiny sweep
+            assert verdict.group(1) == "not measurable here", line
     assert "Table 6" in text and "Table 7" in text and "Full fine-tuning" in text
     rows = (tmp_path / "report" / "results.csv").read_text().splitlines()
     assert rows[0].startswith("trial,status,lora.r,lora.targets,train.lr,exact_match,f1")

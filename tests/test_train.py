@@ -45,10 +45,17 @@ def test_run_folder_holds_everything_and_the_adapter_loads(tmp_path, synthetic_d
                  "predictions.jsonl", "metrics.json", "train_metrics.json"):  # fmt: skip
         assert (run / name).is_file(), name
     assert not (run / "checkpoints").exists()  # removed once the adapter is saved
-    for key in ("exact_match", "f1", "n_questions", "train_seconds", "train_tokens_per_second", "eval_seconds",
-                "eval_questions_per_second", "trainable_params", "total_params", "peak_memory_mb"):  # fmt: skip
-        assert metrics[key] is not None, key
     assert metrics["n_questions"] == 8 and metrics["train_steps"] == 4
+    # LoRA r=8 on GPT-2's c_attn (64 -> 192), 2 layers: r x (in + out) per layer
+    assert metrics["trainable_params"] == 2 * 8 * (64 + 192)
+    base = sum(p.numel() for p in load_base_model("tiny-random-gpt2").parameters())
+    assert metrics["total_params"] == base + metrics["trainable_params"]
+    preds_em = [json.loads(line)["exact_match"] for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert metrics["exact_match"] == pytest.approx(100 * sum(preds_em) / 8)
+    assert metrics["train_tokens_per_second"] == pytest.approx(metrics["train_tokens"] / metrics["train_seconds"],
+                                                               rel=1e-2)  # fmt: skip
+    assert metrics["eval_questions_per_second"] == pytest.approx(8 / metrics["eval_seconds"], rel=1e-2)
+    assert metrics["peak_memory_mb"] > 0 and metrics["eval_seconds"] > 0
     assert json.loads((run / "metrics.json").read_text()) == metrics
     preds = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 8 and {"id", "prediction", "answers", "exact_match", "f1"} <= set(preds[0])
@@ -73,6 +80,32 @@ def test_run_folder_holds_everything_and_the_adapter_loads(tmp_path, synthetic_d
     assert again["exact_match"] == metrics["exact_match"] and again["f1"] == metrics["f1"]
     # a finished run is not redone
     assert run_experiment(tiny_config(synthetic_dir), run, progress=False) == metrics
+
+
+def test_a_run_resumed_between_training_and_evaluation_scores_the_trained_adapter(tmp_path, synthetic_dir,
+                                                                                 monkeypatch):
+    """Killed after train_metrics.json, before metrics.json: the rerun must load the trained adapter, not score
+    the fresh (untrained) one. A high learning rate makes the trained answers differ from the untrained ones,
+    and the same rerun with the reload taken out (a planted bug) is shown to give other answers."""
+    from loraqa import train
+
+    cfg = tiny_config(synthetic_dir, **{"train.lr": 0.05, "train.eval_steps": 0})
+    first = run_experiment(cfg, tmp_path / "run", progress=False)
+    answers = (tmp_path / "run" / "predictions.json").read_text()
+
+    def killed_during_evaluation(folder):
+        shutil.copytree(tmp_path / "run", folder)
+        for name in ("metrics.json", "predictions.json", "predictions.jsonl", "README.md"):
+            (folder / name).unlink()
+        return folder
+
+    again = run_experiment(cfg, killed_during_evaluation(tmp_path / "resumed"), progress=False)
+    assert (tmp_path / "resumed" / "predictions.json").read_text() == answers
+    assert (again["exact_match"], again["f1"]) == (first["exact_match"], first["f1"])
+
+    monkeypatch.setattr(train, "load_trained", lambda model, *args, **kwargs: model)  # the reload removed
+    run_experiment(cfg, killed_during_evaluation(tmp_path / "planted"), progress=False)
+    assert (tmp_path / "planted" / "predictions.json").read_text() != answers
 
 
 def test_same_config_gives_the_same_metrics(tmp_path, synthetic_dir):
@@ -108,8 +141,29 @@ def test_an_interrupted_run_resumes_from_itslast_checkpoint(tmp_path, synthetic_
     assert not (tmp_path / "metrics.json").exists()
     before = json.loads((tmp_path / "checkpoints" / "checkpoint-2" / "loraqa_clock.json").read_text())
     assert before["segments"] == 1 and before["train_seconds"] > 0 and before["train_tokens"] > 0
-    metrics = run_experiment(cfg, tmp_path, progress=False)
+    class Watch(TrainerCallback):
+        """What the Trainer itself did on resuming: the step it restored, the optimizer state it loaded, the
+        steps it then ran."""
+
+        def __init__(self):
+            self.begin_step, self.adam_steps, self.steps_run = None, set(), 0
+
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            self.begin_step = state.global_step
+
+        def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+            if self.steps_run == 0:  # the optimizer state as loaded from the checkpoint, before any new step
+                self.adam_steps = {int(s["step"]) for s in optimizer.state.values()}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps_run += 1
+
+    watch = Watch()
+    metrics = run_experiment(cfg, tmp_path, callbacks=[watch], progress=False)
     assert metrics["resumed_from"] == "checkpoint-2" and metrics["train_steps"] == 4
+    assert watch.begin_step == 2 and metrics["resumed_at_step"] == 2  # the Trainer restored step 2 ...
+    assert watch.adam_steps == {2}  # ... and AdamW's state after 2 steps (a fresh optimizer has none) ...
+    assert watch.steps_run == 2  # ... and ran only the 2 steps left
     # the resumed run ends where an uninterrupted one does
     straight = run_experiment(cfg, tmp_path / "straight", progress=False)
     assert metrics["final_train_loss"] == pytest.approx(straight["final_train_loss"], rel=1e-5)
@@ -250,7 +304,9 @@ def test_bf16_run_trains_and_scores(tmp_path, synthetic_dir):
     metrics = run_experiment(
         tiny_config(synthetic_dir, **{"model.precision": "bf16"}), tmp_path, progress=False
     )
-    assert metrics["precision"] == "bf16" and metrics["final_train_loss"] is not None
+    history = [json.loads(line) for line in (tmp_path / "log_history.jsonl").read_text().splitlines()]
+    assert metrics["precision"] == "bf16"
+    assert metrics["final_train_loss"] == [h["loss"] for h in history if "loss" in h][-1]
 
 
 def test_generation_speed_switches_do_not_change_the_answers(synthetic_dir):
