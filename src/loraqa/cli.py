@@ -257,13 +257,17 @@ def cmd_report(args) -> int:
     from .report import write_report
     from .study import write_study_report
 
+    unreadable: list[str] = []
     if len(args.sweep_dir) == 1 and not args.compare:
-        path = write_report(args.sweep_dir[0], out_dir=args.out)
+        path = write_report(args.sweep_dir[0], out_dir=args.out, unreadable=unreadable)
     elif not args.out:
         raise ValueError("a report on several sweeps (or with --compare) needs --out DIR")
     else:
         path = write_study_report(args.sweep_dir, args.out, compare=args.compare)
     print(f"wrote {path}")
+    if unreadable:  # stated, with the files: what they held is missing from the report
+        print(f"loraqa: report: left out {len(unreadable)} unreadable file(s): {'; '.join(unreadable)}",
+              file=sys.stderr)
     return 0
 
 

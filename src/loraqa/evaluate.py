@@ -92,9 +92,10 @@ def eval_zero_shot(cfg, out_dir, *, device: str | None = None, progress: bool = 
     from .data import load_split
     from .io import write_json_atomic, write_text_atomic
     from .model import count_parameters, load_model_and_tokenizer
-    from .rundir import write_predictions
+    from .rundir import make_run_folder, write_predictions
 
     out_dir = Path(out_dir)
+    make_run_folder(out_dir)  # a file or an impossible path as --output-dir: one line, before any work
     dev, _, _ = load_split(cfg.data, "dev", limit=cfg.data.eval_limit)
     lm = load_model_and_tokenizer(cfg.model.name, cfg.model.precision, cfg.model.attn_implementation, device)
     records, summary = evaluate_model(

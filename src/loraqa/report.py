@@ -71,6 +71,7 @@ class TrialResult:
     metrics: dict = field(default_factory=dict)
     run: dict = field(default_factory=dict)
     error: dict = field(default_factory=dict)
+    unreadable: list = field(default_factory=list)  # shared with SweepData: damaged files left out
 
     @property
     def name(self) -> str:
@@ -88,7 +89,8 @@ class TrialResult:
         path = self.dir / "log_history.jsonl"
         try:
             return read_jsonl(path) if path.exists() else []
-        except (OSError, ValueError):
+        except (OSError, ValueError) as e:
+            self.unreadable.append(_problem(path, e))
             return []
 
     def curve(self, key: str) -> dict[int, float]:
@@ -100,7 +102,8 @@ class TrialResult:
         path = self.dir / "predictions.jsonl"
         try:
             return {r["id"]: r for r in read_jsonl(path)} if path.exists() else {}
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.unreadable.append(_problem(path, e))
             return {}
 
     @property
@@ -122,6 +125,7 @@ class SweepData:
     reference: dict[str, Any]
     index: dict  # sweep.json (may be empty)
     strays: list[str]  # trial folders on disk that the config no longer makes
+    unreadable: list[str] = field(default_factory=list)  # damaged files, left out (named in the report)
 
     def by_name(self, name: str) -> TrialResult | None:
         return next((t for t in self.trials if t.name == name), None)
@@ -139,10 +143,19 @@ class SweepData:
         return next((t for t in self.trials if t.trial.values == self.reference), None)
 
 
-def _read_or(path: Path, default):
+def _problem(path: Path, error: BaseException) -> str:
+    """``PATH: what is wrong``, the path as the user gave the folder (relative where it was absolute)."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    text = text.removeprefix(f"{path}: ")
+    return f"{portable_path(path)}: {text}"
+
+
+def _read_or(path: Path, default, unreadable: list | None = None):
     try:
         return read_json(path) if path.exists() else default
-    except (OSError, ValueError):
+    except (OSError, ValueError) as e:
+        if unreadable is not None:
+            unreadable.append(_problem(path, e))
         return default
 
 
@@ -153,20 +166,22 @@ def load_sweep(sweep_dir: str | os.PathLike) -> SweepData:
         raise ConfigError(f"{sweep_dir}: not a sweep folder (no sweep.yaml; `loraqa sweep` writes it)")
     cfg = from_dict(yaml.safe_load(cfg_path.read_text()), where=str(cfg_path))
     trials = []
+    bad: list[str] = []
     for t in expand_trials(cfg):
         tdir = sweep_dir / t.name
         status = trial_status(tdir)
         trials.append(TrialResult(
             t, tdir, status,
-            metrics=_read_or(tdir / "metrics.json", {}) if status == "done" else {},
-            run=_read_or(tdir / "run.json", {}),
-            error=_read_or(tdir / "error.json", {}) if status == "failed" else {},
+            metrics=_read_or(tdir / "metrics.json", {}, bad) if status == "done" else {},
+            run=_read_or(tdir / "run.json", {}, bad),
+            error=_read_or(tdir / "error.json", {}, bad) if status == "failed" else {},
+            unreadable=bad,
         ))  # fmt: skip
     names = {t.name for t in trials}
     strays = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and (p / "trial.yaml").exists()
                     and p.name not in names)  # fmt: skip
     return SweepData(sweep_dir, cfg, trials, axis_values(cfg), reference_values(cfg),
-                     _read_or(sweep_dir / "sweep.json", {}), strays)  # fmt: skip
+                     _read_or(sweep_dir / "sweep.json", {}, bad), strays, bad)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- numbers
@@ -808,6 +823,9 @@ def render_report(data: SweepData, figure_lines: list[str]) -> str:
     if missing:
         out += ["", "Not finished (left out of every comparison below): "
                 + ", ".join(f"`{t.name}` ({_status_cell(t)})" for t in missing) + "."]  # fmt: skip
+    if data.unreadable:
+        out += ["", f"Unreadable files (damaged; what they held is left out): {len(data.unreadable)}: "
+                + "; ".join(f"`{p}`" for p in data.unreadable) + "."]  # fmt: skip
     if data.strays:
         out += [
             "",
@@ -847,9 +865,16 @@ def render_report(data: SweepData, figure_lines: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
-    """Write ``report.md``, ``results.csv`` and ``figures/*.png`` for a sweep folder; returns report.md's path."""
+def write_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                 unreadable: list | None = None) -> Path:  # fmt: skip
+    """Write ``report.md``, ``results.csv`` and ``figures/*.png`` for a sweep folder; returns report.md's path.
+    Damaged files (metrics, logs, predictions that do not parse) are left out, named in the report and appended
+    to ``unreadable`` when given."""
     data = load_sweep(sweep_dir)
+    for t in data.trials:  # read now, so the report's header can name any damaged file
+        _ = t.history, t.per_question
+    if unreadable is not None:
+        unreadable.extend(data.unreadable)
     out = Path(out_dir) if out_dir else Path(sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
     figure_lines = draw_figures(data, out)

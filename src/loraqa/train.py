@@ -55,6 +55,10 @@ def load_examples(cfg: ExperimentConfig):
     dev, dev_report, dev_source = data_mod.load_split(cfg.data, "dev", limit=cfg.data.eval_limit)
     log.info(train_report.summary())
     log.info(dev_report.summary())
+    for source, examples, report in ((train_source, train, train_report), (dev_source, dev, dev_report)):
+        if not examples and report.n_questions_in_file == sum(report.skipped.values()):
+            # every question skipped (or none at all): say which file and why, before any model is loaded
+            raise data_mod.DataError(f"{source}: no usable question ({report.summary()})")
     info = {"format": cfg.data.format, "train": Path(train_source).name, "dev": Path(dev_source).name,
             "train_questions": len(train)}  # fmt: skip
     return train, dev, info
