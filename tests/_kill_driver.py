@@ -153,6 +153,14 @@ def leftovers(folder: Path) -> list[str]:
     return bad
 
 
+def same_tensors(a: Path, b: Path) -> bool:
+    """The two adapters hold the same tensors, bit for bit."""
+    if not a.is_file():
+        return False
+    ta, tb = safetensors.torch.load_file(str(a)), safetensors.torch.load_file(str(b))
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
 def choose(events: list[list[str]], seed: int) -> list[int]:
     """One kill in each kind of write (the first while a checkpoint, the adapter, the trainer state, the
     metrics are written; while checkpoints are removed; mid-training), plus two at random (fixed seed)."""
@@ -192,6 +200,7 @@ def main_driver(data_dir: str, root: Path, seed: int) -> dict:
             "metrics": {key: metrics.get(key) for key in ("exact_match", "f1", "final_train_loss", "train_steps",
                                                           "resumed_from", "train_segments")},
             "same_predictions": (out / "predictions.json").read_text() == (ref / "predictions.json").read_text(),
+            "same_adapter": same_tensors(out / "adapter_model.safetensors", ref / "adapter_model.safetensors"),
             "bad_json_after_kill": [b for b in after_kill if "not JSON" in b],
             "leftovers_after_rerun": leftovers(out),
         })  # fmt: skip

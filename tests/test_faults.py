@@ -74,8 +74,9 @@ def test_sigkill_at_any_write_then_rerun_ends_as_an_uninterrupted_run(data_dir, 
     """tests/_kill_driver.py kills a run (SIGKILL, no cleanup of any kind) once in each kind of write -- while a
     checkpoint's tensors, its torch pickles, its trainer_state.json, the adapter, train_metrics.json and
     metrics.json are written, while checkpoints are removed, mid-step -- and at two more points drawn with a
-    fixed seed, then reruns the same command. Tolerance: EM, F1, the predictions and the step count identical
-    to the uninterrupted run's; the final train loss within 1e-5 relative (it is bit-identical here)."""
+    fixed seed, then reruns the same command. Tolerance: EM, F1, the predictions, the step count and the
+    adapter's tensors identical to the uninterrupted run's; the final train loss within 1e-5 relative (it is
+    bit-identical here)."""
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "_kill_driver.py"), str(data_dir),
                            str(tmp_path / "runs"), "1234"], capture_output=True, text=True, timeout=1500)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -92,6 +93,7 @@ def test_sigkill_at_any_write_then_rerun_ends_as_an_uninterrupted_run(data_dir, 
         assert (m["exact_match"], m["f1"], m["train_steps"]) == (ref["exact_match"], ref["f1"], 6), what
         assert m["final_train_loss"] == pytest.approx(ref["final_train_loss"], rel=1e-5), what
         assert case["same_predictions"], what
+        assert case["same_adapter"], what  # the trained weights themselves, bit for bit
         assert case["bad_json_after_kill"] == [], what  # result files are whole or absent, never half
         assert case["leftovers_after_rerun"] == [], what
     by_event = {(c["event"][0], "/".join(Path(c["event"][1]).parts[-2:])): c for c in result["cases"]}

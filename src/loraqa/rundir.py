@@ -261,6 +261,18 @@ def check_weights(run_dir: Path, full: bool) -> None:
             ) from None
 
 
+def load_checkpoint_weights(model, checkpoint: Path, full: bool) -> None:
+    """Load a Trainer checkpoint's trained weights (the adapter, or the full model) into ``model`` in place."""
+    from safetensors.torch import load_file
+
+    if full:
+        model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=False)  # tied weights
+        return
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
+
+
 def load_trained(model, run_dir: Path, full: bool, device):
     check_weights(run_dir, full)
     if full:

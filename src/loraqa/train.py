@@ -26,6 +26,7 @@ from .prompt import PromptEncoder, encode_train_set
 from .rundir import (
     MODEL_CARD_FILE,
     last_checkpoint,
+    load_checkpoint_weights,
     load_trained,
     lock_run_folder,
     prepare_run_dir,
@@ -226,7 +227,17 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
     if resume:
         log.info("resuming from %s", resume)
     clock.resume_from(resume)
-    trainer.train(resume_from_checkpoint=resume)
+    finished = read_json(Path(resume) / "trainer_state.json") if resume else {}
+    if finished and finished.get("max_steps", 0) > 0 and finished["global_step"] >= finished["max_steps"]:
+        # killed after its last checkpoint, before the trained weights were saved: resumed there, the Trainer
+        # (transformers 5.24) would run one step more than an uninterrupted run; take the checkpoint as it is
+        from transformers.trainer_callback import TrainerState
+
+        load_checkpoint_weights(dist.unwrap(trainer.model), Path(resume), cfg.train.method == "full")
+        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        clock.start_step = trainer.state.global_step
+    else:
+        trainer.train(resume_from_checkpoint=resume)
     totals = clock.totals()
     seconds, tokens, questions = totals["train_seconds"], totals["train_tokens"], totals["train_questions"]
     final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
