@@ -251,6 +251,7 @@ CASES = [
     Case("data: context missing", edit_dev(set_in("paragraph.context", DELETE)), ("dev-v1.1.json", "'context'")),
     Case("data: context null", edit_dev(set_in("paragraph.context", None)), ("dev-v1.1.json", "'context'")),
     Case("data: qas missing", edit_dev(set_in("paragraph.qas", DELETE)), ("dev-v1.1.json", "'qas'")),
+    Case("data: qas a number", edit_dev(set_in("paragraph.qas", 3)), ("dev-v1.1.json", "'qas'")),
     Case("data: question id missing", edit_dev(set_in("qa.id", DELETE)), ("dev-v1.1.json", "'id'")),
     Case("data: question id a number", edit_dev(set_in("qa.id", 12)), ("dev-v1.1.json", "'id'")),
     Case("data: question missing", edit_dev(set_in("qa.question", DELETE)), ("dev-v1.1.json", "'question'")),
@@ -258,6 +259,8 @@ CASES = [
     Case("data: answers a string", edit_dev(set_in("qa.answers", "x")), ("dev-v1.1.json", "'answers'")),
     Case("data: answer not an object", edit_dev(set_in("qa.answers", ["x"])), ("dev-v1.1.json", "answer 0")),
     Case("data: answer text missing", edit_dev(set_in("answer.text", DELETE)), ("dev-v1.1.json", "'text'")),
+    Case("data: answer_start missing", edit_dev(set_in("answer.answer_start", DELETE)),
+         ("dev-v1.1.json", "'answer_start'")),  # fmt: skip
     Case("data: answer_start a string", edit_dev(set_in("answer.answer_start", "3")),
          ("dev-v1.1.json", "'answer_start'")),  # fmt: skip
     Case("data: answer_start NaN", edit_dev(set_in("answer.answer_start", float("nan"))),

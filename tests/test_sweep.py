@@ -458,6 +458,7 @@ def test_report_on_the_tiny_sweep(killed_and_resumed, tmp_path):
         assert f"figures/{fig}" in text
     # the report names paths relative to the working folder (the fixture's is the repository), others by name
     assert f"loraqa sweep {TINY.relative_to(ROOT)} --output-dir …/{out.name} --parallel 2" in text
+    assert str(out) not in text and str(ROOT) not in text
     assert "CPUs, torch" in text and "Date:" in text
     from loraqa.sweep import code_version
 
