@@ -166,6 +166,37 @@ def sweep_with(text: str, *extra: str):
     return build
 
 
+def fmt_case(fmt: str, dev: str | bytes | None):
+    """``loraqa train`` on data.format=FMT: a valid train file and the given (bad) dev file."""
+    valid = {"id": "t1", "context": "The kite is red.", "question": "What color is the kite?", "answers": ["red"]}
+
+    def build(case: Path, shared: dict) -> list[str]:
+        if fmt == "jsonl":
+            write("train.jsonl", json.dumps(valid) + "\n")(case, shared)
+            write("dev.jsonl", dev)(case, shared)
+            files = ["data.train_file=train.jsonl", "data.dev_file=dev.jsonl"]
+        elif fmt == "csv":
+            write("train.csv", 'id,context,question,answers\nt1,The kite is red.,What color is it?,"[""red""]"\n')(
+                case, shared)
+            write("dev.csv", dev)(case, shared)
+            files = ["data.train_file=train.csv", "data.dev_file=dev.csv"]
+        elif fmt == "squad_v2":
+            data = case / "data"
+            data.mkdir()
+            obj = json.loads((shared["data"] / "dev-v1.1.json").read_text())
+            (data / "train-v2.0.json").write_text(json.dumps(obj))
+            del first_qa(obj)["id"]
+            (data / "dev-v2.0.json").write_text(json.dumps(obj))
+            files = ["data.data_dir=data"]
+        else:  # hf: a folder that is not a datasets folder
+            write("dev/readme.txt", "not a dataset")(case, shared)
+            write("train/readme.txt", "not a dataset")(case, shared)
+            files = ["data.train_file=train", "data.dev_file=dev"]
+        return ["train", "--model", "tiny-random-gpt2", f"data.format={fmt}", *files, "-o", "run"]
+
+    return build
+
+
 def run_copy(edit: Callable[[Path], None], command: str = "eval"):
     """A copy of the finished tiny run with ``edit`` applied; ``eval RUN`` or ``train RUN/config.yaml -o RUN``."""
 
@@ -282,6 +313,24 @@ CASES = [
          ("dev-v1.1.json", "no usable question")),  # fmt: skip
     Case("data: bad dev file seen by train", lambda c, s: [edit_dev(set_in("qa.id", DELETE))(c, s),
          "train", "--model", "tiny-random-gpt2", "--data-dir", "data", "-o", "run"][1:], ("dev-v1.1.json", "'id'")),
+    # -- the other data formats (data.format=jsonl | csv | squad_v2 | hf), read through `loraqa train`
+    Case("jsonl: invalid JSON line", fmt_case("jsonl", '{"id": "a"'), ("dev.jsonl", "line 1")),
+    Case("jsonl: record not an object", fmt_case("jsonl", "[1, 2]"), ("dev.jsonl", "line 1")),
+    Case("jsonl: context missing", fmt_case("jsonl", json.dumps({"id": "a", "question": "q?", "answers": []})),
+         ("dev.jsonl", "'context'")),  # fmt: skip
+    Case("jsonl: question a number", fmt_case("jsonl", json.dumps(
+         {"id": "a", "context": "c", "question": 3, "answers": ["c"]})), ("dev.jsonl", "'question'")),
+    Case("jsonl: answers a number", fmt_case("jsonl", json.dumps(
+         {"id": "a", "context": "c", "question": "q?", "answers": 5})), ("dev.jsonl", "answers")),
+    Case("jsonl: duplicate id", fmt_case("jsonl", "\n".join([json.dumps(
+         {"id": "a", "context": "c d", "question": "q?", "answers": ["c"]})] * 2)), ("dev.jsonl", "'a'")),
+    Case("jsonl: not UTF-8", fmt_case("jsonl", json.dumps({"id": "a", "context": "caf\u00e9", "question": "q?",
+         "answers": ["caf\u00e9"]}, ensure_ascii=False).encode("latin-1")), ("dev.jsonl", "not UTF-8")),
+    Case("csv: context column missing", fmt_case("csv", "id,question,answers\na,q?,[]\n"), ("dev.csv", "'context'")),
+    Case("csv: answers cell a broken JSON list", fmt_case("csv", 'id,context,question,answers\na,c d,q?,"[1,"\n'),
+         ("dev.csv", "'answers'")),  # fmt: skip
+    Case("squad_v2: question id missing", fmt_case("squad_v2", None), ("dev-v2.0.json", "'id'")),
+    Case("hf: not a datasets folder", fmt_case("hf", None), ("train", "not a datasets folder")),
     # -- experiment configs and overrides
     Case("config: no such file", train_args("nope.yaml"), ("nope.yaml", "no such config file")),
     Case("config: not YAML", train_with_config("model: [unclosed\n"), ("exp.yaml", "not valid YAML")),
@@ -412,6 +461,7 @@ def test_bad_input_is_one_clear_line_and_nothing_half_written(case, shared, tmp_
         assert len(lines) == 1, err
         for fragment in case.names:
             assert fragment in lines[0], (fragment, lines[0])
+        assert "rerun with -v" not in lines[0], lines[0]  # an anticipated error, not an unexpected one
     check_nothing_half_written(tmp_path, before)
 
 

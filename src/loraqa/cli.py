@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, DataError, ModelLoadError, ValueError) as e:
-        return _error(e, 2)
+        return _error(e, 2, known=True)
     except KeyboardInterrupt:
         print("loraqa: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -389,9 +389,11 @@ def main(argv: list[str] | None = None) -> int:
         return _error(e, 1)
 
 
-def _error(e: BaseException, status: int) -> int:
-    """Print ``e`` as the one line ``loraqa: error: ...`` (the last line a sweep records) and return ``status``."""
-    print(f"loraqa: error: {_describe_error(e)}", file=sys.stderr)
+def _error(e: BaseException, status: int, known: bool = False) -> int:
+    """Print ``e`` as the one line ``loraqa: error: ...`` (the last line a sweep records) and return ``status``;
+    a ``known`` error's message is already written for the user."""
+    text = " ".join(str(e).split()) if known else _describe_error(e)
+    print(f"loraqa: error: {text}", file=sys.stderr)
     return status
 
 
