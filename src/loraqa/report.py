@@ -614,12 +614,19 @@ def _plot(path: Path, title: str, series: list[tuple[str, TrialResult]], keys: l
         if any(c for _, c in panel):
             ax.legend()
     fig.suptitle(textwrap.fill(title, int(width * 10)))  # ~10 characters an inch at the default font size
+    save_figure(fig, path)
+    return True
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, render to PNG and write atomically (a report regenerated mid-read never shows half a figure)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     _write_bytes_atomic(path, buf.getvalue())
-    return True
 
 
 FIGURES = (

@@ -27,12 +27,12 @@ from .report import (
     _secs,
     _settings,
     _table,
-    _write_bytes_atomic,
     all_verdicts,
     draw_figures,
     load_sweep,
     render_report,
     results_csv,
+    save_figure,
 )
 
 
@@ -121,11 +121,7 @@ def scaling_figure(points: list[TrialResult], path: Path, model: str) -> bool:
     ax.set_title(f"Data scaling: {model}, LoRA ({' / '.join(f'{n:,}' for n in devs)} dev questions)")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    _write_bytes_atomic(path, buf.getvalue())
+    save_figure(fig, path)
     return True
 
 
