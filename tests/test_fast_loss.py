@@ -20,6 +20,7 @@ from loraqa.generate import first_line, generate_answers, stop_token_ids
 from loraqa.model import apply_lora
 from loraqa.prompt import IGNORE_INDEX
 from loraqa.trainer import (
+    checkpointing_arguments,
     decoder_layers,
     fast_loss_blocker,
     fast_loss_supported,
@@ -65,10 +66,10 @@ def tiny_model(family: str, seed: int = 0, **extra):
 TARGETS = {"gpt2": ["c_attn", "c_proj"]}
 
 
-def lora(model, seed: int = 1):
+def lora(model, seed: int = 1, dropout: float = 0.0):
     """A LoRA adapter whose B matrices are non-zero (PEFT starts them at zero), so adapters matter."""
     targets = TARGETS.get(model.config.model_type, ["q_proj", "v_proj", "o_proj", "down_proj"])
-    model = apply_lora(model, r=4, alpha=8, dropout=0.0, targets=targets)
+    model = apply_lora(model, r=4, alpha=8, dropout=dropout, targets=targets)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -196,3 +197,38 @@ def test_llama_style_batched_generation_gives_one_at_a_time_answers(gpt2_tokeniz
         got = generate_answers(model, tok, prompts, **{"batch_size": 5, **kwargs}, max_new_tokens=6,
                                progress=False)  # fmt: skip
         assert got == expected, kwargs
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_gradient_checkpointing_recomputes_layers_and_keeps_loss_and_gradients_in_bf16(family, tmp_path):
+    """``train.gradient_checkpointing`` with bf16 LoRA: every decoder layer runs twice a step (the forward, then its
+    recomputation in the backward), and the loss and adapter gradients equal the run without it. With LoRA dropout
+    (the default 0.1), so that a recomputation with PEFT's input cast back on would save different tensors."""
+    from transformers import TrainingArguments
+
+    results = {}
+    for checkpointing in (False, True):
+        model = lora(tiny_model(family), dropout=0.1).to(torch.bfloat16)
+        for name, p in model.named_parameters():
+            if p.requires_grad:  # adapters stay fp32, as loraqa keeps them
+                p.data = p.data.float()
+        calls = []
+        for layer in decoder_layers(model):  # (hooks on the layer itself stay outside transformers' checkpoint)
+            layer.mlp.register_forward_pre_hook(lambda *a: calls.append(1))  # pre: recomputing stops early
+        args = TrainingArguments(output_dir=str(tmp_path / str(checkpointing)), use_cpu=True, bf16=True,
+                                 report_to=[], per_device_train_batch_size=3, remove_unused_columns=False,
+                                 **checkpointing_arguments(checkpointing))  # fmt: skip
+        trainer = make_trainer_class()(model=model, args=args)
+        trainer.create_optimizer_and_scheduler(num_training_steps=1)
+        if checkpointing:  # what Trainer.train does first
+            trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        trainer.model.train()
+        torch.manual_seed(0)  # the same dropout masks in both runs
+        loss = trainer.training_step(trainer.model, make_batch())
+        results[checkpointing] = (float(loss), grads(model), len(calls))
+    (loss_off, grads_off, calls_off), (loss_on, grads_on, calls_on) = results[False], results[True]
+    n_layers = len(decoder_layers(model))
+    assert (calls_off, calls_on) == (n_layers, 2 * n_layers)
+    assert rel(loss_on, loss_off) < 1e-3
+    for name, g in grads_on.items():
+        assert torch.allclose(g, grads_off[name], rtol=2e-2, atol=1e-4), name

@@ -118,6 +118,15 @@ def test_same_config_gives_the_same_metrics(tmp_path, synthetic_dir):
     ).read_text()
 
 
+def test_gradient_checkpointing_trains_the_same_run_in_bf16(tmp_path, synthetic_dir):
+    """``train.gradient_checkpointing`` through ``loraqa train``'s own path (the Trainer switches it on)."""
+    runs = {on: run_experiment(tiny_config(synthetic_dir, **{"model.precision": "bf16",
+                                                             "train.gradient_checkpointing": on}),
+                               tmp_path / str(on), progress=False)
+            for on in (False, True)}  # fmt: skip
+    assert runs[True]["final_train_loss"] == pytest.approx(runs[False]["final_train_loss"], rel=2e-2)
+
+
 def test_a_different_config_in_the_same_folder_is_refused(tmp_path, synthetic_dir):
     from loraqa.config import ConfigError
 

@@ -85,6 +85,9 @@ class TrainConfig:
     share_contexts: bool = True  # a paragraph's context computed once per batch for all its questions
     # (loraqa.packing; same loss per question; prompt.loss_on=all falls back to stand-alone examples)
     compile: bool = False  # torch.compile the model
+    # recompute each decoder layer's activations in the backward pass instead of keeping them: less memory,
+    # one more forward's worth of compute per step (docs/performance.md has the measured cost)
+    gradient_checkpointing: bool = False
 
 
 @dataclass

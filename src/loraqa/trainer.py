@@ -206,18 +206,30 @@ def make_trainer_class():
                 self._lora_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
 
         @contextlib.contextmanager
+        def _no_input_cast(self):
+            """PEFT's cast of the activations to the adapters' dtype off, and back as it was after."""
+            before = [layer.cast_input_dtype_enabled for layer in self._lora_layers]
+            for layer in self._lora_layers:
+                layer.cast_input_dtype_enabled = False
+            try:
+                yield
+            finally:
+                for layer, was in zip(self._lora_layers, before):
+                    layer.cast_input_dtype_enabled = was
+
+        @contextlib.contextmanager
         def _low_precision(self):
             if not self.args.bf16:
                 yield
                 return
-            for layer in self._lora_layers:
-                layer.cast_input_dtype_enabled = False
-            try:
-                with self.accelerator.autocast():
-                    yield
-            finally:
-                for layer in self._lora_layers:
-                    layer.cast_input_dtype_enabled = True
+            with self._no_input_cast(), self.accelerator.autocast():
+                yield
+
+        def training_step(self, *args, **kwargs):
+            # held over the backward pass too: gradient checkpointing recomputes the forward there, and
+            # torch refuses a recomputation whose tensors differ from the first forward's
+            with self._no_input_cast():
+                return super().training_step(*args, **kwargs)
 
         def _get_train_sampler(self, train_dataset=None):
             dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -412,6 +424,16 @@ def log_final_scores(run_dir: Path, report_to: str | list[str], metrics: dict, s
                 writer.add_scalar(f"eval/{key}", metrics[key], step)
 
 
+def checkpointing_arguments(on: bool) -> dict:
+    """TrainingArguments for activation checkpointing, under the name this transformers knows (5.24 renamed
+    ``gradient_checkpointing`` to ``activation_checkpointing`` and warns on the old name)."""
+    from transformers import TrainingArguments
+
+    name = "activation" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient"
+    # non-reentrant: needs no input that requires grad (the embeddings are frozen) and restores autocast
+    return {f"{name}_checkpointing": on, f"{name}_checkpointing_kwargs": {"use_reentrant": False} if on else None}
+
+
 def training_arguments(cfg: ExperimentConfig, ckpt_dir: Path, precision: str, device: torch.device):
     from transformers import TrainingArguments
 
@@ -444,6 +466,7 @@ def training_arguments(cfg: ExperimentConfig, ckpt_dir: Path, precision: str, de
         remove_unused_columns=False,
         prediction_loss_only=True,
         torch_compile=t.compile,
+        **checkpointing_arguments(t.gradient_checkpointing),
         report_to=reporters(t.report_to),
         dataloader_num_workers=0,
         disable_tqdm=os.environ.get("LORAQA_NO_PROGRESS") == "1",
