@@ -16,6 +16,7 @@ import logging
 import pytest
 import torch
 
+from helpers import nonzero_lora_b
 from loraqa.generate import first_line, generate_answers, stop_token_ids
 from loraqa.model import apply_lora
 from loraqa.prompt import IGNORE_INDEX
@@ -69,13 +70,7 @@ TARGETS = {"gpt2": ["c_attn", "c_proj"]}
 def lora(model, seed: int = 1, dropout: float = 0.0):
     """A LoRA adapter whose B matrices are non-zero (PEFT starts them at zero), so adapters matter."""
     targets = TARGETS.get(model.config.model_type, ["q_proj", "v_proj", "o_proj", "down_proj"])
-    model = apply_lora(model, r=4, alpha=8, dropout=dropout, targets=targets)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model
+    return nonzero_lora_b(apply_lora(model, r=4, alpha=8, dropout=dropout, targets=targets), seed)
 
 
 def make_batch(seed: int = 0) -> dict:
@@ -209,12 +204,13 @@ def test_gradient_checkpointing_recomputes_layers_and_keeps_loss_and_gradients_i
     results = {}
     for checkpointing in (False, True):
         model = lora(tiny_model(family), dropout=0.1).to(torch.bfloat16)
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:  # adapters stay fp32, as loraqa keeps them
                 p.data = p.data.float()
         calls = []
+        count = calls.append
         for layer in decoder_layers(model):  # (hooks on the layer itself stay outside transformers' checkpoint)
-            layer.mlp.register_forward_pre_hook(lambda *a: calls.append(1))  # pre: recomputing stops early
+            layer.mlp.register_forward_pre_hook(lambda *a, count=count: count(1))  # pre: recomputing stops early
         args = TrainingArguments(output_dir=str(tmp_path / str(checkpointing)), use_cpu=True, bf16=True,
                                  report_to=[], per_device_train_batch_size=3, remove_unused_columns=False,
                                  **checkpointing_arguments(checkpointing))  # fmt: skip

@@ -21,6 +21,7 @@ import shutil
 import pytest
 import torch
 
+from helpers import nonzero_lora_b
 from loraqa.config import ExperimentConfig, apply_overrides
 from loraqa.data import load_squad, make_synthetic_squad
 from loraqa.generate import first_line, generate_answers, plan_batches, stop_token_ids
@@ -56,12 +57,7 @@ def lora_model(seed: int = 0, dropout: float = 0.1):
     """Tiny GPT-2 with a LoRA adapter whose B matrices are non-zero (PEFT starts them at zero)."""
     model = apply_lora(load_base_model("tiny-random-gpt2", seed=seed), r=4, alpha=8, dropout=dropout,
                        targets="attn+proj")  # fmt: skip
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model
+    return nonzero_lora_b(model, seed + 1)
 
 
 def lora_grads(model) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ import copy
 import pytest
 import torch
 
+from helpers import nonzero_lora_b
 from loraqa.model import apply_lora, load_base_model
 from loraqa.packing import SharedContextBatches, SharedContextCollator, build_blocks, context_key
 from loraqa.prompt import IGNORE_INDEX, PromptEncoder
@@ -64,13 +65,7 @@ def base_model(family: str, attn: str = "sdpa", seed: int = 0):
 
 def with_lora(model, seed: int = 0):
     """LoRA on every linear layer, B matrices non-zero (PEFT starts them at zero), dropout 0."""
-    model = apply_lora(model, r=4, alpha=8, dropout=0.0, targets="all-linear")
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model
+    return nonzero_lora_b(apply_lora(model, r=4, alpha=8, dropout=0.0, targets="all-linear"), seed + 1)
 
 
 def model_inputs(batch: dict) -> dict:

@@ -214,7 +214,7 @@ def make_trainer_class():
             try:
                 yield
             finally:
-                for layer, was in zip(self._lora_layers, before):
+                for layer, was in zip(self._lora_layers, before, strict=True):
                     layer.cast_input_dtype_enabled = was
 
         @contextlib.contextmanager
