@@ -66,6 +66,9 @@ def test_study_report_joins_sweeps_scaling_quality_and_changes(tmp_path):
     scaling_part = text.split("## Data scaling")[1].split("## Quality")[0]
     rows = [line for line in scaling_part.splitlines() if line.startswith("| ") and "train questions" not in line]
     assert [r.split("|")[1].strip() for r in rows] == ["100", "400", "1,600"]
+    # each size against the one before, paired over the same 200 questions: 30 more right answers = +15 points
+    assert [r.split("|")[6].strip()[:6] for r in rows] == ["—", "+15.00", "+15.00"]
+    assert "beyond noise, n=200" in rows[1]
     assert (out / "figures" / "data_scaling.png").read_bytes()[:4] == b"\x89PNG"
     # quality: the best LoRA on the most dev questions (the claims sweep scored 400), full FT, the anchors
     quality = text.split("## Quality beside published figures")[1].split("## Verdicts")[0]

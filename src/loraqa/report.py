@@ -590,8 +590,10 @@ def _write_bytes_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _plot(path: Path, title: str, series: list[tuple[str, TrialResult]], keys: list[tuple[str, str]]) -> bool:
-    """One subplot per (log key, label); one line per trial. False when there is nothing to draw."""
+def _plot(path: Path, title: str, series: list[tuple[str, TrialResult]], keys: list[tuple[str, str]],
+          log_steps: bool = False) -> bool:
+    """One subplot per (log key, label); one line per trial. False when there is nothing to draw.
+    ``log_steps`` puts the steps on a log scale, for trials whose lengths differ by orders of magnitude."""
     curves = [[(label, t.curve(key)) for label, t in series] for key, _ in keys]
     if not any(c for panel in curves for _, c in panel):
         return False
@@ -608,7 +610,9 @@ def _plot(path: Path, title: str, series: list[tuple[str, TrialResult]], keys: l
                 steps = sorted(curve)
                 ax.plot(steps, [curve[s] for s in steps], marker="o" if len(steps) < 30 else None,
                         markersize=3, label=label)  # fmt: skip
-        ax.set_xlabel("optimizer step")
+        if log_steps:
+            ax.set_xscale("log")
+        ax.set_xlabel("optimizer step" + (" (log scale)" if log_steps else ""))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if any(c for _, c in panel):

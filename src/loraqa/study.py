@@ -30,6 +30,7 @@ from .report import (
     all_verdicts,
     draw_figures,
     load_sweep,
+    paired_diff,
     render_report,
     results_csv,
     save_figure,
@@ -115,6 +116,8 @@ def scaling_figure(points: list[TrialResult], path: Path, model: str) -> bool:
     for key, label in (("f1", "F1"), ("exact_match", "EM")):
         ax.plot(x, [t.m(key) for t in points], marker="o", label=label)
     ax.set_xscale("log")
+    ax.set_xticks(x, [f"{n:,}" for n in x])  # the measured sizes, not powers of ten
+    ax.minorticks_off()
     ax.set_xlabel("train questions (1 epoch; log scale)")
     ax.set_ylabel("score on SQuAD v1.1 dev (%)")
     devs = sorted({dev_questions(t) for t in points})
@@ -125,6 +128,11 @@ def scaling_figure(points: list[TrialResult], path: Path, model: str) -> bool:
     return True
 
 
+def _gain(t: TrialResult, previous: TrialResult | None) -> str:
+    diff = paired_diff(t, previous) if previous is not None else None
+    return "—" if diff is None else diff.text()
+
+
 def scaling_section(sweeps: list[SweepData], out_dir: Path) -> list[str]:
     points = scaling_points(sweeps)
     if not points:
@@ -132,18 +140,21 @@ def scaling_section(sweeps: list[SweepData], out_dir: Path) -> list[str]:
         why = "no data-scaling trial has finished yet" if have else f"no sweep has a {SCALING_KEY} axis"
         return ["## Data scaling", "", f"Not drawn: {why}."]
     rows = [[_num(train_questions(t)), _num(t.m("train_steps")), _num(dev_questions(t)), _num(t.m("f1")),
-             _num(t.m("exact_match")), _num(t.m("final_eval_loss"), 3), _secs(t.m("train_seconds")), t.name]
-            for t in points]  # fmt: skip
-    lines = ["## Data scaling", "",
-             _table(["train questions", "steps", "dev questions", "F1", "EM", "final eval loss", "train time",
-                     "trial"], rows, right=set(range(7)))]  # fmt: skip
+             _num(t.m("exact_match")), _gain(t, prev), _num(t.m("final_eval_loss"), 3), _secs(t.m("train_seconds")),
+             t.name] for prev, t in zip([None, *points[:-1]], points, strict=True)]  # fmt: skip
+    header = ["train questions", "steps", "dev questions", "F1", "EM", "F1 over the size before", "final eval loss",
+              "train time", "trial"]  # fmt: skip
+    lines = ["## Data scaling", "", _table(header, rows, right=set(range(8)))]
+    lines += ["", "The gain is paired over the dev questions both sizes answered, ± 2 standard errors of the "
+              "per-question difference (the noise rule of the verdicts below)."]  # fmt: skip
     model = points[0].trial.config.model.name
     if scaling_figure(points, out_dir / "figures" / "data_scaling.png", model):
         lines += ["", "**Data scaling: EM and F1 against train questions.**", "",
                   "![Data scaling](figures/data_scaling.png)"]  # fmt: skip
     curves = [(f"{train_questions(t):,} questions", t) for t in points if t.history]
     if curves and _plot(out_dir / "figures" / "data_scaling_loss.png", f"Learning curves per data size ({model})",
-                        curves, [("loss", "train loss"), ("eval_loss", "eval loss (answer tokens)")]):  # fmt: skip
+                        curves, [("loss", "train loss"), ("eval_loss", "eval loss (answer tokens)")],
+                        log_steps=True):  # fmt: skip
         lines += ["", "**Learning curves per data size.**", "", "![Learning curves](figures/data_scaling_loss.png)"]
     return lines
 
