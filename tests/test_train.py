@@ -1,7 +1,9 @@
 """Training end to end on the tiny random GPT-2: the run folder, memorisation, determinism, resume."""
 
 import json
+import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -209,6 +211,59 @@ def test_a_run_interrupted_in_a_later_epoch_resumes_with_the_same_batches(tmp_pa
         return [h["loss"] for h in map(json.loads, lines) if "loss" in h]
 
     assert losses("resumed") == pytest.approx(losses("straight"), rel=1e-5) and len(losses("straight")) == 6
+
+
+def _losses(run_dir) -> list[tuple[int, float]]:
+    rows = map(json.loads, (run_dir / "log_history.jsonl").read_text().splitlines())
+    return [(h["step"], h["loss"]) for h in rows if "loss" in h]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_saves_a_checkpoint_at_the_step_reached_and_the_rerun_resumes_there(
+    tmp_path, synthetic_dir, signum
+):
+    from transformers import TrainerCallback
+
+    from loraqa.trainer import Interrupted
+
+    class Signal(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                os.kill(os.getpid(), signum)
+
+    # no checkpoint is due before the end: without the signal's own, a rerun would start from step 0
+    cfg = tiny_config(synthetic_dir, **{"train.max_steps": 6, "train.save_steps": 100, "train.eval_steps": 0})
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(Interrupted) as stopped:
+        run_experiment(cfg, tmp_path / "resumed", callbacks=[Signal()], progress=False)
+    assert stopped.value.step == 3 and stopped.value.signum == signum
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # training's handlers are gone again
+    checkpoints = sorted((tmp_path / "resumed" / "checkpoints").glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == ["checkpoint-3"] and (checkpoints[0] / "loraqa_clock.json").is_file()
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+
+    resumed = run_experiment(cfg, tmp_path / "resumed", progress=False)
+    straight = run_experiment(cfg, tmp_path / "straight", progress=False)
+    assert resumed["resumed_from"] == "checkpoint-3" and resumed["resumed_at_step"] == 3
+    assert resumed["train_steps"] == 6 and resumed["train_tokens"] == straight["train_tokens"]
+    assert resumed["final_train_loss"] == pytest.approx(straight["final_train_loss"], rel=1e-5)
+    resumed_log, straight_log = _losses(tmp_path / "resumed"), _losses(tmp_path / "straight")
+    assert [step for step, _ in resumed_log] == [step for step, _ in straight_log] == [1, 2, 3, 4, 5, 6]
+    assert [loss for _, loss in resumed_log] == pytest.approx([loss for _, loss in straight_log], rel=1e-5)
+
+
+def test_a_second_stop_signal_stops_at_once_unless_it_is_the_first_delivered_twice(monkeypatch):
+    from loraqa import trainer
+
+    callback, now = trainer.make_interrupt_callback(), [100.0]
+    monkeypatch.setattr(trainer.time, "monotonic", lambda: now[0])
+    callback.handle(signal.SIGINT, None)
+    now[0] += trainer.REPEAT_WINDOW_SECONDS / 2
+    callback.handle(signal.SIGINT, None)  # the same Ctrl-C, passed on by a launcher: still a graceful stop
+    assert callback.signum == signal.SIGINT
+    now[0] += trainer.REPEAT_WINDOW_SECONDS
+    with pytest.raises(KeyboardInterrupt):
+        callback.handle(signal.SIGTERM, None)
 
 
 def test_length_grouped_batches_depend_on_seed_and_epoch_only():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -380,9 +381,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, DataError, ModelLoadError, ValueError) as e:
         return _error(e, 2, known=True)
-    except KeyboardInterrupt:
-        print("loraqa: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Interrupted (a checkpoint was saved) says which signal and step
+        print(f"loraqa: interrupted: {e}" if str(e) else "loraqa: interrupted; rerun the same command to resume",
+              file=sys.stderr)  # fmt: skip
+        return 128 + getattr(e, "signum", signal.SIGINT)  # as a shell reports a process the signal ended
     except Exception as e:  # one line, never a traceback (-v shows it)
         if args.verbose:
             raise

@@ -35,10 +35,12 @@ from .rundir import (
     write_predictions,
 )
 from .trainer import (
+    Interrupted,
     QACollator,
     log_final_scores,
     make_clock_callback,
     make_finite_loss_callback,
+    make_interrupt_callback,
     make_log_callback,
     make_tensorboard_callback,
     make_trainer_class,
@@ -208,6 +210,7 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
     ckpt_dir = run_dir / "checkpoints"
     args = training_arguments(cfg, ckpt_dir, lm.precision, lm.device)
     clock = make_clock_callback(lm.device)
+    interrupt = make_interrupt_callback()
     trainer = make_trainer_class()(
         model=model,
         args=args,
@@ -218,7 +221,8 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
         # and the tokenizers library writes tokenizer.json without reporting a full disk (a truncated file in an
         # otherwise complete checkpoint, found by tests/test_faults.py); loraqa reloads the tokenizer by name
         callbacks=[make_log_callback(run_dir / "log_history.jsonl"), make_finite_loss_callback(), clock,
-                   *(callbacks or []), *filter(None, [make_tensorboard_callback(run_dir, cfg.train.report_to)])],  # fmt: skip
+                   *(callbacks or []), *filter(None, [make_tensorboard_callback(run_dir, cfg.train.report_to)]),
+                   interrupt],  # fmt: skip
         fast_loss=cfg.train.fast_loss,
         share_contexts=shared,
     )
@@ -237,7 +241,13 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
         trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
         clock.start_step = trainer.state.global_step
     else:
-        trainer.train(resume_from_checkpoint=resume)
+        with interrupt.armed():
+            trainer.train(resume_from_checkpoint=resume)
+        step = interrupt.stopped_at
+        if step is not None:
+            raise Interrupted(interrupt.signum, step, ckpt_dir / f"checkpoint-{step}")
+        if interrupt.signum is not None:  # it came after the last step's end: stop as a plain Ctrl-C does
+            raise KeyboardInterrupt
     totals = clock.totals()
     seconds, tokens, questions = totals["train_seconds"], totals["train_tokens"], totals["train_questions"]
     final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
