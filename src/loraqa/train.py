@@ -173,6 +173,28 @@ def _run(cfg, run_dir: Path, device, callbacks, progress, command) -> dict:
     return dist.on_main(_save_results, run_dir, records, metrics, card)  # the main process's figures, everywhere
 
 
+def _fit(trainer, resume: str | None, clock, interrupt, full: bool) -> None:
+    """Train, from the checkpoint ``resume`` if there is one. A stop signal saves a checkpoint at the step
+    reached and ends in :class:`Interrupted`."""
+    finished = read_json(Path(resume) / "trainer_state.json") if resume else {}
+    if finished and finished.get("max_steps", 0) > 0 and finished["global_step"] >= finished["max_steps"]:
+        # killed after its last checkpoint, before the trained weights were saved: resumed there, the Trainer
+        # (transformers 5.24) would run one step more than an uninterrupted run; take the checkpoint as it is
+        from transformers.trainer_callback import TrainerState
+
+        load_checkpoint_weights(dist.unwrap(trainer.model), Path(resume), full)
+        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        clock.start_step = trainer.state.global_step
+        return
+    with interrupt.armed():
+        trainer.train(resume_from_checkpoint=resume)
+    step = interrupt.stopped_at
+    if step is not None:
+        raise Interrupted(interrupt.signum, step, Path(trainer.args.output_dir) / f"checkpoint-{step}")
+    if interrupt.signum is not None:  # it came after the last step's end: stop as a plain Ctrl-C does
+        raise KeyboardInterrupt
+
+
 def _save_training(cfg, model, tok, run_dir: Path, train_metrics: dict) -> None:
     save_trained(dist.unwrap(model), tok, run_dir, cfg.train.method == "full", base_name=cfg.model.name)
     write_json_atomic(run_dir / "train_metrics.json", train_metrics)
@@ -231,23 +253,7 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
     if resume:
         log.info("resuming from %s", resume)
     clock.resume_from(resume)
-    finished = read_json(Path(resume) / "trainer_state.json") if resume else {}
-    if finished and finished.get("max_steps", 0) > 0 and finished["global_step"] >= finished["max_steps"]:
-        # killed after its last checkpoint, before the trained weights were saved: resumed there, the Trainer
-        # (transformers 5.24) would run one step more than an uninterrupted run; take the checkpoint as it is
-        from transformers.trainer_callback import TrainerState
-
-        load_checkpoint_weights(dist.unwrap(trainer.model), Path(resume), cfg.train.method == "full")
-        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
-        clock.start_step = trainer.state.global_step
-    else:
-        with interrupt.armed():
-            trainer.train(resume_from_checkpoint=resume)
-        step = interrupt.stopped_at
-        if step is not None:
-            raise Interrupted(interrupt.signum, step, ckpt_dir / f"checkpoint-{step}")
-        if interrupt.signum is not None:  # it came after the last step's end: stop as a plain Ctrl-C does
-            raise KeyboardInterrupt
+    _fit(trainer, resume, clock, interrupt, full=cfg.train.method == "full")
     totals = clock.totals()
     seconds, tokens, questions = totals["train_seconds"], totals["train_tokens"], totals["train_questions"]
     final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
