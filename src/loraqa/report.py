@@ -611,7 +611,10 @@ def _plot(path: Path, title: str, series: list[tuple[str, TrialResult]], keys: l
                 ax.plot(steps, [curve[s] for s in steps], marker="o" if len(steps) < 30 else None,
                         markersize=3, label=label)  # fmt: skip
         if log_steps:
+            from matplotlib.ticker import NullFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # labels at 10^k only: minor ones run into each other
         ax.set_xlabel("optimizer step" + (" (log scale)" if log_steps else ""))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
