@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -227,6 +228,38 @@ def test_shards_cover_every_item_once_in_order(monkeypatch):
                 monkeypatch.setenv("RANK", str(r))
                 parts += list(range(n))[dist.shard(n)]
             assert parts == list(range(n)), (n, w)
+
+
+REDUCE_SCRIPT = """
+import json, sys
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+from loraqa import dist
+
+def work(rank, out):
+    tdist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=rank, world_size=2)
+    got = [dist.sum_across(rank + 1), dist.sum_across(2**40 + rank), dist.max_across(rank * 2.5 - 1),
+           dist.max_across(7 - rank), dist.gather_lists([rank])]
+    json.dump(got + [[type(x).__name__ for x in got]], open(f"{out}.{rank}", "w"))
+    dist.close()
+
+if __name__ == "__main__":
+    mp.spawn(work, args=(sys.argv[1],), nprocs=2)
+"""
+
+
+def test_sums_and_maxima_over_two_processes_keep_their_type(tmp_path):
+    # the interrupt check and the clock meet through these: every rank must get the same, exact figure
+    script = tmp_path / "reduce.py"
+    script.write_text(REDUCE_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([sys.executable, str(script), str(tmp_path / "out"), str(port)], env=env(), check=True,
+                   timeout=120)  # fmt: skip
+    expected = [3, 2**41 + 1, 1.5, 7, [0, 1], ["int", "int", "float", "int", "list"]]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"out.{rank}").read_text()) == expected
 
 
 def test_kill_tree_leaves_no_process(tmp_path):
