@@ -138,6 +138,9 @@ FAKE_CHILD = textwrap.dedent(
     sys.stderr.write("100%|##########| 2/2 [00:02<00:00,  1.00it/s]\\n")
     if name in fail and name.startswith("targets"):
         os.kill(os.getpid(), signal.SIGKILL)  # like the kernel's OOM killer
+    if name in os.environ.get("FAKE_STOPPED", "").split(","):
+        sys.stderr.write("loraqa: interrupted: SIGTERM at step 1: saved checkpoint-1\\n")
+        sys.exit(143)  # what `loraqa train` does after a SIGTERM sent to it alone
     if name in fail:
         sys.stderr.write("Traceback (most recent call last):\\nRuntimeError: boom in " + name + "\\n")
         sys.exit(3)
@@ -156,6 +159,7 @@ def fake_trials(monkeypatch, tmp_path):
     monkeypatch.setattr(sweep.attempt, "trial_command", lambda trial_yaml, trial_dir, device: [sys.executable, str(script),
                                                                                         str(trial_dir)])  # fmt: skip
     monkeypatch.delenv("FAKE_FAIL", raising=False)
+    monkeypatch.delenv("FAKE_STOPPED", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     return tmp_path / "sweep"
 
@@ -201,6 +205,21 @@ def test_a_failed_trial_is_recorded_and_the_others_go_on(fake_trials, monkeypatc
     ] == 3
     assert len((out / "base" / "starts.txt").read_text().splitlines()) == 1
     assert all(t["status"] == "done" for t in read_json(out / "sweep.json")["trials"])
+
+
+def test_a_trial_stopped_alone_is_interrupted_not_failed(fake_trials, monkeypatch):
+    """A SIGTERM sent to one trial's process (not to the sweep): the trial saves a checkpoint and exits 143. It is
+    recorded as interrupted (no error.json), the others go on, the sweep exits 1 (not all done), a rerun resumes."""
+    out, cfg = fake_trials, load_config(TINY)
+    monkeypatch.setenv("FAKE_STOPPED", "r16")
+    assert sweep.run_sweep(cfg, out, progress=False) == 1
+    assert not list(out.glob("*/error.json"))
+    status = {t["name"]: t["status"] for t in read_json(out / "sweep.json")["trials"]}
+    assert status == {"base": "done", "r16": "unfinished", "targets_attn+proj": "done", "lr5e-4": "done"}
+    assert [a["status"] for a in read_json(out / "r16" / "run.json")["attempts"]] == ["interrupted"]
+    monkeypatch.delenv("FAKE_STOPPED")
+    assert sweep.run_sweep(cfg, out, progress=False) == 0
+    assert [a["status"] for a in read_json(out / "r16" / "run.json")["attempts"]] == ["interrupted", "done"]
 
 
 def test_cli_sweep_exits_nonzero_when_a_trial_fails(fake_trials, monkeypatch, capsys):
@@ -275,7 +294,8 @@ INTERRUPTIBLE_SWEEP = textwrap.dedent(
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_sweep_records_no_failure_and_resumes(fake_trials, tmp_path, sig):
     """Ctrl-C reaches the whole process group; SIGTERM reaches the sweep alone, which passes it on. Either way
-    the running trials stop, nothing is recorded as failed, the exit code is 130 and a rerun finishes."""
+    the running trials stop, nothing is recorded as failed, the exit code says the signal (130 or 143, as
+    ``loraqa train``'s) and a rerun finishes."""
     out = fake_trials
     runner = tmp_path / "runner.py"
     runner.write_text(INTERRUPTIBLE_SWEEP)
@@ -293,7 +313,7 @@ def test_an_interrupted_sweep_records_no_failure_and_resumes(fake_trials, tmp_pa
     else:
         os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err.decode()[-2000:]
+    assert proc.returncode == 128 + sig, err.decode()[-2000:]
     assert not list(out.glob("*/error.json")) and not list(out.glob("*/metrics.json"))
     statuses = {t["name"]: t["status"] for t in read_json(out / "sweep.json")["trials"]}
     assert sorted(statuses.values()) == ["pending", "pending", "unfinished", "unfinished"]

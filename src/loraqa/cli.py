@@ -364,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .dist import is_main_process
     from .model import ModelLoadError
+    from .signals import exit_status
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = make_parser().parse_args(argv)
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # Interrupted (a checkpoint was saved) says which signal and step
         print(f"loraqa: interrupted: {e}" if str(e) else "loraqa: interrupted; rerun the same command to resume",
               file=sys.stderr)  # fmt: skip
-        return 128 + getattr(e, "signum", signal.SIGINT)  # as a shell reports a process the signal ended
+        return exit_status(getattr(e, "signum", signal.SIGINT))
     except Exception as e:  # one line, never a traceback (-v shows it)
         if args.verbose:
             raise

@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Sampler
 
-from . import dist
+from . import dist, signals
 from .config import ConfigError, ExperimentConfig
 from .evaluate import peak_memory_mb
 from .io import read_json, write_json_atomic, write_jsonl_atomic
@@ -319,7 +318,6 @@ class Interrupted(KeyboardInterrupt):
                          "command to resume from it")  # fmt: skip
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # A signal this soon after the first is the same request delivered twice (a terminal's Ctrl-C reaches a whole
 # process group, and launchers pass it on to their workers); a later one means "stop now", as a second Ctrl-C.
 REPEAT_WINDOW_SECONDS = 2.0
@@ -353,17 +351,9 @@ def make_interrupt_callback():
 
         @contextlib.contextmanager
         def armed(self):
-            """The handlers, for the duration of training (signal handlers can be set in the main thread only;
-            elsewhere, the signals keep their own behaviour)."""
-            if threading.current_thread() is not threading.main_thread():
+            """The handlers, for the duration of training (in the main thread only: see signals.handling)."""
+            with signals.handling(signals.STOP_SIGNALS, self.handle):
                 yield self
-                return
-            previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
-            try:
-                yield self
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
 
         def on_step_end(self, args, state, control, **kwargs):
             signum = self.signum or 0

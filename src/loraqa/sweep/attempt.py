@@ -1,7 +1,7 @@
 """One attempt at one trial, the same under every runner: take the trial's lock, record the attempt in run.json,
 run the trial's command (``loraqa train``) in a child process with its output in trial.log, and record how
-it ended: done (metrics.json), interrupted (the sweep was stopping) or failed (error.json with the exit code
-and the tail of stderr).
+it ended: done (metrics.json), interrupted (the sweep was stopping, or a stop signal reached this trial alone)
+or failed (error.json with the exit code and the tail of stderr).
 
 The local runner calls :func:`run_attempt` from a worker thread; the Ray runner from a Ray task on whichever
 node holds the trial's resources. What it needs travels in a picklable :class:`Job`.
@@ -26,6 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .. import signals
 from ..io import write_json_atomic, write_text_atomic
 from .machine import machine_info, now
 from .state import fcntl, read_json_or, try_lock
@@ -34,15 +35,16 @@ from .view import fmt_score, hms
 STDERR_TAIL_LINES = 40
 STDERR_TAIL_CHARS = 6000
 # Ctrl-C reaches the sweep and its children (one process group) at once, so a worker thread may reap a child
-# killed by it before the main thread has woken up, taken the KeyboardInterrupt and set the stop flag (under
-# load this happened in 6 of 40 tries). A child's SIGINT death counts as a failure only if the flag stays unset
-# this long; on an idle machine the flag is set within milliseconds, so it costs nothing but a delay when a
-# child alone gets a SIGINT. (The children keep the sweep's process group so that killing the group, or closing
-# the terminal, still ends them all; and SIGTERM cannot race: the sweep sets the flag before passing it on.)
+# stopped by it before the main thread has woken up, taken the KeyboardInterrupt and set the stop flag (under
+# load this happened in 6 of 40 tries). After a child's SIGINT exit the worker waits this long for the flag before
+# it moves on, so that no new trial starts during a Ctrl-C; on an idle machine the flag is set within
+# milliseconds, so it costs nothing but a delay when a child alone gets a SIGINT. (The children keep the sweep's
+# process group so that killing the group, or closing the terminal, still ends them all; and SIGTERM cannot
+# race: the sweep sets the flag before passing it on.)
 SIGINT_GRACE_SECONDS = 30.0
 # how a child reports Ctrl-C: killed by SIGINT (Python's default), or KeyboardInterrupt caught and exit
 # status 130 = 128 + SIGINT (what `loraqa train` does)
-SIGINT_EXITS = (-signal.SIGINT, 128 + signal.SIGINT)
+SIGINT_EXITS = (-signal.SIGINT, signals.exit_status(signal.SIGINT))
 
 
 def trial_command(trial_yaml: Path, trial_dir: Path, device: str | None) -> list[str]:
@@ -258,6 +260,8 @@ def _verdict(tdir: Path, rc: int | None, children: Children) -> str:
         return "interrupted"
     if rc in SIGINT_EXITS and children.stop.wait(SIGINT_GRACE_SECONDS):  # Ctrl-C: see SIGINT_GRACE_SECONDS
         return "interrupted"
+    if signals.stopped_by_request(rc):  # a stop meant for this trial alone: it saved what it could; a rerun
+        return "interrupted"  # resumes it, as after a stopped sweep (and it is no failure to look into)
     if rc == -signal.SIGKILL and children.orphaned():  # as a rerun finds an attempt of a killed sweep
         return "lost"
     return "failed"

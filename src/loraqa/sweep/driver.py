@@ -6,12 +6,12 @@ import os
 import shlex
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 import yaml
 
+from .. import signals
 from ..config import ConfigError, ExperimentConfig, from_dict
 from ..io import write_text_atomic
 from . import attempt
@@ -39,8 +39,9 @@ def run_sweep(
     """Run this shard's unfinished trials, each in a child process: ``parallel`` at a time on this machine
     (default 1), or with ``backend="ray"`` as Ray tasks holding ``sweep.resources_per_trial`` (on a local Ray
     instance, or the cluster at ``address``; ``parallel`` then caps the trials in flight). Returns 0 when all
-    of them finished, 1 if any failed (error.json in its folder), 130 if interrupted. ``progress``: a live
-    display (default: when stderr is a terminal)."""
+    of them finished; 1 if any failed (error.json in its folder) or was stopped alone (a signal to that trial's
+    process: it is resumable, as an interrupted one); 130 or 143 if Ctrl-C or SIGTERM interrupted the sweep.
+    ``progress``: a live display (default: when stderr is a terminal)."""
     index, count = parse_shard(shard)
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
@@ -79,8 +80,8 @@ def run_sweep(
     )
     runner = _runner(cfg, backend, address, parallel, device, view, index_file)
     jobs = [_job(t, output_dir, f"{index}/{count}", device, machine, absolute=backend == "ray") for t in todo]
-    interrupted = _run(runner, jobs, view, index_file)
-    return _summary(view, output_dir, mine, interrupted)
+    stopped_by = _run(runner, jobs, view, index_file)
+    return _summary(view, output_dir, mine, stopped_by)
 
 
 def _at_once(backend: str, parallel: int | None) -> str:
@@ -106,38 +107,33 @@ def _job(trial: Trial, output_dir: Path, shard: str, device, machine, absolute: 
                machine=None if absolute else machine)  # fmt: skip
 
 
-def _run(runner: Runner, jobs: list[Job], view: View, index_file: SweepIndex) -> bool:
-    """Run the jobs; True if the sweep was interrupted (Ctrl-C or SIGTERM)."""
-    old_term = None
-    if threading.current_thread() is threading.main_thread():
+def _run(runner: Runner, jobs: list[Job], view: View, index_file: SweepIndex) -> int | None:
+    """Run the jobs; the signal that interrupted the sweep (Ctrl-C's SIGINT, or SIGTERM), or None."""
 
-        def on_term(signum, frame):
-            raise Terminated
+    def on_term(signum, frame):
+        raise Terminated
 
-        old_term = signal.signal(signal.SIGTERM, on_term)
     try:
-        with view:
+        with signals.handling([signal.SIGTERM], on_term), view:
             runner.run(jobs)
-    except KeyboardInterrupt:
-        return True
+    except KeyboardInterrupt as e:
+        return signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
     finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
         index_file.write()
-    return False
+    return None
 
 
-def _summary(view: View, output_dir: Path, mine: list[Trial], interrupted: bool) -> int:
+def _summary(view: View, output_dir: Path, mine: list[Trial], stopped_by: int | None) -> int:
     final = {t.name: trial_status(output_dir / t.name) for t in mine}
     failed = [n for n, s in final.items() if s == "failed"]
     others = [f"{n} ({s})" for n, s in final.items() if s not in ("done", "failed")]
     done = sum(s == "done" for s in final.values())
     view.note(f"{done}/{len(mine)} trials done" + (f", failed: {', '.join(failed)}" if failed else "")
               + (f", not finished: {', '.join(others)}" if others else "") + f"; index: {output_dir / 'sweep.json'}; tables and verdicts: loraqa report {output_dir}")  # fmt: skip
-    if interrupted:
+    if stopped_by:
         view.note("interrupted; rerun the same command to resume", style="yellow")
-        return 130
-    return 1 if failed else 0
+        return signals.exit_status(stopped_by)
+    return 0 if done == len(mine) else 1
 
 
 def _prefetch_data(trials: list[Trial]) -> None:
