@@ -33,10 +33,10 @@ sharing a paragraph's prompt prefix is part of loraqa's generation), written to 
 "Share of peak" = useful FLOPs / seconds / peak FLOP/s, where the useful FLOPs are the same for both recipes:
 the matmuls of the forward pass and of the input-gradient backward pass through the frozen decoder over the
 real tokens (attention included, causal), LoRA's forward and backward, and the output layer only at the
-answer positions (training); each distinct prompt prefix once (questions on one paragraph share its context),
-the output layer at the prompt's last position and one decoder step per generated token (eval; the
-generated-token counts are the reference's). Padding, full-vocabulary logits and recomputed prefixes are not
-useful work, so they lower the share.
+answer positions (training); the output layer at the prompt's last position and one decoder step per generated
+token (eval; the generated-token counts are the reference's). In both, each distinct context once: the
+questions on one paragraph share it. Padding, full-vocabulary logits and recomputed contexts are not useful
+work, so they lower the share (a stand-alone recipe recomputes a paragraph's context for each question).
 
 On a machine shared with other work, ``OMP_WAIT_POLICY=PASSIVE`` (set before the command) keeps OpenMP's
 threads from spinning while they wait for a descheduled peer; the policy in force is printed.
@@ -137,15 +137,30 @@ class Shape:
         keys = (last * (last + 1) - first * (first + 1)) / 2
         return 4.0 * self.layers * self.attn_width * keys
 
-    def train_flops(self, length: int, labelled: int) -> float:
-        """Useful FLOPs of one training example: forward + input-gradient backward (2x the forward's matmuls
-        for attention, 1x for the frozen linears), LoRA forward/backward, the output layer at labelled
-        positions only."""
-        linear = 2.0 * self.linear_params * length * 2  # forward + input gradients
-        attention = self.attention(0, length) * 3  # forward + twice that backward
-        lora = 6.0 * self.lora_r * self.lora_in_out * length
+    def train_flops(self, length: int, labelled: int, first: int = 0) -> float:
+        """Useful FLOPs of training on positions first..length-1 of an example: forward + input-gradient
+        backward (2x the forward's matmuls for attention, 1x for the frozen linears), LoRA forward/backward, the
+        output layer at the ``labelled`` positions only."""
+        linear = 2.0 * self.linear_params * (length - first) * 2  # forward + input gradients
+        attention = self.attention(first, length) * 3  # forward + twice that backward
+        lora = 6.0 * self.lora_r * self.lora_in_out * (length - first)
         head = 4.0 * self.hidden * self.vocab * labelled
         return linear + attention + lora + head
+
+    def train_set_flops(self, features: list[dict]) -> float:
+        """Useful FLOPs of one pass over ``features``: every distinct context once (the questions on one
+        paragraph share it, as in answering), then each example's own tokens, which attend to it."""
+        from loraqa.generate import plan_batches
+
+        ids = [f["input_ids"] for f in features]
+        total = 0.0
+        for batch in plan_batches(ids, batch_size=len(ids) or 1):
+            for g in batch:
+                total += self.train_flops(g.shared, 0)
+                for m in g.members:
+                    labelled = sum(x != -100 for x in features[m]["labels"][1:])
+                    total += self.train_flops(len(ids[m]), labelled, first=g.shared)
+        return total
 
     def eval_flops(self, prompts: list[list[int]], generated: list[int]) -> float:
         """Forward FLOPs of answering: every distinct prompt prefix once (questions on one paragraph share
@@ -633,8 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         if generated is None:  # no reference: count answer tokens from loraqa's answers
             generated = [len(enc.tokenizer(" " + a, add_special_tokens=False)["input_ids"]) + 1
                          for a in results[0].extra["answers"]]  # fmt: skip
-        train_flops = sum(shape.train_flops(len(f["input_ids"]), sum(x != -100 for x in f["labels"][1:]))
-                          for f in features)  # fmt: skip
+        train_flops = shape.train_set_flops(features)
         # every optimizer step sees BATCH_SIZE examples; scale if the run wrapped around or stopped early
         eval_flops = shape.eval_flops(prompts, generated)
         rows = []
