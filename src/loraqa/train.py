@@ -209,26 +209,7 @@ def _save_results(run_dir: Path, records: list[dict], metrics: dict, card: str) 
 
 
 def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks) -> dict:
-    encoder = PromptEncoder(tok, max_length=cfg.prompt.max_length, loss_on=cfg.prompt.loss_on)
-    no_answer = cfg.data.no_answer_text()
-    train_features, train_stats = encode_train_set(encoder, train_examples, no_answer)
-    if not train_features:
-        raise ConfigError(f"no training examples left after encoding ({train_stats.summary()})")
-    # The logged eval loss is always the loss on the answer tokens (+ EOS), whatever prompt.loss_on trains on:
-    # it is what the generated answers depend on, and it keeps the loss_on=answer and =all runs comparable.
-    answer_encoder = (
-        encoder
-        if encoder.loss_on == "answer"
-        else PromptEncoder(tok, max_length=cfg.prompt.max_length, loss_on="answer")
-    )
-    loss_eval_features, _ = encode_train_set(answer_encoder, dev_examples[: cfg.data.loss_eval_limit], no_answer)
-    log.info("train prompts: %s", train_stats.summary())
-
-    # prompt.loss_on=all labels the context: shared, it would count once per paragraph instead of once per
-    # question (another objective), so that ablation keeps stand-alone examples
-    shared = cfg.train.share_contexts and encoder.loss_on == "answer"
-    if cfg.train.share_contexts and not shared:
-        log.info("train.share_contexts: prompt.loss_on=all trains on stand-alone examples")
+    train_features, train_stats, loss_eval_features, shared = _encode(cfg, tok, train_examples, dev_examples)
     ckpt_dir = run_dir / "checkpoints"
     args = training_arguments(cfg, ckpt_dir, lm.precision, lm.device)
     clock = make_clock_callback(lm.device)
@@ -254,15 +235,12 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
         log.info("resuming from %s", resume)
     clock.resume_from(resume)
     _fit(trainer, resume, clock, interrupt, full=cfg.train.method == "full")
-    totals = clock.totals()
-    seconds, tokens, questions = totals["train_seconds"], totals["train_tokens"], totals["train_questions"]
     final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
-    history = trainer.state.log_history
-    dist.on_main(write_jsonl_atomic, run_dir / "log_history.jsonl", history)
-    losses = _final_losses(history)
+    dist.on_main(write_jsonl_atomic, run_dir / "log_history.jsonl", trainer.state.log_history)
+    losses = _final_losses(trainer.state.log_history)
     if final_eval:
         losses["final_eval_loss"] = final_eval["eval_loss"]
-        losses["eval_loss_on"] = "answer"  # see above; runs without this key logged prompt.loss_on's loss
+        losses["eval_loss_on"] = "answer"  # see _encode; runs without this key logged prompt.loss_on's loss
     return {
         "train_examples": len(train_features),
         "train_prompt_stats": {
@@ -275,7 +253,41 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
         "resumed_from": os.path.basename(resume) if resume else None,
         "resumed_at_step": clock.start_step,  # the step the Trainer restored, read from the Trainer
         "fast_loss": trainer.fast_loss,  # False where the config or the model family ruled it out
-        # train time, tokens and peak memory sum up every segment of an interrupted run (see the clock)
+        **_throughput(clock.totals(), shared),
+        **losses,
+    }
+
+
+def _encode(cfg, tok, train_examples, dev_examples):
+    """The training features and their statistics, the features of the logged eval loss, and whether training
+    shares contexts."""
+    encoder = PromptEncoder(tok, max_length=cfg.prompt.max_length, loss_on=cfg.prompt.loss_on)
+    no_answer = cfg.data.no_answer_text()
+    train_features, train_stats = encode_train_set(encoder, train_examples, no_answer)
+    if not train_features:
+        raise ConfigError(f"no training examples left after encoding ({train_stats.summary()})")
+    # The logged eval loss is always the loss on the answer tokens (+ EOS), whatever prompt.loss_on trains on:
+    # it is what the generated answers depend on, and it keeps the loss_on=answer and =all runs comparable.
+    answer_encoder = (
+        encoder
+        if encoder.loss_on == "answer"
+        else PromptEncoder(tok, max_length=cfg.prompt.max_length, loss_on="answer")
+    )
+    loss_eval_features, _ = encode_train_set(answer_encoder, dev_examples[: cfg.data.loss_eval_limit], no_answer)
+    log.info("train prompts: %s", train_stats.summary())
+    # prompt.loss_on=all labels the context: shared, it would count once per paragraph instead of once per
+    # question (another objective), so that ablation keeps stand-alone examples
+    shared = cfg.train.share_contexts and encoder.loss_on == "answer"
+    if cfg.train.share_contexts and not shared:
+        log.info("train.share_contexts: prompt.loss_on=all trains on stand-alone examples")
+    return train_features, train_stats, loss_eval_features, shared
+
+
+def _throughput(totals: dict, shared: bool) -> dict:
+    """Train time, tokens, questions and peak memory: the sums over every segment of an interrupted run (see
+    the clock callback)."""
+    seconds, tokens, questions = totals["train_seconds"], totals["train_tokens"], totals["train_questions"]
+    return {
         "train_seconds": round(seconds, 3),
         "train_segments": totals["segments"],
         **({"train_seconds_cover_last_segment_only": True} if totals.get("incomplete") else {}),
@@ -285,6 +297,5 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
         "train_questions": questions,
         "train_questions_per_second": round(questions / seconds, 3) if seconds > 0 else None,
         "train_share_contexts": shared,
-        **losses,
         "peak_memory_mb": round(totals["peak_memory_mb"], 1),
     }
