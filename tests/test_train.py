@@ -266,6 +266,31 @@ def test_a_second_stop_signal_stops_at_once_unless_it_is_the_first_delivered_twi
         callback.handle(signal.SIGTERM, None)
 
 
+def test_stop_signal_handlers_hold_for_the_block_in_the_main_thread_only():
+    import threading
+
+    from loraqa import signals
+
+    def handler(signum, frame):
+        pass
+
+    def other(signum, frame):
+        pass
+
+    def in_a_thread():  # Python refuses handlers outside the main thread: the block runs, nothing is set
+        with signals.handling([signal.SIGTERM], other):
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    before, seen = signal.getsignal(signal.SIGTERM), []
+    with signals.handling([signal.SIGTERM], handler):
+        assert signal.getsignal(signal.SIGTERM) is handler
+        worker = threading.Thread(target=in_a_thread)
+        worker.start()
+        worker.join()
+    assert seen == [handler] and signal.getsignal(signal.SIGTERM) is before
+    assert [signals.stopped_by_request(rc) for rc in (130, 143, -2, -15, 0, 1, -9, 137, None)] == [True] * 4 + [False] * 5
+
+
 def test_length_grouped_batches_depend_on_seed_and_epoch_only():
     from loraqa.trainer import LengthGroupedBatches
 
