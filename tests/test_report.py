@@ -176,12 +176,17 @@ def test_masking_convergence_is_not_judged_on_losses_over_different_tokens(tmp_p
 
 def test_missing_failed_and_unfinished_trials_are_listed_and_not_measured(tmp_path):
     out = make_sweep(tmp_path, CLAIMS_HOLD, skip=("r32", "loss_on_all"), fail=("method_full",))
-    (out / "lr5e-4" / "metrics.json").unlink()  # interrupted: logs but no metrics
+    (out / "lr5e-4" / "metrics.json").unlink()  # interrupted: logs but no metrics, half way through epoch 1 of 3
+    write_jsonl_atomic(out / "lr5e-4" / "log_history.jsonl", [{"loss": 2.0, "step": s, "epoch": s / 250}
+                                                              for s in (25, 50, 125)])  # fmt: skip
+    (out / "targets_attn+proj" / "metrics.json").unlink()  # trained to the end, killed while answering
+    write_jsonl_atomic(out / "targets_attn+proj" / "log_history.jsonl", [{"loss": 2.0, "step": 750, "epoch": 3.0}])
     text = write_report(out).read_text()
     trials = text.split("## Trials")[1].split("## ")[0]
     assert "| r32 | pending |" in trials and "| loss_on_all | pending |" in trials
     assert "| method_full | failed |" in trials and "killed by SIGKILL (out of memory?)" in trials
-    assert "| lr5e-4 | unfinished |" in trials
+    assert "| lr5e-4 | unfinished, step 125 of 750 logged |" in trials
+    assert "| targets_attn+proj | unfinished, training done, not scored yet |" in trials
     assert "Not finished (left out of every comparison below): `r32` (pending)" in text
     assert ": not measurable here.**" in verdict_line(text, "a") and "r32 (pending)" in verdict_line(
         text, "a"
@@ -189,7 +194,7 @@ def test_missing_failed_and_unfinished_trials_are_listed_and_not_measured(tmp_pa
     assert ": not measurable here.**" in verdict_line(text, "e")
     assert ": holds.**" in verdict_line(text, "b")  # 2e-4 vs 1e-4 is still measured
     assert "**not measurable here.**" in text.split("### Full fine-tuning ablation")[1]
-    assert "Trials: 5 done, 1 failed, 1 unfinished, 2 pending" in text
+    assert "Trials: 4 done, 1 failed, 2 unfinished, 2 pending" in text
 
 
 def test_paired_difference():

@@ -93,6 +93,17 @@ class TrialResult:
             self.unreadable.append(_problem(path, e))
             return []
 
+    @property
+    def progress(self) -> tuple[int, int] | None:
+        """(the last step logged, the steps of the whole run) from the log history, where the Trainer logs the
+        epochs done beside the step; None before the first log line."""
+        last = next((h for h in reversed(self.history) if h.get("step") and h.get("epoch")), None)
+        if last is None:
+            return None
+        step, train = int(last["step"]), self.trial.config.train
+        total = train.max_steps if train.max_steps > 0 else round(step * train.epochs / float(last["epoch"]))
+        return step, max(total, step)
+
     def curve(self, key: str) -> dict[int, float]:
         """step -> value of ``loss`` or ``eval_loss`` (the last logged value where a step repeats)."""
         return {int(h["step"]): float(h[key]) for h in self.history if key in h and "step" in h}
@@ -258,7 +269,13 @@ def _table(header: list[str], rows: list[list[str]], right: set[int] | None = No
 
 
 def _status_cell(t: TrialResult) -> str:
-    return t.status if t.status != "running" else "running (unfinished)"
+    """The trial's status; for one not finished, how far its training got (a trial that stopped resumes from its
+    last checkpoint, at or before that step)."""
+    progress = t.progress if t.status in ("running", "unfinished") else None
+    if not progress:
+        return t.status if t.status != "running" else "running (unfinished)"
+    step, total = progress
+    return t.status + (f", step {step:,} of {total:,} logged" if step < total else ", training done, not scored yet")
 
 
 # ---------------------------------------------------------------------------------------------- verdicts

@@ -26,6 +26,7 @@ from .report import (
     _plot,
     _secs,
     _settings,
+    _status_cell,
     _table,
     all_verdicts,
     draw_figures,
@@ -85,7 +86,7 @@ def trials_table(sweeps: list[SweepData]) -> str:
     rows = []
     for data in sweeps:
         for t in data.trials:
-            rows.append([data.cfg.name, t.name, t.status, _settings(t, data.reference), _num(train_questions(t)),
+            rows.append([data.cfg.name, t.name, _status_cell(t), _settings(t, data.reference), _num(train_questions(t)),
                          _num(dev_questions(t)), _num(t.m("f1")), _num(t.m("exact_match")),
                          _num(t.m("train_steps")), _secs(t.m("train_seconds")), _num(_questions_per_second(t), 1),
                          _secs(t.m("eval_seconds")), _mb(t.m("peak_memory_mb")), _commit(t)])  # fmt: skip
