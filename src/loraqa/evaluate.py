@@ -11,6 +11,7 @@ import torch
 from . import dist
 from .config import EvalConfig
 from .generate import generate_answers
+from .layout import CONFIG_FILE, METRICS_FILE
 from .metrics import score_predictions
 from .prompt import PromptEncoder, PromptStats
 
@@ -106,9 +107,9 @@ def eval_zero_shot(cfg, out_dir, *, device: str | None = None, progress: bool = 
     metrics = {**summary, "trainable_params": 0, "total_params": total, "model": cfg.model.name,
                "method": "zero-shot", "precision": lm.precision, "device": str(lm.device),
                "peak_memory_mb": round(peak_memory_mb(lm.device), 1)}  # fmt: skip
-    write_text_atomic(out_dir / "config.yaml", cfg.to_yaml())
+    write_text_atomic(out_dir / CONFIG_FILE, cfg.to_yaml())
     write_predictions(out_dir, records)
-    write_json_atomic(out_dir / "metrics.json", metrics)
+    write_json_atomic(out_dir / METRICS_FILE, metrics)
     return metrics
 
 
@@ -136,5 +137,5 @@ def eval_run_dir(run_dir, *, data_dir: str | None = None, eval_limit: int | None
     out = run_dir / f"eval-{len(dev)}"
     write_predictions(out, records)
     metrics = {**summary, "model": cfg.model.name, "precision": lm.precision, "device": str(lm.device)}
-    write_json_atomic(out / "metrics.json", metrics)
+    write_json_atomic(out / METRICS_FILE, metrics)
     return metrics

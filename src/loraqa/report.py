@@ -32,6 +32,16 @@ import yaml
 from .card import portable_command, portable_path
 from .config import ConfigError, from_dict
 from .io import read_json, read_jsonl, write_text_atomic
+from .layout import (
+    ERROR_FILE,
+    LOG_FILE,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    SWEEP_CONFIG_FILE,
+    SWEEP_INDEX_FILE,
+    TRIAL_CONFIG_FILE,
+    TRIAL_RUN_FILE,
+)
 from .sweep import (
     Trial,
     axis_values,
@@ -86,7 +96,7 @@ class TrialResult:
 
     @cached_property
     def history(self) -> list[dict]:
-        path = self.dir / "log_history.jsonl"
+        path = self.dir / LOG_FILE
         try:
             return read_jsonl(path) if path.exists() else []
         except (OSError, ValueError) as e:
@@ -110,7 +120,7 @@ class TrialResult:
 
     @cached_property
     def per_question(self) -> dict[str, dict]:
-        path = self.dir / "predictions.jsonl"
+        path = self.dir / PREDICTIONS_FILE
         try:
             return {r["id"]: r for r in read_jsonl(path)} if path.exists() else {}
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -172,7 +182,7 @@ def _read_or(path: Path, default, unreadable: list | None = None):
 
 def load_sweep(sweep_dir: str | os.PathLike) -> SweepData:
     sweep_dir = Path(sweep_dir)
-    cfg_path = sweep_dir / "sweep.yaml"
+    cfg_path = sweep_dir / SWEEP_CONFIG_FILE
     if not cfg_path.is_file():
         raise ConfigError(f"{sweep_dir}: not a sweep folder (no sweep.yaml; `loraqa sweep` writes it)")
     cfg = from_dict(yaml.safe_load(cfg_path.read_text()), where=str(cfg_path))
@@ -183,16 +193,16 @@ def load_sweep(sweep_dir: str | os.PathLike) -> SweepData:
         status = trial_status(tdir)
         trials.append(TrialResult(
             t, tdir, status,
-            metrics=_read_or(tdir / "metrics.json", {}, bad) if status == "done" else {},
-            run=_read_or(tdir / "run.json", {}, bad),
-            error=_read_or(tdir / "error.json", {}, bad) if status == "failed" else {},
+            metrics=_read_or(tdir / METRICS_FILE, {}, bad) if status == "done" else {},
+            run=_read_or(tdir / TRIAL_RUN_FILE, {}, bad),
+            error=_read_or(tdir / ERROR_FILE, {}, bad) if status == "failed" else {},
             unreadable=bad,
         ))  # fmt: skip
     names = {t.name for t in trials}
-    strays = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and (p / "trial.yaml").exists()
+    strays = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and (p / TRIAL_CONFIG_FILE).exists()
                     and p.name not in names)  # fmt: skip
     return SweepData(sweep_dir, cfg, trials, axis_values(cfg), reference_values(cfg),
-                     _read_or(sweep_dir / "sweep.json", {}, bad), strays, bad)  # fmt: skip
+                     _read_or(sweep_dir / SWEEP_INDEX_FILE, {}, bad), strays, bad)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- numbers

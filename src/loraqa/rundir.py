@@ -15,7 +15,8 @@ A run folder holds::
     error.json                  why the last attempt failed (removed when a new attempt starts)
     .loraqa.lock                flock-ed by the process working in the folder (a second one is refused)
 
-:func:`load_run` is the one way back from a folder to a model: evaluation, prediction and export share it.
+The names are defined once, in :mod:`loraqa.layout`. :func:`load_run` is the one way back from a folder to a model:
+evaluation, prediction and export share it.
 """
 
 from __future__ import annotations
@@ -33,20 +34,11 @@ import torch
 
 from .config import ConfigError, ExperimentConfig, apply_overrides, load_config
 from .io import CorruptFileError, read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from .layout import CONFIG_FILE, ERROR_FILE, LOCK_FILE, OFFICIAL_PREDICTIONS_FILE, PREDICTIONS_FILE
 from .model import LoadedModel, load_model_and_tokenizer, prepare_for_generation
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"
-LOG_FILE = "log_history.jsonl"
-TRAIN_METRICS_FILE = "train_metrics.json"
-PREDICTIONS_FILE = "predictions.jsonl"
-OFFICIAL_PREDICTIONS_FILE = "predictions.json"
-MODEL_CARD_FILE = "README.md"
-METRICS_FILE = "metrics.json"
-CHECKPOINTS_DIR = "checkpoints"
-ERROR_FILE = "error.json"
-LOCK_FILE = ".loraqa.lock"
 
 
 class RunFolderError(ConfigError):
@@ -117,7 +109,7 @@ def record_failure(run_dir: Path, error: BaseException) -> None:
 def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, overwrite: bool) -> None:
     """Write the config into ``run_dir``; refuse a folder holding another config's run. With ``overwrite``
     everything in it is removed first (but the lock file the caller holds)."""
-    cfg_path = run_dir / "config.yaml"
+    cfg_path = run_dir / CONFIG_FILE
     make_run_folder(run_dir)
     if overwrite:
         for entry in run_dir.iterdir():

@@ -20,11 +20,11 @@ from .card import current_command, model_card
 from .config import ConfigError, ExperimentConfig
 from .evaluate import evaluate_model, peak_memory_mb, reset_peak_memory
 from .io import read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from .layout import CHECKPOINTS_DIR, LOG_FILE, METRICS_FILE, MODEL_CARD_FILE, TRAIN_METRICS_FILE
 from .model import apply_lora, count_parameters, load_model_and_tokenizer, prepare_for_generation
 from .packing import SharedContextCollator
 from .prompt import PromptEncoder, encode_train_set
 from .rundir import (
-    MODEL_CARD_FILE,
     last_checkpoint,
     load_checkpoint_weights,
     load_trained,
@@ -116,9 +116,9 @@ def run_experiment(
 def _run(cfg, run_dir: Path, device, callbacks, progress, command) -> dict:
     from transformers import set_seed
 
-    if (run_dir / "metrics.json").exists():
+    if (run_dir / METRICS_FILE).exists():
         log.info("%s: finished already (metrics.json); pass --overwrite to run it again", run_dir)
-        return read_json(run_dir / "metrics.json")
+        return read_json(run_dir / METRICS_FILE)
 
     train_examples, dev_examples, data_info = load_examples(cfg)
     set_seed(cfg.train.seed)
@@ -133,11 +133,11 @@ def _run(cfg, run_dir: Path, device, callbacks, progress, command) -> dict:
     trainable, total = count_parameters(model)
     reset_peak_memory(lm.device)  # peak memory counts training and evaluation, not loading
 
-    train_metrics_path = run_dir / "train_metrics.json"
+    train_metrics_path = run_dir / TRAIN_METRICS_FILE
     if train_metrics_path.exists():  # trained and saved before an interruption during evaluation
         train_metrics = read_json(train_metrics_path)
         model = load_trained(model, run_dir, full, lm.device)
-        dist.on_main(shutil.rmtree, run_dir / "checkpoints", ignore_errors=True)  # a kill came while removing them
+        dist.on_main(shutil.rmtree, run_dir / CHECKPOINTS_DIR, ignore_errors=True)  # a kill came while removing them
     else:
         train_metrics = _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks)
         train_metrics.update(trainable_params=trainable, total_params=total)
@@ -197,20 +197,20 @@ def _fit(trainer, resume: str | None, clock, interrupt, full: bool) -> None:
 
 def _save_training(cfg, model, tok, run_dir: Path, train_metrics: dict) -> None:
     save_trained(dist.unwrap(model), tok, run_dir, cfg.train.method == "full", base_name=cfg.model.name)
-    write_json_atomic(run_dir / "train_metrics.json", train_metrics)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    write_json_atomic(run_dir / TRAIN_METRICS_FILE, train_metrics)
+    shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
 
 
 def _save_results(run_dir: Path, records: list[dict], metrics: dict, card: str) -> dict:
     write_predictions(run_dir, records)
     write_text_atomic(run_dir / MODEL_CARD_FILE, card)
-    write_json_atomic(run_dir / "metrics.json", metrics)  # last: its presence means the run is done
+    write_json_atomic(run_dir / METRICS_FILE, metrics)  # last: its presence means the run is done
     return metrics
 
 
 def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks) -> dict:
     train_features, train_stats, loss_eval_features, shared = _encode(cfg, tok, train_examples, dev_examples)
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = run_dir / CHECKPOINTS_DIR
     args = training_arguments(cfg, ckpt_dir, lm.precision, lm.device)
     clock = make_clock_callback(lm.device)
     interrupt = make_interrupt_callback()
@@ -223,7 +223,7 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
         # no processing_class: the Trainer would copy the tokenizer (3.5 MB for GPT-2) into every checkpoint,
         # and the tokenizers library writes tokenizer.json without reporting a full disk (a truncated file in an
         # otherwise complete checkpoint, found by tests/test_faults.py); loraqa reloads the tokenizer by name
-        callbacks=[make_log_callback(run_dir / "log_history.jsonl"), make_finite_loss_callback(), clock,
+        callbacks=[make_log_callback(run_dir / LOG_FILE), make_finite_loss_callback(), clock,
                    *(callbacks or []), *filter(None, [make_tensorboard_callback(run_dir, cfg.train.report_to)]),
                    interrupt],  # fmt: skip
         fast_loss=cfg.train.fast_loss,
@@ -236,7 +236,7 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
     clock.resume_from(resume)
     _fit(trainer, resume, clock, interrupt, full=cfg.train.method == "full")
     final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
-    dist.on_main(write_jsonl_atomic, run_dir / "log_history.jsonl", trainer.state.log_history)
+    dist.on_main(write_jsonl_atomic, run_dir / LOG_FILE, trainer.state.log_history)
     losses = _final_losses(trainer.state.log_history)
     if final_eval:
         losses["final_eval_loss"] = final_eval["eval_loss"]

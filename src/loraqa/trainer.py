@@ -27,6 +27,7 @@ from . import dist, signals
 from .config import ConfigError, ExperimentConfig
 from .evaluate import peak_memory_mb
 from .io import read_json, write_json_atomic, write_jsonl_atomic
+from .layout import CLOCK_FILE
 from .packing import SharedContextBatches
 from .prompt import IGNORE_INDEX
 
@@ -364,9 +365,6 @@ def make_interrupt_callback():
                 control.should_log = control.should_save = control.should_training_stop = True
 
     return InterruptCallback()
-
-
-CLOCK_FILE = "loraqa_clock.json"
 
 
 def make_clock_callback(device: torch.device):

@@ -28,6 +28,14 @@ from typing import Any
 
 from .. import signals
 from ..io import write_json_atomic, write_text_atomic
+from ..layout import (
+    ERROR_FILE,
+    METRICS_FILE,
+    TRIAL_CONFIG_FILE,
+    TRIAL_LOCK_FILE,
+    TRIAL_LOG_FILE,
+    TRIAL_RUN_FILE,
+)
 from .machine import machine_info, now
 from .state import fcntl, read_json_or, try_lock
 from .view import fmt_score, hms
@@ -146,7 +154,7 @@ def run_attempt(job: Job, children: Children, view, on_change: Callable[[], None
     if fd is None:
         return Outcome(job.name, "skipped", f"skip {job.name}: another process is running it")
     try:
-        if (tdir / "metrics.json").exists():  # finished by another process meanwhile
+        if (tdir / METRICS_FILE).exists():  # finished by another process meanwhile
             os.close(fd)
             fd = None
             settle_finished(tdir)
@@ -160,8 +168,8 @@ def run_attempt(job: Job, children: Children, view, on_change: Callable[[], None
 def _begin(job: Job, tdir: Path, machine: dict) -> tuple[dict, dict]:
     """Record a new attempt in run.json (an older one still marked running was lost with its sweep: we hold
     the lock now). Returns run.json's content and the new attempt."""
-    write_text_atomic(tdir / "trial.yaml", job.config_yaml)
-    run = read_json_or(tdir / "run.json", {}) or {}
+    write_text_atomic(tdir / TRIAL_CONFIG_FILE, job.config_yaml)
+    run = read_json_or(tdir / TRIAL_RUN_FILE, {}) or {}
     attempts = run.get("attempts", [])
     for a in attempts:
         if a.get("status") == "running":
@@ -170,8 +178,8 @@ def _begin(job: Job, tdir: Path, machine: dict) -> tuple[dict, dict]:
                "where": job.where or None, "status": "running"}  # fmt: skip
     attempts.append(attempt)
     run.update(name=job.name, overrides=job.overrides, machine=machine, attempts=attempts)
-    write_json_atomic(tdir / "run.json", run)
-    (tdir / "error.json").unlink(missing_ok=True)
+    write_json_atomic(tdir / TRIAL_RUN_FILE, run)
+    (tdir / ERROR_FILE).unlink(missing_ok=True)
     return run, attempt
 
 
@@ -180,22 +188,22 @@ def settle_finished(trial_dir: str | os.PathLike) -> None:
     still says running): record that attempt as done, its wall time estimated from its files, so the rerun,
     which skips the finished trial, does not leave it without a wall time. Only while nobody holds the trial."""
     tdir = Path(trial_dir)
-    run = read_json_or(tdir / "run.json", {}) or {}
+    run = read_json_or(tdir / TRIAL_RUN_FILE, {}) or {}
     if not any(a.get("status") == "running" for a in run.get("attempts", [])):
         return
     fd = try_lock(tdir)
     if fd is None:
         return
     try:
-        run = read_json_or(tdir / "run.json", {}) or {}
+        run = read_json_or(tdir / TRIAL_RUN_FILE, {}) or {}
         attempts = run.get("attempts", [])
         for i, a in enumerate(attempts):
             if a.get("status") == "running":  # the last one finished the trial; any other was lost
-                done = i == len(attempts) - 1 and (tdir / "metrics.json").exists()
+                done = i == len(attempts) - 1 and (tdir / METRICS_FILE).exists()
                 a.update(status="done" if done else "lost", wall_seconds=_lost_wall_seconds(tdir, a),
                          wall_seconds_estimated=True)  # fmt: skip
         run["wall_seconds"] = round(sum(a.get("wall_seconds") or 0 for a in attempts), 3)
-        write_json_atomic(tdir / "run.json", run)
+        write_json_atomic(tdir / TRIAL_RUN_FILE, run)
     finally:
         os.close(fd)
 
@@ -203,9 +211,9 @@ def settle_finished(trial_dir: str | os.PathLike) -> None:
 def _undo_begin(tdir: Path, run: dict) -> None:
     run["attempts"].pop()
     if run["attempts"]:
-        write_json_atomic(tdir / "run.json", run)
+        write_json_atomic(tdir / TRIAL_RUN_FILE, run)
     else:
-        (tdir / "run.json").unlink(missing_ok=True)
+        (tdir / TRIAL_RUN_FILE).unlink(missing_ok=True)
 
 
 def _attempt(job: Job, tdir: Path, lock_fd: int, children: Children, view, on_change) -> Outcome:
@@ -216,7 +224,7 @@ def _attempt(job: Job, tdir: Path, lock_fd: int, children: Children, view, on_ch
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **job.env}
     view.start(job.name, job.where, len(run["attempts"]))
     start = time.perf_counter()
-    with open(tdir / "trial.log", "ab") as log_file:
+    with open(tdir / TRIAL_LOG_FILE, "ab") as log_file:
         log_file.write(
             f"\n===== attempt {len(run['attempts'])} {attempt['started_at']}: {shlex.join(cmd)}\n".encode()
         )
@@ -242,19 +250,19 @@ def _attempt(job: Job, tdir: Path, lock_fd: int, children: Children, view, on_ch
     run["wall_seconds"] = round(sum(a.get("wall_seconds") or 0 for a in run["attempts"]), 3)
     if status == "failed":
         attempt["error"] = _failure_summary(rc, pump.tail)
-        write_json_atomic(tdir / "error.json", {
+        write_json_atomic(tdir / ERROR_FILE, {
             "trial": job.name, "exit_code": rc, "signal": signal_name(rc), "summary": attempt["error"],
             "stderr_tail": pump.text(), "wall_seconds": round(wall, 3), "max_rss_mb": max_rss_mb,
             "command": shlex.join(cmd), "host": machine["host"], "finished_at": attempt["finished_at"],
-            "log": "trial.log",
+            "log": TRIAL_LOG_FILE,
         })  # fmt: skip
-    write_json_atomic(tdir / "run.json", run)
+    write_json_atomic(tdir / TRIAL_RUN_FILE, run)
     on_change()
     return Outcome(job.name, status, _message(job.name, status, tdir, wall, attempt.get("error")))
 
 
 def _verdict(tdir: Path, rc: int | None, children: Children) -> str:
-    if (tdir / "metrics.json").exists():
+    if (tdir / METRICS_FILE).exists():
         return "done"
     if children.stop.is_set():
         return "interrupted"
@@ -269,7 +277,7 @@ def _verdict(tdir: Path, rc: int | None, children: Children) -> str:
 
 def _message(name: str, status: str, tdir: Path, wall: float, error: str | None) -> str:
     if status == "done":
-        m = read_json_or(tdir / "metrics.json", {}) or {}
+        m = read_json_or(tdir / METRICS_FILE, {}) or {}
         return (
             f"done {name}: F1 {fmt_score(m.get('f1'))}  EM {fmt_score(m.get('exact_match'))}  ({hms(wall)})"
         )
@@ -286,7 +294,7 @@ def _lost_wall_seconds(tdir: Path, attempt: dict) -> float | None:
         started = datetime.fromisoformat(attempt["started_at"]).timestamp()
     except (KeyError, ValueError):
         return None
-    skip = {".lock", "run.json", "trial.yaml", "error.json"}
+    skip = {TRIAL_LOCK_FILE, TRIAL_RUN_FILE, TRIAL_CONFIG_FILE, ERROR_FILE}
     mtimes = [p.stat().st_mtime for p in tdir.rglob("*") if p.is_file() and p.name not in skip]
     last = max((m for m in mtimes if m >= started), default=None)
     return round(last - started, 3) if last is not None else 0.0

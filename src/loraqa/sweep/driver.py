@@ -14,6 +14,7 @@ import yaml
 from .. import signals
 from ..config import ConfigError, ExperimentConfig, from_dict
 from ..io import write_text_atomic
+from ..layout import SWEEP_CONFIG_FILE, TRIAL_CONFIG_FILE
 from . import attempt
 from .attempt import Job
 from .machine import machine_info, now
@@ -103,7 +104,7 @@ def _job(trial: Trial, output_dir: Path, shard: str, device, machine, absolute: 
     the same storage there) and finds out its machine itself."""
     tdir = (output_dir.resolve() if absolute else output_dir) / trial.name
     return Job(name=trial.name, overrides=trial.overrides, config_yaml=trial.config.to_yaml(), trial_dir=str(tdir),
-               command=attempt.trial_command(tdir / "trial.yaml", tdir, device), shard=shard,
+               command=attempt.trial_command(tdir / TRIAL_CONFIG_FILE, tdir, device), shard=shard,
                machine=None if absolute else machine)  # fmt: skip
 
 
@@ -174,7 +175,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def _check_sweep_yaml(output_dir: Path, cfg: ExperimentConfig) -> None:
     """A folder holds one sweep: refuse one whose base config differs; a changed sweep section is allowed
     (trials are named by their values, so old trials are reused where they still belong)."""
-    path = output_dir / "sweep.yaml"
+    path = output_dir / SWEEP_CONFIG_FILE
     if path.exists():
         try:
             old = from_dict(yaml.safe_load(path.read_text()), where=str(path))

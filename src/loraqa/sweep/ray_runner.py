@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..config import ConfigError
+from ..layout import METRICS_FILE, TRIAL_RUN_FILE
 from .attempt import Children, Job, Outcome, run_attempt
 from .runner import record_crash
 from .state import read_json_or
@@ -152,7 +153,7 @@ class RayRunner:
             message = f"interrupted {job.name} (rerun the command to resume it)" if started else ""
             outcome = Outcome(job.name, "interrupted", message)
         except ray.exceptions.RayError as e:  # the worker or its node died, or the bookkeeping failed
-            if not (Path(job.trial_dir) / "metrics.json").exists():
+            if not (Path(job.trial_dir) / METRICS_FILE).exists():
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 record_crash(
                     job.trial_dir, job.name, RuntimeError(f"Ray task lost: {type(e).__name__}: {first}")
@@ -174,7 +175,7 @@ class RayRunner:
         """Tell the view once the task has recorded its attempt (it may have waited for resources)."""
         if before is None:
             return False
-        attempts = (read_json_or(Path(job.trial_dir) / "run.json", {}) or {}).get("attempts", [])
+        attempts = (read_json_or(Path(job.trial_dir) / TRIAL_RUN_FILE, {}) or {}).get("attempts", [])
         if len(attempts) <= before:
             return False
         self.view.start(job.name, attempts[-1].get("where") or "", len(attempts))
@@ -202,4 +203,4 @@ class RayRunner:
 
 
 def _attempts(job: Job) -> int:
-    return len((read_json_or(Path(job.trial_dir) / "run.json", {}) or {}).get("attempts", []))
+    return len((read_json_or(Path(job.trial_dir) / TRIAL_RUN_FILE, {}) or {}).get("attempts", []))

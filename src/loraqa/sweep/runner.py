@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..io import write_json_atomic
+from ..layout import ERROR_FILE
 from .attempt import Children, Job, Outcome, run_attempt
 from .machine import nvidia_gpus
 
@@ -43,7 +44,7 @@ class Runner(Protocol):
 def record_crash(trial_dir: str | os.PathLike, name: str, error: BaseException) -> None:
     """A bug in the bookkeeping or a lost Ray worker: recorded like a failed trial, so the rerun retries it."""
     log.error("trial %s: %r", name, error)
-    write_json_atomic(Path(trial_dir) / "error.json", {
+    write_json_atomic(Path(trial_dir) / ERROR_FILE, {
         "trial": name, "exit_code": None, "summary": f"sweep error: {error!r}", "stderr_tail": "",
     })  # fmt: skip
 

@@ -16,6 +16,17 @@ from typing import Any
 
 from ..config import ExperimentConfig
 from ..io import read_json, write_json_atomic
+from ..layout import (
+    CHECKPOINTS_DIR,
+    ERROR_FILE,
+    LOG_FILE,
+    METRICS_FILE,
+    SWEEP_CONFIG_FILE,
+    SWEEP_INDEX_FILE,
+    TRAIN_METRICS_FILE,
+    TRIAL_LOCK_FILE,
+    TRIAL_RUN_FILE,
+)
 from .machine import now
 from .trials import Trial, axis_values, reference_values
 
@@ -31,7 +42,7 @@ METRIC_KEYS = ("exact_match", "f1", "final_train_loss", "final_eval_loss", "trai
 
 
 def _lock_path(trial_dir: Path) -> Path:
-    return trial_dir / ".lock"
+    return trial_dir / TRIAL_LOCK_FILE
 
 
 def try_lock(trial_dir: Path) -> int | None:
@@ -69,14 +80,13 @@ def trial_status(trial_dir: Path) -> str:
     """From the files: done (metrics.json), running (locked by a process), failed (error.json), unfinished
     (started, interrupted), or pending."""
     trial_dir = Path(trial_dir)
-    if (trial_dir / "metrics.json").exists():
+    if (trial_dir / METRICS_FILE).exists():
         return "done"
     if is_locked(trial_dir):
         return "running"
-    if (trial_dir / "error.json").exists():
+    if (trial_dir / ERROR_FILE).exists():
         return "failed"
-    if any((trial_dir / f).exists() for f in ("log_history.jsonl", "checkpoints", "train_metrics.json",
-                                              "run.json")):  # fmt: skip
+    if any((trial_dir / f).exists() for f in (LOG_FILE, CHECKPOINTS_DIR, TRAIN_METRICS_FILE, TRIAL_RUN_FILE)):
         return "unfinished"
     return "pending"
 
@@ -92,7 +102,7 @@ def trial_record(trial: Trial, sweep_dir: Path) -> dict:
     """One trial's entry in sweep.json: overrides, status, wall time, key metrics or the error."""
     tdir = sweep_dir / trial.name
     status = trial_status(tdir)
-    run = read_json_or(tdir / "run.json", {}) or {}
+    run = read_json_or(tdir / TRIAL_RUN_FILE, {}) or {}
     rec: dict[str, Any] = {
         "name": trial.name,
         "dir": trial.name,
@@ -103,10 +113,10 @@ def trial_record(trial: Trial, sweep_dir: Path) -> dict:
         "wall_seconds": run.get("wall_seconds"),
     }
     if status == "done":
-        metrics = read_json_or(tdir / "metrics.json", {}) or {}
+        metrics = read_json_or(tdir / METRICS_FILE, {}) or {}
         rec["metrics"] = {k: metrics.get(k) for k in METRIC_KEYS if k in metrics}
     elif status == "failed":
-        err = read_json_or(tdir / "error.json", {}) or {}
+        err = read_json_or(tdir / ERROR_FILE, {}) or {}
         rec["exit_code"] = err.get("exit_code")
         rec["error"] = err.get("summary")
     return rec
@@ -127,7 +137,7 @@ class SweepIndex:
     def write(self) -> None:
         assert self.cfg.sweep is not None
         with self.lock:
-            path = self.dir / "sweep.json"
+            path = self.dir / SWEEP_INDEX_FILE
             old = read_json_or(path, {}) or {}
             invocations = [i for i in old.get("invocations", []) if i.get("id") != self.invocation["id"]]
             invocations.append(self.invocation)
@@ -138,7 +148,7 @@ class SweepIndex:
                 "mode": self.cfg.sweep.mode,
                 "axes": axis_values(self.cfg),
                 "reference": reference_values(self.cfg),
-                "config": "sweep.yaml",
+                "config": SWEEP_CONFIG_FILE,
                 "command": old.get("command") or self.invocation["command"],
                 "reproduce": f"loraqa sweep {self.dir / 'sweep.yaml'} --output-dir {self.dir}",
                 "created_at": old.get("created_at") or self.invocation["started_at"],

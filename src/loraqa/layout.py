@@ -1,0 +1,25 @@
+"""The names of the files loraqa writes, in one place: a run folder (``loraqa train``), a sweep folder and its
+trial folders (``loraqa sweep``). No imports, so that the sweep scheduler and the report, which read these
+folders without loading a model, share them with the code that writes them. What each file holds:
+:mod:`loraqa.rundir` (a run folder) and :mod:`loraqa.sweep.state` (a sweep folder)."""
+
+# a run folder
+CONFIG_FILE = "config.yaml"
+LOG_FILE = "log_history.jsonl"
+TRAIN_METRICS_FILE = "train_metrics.json"  # training has finished
+PREDICTIONS_FILE = "predictions.jsonl"
+OFFICIAL_PREDICTIONS_FILE = "predictions.json"
+MODEL_CARD_FILE = "README.md"
+METRICS_FILE = "metrics.json"  # written last: the run is done
+CHECKPOINTS_DIR = "checkpoints"
+CLOCK_FILE = "loraqa_clock.json"  # in each checkpoint: train time, tokens and peak memory so far
+ERROR_FILE = "error.json"
+LOCK_FILE = ".loraqa.lock"
+
+# a sweep folder: these two, and a trial folder per trial (a run folder, plus the TRIAL_ files)
+SWEEP_CONFIG_FILE = "sweep.yaml"
+SWEEP_INDEX_FILE = "sweep.json"
+TRIAL_CONFIG_FILE = "trial.yaml"  # the trial's resolved config, which its `loraqa train` runs
+TRIAL_RUN_FILE = "run.json"  # the trial's attempts: when, where, how each ended
+TRIAL_LOG_FILE = "trial.log"  # the trial process's stdout and stderr
+TRIAL_LOCK_FILE = ".lock"  # flock-ed by the sweep running the trial
