@@ -179,13 +179,15 @@ def test_missing_failed_and_unfinished_trials_are_listed_and_not_measured(tmp_pa
     (out / "lr5e-4" / "metrics.json").unlink()  # interrupted: logs but no metrics, half way through epoch 1 of 3
     write_jsonl_atomic(out / "lr5e-4" / "log_history.jsonl", [{"loss": 2.0, "step": s, "epoch": s / 250}
                                                               for s in (25, 50, 125)])  # fmt: skip
+    write_json_atomic(out / "lr5e-4" / "checkpoints" / "checkpoint-100" / "loraqa_clock.json", {"train_seconds": 250.0})
     (out / "targets_attn+proj" / "metrics.json").unlink()  # trained to the end, killed while answering
     write_jsonl_atomic(out / "targets_attn+proj" / "log_history.jsonl", [{"loss": 2.0, "step": 750, "epoch": 3.0}])
     text = write_report(out).read_text()
     trials = text.split("## Trials")[1].split("## ")[0]
     assert "| r32 | pending |" in trials and "| loss_on_all | pending |" in trials
     assert "| method_full | failed |" in trials and "killed by SIGKILL (out of memory?)" in trials
-    assert "| lr5e-4 | unfinished, step 125 of 750 logged |" in trials
+    # 625 steps to go at the 2.5 s a step of its last checkpoint's clock
+    assert "| lr5e-4 | unfinished, step 125 of 750 logged; ~26.0 min of training left at 2.5 s a step so far |" in trials
     assert "| targets_attn+proj | unfinished, training done, not scored yet |" in trials
     assert "Not finished (left out of every comparison below): `r32` (pending)" in text
     assert ": not measurable here.**" in verdict_line(text, "a") and "r32 (pending)" in verdict_line(

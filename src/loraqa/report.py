@@ -33,6 +33,8 @@ from .card import portable_command, portable_path
 from .config import ConfigError, from_dict
 from .io import read_json, read_jsonl, write_text_atomic
 from .layout import (
+    CHECKPOINTS_DIR,
+    CLOCK_FILE,
     ERROR_FILE,
     LOG_FILE,
     METRICS_FILE,
@@ -113,6 +115,21 @@ class TrialResult:
         step, train = int(last["step"]), self.trial.config.train
         total = train.max_steps if train.max_steps > 0 else round(step * train.epochs / float(last["epoch"]))
         return step, max(total, step)
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        """Train time a step so far, from the clock in the latest checkpoint (its totals sum every segment of an
+        interrupted run, and leave out steps trained again after one); None before the first checkpoint."""
+        clocks = {}
+        for path in (self.dir / CHECKPOINTS_DIR).glob(f"checkpoint-*/{CLOCK_FILE}"):
+            step = path.parent.name.removeprefix("checkpoint-")
+            if step.isdigit() and int(step) > 0:
+                clocks[int(step)] = path
+        if not clocks:
+            return None
+        step = max(clocks)
+        seconds = (_read_or(clocks[step], {}) or {}).get("train_seconds")  # a half-written one: no estimate
+        return seconds / step if isinstance(seconds, (int, float)) and seconds > 0 else None
 
     def curve(self, key: str) -> dict[int, float]:
         """step -> value of ``loss`` or ``eval_loss`` (the last logged value where a step repeats)."""
@@ -285,7 +302,11 @@ def _status_cell(t: TrialResult) -> str:
     if not progress:
         return t.status if t.status != "running" else "running (unfinished)"
     step, total = progress
-    return t.status + (f", step {step:,} of {total:,} logged" if step < total else ", training done, not scored yet")
+    if step >= total:
+        return f"{t.status}, training done, not scored yet"
+    pace = t.seconds_per_step
+    left = f"; ~{_secs((total - step) * pace)} of training left at {pace:.1f} s a step so far" if pace else ""
+    return f"{t.status}, step {step:,} of {total:,} logged{left}"
 
 
 # ---------------------------------------------------------------------------------------------- verdicts
