@@ -252,6 +252,30 @@ def test_a_stop_signal_saves_a_checkpoint_at_the_step_reached_and_the_rerun_resu
     assert [loss for _, loss in resumed_log] == pytest.approx([loss for _, loss in straight_log], rel=1e-5)
 
 
+def test_train_time_stops_when_training_does(tmp_path, synthetic_dir, monkeypatch):
+    # the final eval-loss pass after the last step is no training: a clock read after it would count it
+    import time
+    import types
+
+    import transformers
+
+    from loraqa import trainer as trainer_mod
+
+    offset = [0.0]
+    monkeypatch.setattr(trainer_mod, "time", types.SimpleNamespace(
+        perf_counter=lambda: time.perf_counter() + offset[0], monotonic=time.monotonic))  # fmt: skip
+    evaluate = transformers.Trainer.evaluate
+
+    def slow_evaluate(self, *args, **kwargs):  # an hour passes on loraqa's clock at every evaluation
+        offset[0] += 3600.0
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "evaluate", slow_evaluate)
+    metrics = run_experiment(tiny_config(synthetic_dir, **{"train.eval_steps": 100}), tmp_path / "run")
+    # every evaluation added an hour; the last one (the final eval loss) must not be in the train time
+    assert offset[0] >= 3600.0 and 0 < metrics["train_seconds"] < offset[0]
+
+
 def test_a_second_stop_signal_stops_at_once_unless_it_is_the_first_delivered_twice(monkeypatch):
     from loraqa import trainer
 

@@ -235,6 +235,7 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
         log.info("resuming from %s", resume)
     clock.resume_from(resume)
     _fit(trainer, resume, clock, interrupt, full=cfg.train.method == "full")
+    totals = clock.totals()  # read now: the clock runs on, and the final evaluation is no training
     final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
     dist.on_main(write_jsonl_atomic, run_dir / LOG_FILE, trainer.state.log_history)
     losses = _final_losses(trainer.state.log_history)
@@ -253,7 +254,7 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
         "resumed_from": os.path.basename(resume) if resume else None,
         "resumed_at_step": clock.start_step,  # the step the Trainer restored, read from the Trainer
         "fast_loss": trainer.fast_loss,  # False where the config or the model family ruled it out
-        **_throughput(clock.totals(), shared),
+        **_throughput(totals, shared),
         **losses,
     }
 
