@@ -151,6 +151,7 @@ class Shape:
         """Useful FLOPs of one pass over ``features``: every distinct context once (the questions on one
         paragraph share it, as in answering), then each example's own tokens, which attend to it."""
         from loraqa.generate import plan_batches
+        from loraqa.prompt import IGNORE_INDEX
 
         ids = [f["input_ids"] for f in features]
         total = 0.0
@@ -158,7 +159,7 @@ class Shape:
             for g in batch:
                 total += self.train_flops(g.shared, 0)
                 for m in g.members:
-                    labelled = sum(x != -100 for x in features[m]["labels"][1:])
+                    labelled = sum(x != IGNORE_INDEX for x in features[m]["labels"][1:])
                     total += self.train_flops(len(ids[m]), labelled, first=g.shared)
         return total
 

@@ -105,7 +105,7 @@ class TrialResult:
             self.unreadable.append(_problem(path, e))
             return []
 
-    @property
+    @cached_property
     def progress(self) -> tuple[int, int] | None:
         """(the last step logged, the steps of the whole run) from the log history, where the Trainer logs the
         epochs done beside the step; None before the first log line."""
@@ -116,7 +116,7 @@ class TrialResult:
         total = train.max_steps if train.max_steps > 0 else round(step * train.epochs / float(last["epoch"]))
         return step, max(total, step)
 
-    @property
+    @cached_property
     def seconds_per_step(self) -> float | None:
         """Train time a step so far, from the clock in the latest checkpoint (its totals sum every segment of an
         interrupted run, and leave out steps trained again after one); None before the first checkpoint."""
@@ -840,7 +840,7 @@ def _header(data: SweepData) -> list[str]:
         f"# Sweep report: {cfg.name}",
         "",
         "- Command: " + "; ".join(f"`{c}`" for c in commands),
-        f"- Rerun or resume: `loraqa sweep {portable_path(data.dir / 'sweep.yaml')} --output-dir {portable_path(data.dir)}`",
+        f"- Rerun or resume: `loraqa sweep {portable_path(data.dir / SWEEP_CONFIG_FILE)} --output-dir {portable_path(data.dir)}`",
         f"- Machine: {machine_text}" + (f"; trials ran on {', '.join(devices)}" if devices else ""),
         "- Code: " + ("; ".join(codes) if codes else "not recorded") + (
             " (trials ran on different versions)" if len(codes) > 1 else ""),

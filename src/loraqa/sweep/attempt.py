@@ -282,7 +282,7 @@ def _message(name: str, status: str, tdir: Path, wall: float, error: str | None)
             f"done {name}: F1 {fmt_score(m.get('f1'))}  EM {fmt_score(m.get('exact_match'))}  ({hms(wall)})"
         )
     if status == "failed":
-        return f"FAILED {name}: {error} — see {tdir / 'error.json'}"
+        return f"FAILED {name}: {error} — see {tdir / ERROR_FILE}"
     if status == "lost":
         return f"lost {name}: its sweep went away (rerun the command to resume it)"
     return f"interrupted {name} (rerun the command to resume it)"

@@ -14,7 +14,7 @@ import yaml
 from .. import signals
 from ..config import ConfigError, ExperimentConfig, from_dict
 from ..io import write_text_atomic
-from ..layout import SWEEP_CONFIG_FILE, TRIAL_CONFIG_FILE
+from ..layout import SWEEP_CONFIG_FILE, SWEEP_INDEX_FILE, TRIAL_CONFIG_FILE
 from . import attempt
 from .attempt import Job
 from .machine import machine_info, now
@@ -130,7 +130,7 @@ def _summary(view: View, output_dir: Path, mine: list[Trial], stopped_by: int | 
     others = [f"{n} ({s})" for n, s in final.items() if s not in ("done", "failed")]
     done = sum(s == "done" for s in final.values())
     view.note(f"{done}/{len(mine)} trials done" + (f", failed: {', '.join(failed)}" if failed else "")
-              + (f", not finished: {', '.join(others)}" if others else "") + f"; index: {output_dir / 'sweep.json'}; tables and verdicts: loraqa report {output_dir}")  # fmt: skip
+              + (f", not finished: {', '.join(others)}" if others else "") + f"; index: {output_dir / SWEEP_INDEX_FILE}; tables and verdicts: loraqa report {output_dir}")  # fmt: skip
     if stopped_by:
         view.note("interrupted; rerun the same command to resume", style="yellow")
         return signals.exit_status(stopped_by)
@@ -152,7 +152,7 @@ def _command_line(output_dir: Path, shard: str, parallel: int | None, backend: s
     argv = sys.argv
     if argv and Path(argv[0]).name in ("loraqa", "cli.py", "__main__.py") and "sweep" in argv[1:]:
         return "loraqa " + shlex.join(argv[1:]), True
-    cmd = f"loraqa sweep {shlex.quote(str(output_dir / 'sweep.yaml'))} --output-dir {shlex.quote(str(output_dir))}"
+    cmd = f"loraqa sweep {shlex.quote(str(output_dir / SWEEP_CONFIG_FILE))} --output-dir {shlex.quote(str(output_dir))}"
     if shard != "1/1":
         cmd += f" --shard {shard}"
     if parallel not in (None, 1):

@@ -150,7 +150,7 @@ class SweepIndex:
                 "reference": reference_values(self.cfg),
                 "config": SWEEP_CONFIG_FILE,
                 "command": old.get("command") or self.invocation["command"],
-                "reproduce": f"loraqa sweep {self.dir / 'sweep.yaml'} --output-dir {self.dir}",
+                "reproduce": f"loraqa sweep {self.dir / SWEEP_CONFIG_FILE} --output-dir {self.dir}",
                 "created_at": old.get("created_at") or self.invocation["started_at"],
                 "updated_at": now(),
                 "machine": self.machine,
