@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -235,6 +236,15 @@ def test_cli_sweep_exits_nonzero_when_a_trial_fails(fake_trials, monkeypatch, ca
     (inv,) = {i["command"]: i for i in index["invocations"]}.values()
     assert inv["command"] == f"loraqa sweep {fake_trials / 'sweep.yaml'} --output-dir {fake_trials}"
     assert inv["command_is_reconstructed"] is True
+    assert index["reproduce"] == inv["command"]
+
+
+def test_the_resume_command_survives_a_shell():
+    from loraqa.layout import sweep_command
+
+    folder = Path("my runs") / "it's a sweep"
+    line = sweep_command(folder, lambda p: shlex.quote(str(p)))
+    assert shlex.split(line) == ["loraqa", "sweep", str(folder / "sweep.yaml"), "--output-dir", str(folder)]
 
 
 def test_shards_split_the_work_between_runs(fake_trials):

@@ -23,3 +23,9 @@ TRIAL_CONFIG_FILE = "trial.yaml"  # the trial's resolved config, which its `lora
 TRIAL_RUN_FILE = "run.json"  # the trial's attempts: when, where, how each ended
 TRIAL_LOG_FILE = "trial.log"  # the trial process's stdout and stderr
 TRIAL_LOCK_FILE = ".lock"  # flock-ed by the sweep running the trial
+
+
+def sweep_command(sweep_dir, show=str) -> str:
+    """The command that reruns or resumes the sweep in ``sweep_dir`` from the config it saved there. ``show``
+    renders each path: ``shlex.quote`` for a shell, a portable form for a report."""
+    return f"loraqa sweep {show(sweep_dir / SWEEP_CONFIG_FILE)} --output-dir {show(sweep_dir)}"

@@ -43,6 +43,7 @@ from .layout import (
     SWEEP_INDEX_FILE,
     TRIAL_CONFIG_FILE,
     TRIAL_RUN_FILE,
+    sweep_command,
 )
 from .sweep import (
     Trial,
@@ -840,7 +841,7 @@ def _header(data: SweepData) -> list[str]:
         f"# Sweep report: {cfg.name}",
         "",
         "- Command: " + "; ".join(f"`{c}`" for c in commands),
-        f"- Rerun or resume: `loraqa sweep {portable_path(data.dir / SWEEP_CONFIG_FILE)} --output-dir {portable_path(data.dir)}`",
+        f"- Rerun or resume: `{sweep_command(data.dir, portable_path)}`",
         f"- Machine: {machine_text}" + (f"; trials ran on {', '.join(devices)}" if devices else ""),
         "- Code: " + ("; ".join(codes) if codes else "not recorded") + (
             " (trials ran on different versions)" if len(codes) > 1 else ""),

@@ -14,7 +14,7 @@ import yaml
 from .. import signals
 from ..config import ConfigError, ExperimentConfig, from_dict
 from ..io import write_text_atomic
-from ..layout import SWEEP_CONFIG_FILE, SWEEP_INDEX_FILE, TRIAL_CONFIG_FILE
+from ..layout import SWEEP_CONFIG_FILE, SWEEP_INDEX_FILE, TRIAL_CONFIG_FILE, sweep_command
 from . import attempt
 from .attempt import Job
 from .machine import machine_info, now
@@ -152,7 +152,7 @@ def _command_line(output_dir: Path, shard: str, parallel: int | None, backend: s
     argv = sys.argv
     if argv and Path(argv[0]).name in ("loraqa", "cli.py", "__main__.py") and "sweep" in argv[1:]:
         return "loraqa " + shlex.join(argv[1:]), True
-    cmd = f"loraqa sweep {shlex.quote(str(output_dir / SWEEP_CONFIG_FILE))} --output-dir {shlex.quote(str(output_dir))}"
+    cmd = sweep_command(output_dir, lambda p: shlex.quote(str(p)))
     if shard != "1/1":
         cmd += f" --shard {shard}"
     if parallel not in (None, 1):

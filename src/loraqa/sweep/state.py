@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import os
+import shlex
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from ..layout import (
     TRAIN_METRICS_FILE,
     TRIAL_LOCK_FILE,
     TRIAL_RUN_FILE,
+    sweep_command,
 )
 from .machine import now
 from .trials import Trial, axis_values, reference_values
@@ -150,7 +152,7 @@ class SweepIndex:
                 "reference": reference_values(self.cfg),
                 "config": SWEEP_CONFIG_FILE,
                 "command": old.get("command") or self.invocation["command"],
-                "reproduce": f"loraqa sweep {self.dir / SWEEP_CONFIG_FILE} --output-dir {self.dir}",
+                "reproduce": sweep_command(self.dir, lambda p: shlex.quote(str(p))),
                 "created_at": old.get("created_at") or self.invocation["started_at"],
                 "updated_at": now(),
                 "machine": self.machine,
