@@ -1,4 +1,4 @@
-"""Tests for the multi-sweep study report (loraqa.study) and the convergence verdicts (f) and (g), on made-up
+"""Tests for the multi-sweep study report (loraqa.report.study) and the convergence verdicts (f) and (g), on made-up
 sweep folders (no training)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from loraqa.cli import main
 from loraqa.config import from_dict
 from loraqa.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from loraqa.report import instability, load_sweep, roughness, verdict_lr_dynamics, verdict_rank_smoothness
-from loraqa.study import earlier_verdicts, write_study_report
+from loraqa.report.study import earlier_verdicts, write_study_report
 from loraqa.sweep import expand_trials
 from test_report import CLAIMS_HOLD, make_sweep, verdict_line
 

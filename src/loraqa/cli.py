@@ -255,8 +255,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import write_report
-    from .study import write_study_report
+    from .report import write_report, write_study_report
 
     unreadable: list[str] = []
     if len(args.sweep_dir) == 1 and not args.compare:

@@ -15,27 +15,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .io import write_text_atomic
-from .report import (
-    NA,
-    SweepData,
-    TrialResult,
-    _header,
-    _mb,
-    _num,
-    _plot,
-    _secs,
-    _settings,
-    _status_cell,
-    _table,
-    all_verdicts,
-    draw_figures,
-    load_sweep,
-    paired_diff,
-    render_report,
-    results_csv,
-    save_figure,
-)
+from ..io import write_text_atomic
+from .cells import mb, md_table, num, paired_diff, secs, settings_text, status_cell
+from .figures import draw_figures, plot_curves, save_figure
+from .load import SweepData, TrialResult, load_sweep
+from .render import render_report, results_csv, sweep_header
+from .verdicts import NA, all_verdicts
 
 
 @dataclass(frozen=True)
@@ -86,13 +71,13 @@ def trials_table(sweeps: list[SweepData]) -> str:
     rows = []
     for data in sweeps:
         for t in data.trials:
-            rows.append([data.cfg.name, t.name, _status_cell(t), _settings(t, data.reference), _num(train_questions(t)),
-                         _num(dev_questions(t)), _num(t.m("f1")), _num(t.m("exact_match")),
-                         _num(t.m("train_steps")), _secs(t.m("train_seconds")), _num(_questions_per_second(t), 1),
-                         _secs(t.m("eval_seconds")), _mb(t.m("peak_memory_mb")), _commit(t)])  # fmt: skip
+            rows.append([data.cfg.name, t.name, status_cell(t), settings_text(t, data.reference), num(train_questions(t)),
+                         num(dev_questions(t)), num(t.m("f1")), num(t.m("exact_match")),
+                         num(t.m("train_steps")), secs(t.m("train_seconds")), num(_questions_per_second(t), 1),
+                         secs(t.m("eval_seconds")), mb(t.m("peak_memory_mb")), _commit(t)])  # fmt: skip
     header = ["sweep", "trial", "status", "settings", "train questions", "dev questions", "F1", "EM", "steps",
               "train time", "train questions/s", "eval time", "peak memory", "commit"]  # fmt: skip
-    return _table(header, rows, right=set(range(4, 13)))
+    return md_table(header, rows, right=set(range(4, 13)))
 
 
 # ---------------------------------------------------------------------------------------------- data scaling
@@ -140,12 +125,12 @@ def scaling_section(sweeps: list[SweepData], out_dir: Path) -> list[str]:
         have = any(SCALING_KEY in d.axes for d in sweeps)
         why = "no data-scaling trial has finished yet" if have else f"no sweep has a {SCALING_KEY} axis"
         return ["## Data scaling", "", f"Not drawn: {why}."]
-    rows = [[_num(train_questions(t)), _num(t.m("train_steps")), _num(dev_questions(t)), _num(t.m("f1")),
-             _num(t.m("exact_match")), _gain(t, prev), _num(t.m("final_eval_loss"), 3), _secs(t.m("train_seconds")),
+    rows = [[num(train_questions(t)), num(t.m("train_steps")), num(dev_questions(t)), num(t.m("f1")),
+             num(t.m("exact_match")), _gain(t, prev), num(t.m("final_eval_loss"), 3), secs(t.m("train_seconds")),
              t.name] for prev, t in zip([None, *points[:-1]], points, strict=True)]  # fmt: skip
     header = ["train questions", "steps", "dev questions", "F1", "EM", "F1 over the size before", "final eval loss",
               "train time", "trial"]  # fmt: skip
-    lines = ["## Data scaling", "", _table(header, rows, right=set(range(8)))]
+    lines = ["## Data scaling", "", md_table(header, rows, right=set(range(8)))]
     lines += ["", "The gain is paired over the dev questions both sizes answered, ± 2 standard errors of the "
               "per-question difference (the noise rule of the verdicts below)."]  # fmt: skip
     model = points[0].trial.config.model.name
@@ -153,9 +138,9 @@ def scaling_section(sweeps: list[SweepData], out_dir: Path) -> list[str]:
         lines += ["", "**Data scaling: EM and F1 against train questions.**", "",
                   "![Data scaling](figures/data_scaling.png)"]  # fmt: skip
     curves = [(f"{train_questions(t):,} questions", t) for t in points if t.history]
-    if curves and _plot(out_dir / "figures" / "data_scaling_loss.png", f"Learning curves per data size ({model})",
-                        curves, [("loss", "train loss"), ("eval_loss", "eval loss (answer tokens)")],
-                        log_steps=True):  # fmt: skip
+    title = f"Learning curves per data size ({model})"
+    keys = [("loss", "train loss"), ("eval_loss", "eval loss (answer tokens)")]
+    if curves and plot_curves(out_dir / "figures" / "data_scaling_loss.png", title, curves, keys, log_steps=True):
         lines += ["", "**Learning curves per data size.**", "", "![Learning curves](figures/data_scaling_loss.png)"]
     return lines
 
@@ -174,15 +159,15 @@ def quality_section(sweeps: list[SweepData]) -> list[str]:
         # prefer the trial scored on the most dev questions, then the best F1 among those
         best = max(pool, key=lambda t: (dev_questions(t) or 0, t.m("f1")))
         model = best.trial.config.model.name
-        rows.append([f"{model}, loraqa {label} (`{best.name}`, {_num(train_questions(best))} train questions)",
-                     _num(best.m("exact_match")), _num(best.m("f1")), _num(dev_questions(best)),
+        rows.append([f"{model}, loraqa {label} (`{best.name}`, {num(train_questions(best))} train questions)",
+                     num(best.m("exact_match")), num(best.m("f1")), num(dev_questions(best)),
                      "measured here, generated answers"])  # fmt: skip
     for a in ANCHORS:
         rows.append([f"{a.model}, {a.method}", f"{a.em:.1f}", f"{a.f1:.1f}", "10,570", f"published, not run here: {a.source}"])
     return ["## Quality beside published figures", "",
             "loraqa's models answer by generating text; the published rows extract a span with a classification "
             "head, a different and easier output format. They are anchors, not a like-for-like comparison.", "",
-            _table(["model", "EM", "F1", "dev questions", "source"], rows, right={1, 2, 3})]  # fmt: skip
+            md_table(["model", "EM", "F1", "dev questions", "source"], rows, right={1, 2, 3})]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- changes
@@ -221,7 +206,7 @@ def changes_section(claims: SweepData | None, compare: Path | None) -> list[str]
         why = (f"then: {_first_sentence(old[2])}; now: {_first_sentence(v.detail)}" if old
                else f"now: {_first_sentence(v.detail)}")  # fmt: skip
         rows.append([f"({v.label}) {v.claim}", old_word, v.verdict, changed, why])
-    return [title, "", _table(["claim", "before", "now", "changed", "the numbers behind it"], rows, right=set())]
+    return [title, "", md_table(["claim", "before", "now", "changed", "the numbers behind it"], rows, right=set())]
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -236,7 +221,7 @@ def write_study_report(sweep_dirs: list[str | Path], out_dir: str | Path, compar
     names = [d.cfg.name for d in sweeps]
     lines = [f"# Study report: {', '.join(names)}", ""]
     for data in sweeps:  # the command that made each sweep (the rest of its header is in its own section)
-        lines.append(f"- {data.cfg.name}: {_header(data)[2][2:]}")
+        lines.append(f"- {data.cfg.name}: {sweep_header(data)[2][2:]}")
     lines += ["", "## Every trial", "", trials_table(sweeps), ""]
     lines += scaling_section(sweeps, out) + [""]
     lines += quality_section(sweeps) + [""]
