@@ -137,7 +137,7 @@ def test_a_different_config_in_the_same_folder_is_refused(tmp_path, synthetic_di
         run_experiment(tiny_config(synthetic_dir, **{"train.max_steps": 2}), tmp_path, progress=False)
 
 
-def test_an_interrupted_run_resumes_from_itslast_checkpoint(tmp_path, synthetic_dir):
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, synthetic_dir):
     from transformers import TrainerCallback
 
     class Interrupt(TrainerCallback):
