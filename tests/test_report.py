@@ -212,6 +212,11 @@ def test_paired_difference():
     same = paired_diff(T(out_a), T(out_a))
     assert same.mean == 0 and not same.significant
     assert paired_diff(T({"q1": 1.0}), T({"q9": 1.0})) is None
+    # a question without gold answers carries no score (a JSONL dev set may have some): left out, not a crash
+    unscored = T(out_a)
+    unscored.per_question["q4"] = {"id": "q4", "prediction": "x"}
+    d = paired_diff(unscored, T({"q1": 1.0, "q2": 0.0, "q3": 0.0, "q4": 1.0}))
+    assert d.n == 3 and d.mean == pytest.approx(100 / 3)
 
 
 def test_not_a_sweep_folder(tmp_path):

@@ -54,7 +54,7 @@ def test_study_report_joins_sweeps_scaling_quality_and_changes(tmp_path):
                        "- **(a) “higher ranks are better, with diminishing returns after 16”: does not hold.** "
                        "F1 by rank: r4 55.52. More.\n"
                        "- **(b) “2e-4 gives the best metrics”: holds.** Old numbers.\n")  # fmt: skip
-    assert earlier_verdicts(earlier)["a"][1] == "does not hold"
+    assert earlier_verdicts(earlier)[0] == "old" and earlier_verdicts(earlier)[1]["a"][1] == "does not hold"
     out = tmp_path / "study"
     report = write_study_report([scaling, claims], out, compare=earlier)
     text = report.read_text()
@@ -77,9 +77,7 @@ def test_study_report_joins_sweeps_scaling_quality_and_changes(tmp_path):
     assert "| 68.4 | 78.9 | 10,570 | published, not run here" in quality
     assert "| 81.2 | 88.5 | 10,570 | published, not run here" in quality
     # changes: (a) flipped to holds, (b) flipped to does not hold (5e-4 vs 2e-4 is -8 here), (c) not judged
-    changes = text.split("## Verdicts against the earlier study")[1].split("\n## ")[0]
-    row = {line.split("|")[1].strip()[:3]: [c.strip() for c in line.split("|")[1:-1]]
-           for line in changes.splitlines() if line.startswith("| (")}  # fmt: skip
+    row = changes_rows(text)
     assert row["(a)"][1:4] == ["does not hold", "holds", "yes"]
     assert row["(b)"][1:4] == ["holds", "holds", "no"]
     assert row["(c)"][1:4] == ["not judged", "holds", "—"]
@@ -93,12 +91,39 @@ def test_study_report_joins_sweeps_scaling_quality_and_changes(tmp_path):
     assert {r["data.train_limit"] for r in rows if r["sweep"] == "made-up-scaling"} == {"100", "400", "None"}
 
 
+def changes_rows(report_text: str) -> dict[str, list[str]]:
+    """The study report's table of changed verdicts: "(a)" -> its cells."""
+    changes = report_text.split("## Verdicts against the earlier study")[1].split("\n## ")[0]
+    return {line.split("|")[1].strip()[:3]: [c.strip() for c in line.split("|")[1:-1]]
+            for line in changes.splitlines() if line.startswith("| (")}  # fmt: skip
+
+
+def test_a_study_compared_with_an_earlier_study_reads_that_studys_claims_sweep(tmp_path):
+    # the earlier study's report lists verdicts for every sweep; the scaling sweep's, last here, are all
+    # "not measurable here" and must not stand for the earlier claims
+    claims, scaling = make_sweep(tmp_path, CLAIMS_HOLD), make_scaling_sweep(tmp_path)
+    first = write_study_report([claims, scaling], tmp_path / "first")
+    assert earlier_verdicts(first)[0] == "made-up-study"
+    again = write_study_report([claims, scaling], tmp_path / "again", compare=first).read_text()
+    assert "(first/report.md, sweep made-up-study)" in again.replace(tmp_path.as_posix() + "/", "")
+    assert changes_rows(again)["(a)"][1:4] == ["holds", "holds", "no"]
+
+
 def test_report_cli_takes_several_sweeps_and_needs_out(tmp_path, capsys):
     claims, scaling = make_sweep(tmp_path, CLAIMS_HOLD), make_scaling_sweep(tmp_path)
     assert main(["report", str(claims), str(scaling)]) == 2
     assert "needs --out" in capsys.readouterr().err
     assert main(["report", str(claims), str(scaling), "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "report.md").exists()
+
+
+def test_a_study_report_names_damaged_files(tmp_path, capsys):
+    claims, scaling = make_sweep(tmp_path, CLAIMS_HOLD), make_scaling_sweep(tmp_path)
+    (claims / "r16" / "predictions.jsonl").write_bytes(b"{\n")
+    assert main(["report", str(claims), str(scaling), "--out", str(tmp_path / "o")]) == 0
+    assert "left out 1 unreadable file(s)" in capsys.readouterr().err
+    section = (tmp_path / "o" / "report.md").read_text().split("## Sweep report: made-up-study")[1]
+    assert "Unreadable files" in section.split("### One table per swept axis")[0] and "predictions.jsonl" in section
 
 
 def _set_curves(sweep: Path, curves: dict[str, list[tuple[int, str, float]]]) -> None:

@@ -263,7 +263,7 @@ def cmd_report(args) -> int:
     elif not args.out:
         raise ValueError("a report on several sweeps (or with --compare) needs --out DIR")
     else:
-        path = write_study_report(args.sweep_dir, args.out, compare=args.compare)
+        path = write_study_report(args.sweep_dir, args.out, compare=args.compare, unreadable=unreadable)
     print(f"wrote {path}")
     if unreadable:  # stated, with the files: what they held is missing from the report
         print(f"loraqa: report: left out {len(unreadable)} unreadable file(s): {'; '.join(unreadable)}",

@@ -30,8 +30,9 @@ class Diff:
 
 
 def paired_diff(a: TrialResult, b: TrialResult, metric: str = "f1") -> Diff | None:
+    """a - b over the questions both trials scored (a question without gold answers has no score)."""
     qa, qb = a.per_question, b.per_question
-    ids = sorted(qa.keys() & qb.keys())
+    ids = sorted(i for i in qa.keys() & qb.keys() if qa[i].get(metric) is not None and qb[i].get(metric) is not None)
     if len(ids) < 2:
         return None
     d = [100.0 * (float(qa[i][metric]) - float(qb[i][metric])) for i in ids]

@@ -130,6 +130,13 @@ class SweepData:
         order = {format_value(v): i for i, v in enumerate(self.axes[key])}
         return sorted(rows, key=lambda t: order.get(format_value(t.trial.values[key]), len(order)))
 
+    def read_all(self) -> list[str]:
+        """Read every trial's log and predictions now, so that a report's header can name each damaged file;
+        returns those files."""
+        for t in self.trials:
+            _ = t.history, t.per_question
+        return self.unreadable
+
     @property
     def reference_trial(self) -> TrialResult | None:
         return next((t for t in self.trials if t.trial.values == self.reference), None)

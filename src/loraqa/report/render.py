@@ -241,10 +241,7 @@ def write_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     Damaged files (metrics, logs, predictions that do not parse) are left out, named in the report and appended
     to ``unreadable`` when given."""
     data = load_sweep(sweep_dir)
-    for t in data.trials:  # read now, so the report's header can name any damaged file
-        _ = t.history, t.per_question
-    if unreadable is not None:
-        unreadable.extend(data.unreadable)
+    (unreadable if unreadable is not None else []).extend(data.read_all())
     out = Path(out_dir) if out_dir else Path(sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
     figure_lines = draw_figures(data, out)

@@ -174,16 +174,27 @@ def quality_section(sweeps: list[SweepData]) -> list[str]:
 
 
 VERDICT_LINE = re.compile(r"^- \*\*\((\w)\) “(.+?)”: (.+?)\.\*\* ?(.*)$")
+SWEEP_HEADING = re.compile(r"^#+ Sweep report: (.+?)\s*$")
 
 
-def earlier_verdicts(report_md: Path) -> dict[str, tuple[str, str, str]]:
-    """label -> (claim, verdict, detail) from an earlier report.md written by ``loraqa report``."""
-    out = {}
+def earlier_verdicts(report_md: Path, prefer: str | None = None) -> tuple[str | None, dict[str, tuple[str, str, str]]]:
+    """(sweep, label -> (claim, verdict, detail)) from an earlier report.md written by ``loraqa report``. A study
+    report has a verdict list per sweep: the one of the sweep named ``prefer`` if it is there, else the one that
+    measured the most claims (the sweep that varied the reference study's axes)."""
+    sections: dict[str | None, dict[str, tuple[str, str, str]]] = {}
+    current = None
     for line in report_md.read_text().splitlines():
-        m = VERDICT_LINE.match(line)
-        if m:
-            out[m.group(1)] = (m.group(2), m.group(3), m.group(4))
-    return out
+        heading = SWEEP_HEADING.match(line)
+        if heading:
+            current = heading.group(1)
+        elif m := VERDICT_LINE.match(line):
+            sections.setdefault(current, {})[m.group(1)] = (m.group(2), m.group(3), m.group(4))
+    if not sections:
+        return None, {}
+    if prefer in sections:
+        return prefer, sections[prefer]
+    name = max(sections, key=lambda n: sum(not v[1].startswith(NA) for v in sections[n].values()))
+    return name, sections[name]
 
 
 def _first_sentence(text: str, limit: int = 180) -> str:
@@ -194,10 +205,11 @@ def _first_sentence(text: str, limit: int = 180) -> str:
 def changes_section(claims: SweepData | None, compare: Path | None) -> list[str]:
     if compare is None:
         return []
-    title = f"## Verdicts against the earlier study ({compare.as_posix()})"
     if claims is None:
-        return [title, "", "Not compared: no sweep here varies the reference study's axes."]
-    before = earlier_verdicts(compare)
+        return [f"## Verdicts against the earlier study ({compare.as_posix()})", "",
+                "Not compared: no sweep here varies the reference study's axes."]  # fmt: skip
+    sweep, before = earlier_verdicts(compare, prefer=claims.cfg.name)
+    title = f"## Verdicts against the earlier study ({compare.as_posix()}{f', sweep {sweep}' if sweep else ''})"
     rows = []
     for v in all_verdicts(claims):
         old = before.get(v.label)
@@ -212,10 +224,14 @@ def changes_section(claims: SweepData | None, compare: Path | None) -> list[str]
 # ---------------------------------------------------------------------------------------------- the report
 
 
-def write_study_report(sweep_dirs: list[str | Path], out_dir: str | Path, compare: str | Path | None = None) -> Path:
+def write_study_report(sweep_dirs: list[str | Path], out_dir: str | Path, compare: str | Path | None = None,
+                       unreadable: list | None = None) -> Path:  # fmt: skip
     """``report.md``, ``results.csv`` and figures for several sweeps at once; returns report.md's path.
-    Each sweep's own section is its single-sweep report (tables, figures, verdicts), one level down."""
+    Each sweep's own section is its single-sweep report (tables, figures, verdicts), one level down. Damaged
+    files are left out, named in their sweep's section and appended to ``unreadable`` when given."""
     sweeps = [load_sweep(d) for d in sweep_dirs]
+    for data in sweeps:
+        (unreadable if unreadable is not None else []).extend(data.read_all())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = [d.cfg.name for d in sweeps]
