@@ -371,6 +371,51 @@ def test_trial_status_and_locks(tmp_path):
     assert sweep.trial_status(d) == "done"
 
 
+def test_a_status_probe_never_makes_a_trial_look_taken(tmp_path):
+    """is_locked takes a shared lock for a moment; an attempt that meets one waits it out instead of skipping
+    the trial. A holder's exclusive lock still keeps everyone else out."""
+    import fcntl
+    import threading
+
+    d = tmp_path / "t"
+    os.close(sweep.state.try_lock(d))
+    probe = os.open(d / ".lock", os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a probe caught mid-way
+    assert not sweep.is_locked(d)  # probes do not block each other
+    threading.Timer(0.03, os.close, (probe,)).start()
+    fd = sweep.state.try_lock(d)
+    assert fd is not None and sweep.is_locked(d)
+    assert sweep.state.try_lock(d) is None
+    os.close(fd)
+
+
+def test_a_bookkeeping_error_fails_its_trial_and_the_sweep_goes_on(fake_trials, monkeypatch):
+    out, cfg = fake_trials, load_config(TINY)
+    real = sweep.attempt._attempt
+
+    def broken(job, *args):
+        if job.name == "r16":
+            raise RuntimeError("bookkeeping bug")
+        return real(job, *args)
+
+    monkeypatch.setattr(sweep.attempt, "_attempt", broken)
+    assert sweep.run_sweep(cfg, out, progress=False) == 1
+    assert "bookkeeping bug" in read_json(out / "r16" / "error.json")["summary"]
+    status = {t["name"]: t["status"] for t in read_json(out / "sweep.json")["trials"]}
+    assert status == {"base": "done", "r16": "failed", "targets_attn+proj": "done", "lr5e-4": "done"}
+
+
+def test_a_stop_before_the_child_starts_keeps_the_last_failure(fake_trials, monkeypatch):
+    out, cfg = fake_trials, load_config(TINY)
+    monkeypatch.setenv("FAKE_FAIL", "r16")
+    assert sweep.run_sweep(cfg, out, progress=False) == 1
+    attempts = read_json(out / "r16" / "run.json")["attempts"]
+    monkeypatch.setattr(sweep.attempt.Children, "spawn", lambda self, *a, **k: None)  # stopping already
+    sweep.run_sweep(cfg, out, progress=False)
+    assert (out / "r16" / "error.json").exists() and sweep.trial_status(out / "r16") == "failed"
+    assert read_json(out / "r16" / "run.json")["attempts"] == attempts
+
+
 def test_stderr_pump_separates_progress_bars_from_lines(tmp_path):
     import io
 

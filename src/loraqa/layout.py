@@ -16,9 +16,10 @@ CLOCK_FILE = "loraqa_clock.json"  # in each checkpoint: train time, tokens and p
 ERROR_FILE = "error.json"
 LOCK_FILE = ".loraqa.lock"
 
-# a sweep folder: these two, and a trial folder per trial (a run folder, plus the TRIAL_ files)
+# a sweep folder: these, and a trial folder per trial (a run folder, plus the TRIAL_ files)
 SWEEP_CONFIG_FILE = "sweep.yaml"
 SWEEP_INDEX_FILE = "sweep.json"
+SWEEP_INDEX_LOCK_FILE = ".sweep.lock"  # flock-ed while a sweep rewrites sweep.json
 TRIAL_CONFIG_FILE = "trial.yaml"  # the trial's resolved config, which its `loraqa train` runs
 TRIAL_RUN_FILE = "run.json"  # the trial's attempts: when, where, how each ended
 TRIAL_LOG_FILE = "trial.log"  # the trial process's stdout and stderr

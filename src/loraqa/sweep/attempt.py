@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import collections
 import contextlib
+import logging
 import os
 import re
 import shlex
@@ -39,6 +40,8 @@ from ..layout import (
 from .machine import machine_info, now
 from .state import fcntl, read_json_or, try_lock
 from .view import fmt_score, hms
+
+log = logging.getLogger(__name__)
 
 STDERR_TAIL_LINES = 40
 STDERR_TAIL_CHARS = 6000
@@ -144,6 +147,14 @@ class Children:
             self.signal_all(signal.SIGKILL)
 
 
+def record_crash(trial_dir: str | os.PathLike, name: str, error: BaseException) -> None:
+    """A bug in the bookkeeping or a lost Ray worker: recorded like a failed trial, so the rerun retries it."""
+    log.error("trial %s: %r", name, error)
+    write_json_atomic(Path(trial_dir) / ERROR_FILE, {
+        "trial": name, "exit_code": None, "summary": f"sweep error: {error!r}", "stderr_tail": "",
+    })  # fmt: skip
+
+
 def run_attempt(job: Job, children: Children, view, on_change: Callable[[], None] = lambda: None) -> Outcome:
     """Run one attempt at ``job``'s trial unless another process holds it or it finished meanwhile.
     ``on_change`` is called after run.json changes (the local runner rewrites sweep.json there)."""
@@ -160,6 +171,9 @@ def run_attempt(job: Job, children: Children, view, on_change: Callable[[], None
             settle_finished(tdir)
             return Outcome(job.name, "done", f"done {job.name} (finished elsewhere)")
         return _attempt(job, tdir, fd, children, view, on_change)
+    except Exception as e:  # a bug in the bookkeeping: recorded while the trial is still ours, so no other
+        record_crash(tdir, job.name, e)  # shard can have started it again meanwhile
+        return Outcome(job.name, "failed", f"FAILED {job.name}: sweep error: {e!r} — see {tdir / ERROR_FILE}")
     finally:
         if fd is not None:
             os.close(fd)
@@ -179,7 +193,6 @@ def _begin(job: Job, tdir: Path, machine: dict) -> tuple[dict, dict]:
     attempts.append(attempt)
     run.update(name=job.name, overrides=job.overrides, machine=machine, attempts=attempts)
     write_json_atomic(tdir / TRIAL_RUN_FILE, run)
-    (tdir / ERROR_FILE).unlink(missing_ok=True)
     return run, attempt
 
 
@@ -236,6 +249,7 @@ def _attempt(job: Job, tdir: Path, lock_fd: int, children: Children, view, on_ch
             _undo_begin(tdir, run)
             on_change()
             return Outcome(job.name, "skipped", "")
+        (tdir / ERROR_FILE).unlink(missing_ok=True)  # the last failure's record, kept until a new attempt runs
         pump = StderrPump(job.name, log_file, view)
         reader = threading.Thread(target=pump.run, args=(proc.stderr,), daemon=True)
         reader.start()

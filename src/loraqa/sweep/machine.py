@@ -51,7 +51,7 @@ def code_version() -> str:
     try:
         commit = subprocess.run(["git", "-C", str(src), "rev-parse", "--show-toplevel", "--short", "HEAD"],
                                 capture_output=True, text=True, timeout=10)  # fmt: skip
-        lines = commit.stdout.split()
+        lines = commit.stdout.splitlines()
         # only loraqa's own checkout counts, not some repository an installed copy happens to sit in
         if commit.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() / "src" / "loraqa" != src:
             return text

@@ -24,8 +24,7 @@ from pathlib import Path
 
 from ..config import ConfigError
 from ..layout import METRICS_FILE, TRIAL_RUN_FILE
-from .attempt import Children, Job, Outcome, run_attempt
-from .runner import record_crash
+from .attempt import Children, Job, Outcome, record_crash, run_attempt
 from .state import read_json_or
 from .view import QuietView
 

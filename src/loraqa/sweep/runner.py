@@ -16,12 +16,9 @@ import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Protocol
 
-from ..io import write_json_atomic
-from ..layout import ERROR_FILE
-from .attempt import Children, Job, Outcome, run_attempt
+from .attempt import Children, Job, Outcome, record_crash, run_attempt
 from .machine import nvidia_gpus
 
 log = logging.getLogger(__name__)
@@ -39,14 +36,6 @@ class Runner(Protocol):
     def stop(self, forward: int | None) -> None:
         """Start no new attempt; pass signal ``forward`` (None: they already got it) to the running ones and
         wait for them to end."""
-
-
-def record_crash(trial_dir: str | os.PathLike, name: str, error: BaseException) -> None:
-    """A bug in the bookkeeping or a lost Ray worker: recorded like a failed trial, so the rerun retries it."""
-    log.error("trial %s: %r", name, error)
-    write_json_atomic(Path(trial_dir) / ERROR_FILE, {
-        "trial": name, "exit_code": None, "summary": f"sweep error: {error!r}", "stderr_tail": "",
-    })  # fmt: skip
 
 
 def worker_slots(parallel: int, device: str | None) -> list[dict]:
@@ -91,7 +80,7 @@ class LocalRunner:
                 interrupted = e
                 self.stop(signal.SIGTERM if isinstance(e, Terminated) else None)
         for f, job in futures.items():
-            if f.exception() is not None:
+            if f.exception() is not None:  # raised outside run_attempt, which records its own under the lock
                 record_crash(job.trial_dir, job.name, f.exception())
         if interrupted is not None:
             raise interrupted

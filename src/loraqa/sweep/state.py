@@ -8,9 +8,11 @@ machine that sees the folder can tell what is done: ``metrics.json`` = done, a h
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import shlex
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from ..layout import (
     METRICS_FILE,
     SWEEP_CONFIG_FILE,
     SWEEP_INDEX_FILE,
+    SWEEP_INDEX_LOCK_FILE,
     TRAIN_METRICS_FILE,
     TRIAL_LOCK_FILE,
     TRIAL_RUN_FILE,
@@ -47,35 +50,61 @@ def _lock_path(trial_dir: Path) -> Path:
     return trial_dir / TRIAL_LOCK_FILE
 
 
+# A status probe (is_locked) holds a shared lock for a moment; an exclusive try that meets one tries again
+LOCK_RETRY_SECONDS = (0.02, 0.05, 0.1)
+
+
 def try_lock(trial_dir: Path) -> int | None:
     """An open, exclusively flock-ed file descriptor, or None if another process holds the trial."""
     trial_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(_lock_path(trial_dir), os.O_RDWR | os.O_CREAT, 0o644)
     if fcntl is None:
         return fd
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
+    for pause in (*LOCK_RETRY_SECONDS, None):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError:
+            if pause is None:
+                os.close(fd)
+                return None
+            time.sleep(pause)
+    raise AssertionError("unreachable")
 
 
 def is_locked(trial_dir: Path) -> bool:
+    """Whether a process holds the trial. The probe takes a shared lock for a moment: probes never block each
+    other, and a read-only lock file (another user's sweep) can still be probed."""
     path = _lock_path(trial_dir)
     if fcntl is None or not path.exists():
         return False
     try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:  # a read-only copy of the folder: nobody runs trials there
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # unreadable: nobody can tell
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
         return True
     finally:
         os.close(fd)  # closing releases a lock taken here
     return False
+
+
+@contextlib.contextmanager
+def _index_lock(sweep_dir: Path):
+    """Held while sweep.json is read, merged and rewritten, so that shards writing at once keep each other's
+    entries. Without one (a read-only folder, no fcntl) the write goes ahead unguarded."""
+    fd = None
+    with contextlib.suppress(OSError):
+        fd = os.open(sweep_dir / SWEEP_INDEX_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fd is not None and fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def trial_status(trial_dir: Path) -> str:
@@ -138,7 +167,7 @@ class SweepIndex:
 
     def write(self) -> None:
         assert self.cfg.sweep is not None
-        with self.lock:
+        with self.lock, _index_lock(self.dir):
             path = self.dir / SWEEP_INDEX_FILE
             old = read_json_or(path, {}) or {}
             invocations = [i for i in old.get("invocations", []) if i.get("id") != self.invocation["id"]]
