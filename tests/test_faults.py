@@ -257,3 +257,18 @@ def test_a_second_process_on_a_run_folder_is_refused(data_dir, tmp_path):
         except Exception:
             assert time.monotonic() < deadline
             time.sleep(0.1)
+
+
+def test_result_files_get_the_mode_a_plain_write_gives(tmp_path):
+    """Atomic writes go through mkstemp, whose files are 0600: a teammate (or a Ray worker running as another
+    user) could not read a sweep's results. They get what open(path, "w") gives under the umask."""
+    import stat
+
+    from loraqa.io import write_json_atomic
+
+    mask = os.umask(0)
+    os.umask(mask)
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    written = write_json_atomic(tmp_path / "metrics.json", {"f1": 1.0})
+    assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~mask

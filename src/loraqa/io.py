@@ -3,6 +3,7 @@ interrupted run leaves either the old file or the new one, never half of one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -10,12 +11,26 @@ from collections.abc import Iterable
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# read once, at import: os.umask can only be read by setting it, which is not safe while threads write files
+FILE_MODE = 0o666 & ~_umask()
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """The file gets the mode a plain ``open(path, "w")`` gives (mkstemp's own is 0600, which would hide a
+    sweep's results from a teammate or a Ray worker running as another user), and the rename is synced to the
+    folder, so it survives a power cut."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), FILE_MODE)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -24,6 +39,12 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    with contextlib.suppress(OSError):  # a folder that cannot be opened or synced (some network filesystems)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     return path
 
 
