@@ -84,8 +84,8 @@ def kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
-def run_torchrun(settings_: dict, run_dir, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(torchrun_command(settings_, run_dir), env=env(), stdout=subprocess.PIPE,
+def run_torchrun(settings_: dict, run_dir, timeout: float = 300, command: list[str] | None = None):
+    proc = subprocess.Popen(command or torchrun_command(settings_, run_dir), env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -130,6 +130,25 @@ def test_two_processes_train_and_score_like_one(tmp_path, synthetic_dir, no_drop
     assert (two / "predictions.jsonl").read_text() == (tmp_path / "one" / "predictions.jsonl").read_text()
     assert (metrics["exact_match"], metrics["f1"], metrics["n_questions"]) == (
         ref["exact_match"], ref["f1"], ref["n_questions"])  # fmt: skip
+
+
+def test_eval_under_torchrun_answers_each_question_once(tmp_path, synthetic_dir, no_dropout_model):
+    """`loraqa eval RUN` under torchrun: each process answers its share, the main one writes what one process
+    would (before, each process answered half and then failed: its share did not match the dev set)."""
+    from loraqa.evaluate import eval_run_dir
+
+    run = tmp_path / "run"
+    one_process(settings(no_dropout_model, synthetic_dir), run)
+    ref = eval_run_dir(run, progress=False)
+    expected = (run / "eval-9" / "predictions.jsonl").read_text()
+    (run / "eval-9").rename(tmp_path / "one-process-eval")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "loraqa.cli", "eval", str(run)]  # fmt: skip
+    done = run_torchrun({}, run, command=command)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert (run / "eval-9" / "predictions.jsonl").read_text() == expected
+    assert json.loads((run / "eval-9" / "metrics.json").read_text())["f1"] == ref["f1"]
+    assert done.stdout.count("EM ") == 1  # one process printed the result
 
 
 def test_a_run_killed_under_torchrun_resumes_from_its_checkpoint(tmp_path, synthetic_dir, no_dropout_model):
@@ -217,17 +236,19 @@ def test_a_batch_that_does_not_split_over_the_processes_is_one_clear_error(monke
     assert per_process_batch(cfg) == 2
 
 
-def test_shards_cover_every_item_once_in_order(monkeypatch):
+def test_shares_cover_every_item_once_in_order(monkeypatch):
     from loraqa import dist
 
     for n in (0, 1, 5, 9, 16):
         for w in (1, 2, 3, 4):
-            monkeypatch.setenv("WORLD_SIZE", str(w))
             parts = []
             for r in range(w):
-                monkeypatch.setenv("RANK", str(r))
-                parts += list(range(n))[dist.shard(n)]
+                parts += list(range(n))[dist.share(n, w, r)]
             assert parts == list(range(n)), (n, w)
+    # a launcher's environment without a joined group: nothing could gather the shares, so no sharding
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert dist.shard(9) == slice(0, 9)
 
 
 REDUCE_SCRIPT = """

@@ -146,18 +146,24 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from . import dist
     from .evaluate import eval_run_dir, eval_zero_shot
 
-    if args.run_dir:
-        metrics = eval_run_dir(
-            args.run_dir, data_dir=args.data_dir, eval_limit=args.eval_limit, device=args.device
-        )
-        where = args.run_dir
-    else:
-        cfg = build_config(args)
-        out = Path(args.output_dir or os.path.join("runs", f"zero-shot-{Path(cfg.model.name).name}"))
-        metrics = eval_zero_shot(cfg, out, device=args.device)
-        where = str(out)
+    # under torchrun each process answers its share of the questions; the main process writes
+    device = str(dist.init(args.device)) if dist.world_size() > 1 else args.device
+    try:
+        if args.run_dir:
+            metrics = eval_run_dir(args.run_dir, data_dir=args.data_dir, eval_limit=args.eval_limit, device=device)
+            where = args.run_dir
+        else:
+            cfg = build_config(args)
+            out = Path(args.output_dir or os.path.join("runs", f"zero-shot-{Path(cfg.model.name).name}"))
+            metrics = eval_zero_shot(cfg, out, device=device)
+            where = str(out)
+    finally:
+        dist.close()
+    if not dist.is_main_process():
+        return 0
     _print_metrics(metrics, f"evaluation -> {where}")
     print(
         f"EM {metrics['exact_match']:.2f}  F1 {metrics['f1']:.2f}  on {metrics['n_questions']} dev questions  ({where})"

@@ -92,10 +92,17 @@ def from_main(obj):
     return box[0]
 
 
+def share(n: int, world: int, rank: int) -> slice:
+    """Process ``rank``'s contiguous share of ``n`` items among ``world`` processes (sizes differ by one at most)."""
+    return slice(n * rank // world, n * (rank + 1) // world)
+
+
 def shard(n: int) -> slice:
-    """This process's contiguous share of ``n`` items (sizes differ by one at most)."""
-    w, r = world_size(), rank()
-    return slice(n * r // w, n * (r + 1) // w)
+    """This process's share of ``n`` items: all of them unless it joined a process group, since only then can
+    :func:`gather_lists` put the shares back together (a launcher's ``WORLD_SIZE`` alone is not enough)."""
+    if not _joined():
+        return slice(0, n)
+    return share(n, tdist.get_world_size(), tdist.get_rank())
 
 
 def gather_lists(items: list) -> list:

@@ -96,7 +96,7 @@ def eval_zero_shot(cfg, out_dir, *, device: str | None = None, progress: bool = 
     from .rundir import make_run_folder, write_predictions
 
     out_dir = Path(out_dir)
-    make_run_folder(out_dir)  # a file or an impossible path as --output-dir: one line, before any work
+    dist.on_main(make_run_folder, out_dir)  # a file or an impossible path as --output-dir: one line, before any work
     dev, _, _ = load_split(cfg.data, "dev", limit=cfg.data.eval_limit)
     lm = load_model_and_tokenizer(cfg.model.name, cfg.model.precision, cfg.model.attn_implementation, device)
     records, summary = evaluate_model(
@@ -107,9 +107,9 @@ def eval_zero_shot(cfg, out_dir, *, device: str | None = None, progress: bool = 
     metrics = {**summary, "trainable_params": 0, "total_params": total, "model": cfg.model.name,
                "method": "zero-shot", "precision": lm.precision, "device": str(lm.device),
                "peak_memory_mb": round(peak_memory_mb(lm.device), 1)}  # fmt: skip
-    write_text_atomic(out_dir / CONFIG_FILE, cfg.to_yaml())
-    write_predictions(out_dir, records)
-    write_json_atomic(out_dir / METRICS_FILE, metrics)
+    dist.on_main(write_text_atomic, out_dir / CONFIG_FILE, cfg.to_yaml())
+    dist.on_main(write_predictions, out_dir, records)
+    dist.on_main(write_json_atomic, out_dir / METRICS_FILE, metrics)
     return metrics
 
 
@@ -135,7 +135,7 @@ def eval_run_dir(run_dir, *, data_dir: str | None = None, eval_limit: int | None
         unanswerable_answer=cfg.data.no_answer_text(),
     )  # fmt: skip
     out = run_dir / f"eval-{len(dev)}"
-    write_predictions(out, records)
+    dist.on_main(write_predictions, out, records)
     metrics = {**summary, "model": cfg.model.name, "precision": lm.precision, "device": str(lm.device)}
-    write_json_atomic(out / METRICS_FILE, metrics)
+    dist.on_main(write_json_atomic, out / METRICS_FILE, metrics)
     return metrics
