@@ -52,6 +52,30 @@ def test_jsonl_answers_in_every_shape(tmp_path):
     assert report.n_questions_in_file == 4 and report.n_loaded == 4
 
 
+def test_line_separators_inside_text_do_not_split_records(tmp_path):
+    # json.dumps(ensure_ascii=False) leaves U+2028 and U+0085 unescaped: Wikipedia text can hold them
+    odd = [{**r, "context": r["context"].replace("Paris.", "Paris.\u2028\x85\x0c")} for r in RECORDS]
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in odd), encoding="utf-8")
+    examples, report = load_file(path, "jsonl")
+    assert report.n_loaded == 4 and examples[0].context == odd[0]["context"]
+    csv_examples, _ = load_file(write_csv(tmp_path / "q.csv", odd), "csv")
+    assert [e.context for e in csv_examples] == [e.context for e in examples]
+
+
+def test_gzipped_jsonl_loads_like_plain(tmp_path):
+    import gzip
+
+    plain = write_jsonl(tmp_path / "q.jsonl", RECORDS)
+    packed = tmp_path / "q.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert detect_format(packed) == "jsonl"
+    assert load_file(packed, "jsonl")[0] == load_file(plain, "jsonl")[0]
+    packed.write_bytes(packed.read_bytes()[:20])
+    with pytest.raises(DataError, match="q.jsonl.gz: corrupt or truncated gzip"):
+        load_file(packed, "jsonl")
+
+
 def test_csv_loads_like_jsonl(tmp_path):
     jsonl, _ = load_file(write_jsonl(tmp_path / "q.jsonl", RECORDS), "jsonl")
     csv_examples, _ = load_file(write_csv(tmp_path / "q.csv", RECORDS), "csv")

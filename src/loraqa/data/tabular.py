@@ -15,8 +15,11 @@ be answered (``loraqa predict``), not trained on or scored.
 from __future__ import annotations
 
 import csv
+import gzip
+import io
 import json
 import os
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -84,15 +87,27 @@ def _answers_cell(cell: str, path: Path, where: str) -> list:
 
 
 def _read_lines(path: Path) -> list[str]:
+    """The file's lines, ends kept (a quoted CSV cell may span lines). Only \\n, \\r\\n and \\r end a line:
+    ``str.splitlines`` would also split at U+2028 and other separators that JSON text may hold unescaped.
+    A gzipped file (``.jsonl.gz``, or gzip's magic bytes) is read through gzip."""
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            return f.read().splitlines(keepends=True)
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: no such file; {FIELDS_HINT}") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a folder, expected a file; {FIELDS_HINT}") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file ({e.strerror or e})") from None
+    if raw[:2] == b"\x1f\x8b" or path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: corrupt or truncated gzip file ({e})") from None
+    try:
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+    return list(io.StringIO(text, newline=""))
 
 
 def load_records(
