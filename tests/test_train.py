@@ -444,3 +444,22 @@ def test_generation_speed_switches_do_not_change_the_answers(synthetic_dir):
     plain_cfg = EvalConfig(batch_size=1, sort_by_length=False, share_prefixes=False, prune_finished=False)
     plain, _ = evaluate_model(lm.model, lm.tokenizer, examples, eval_cfg=plain_cfg, progress=False)
     assert [r["prediction"] for r in fast] == [r["prediction"] for r in plain]
+
+
+def test_a_prompt_as_long_as_the_model_takes_leaves_room_for_the_answer(synthetic_dir):
+    """prompt.max_length at GPT-2's 1024 positions: the answer is generated after the prompt, so evaluation
+    keeps the prompt to 1024 - eval.max_new_tokens (before, a long context ran past the position table)."""
+    import dataclasses
+
+    from loraqa.config import EvalConfig
+    from loraqa.data import load_squad
+    from loraqa.evaluate import evaluate_model
+    from loraqa.model import load_model_and_tokenizer
+
+    (ex,) = load_squad(synthetic_dir, split="dev", limit=1)[0]
+    long = dataclasses.replace(ex, context=" ".join([ex.context] * 200))
+    lm = load_model_and_tokenizer("tiny-random-gpt2", precision="fp32", device="cpu")
+    assert lm.model.config.n_positions == 1024
+    cfg = EvalConfig(batch_size=1, max_new_tokens=8)
+    records, summary = evaluate_model(lm.model, lm.tokenizer, [long], max_length=1024, eval_cfg=cfg, progress=False)
+    assert summary["eval_prompts_truncated"] == 1 and len(records) == 1
