@@ -281,3 +281,18 @@ def test_trainer_losses_and_eval_loss_equal_stand_alone(tmp_path, features, coll
     for fast in (True, False):
         (a, ea), (b, eb) = results["shared", fast], results["alone", fast]
         assert abs(a - b) <= 1e-5 * abs(b) and abs(ea - eb) <= 1e-5 * abs(eb), (fast, results)
+
+
+@pytest.mark.parametrize(("attn", "loss_on", "shared"), [("sdpa", "answer", True), ("eager", "answer", True),
+                                                          ("flash_attention_2", "answer", False),
+                                                          ("sdpa", "all", False)])  # fmt: skip
+def test_training_shares_contexts_only_where_the_attention_takes_the_mask(gpt2_tokenizer, synthetic_dir, attn,
+                                                                         loss_on, shared):  # fmt: skip
+    # flash attention takes a padding mask only: transformers would hand it the shared-context B x 1 x L x L mask
+    from loraqa.config import ExperimentConfig, apply_overrides
+    from loraqa.data import load_squad
+    from loraqa.train import _encode
+
+    cfg = apply_overrides(ExperimentConfig(), [("model.attn_implementation", attn), ("prompt.loss_on", loss_on)])
+    train, _ = load_squad(synthetic_dir, split="train", limit=6)
+    assert _encode(cfg, gpt2_tokenizer, train, train[:2])[3] is shared

@@ -281,6 +281,11 @@ def _encode(cfg, tok, train_examples, dev_examples):
     shared = cfg.train.share_contexts and encoder.loss_on == "answer"
     if cfg.train.share_contexts and not shared:
         log.info("train.share_contexts: prompt.loss_on=all trains on stand-alone examples")
+    if shared and cfg.model.attn_implementation == "flash_attention_2":
+        # its kernels take a padding mask only, not the B x 1 x L x L mask of a shared-context row: transformers
+        # would pass that mask through and flash attention would read it as padding
+        log.warning("train.share_contexts: flash_attention_2 takes no shared-context mask; stand-alone examples")
+        shared = False
     return train_features, train_stats, loss_eval_features, shared
 
 
