@@ -83,6 +83,16 @@ def test_truncation_finds_the_answer_when_the_offset_is_wrong(gpt2_tokenizer):
     assert "the old oak tree" in gpt2_tokenizer.decode(feat["input_ids"][: feat["prompt_length"]])
 
 
+def test_an_answer_given_with_leading_space_keeps_its_own_occurrence(gpt2_tokenizer):
+    # the gold " Sentence number 90" points at the space before it; stripped, it must still mean that one
+    # occurrence, not the first "Sentence number" in the context (whose window would lack number 90's text)
+    context, _ = _long_context(100, 50)
+    start = context.index(" Sentence number 90")
+    feat = PromptEncoder(gpt2_tokenizer, max_length=64).encode_train(context, "Which?", " Sentence number 9", start)
+    prompt = gpt2_tokenizer.decode(feat["input_ids"][: feat["prompt_length"]])
+    assert "Sentence number 90 talks" in prompt and "Sentence number 9 talks" not in prompt
+
+
 def test_skips_when_question_and_answer_alone_do_not_fit(gpt2_tokenizer):
     stats = PromptStats()
     enc = PromptEncoder(gpt2_tokenizer, max_length=16)

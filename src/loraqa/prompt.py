@@ -113,6 +113,8 @@ class PromptEncoder:
         beginning instead, as at test time.
         """
         stats = stats if stats is not None else PromptStats()
+        if answer_start is not None:  # it points at the text as given: past any whitespace stripped here
+            answer_start += len(answer) - len(answer.lstrip())
         answer = answer.strip()
         if not answer:
             stats.skipped["empty answer"] += 1
