@@ -252,7 +252,7 @@ def test_not_utf8(tmp_path):
     path.write_bytes('{"data": [{"title": "caf\u00e9"}]}'.encode("latin-1"))
     with pytest.raises(DataError) as info:
         load_squad(path)
-    assert_one_line_error(info, path)
+    assert_one_line_error(info, path, "not UTF-8")
 
 
 def test_corrupt_gzip(tmp_path):

@@ -199,9 +199,7 @@ def test_ctrl_c_under_torchrun_saves_one_checkpoint_that_every_rank_stopped_at(t
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it was signalled"
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
-        signalled = time.monotonic()
         out, _ = proc.communicate(timeout=60)
-        stopped_in = time.monotonic() - signalled
     finally:
         kill_tree(proc)
     checkpoints = list(run.glob("checkpoints/checkpoint-*"))
@@ -209,7 +207,7 @@ def test_ctrl_c_under_torchrun_saves_one_checkpoint_that_every_rank_stopped_at(t
     step = int(checkpoints[0].name.split("-")[1])
     assert 0 < step < 400 and not (run / "metrics.json").exists()
     assert f"SIGINT at step {step}: saved checkpoint-{step}" in out
-    assert stopped_in < 25, f"stopped {stopped_in:.0f} s after the signal: torchrun's SIGKILL, not the ranks"
+    assert "SIGKILL" not in out, "the ranks did not stop within torchrun's grace period: it killed them"
 
     done = run_torchrun(s, run)
     assert done.returncode == 0, done.stdout[-3000:]

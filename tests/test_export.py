@@ -45,6 +45,27 @@ def plain_answers(folder, examples, tokenizer, max_new_tokens, tmp_path) -> dict
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def assert_merged_weights_differ_from_the_base(run, merged, tmp_path) -> None:
+    """The control for "answers like the run": the same run with LoRA B zeroed exports the base model's weights,
+    and the trained export's adapted weights differ from those (an export that dropped the adapter would not)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    bare = tmp_path / "bare-run"
+    shutil.copytree(run, bare)
+    adapter = load_file(bare / "adapter_model.safetensors")
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in adapter.items()},
+              bare / "adapter_model.safetensors")  # fmt: skip
+    assert main(["export", str(bare), "--out", str(tmp_path / "bare-merged")]) == 0
+    a, b = load_file(merged / "model.safetensors"), load_file(tmp_path / "bare-merged" / "model.safetensors")
+    assert a.keys() == b.keys()
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    assert changed and all("attn" in k or "mlp" in k for k in changed), changed
+    assert max(float((a[k] - b[k]).abs().max()) for k in changed) > 1e-3
+
+
 def test_export_loads_with_plain_transformers_and_answers_like_the_run(tmp_path, synthetic_dir, capsys):
     from loraqa.data import load_squad
     from loraqa.model import load_tokenizer
@@ -52,9 +73,11 @@ def test_export_loads_with_plain_transformers_and_answers_like_the_run(tmp_path,
     run, out = tmp_path / "run", tmp_path / "merged"
     rc = main(["train", "--model", "tiny-random-gpt2", "--data-dir", str(synthetic_dir), "--eval-limit", "6",
                "--precision", "fp32", "--max-new-tokens", "6", "--train-limit", "8", "--max-steps", "3",
-               "--lr", "5e-3", "--batch-size", "4", "--eval-steps", "0", "--save-steps", "0", "-o", str(run)])  # fmt: skip
+               "--lr", "0.05", "--warmup-steps", "0", "--batch-size", "4", "--eval-steps", "0", "--save-steps", "0",
+               "-o", str(run)])  # fmt: skip
     assert rc == 0
     assert main(["export", str(run), "--out", str(out)]) == 0
+    assert_merged_weights_differ_from_the_base(run, out, tmp_path)
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer_config.json", "README.md"} <= names
     assert not any(n.startswith("adapter_") for n in names)  # merged: no adapter left

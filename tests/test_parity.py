@@ -89,17 +89,25 @@ def trainer_for(model, tmp_path, *, bf16: bool, fast_loss: bool):
     return make_trainer_class()(model=model, args=args, fast_loss=fast_loss)
 
 
-def test_fp32_trainer_loss_equals_the_reference_trainers(batch, tmp_path):
-    """Through the Trainer's compute_loss, scaled by the labelled tokens of a whole accumulated batch."""
+def test_fp32_trainer_loss_equals_the_reference_trainers(batch, tmp_path, monkeypatch):
+    """Through the Trainer's compute_loss, scaled by the labelled tokens of a whole accumulated batch. A spy
+    shows each trainer took its own path (the two losses are equal by design, so equality alone would not)."""
+    import loraqa.trainer
+
+    calls = []
+    real = loraqa.trainer.labelled_positions_loss
+    monkeypatch.setattr(loraqa.trainer, "labelled_positions_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = lora_model()
     model.eval()
     n_items = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) * 3  # as if 3 micro-batches accumulate
     reference = trainer_for(model, tmp_path, bf16=False, fast_loss=False).compute_loss(
         model, dict(batch), num_items_in_batch=torch.tensor(n_items)
     )
+    assert calls == []  # the reference: the model's own loss
     fast = trainer_for(model, tmp_path, bf16=False, fast_loss=True).compute_loss(
         model, dict(batch), num_items_in_batch=torch.tensor(n_items)
     )
+    assert calls == [1]
     assert rel(fast, reference) < 1e-4
 
 

@@ -13,15 +13,39 @@ from loraqa.data import load_squad
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, synthetic_dir):
     run = tmp_path_factory.mktemp("predict") / "run"
+    # lr 0.05 without warmup: the adapter moves far enough to change the answers (checked below), so a run
+    # loaded without its adapter could not answer like the run
     rc = main(["train", "--model", "tiny-random-gpt2", "--data-dir", str(synthetic_dir), "--eval-limit", "6",
                "--precision", "fp32", "--max-new-tokens", "6", "--train-limit", "8", "--max-steps", "2",
-               "--batch-size", "4", "--eval-steps", "0", "--save-steps", "0", "-o", str(run)])  # fmt: skip
+               "--batch-size", "4", "--eval-steps", "0", "--save-steps", "0", "--warmup-steps", "0",
+               "--lr", "0.05", "-o", str(run)])  # fmt: skip
     assert rc == 0
     return run
 
 
 def run_predictions(run) -> dict:
     return json.loads((run / "predictions.json").read_text())
+
+
+def test_the_trained_adapter_changes_the_answers(tiny_run, synthetic_dir, tmp_path):
+    # the control for every "answers like the run" test here: the same run with its adapter zeroed (LoRA B = 0,
+    # the base model exactly) answers otherwise
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_run, bare)
+    weights = load_file(bare / "adapter_model.safetensors")
+    assert any("lora_B" in k for k in weights)
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()},
+              bare / "adapter_model.safetensors")  # fmt: skip
+    out = tmp_path / "bare.jsonl"
+    assert main(["predict", str(bare), "-i", str(synthetic_dir / "dev-v1.1.json"), "-o", str(out)]) == 0
+    base = {json.loads(x)["id"]: json.loads(x)["answer"] for x in out.read_text().splitlines()}
+    run = run_predictions(tiny_run)
+    assert sum(base[i] != answer for i, answer in run.items()) >= len(run) // 2
 
 
 def test_predict_jsonl_answers_like_the_run_and_scores(tiny_run, synthetic_dir, tmp_path, capsys):

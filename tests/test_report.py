@@ -57,7 +57,7 @@ def make_sweep(root: Path, numbers: dict, skip: tuple[str, ...] = (), fail: tupl
     machine = {"host": "box", "platform": "Linux-test", "cpu_count": 2, "torch": "2.x", "gpus": [],
                "code": "loraqa 0.1.0, git abc1234"}
     write_json_atomic(out / "sweep.json", {"invocations": [{"command": f"loraqa sweep study.yaml --output-dir {out}"}],
-                                           "machine": machine})  # fmt: skip
+                                           "machine": {**machine, "host": "driver"}})  # fmt: skip
     for t in expand_trials(cfg):
         d = out / t.name
         if t.name in skip:
@@ -235,7 +235,8 @@ def test_report_cli(tmp_path, capsys):
     data = load_sweep(out)
     assert [t.status for t in data.trials].count("done") == 1 and data.reference_trial.name == "base"
     # the host recorded in the trials' run.json reaches the report (not only the file this test wrote)
-    assert "(host box)" in (tmp_path / "r" / "report.md").read_text()
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "(host box)" in text and "driver" not in text  # sweep.json's machine is only the fallback
 
 
 def test_report_names_no_folder_of_this_machine(tmp_path, monkeypatch):

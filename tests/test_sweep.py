@@ -132,6 +132,14 @@ FAKE_CHILD = textwrap.dedent(
     with open(os.path.join(trial_dir, "starts.txt"), "a") as f:
         f.write(f"{time.time()} {os.environ.get('OMP_NUM_THREADS', '')}\\n")
     time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
+    if os.environ.get("FAKE_WAIT_FOR_COMPANY"):  # wait (60 s at most) until another trial has started too
+        sweep_dir, deadline = os.path.dirname(trial_dir), time.time() + 60
+        others = lambda: [d for d in os.listdir(sweep_dir) if d != name and
+                          os.path.exists(os.path.join(sweep_dir, d, "starts.txt"))]
+        while not others() and time.time() < deadline:
+            time.sleep(0.02)
+        with open(os.path.join(trial_dir, "company.txt"), "w") as f:
+            f.write(",".join(others()))
     with open(os.path.join(trial_dir, "ends.txt"), "a") as f:
         f.write(f"{time.time()}\\n")
     print("a line on stdout")
@@ -262,7 +270,8 @@ def test_shards_split_the_work_between_runs(fake_trials):
 
 
 def test_parallel_workers_overlap_and_share_the_cores(fake_trials, monkeypatch):
-    monkeypatch.setenv("FAKE_SLEEP", "0.6")
+    # each trial waits until another has started: one at a time, the first would wait alone until its deadline
+    monkeypatch.setenv("FAKE_WAIT_FOR_COMPANY", "1")
     out = fake_trials
     assert sweep.run_sweep(load_config(TINY), out, parallel=2, progress=False) == 0
     starts = {}
@@ -270,10 +279,8 @@ def test_parallel_workers_overlap_and_share_the_cores(fake_trials, monkeypatch):
         t, threads = p.read_text().split()
         starts[p.parent.name] = float(t)
         assert threads == str(max(1, (os.cpu_count() or 1) // 2))
-    ends = {p.parent.name: float(p.read_text()) for p in out.glob("*/ends.txt")}
-    first_two = sorted(starts, key=starts.get)[:2]
-    # the second trial started before the first had ended
-    assert max(starts[n] for n in first_two) < min(ends[n] for n in first_two)
+    first = min(starts, key=starts.get)
+    assert (out / first / "company.txt").read_text(), "the first trial ran alone"
 
 
 def test_a_folder_holds_one_sweep(fake_trials):

@@ -27,6 +27,32 @@ def tiny_config(data_dir, **overrides) -> ExperimentConfig:
     return apply_overrides(ExperimentConfig(), list(base.items()))
 
 
+def step_probe():
+    """A callback that watches the first decoder layer's MLP in training forwards: how many ran, and whether bf16
+    autocast was on. What a run's metrics cannot show: that a switch really reached the Trainer."""
+    from transformers import TrainerCallback
+
+    from loraqa.trainer import decoder_layers
+
+    class StepProbe(TrainerCallback):
+        def __init__(self):
+            self.forwards, self.steps, self.autocast = 0, 0, set()
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            # on the MLP: a hook on the layer itself stays outside transformers' checkpoint
+            decoder_layers(model)[0].mlp.register_forward_pre_hook(self._seen)
+
+        def _seen(self, module, inputs):
+            if module.training:
+                self.forwards += 1
+                self.autocast.add(torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps += 1
+
+    return StepProbe()
+
+
 def test_collator_pads_right_and_masks_padding():
     batch = QACollator(pad_token_id=0)(
         [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
@@ -121,11 +147,15 @@ def test_same_config_gives_the_same_metrics(tmp_path, synthetic_dir):
 
 
 def test_gradient_checkpointing_trains_the_same_run_in_bf16(tmp_path, synthetic_dir):
-    """``train.gradient_checkpointing`` through ``loraqa train``'s own path (the Trainer switches it on)."""
-    runs = {on: run_experiment(tiny_config(synthetic_dir, **{"model.precision": "bf16",
-                                                             "train.gradient_checkpointing": on}),
-                               tmp_path / str(on), progress=False)
-            for on in (False, True)}  # fmt: skip
+    """``train.gradient_checkpointing`` through ``loraqa train``'s own path (the Trainer switches it on): each
+    layer runs again in the backward, and the run trains the same."""
+    runs, probes = {}, {}
+    for on in (False, True):
+        probes[on] = step_probe()
+        cfg = tiny_config(synthetic_dir, **{"model.precision": "bf16", "train.gradient_checkpointing": on})
+        runs[on] = run_experiment(cfg, tmp_path / str(on), callbacks=[probes[on]], progress=False)
+    assert probes[False].steps == probes[True].steps == 4
+    assert (probes[False].forwards, probes[True].forwards) == (4, 8)  # one micro-batch a step; recomputed
     assert runs[True]["final_train_loss"] == pytest.approx(runs[False]["final_train_loss"], rel=2e-2)
 
 
@@ -414,12 +444,17 @@ def test_bf16_run_trains_and_scores(tmp_path, synthetic_dir):
 
         if not cpu_has_bf16():
             pytest.skip("no native bf16 here")
-    metrics = run_experiment(
-        tiny_config(synthetic_dir, **{"model.precision": "bf16"}), tmp_path, progress=False
-    )
-    history = [json.loads(line) for line in (tmp_path / "log_history.jsonl").read_text().splitlines()]
+    probes = {p: step_probe() for p in ("bf16", "fp32")}
+    runs = {p: run_experiment(tiny_config(synthetic_dir, **{"model.precision": p}), tmp_path / p,
+                              callbacks=[probes[p]], progress=False) for p in probes}  # fmt: skip
+    metrics = runs["bf16"]
+    history = [json.loads(line) for line in (tmp_path / "bf16" / "log_history.jsonl").read_text().splitlines()]
     assert metrics["precision"] == "bf16"
     assert metrics["final_train_loss"] == [h["loss"] for h in history if "loss" in h][-1]
+    # the training forwards really ran under bf16 autocast (and the fp32 ones did not)
+    assert probes["bf16"].autocast == {True} and probes["fp32"].autocast == {False}
+    assert probes["bf16"].forwards == probes["fp32"].forwards == 4
+    assert metrics["final_train_loss"] != runs["fp32"]["final_train_loss"]
 
 
 def test_generation_speed_switches_do_not_change_the_answers(synthetic_dir):
