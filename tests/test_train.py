@@ -498,3 +498,10 @@ def test_a_prompt_as_long_as_the_model_takes_leaves_room_for_the_answer(syntheti
     cfg = EvalConfig(batch_size=1, max_new_tokens=8)
     records, summary = evaluate_model(lm.model, lm.tokenizer, [long], max_length=1024, eval_cfg=cfg, progress=False)
     assert summary["eval_prompts_truncated"] == 1 and len(records) == 1
+
+
+def test_no_questions_for_the_eval_loss_turns_its_pass_off(tmp_path, synthetic_dir):
+    # data.loss_eval_limit=0 with the default train.eval_steps: the Trainer refused to start without an eval set
+    metrics = run_experiment(tiny_config(synthetic_dir, **{"data.loss_eval_limit": 0, "train.eval_steps": 2}),
+                             tmp_path, progress=False)  # fmt: skip
+    assert metrics["final_eval_loss"] is None and metrics["final_train_loss"] is not None

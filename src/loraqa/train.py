@@ -211,7 +211,7 @@ def _save_results(run_dir: Path, records: list[dict], metrics: dict, card: str) 
 def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks) -> dict:
     train_features, train_stats, loss_eval_features, shared = _encode(cfg, tok, train_examples, dev_examples)
     ckpt_dir = run_dir / CHECKPOINTS_DIR
-    args = training_arguments(cfg, ckpt_dir, lm.precision, lm.device)
+    args = training_arguments(cfg, ckpt_dir, lm.precision, lm.device, eval_loss=bool(loss_eval_features))
     clock = make_clock_callback(lm.device)
     interrupt = make_interrupt_callback()
     trainer = make_trainer_class()(

@@ -492,10 +492,14 @@ def checkpointing_arguments(on: bool) -> dict:
     return {f"{name}_checkpointing": on, f"{name}_checkpointing_kwargs": {"use_reentrant": False} if on else None}
 
 
-def training_arguments(cfg: ExperimentConfig, ckpt_dir: Path, precision: str, device: torch.device):
+def training_arguments(cfg: ExperimentConfig, ckpt_dir: Path, precision: str, device: torch.device,
+                       eval_loss: bool = True):  # fmt: skip
+    """``eval_loss``: whether there are questions to log the eval loss on (``data.loss_eval_limit=0``, or none
+    left after encoding, turns the periodic eval-loss pass off whatever ``train.eval_steps`` says)."""
     from transformers import TrainingArguments
 
     t = cfg.train
+    eval_steps = t.eval_steps if eval_loss else 0
     return TrainingArguments(
         output_dir=str(ckpt_dir),
         per_device_train_batch_size=per_process_batch(cfg),
@@ -513,8 +517,8 @@ def training_arguments(cfg: ExperimentConfig, ckpt_dir: Path, precision: str, de
         seed=t.seed,
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        eval_strategy="steps" if t.eval_steps else "no",
-        eval_steps=t.eval_steps or None,
+        eval_strategy="steps" if eval_steps else "no",
+        eval_steps=eval_steps or None,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
         save_total_limit=1,
