@@ -117,3 +117,40 @@ def test_export_of_a_smollm2_run_keeps_its_gguf_tokenizer(tmp_path, synthetic_di
     expected = json.loads((tmp_path / "run" / "predictions.json").read_text())
     assert not got["loraqa_imported"]
     assert got["answers"] == [expected[e.id] for e in dev]
+
+
+def test_export_never_deletes_a_run_or_a_folder_that_is_not_a_model(tmp_path):
+    from loraqa.config import ConfigError
+    from loraqa.export import export_run
+
+    runs = tmp_path / "runs"
+    run = runs / "r16"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("name: r16\n")
+    for out in (run, runs):  # the run itself, or a folder holding it
+        with pytest.raises(ConfigError, match="holds the run"):
+            export_run(run, out, overwrite=True)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("x")
+    with pytest.raises(ConfigError, match="not a model folder"):
+        export_run(run, notes, overwrite=True)
+    assert (run / "config.yaml").exists() and (notes / "todo.txt").exists()
+
+
+def test_export_keeps_the_precision_the_run_generated_with(tmp_path, synthetic_dir):
+    """precision auto is worked out per machine: an export elsewhere must not pick again (a bf16 GPU run
+    exported on a CPU without bf16 came out fp32, an fp32 run on an AMX CPU came out bf16)."""
+    from safetensors import safe_open
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", "tiny-random-gpt2", "--data-dir", str(synthetic_dir), "--eval-limit", "2",
+                 "--max-new-tokens", "2", "--train-limit", "4", "--max-steps", "1", "--batch-size", "4",
+                 "--eval-steps", "0", "--save-steps", "0", "-o", str(run)]) == 0  # fmt: skip
+    metrics = json.loads((run / "metrics.json").read_text())
+    for used, dtype in (("fp32", "F32"), ("bf16", "BF16")):  # as if the run had been made on either machine
+        (run / "metrics.json").write_text(json.dumps({**metrics, "precision": used}))
+        assert main(["export", str(run), "--out", str(tmp_path / used)]) == 0
+        with safe_open(str(tmp_path / used / "model.safetensors"), framework="pt") as f:
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        assert dtypes == {dtype}, (used, dtypes)

@@ -14,7 +14,8 @@ import shutil
 from pathlib import Path
 
 from .config import ConfigError
-from .io import write_text_atomic
+from .io import read_json, write_text_atomic
+from .layout import METRICS_FILE
 from .prompt import format_prompt
 
 
@@ -24,9 +25,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fa
     from .rundir import load_run, portable_model_name
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"{out_dir}: exists and is not empty; pick another --out, or pass --overwrite")
-    run = load_run(run_dir, overrides=[("eval.merge_adapter", True)], device="cpu")
+    _check_out_dir(run_dir, out_dir, overwrite)
+    overrides: list[tuple[str, object]] = [("eval.merge_adapter", True)]
+    used = (read_json(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).is_file() else {}).get("precision")
+    if used in ("bf16", "fp32"):  # the precision the run generated with, not what this machine picks
+        overrides.append(("model.precision", used))
+    run = load_run(run_dir, overrides=overrides, device="cpu")
     model, tok = run.model, run.lm.tokenizer
     if hasattr(model, "merge_and_unload"):  # eval.merge_adapter was set, so this only guards odd wrappers
         model = model.merge_and_unload()
@@ -41,7 +45,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fa
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         card = run_dir / MODEL_CARD_FILE
-        intro = (f"Exported with `loraqa export` from the run `{run_dir.name}`: the LoRA adapter merged into "
+        what = "the LoRA adapter merged into" if run.cfg.train.method == "lora" else "fully fine-tuned weights of"
+        intro = (f"Exported with `loraqa export` from the run `{run_dir.name}`: {what} "
                  f"`{portable_model_name(run.cfg.model.name)}`. The prompt is\n\n```\n"
                  f"{format_prompt('{context}', '{question}')}\n```\n\nand the answer is the first line "
                  "of the greedy continuation.\n\n")  # fmt: skip
@@ -58,3 +63,17 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fa
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _check_out_dir(run_dir: Path, out_dir: Path, overwrite: bool) -> None:
+    """--out must not hold the run, and --overwrite replaces only a model folder (one with config.json): a
+    mistyped --out must not delete a run or a folder of runs."""
+    if run_dir.resolve().is_relative_to(out_dir.resolve()):
+        raise ConfigError(f"{out_dir}: holds the run {run_dir}; pick another --out")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise ConfigError(f"{out_dir}: exists and is not empty; pick another --out, or pass --overwrite")
+    if not (out_dir / "config.json").is_file():
+        raise ConfigError(f"{out_dir}: not a model folder (no config.json), so --overwrite will not replace it; "
+                          "pick another --out")  # fmt: skip

@@ -112,6 +112,12 @@ def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, overwrite: bool) -> No
     cfg_path = run_dir / CONFIG_FILE
     make_run_folder(run_dir)
     if overwrite:
+        others = [e.name for e in run_dir.iterdir() if e.name != LOCK_FILE]
+        if others and not cfg_path.is_file():  # a mistyped -o (a folder of runs, a home folder) is not wiped
+            raise RunFolderError(
+                f"{run_dir}: not a run folder (no {CONFIG_FILE}; it holds {', '.join(sorted(others)[:3])}"
+                f"{', ...' if len(others) > 3 else ''}), so --overwrite will not empty it; pick another --output-dir"
+            )
         for entry in run_dir.iterdir():
             if entry.name == LOCK_FILE:
                 continue
