@@ -132,3 +132,40 @@ def test_every_shorthand_is_in_the_table():
     from loraqa.cli import SHORTHANDS
 
     assert {key for _, key, _ in SHORTHAND_CASES} == set(SHORTHANDS.values())
+
+
+def test_config_items_after_an_option_are_not_lost(monkeypatch):
+    # argparse alone took KEY=VALUE items only before the first option and refused the rest
+    from loraqa import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_train", lambda args: seen.setdefault("cfg", cli.build_config(args)) and 0)
+    assert main(["train", "--model", "tiny-random-gpt2", "train.lr=0.5", "--rank", "4", "lora.alpha=3"]) == 0
+    cfg = seen["cfg"]
+    assert (cfg.model.name, cfg.train.lr, cfg.lora.r, cfg.lora.alpha) == ("tiny-random-gpt2", 0.5, 4, 3)
+
+
+def test_eval_of_a_run_takes_what_re_scoring_may_change_and_refuses_the_rest(monkeypatch, tmp_path, capsys):
+    import loraqa.evaluate
+
+    calls = []
+    monkeypatch.setattr(loraqa.evaluate, "eval_run_dir", lambda run, **kw: calls.append((run, kw)) or
+                        {"exact_match": 1.0, "f1": 2.0, "n_questions": 3})  # fmt: skip
+    monkeypatch.setattr(loraqa.evaluate, "eval_zero_shot", lambda cfg, out, **kw: calls.append((cfg, out)) or
+                        {"exact_match": 1.0, "f1": 2.0, "n_questions": 3})  # fmt: skip
+    out = str(tmp_path / "rescored")
+    assert main(["eval", "runs/r16", "--max-new-tokens", "8", "eval.batch_size=2", "--precision", "fp32",
+                 "--eval-limit", "5", "-o", out]) == 0  # fmt: skip
+    run, kw = calls.pop()
+    assert run == "runs/r16" and kw["out_dir"] == out
+    assert sorted(kw["overrides"]) == [("data.eval_limit", 5), ("eval.batch_size", 2), ("eval.max_new_tokens", 8),
+                                       ("model.precision", "fp32")]  # fmt: skip
+    for refused, key in ((["--model", "gpt2"], "model.name"), (["train.lr=1e-3"], "train.lr"),
+                         (["--rank", "4"], "lora.r")):  # fmt: skip
+        assert main(["eval", "runs/r16", *refused]) == 2
+        assert f"{key}: a trained run's {key} cannot change" in capsys.readouterr().err
+    assert calls == []
+    # zero-shot: a first KEY=VALUE item is not taken for a run folder
+    assert main(["eval", "eval.max_new_tokens=8", "--model", "tiny-random-gpt2"]) == 0
+    cfg, _ = calls.pop()
+    assert cfg.eval.max_new_tokens == 8 and cfg.model.name == "tiny-random-gpt2"

@@ -79,6 +79,39 @@ def _add_experiment_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=int)
 
 
+def _shorthand_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """(config key, value) for each shorthand flag given."""
+    flags = []
+    for dest, key in SHORTHANDS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if dest == "targets" and value not in ("attn", "attn+proj", "all-linear"):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        flags.append((key, value))
+    return flags
+
+
+# what re-scoring a trained run may change: how it answers and on what, never what was trained
+RUN_EVAL_KEYS = ("eval.", "data.", "prompt.max_length", "model.precision", "model.attn_implementation")
+
+
+def run_eval_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """The overrides ``loraqa eval RUN_DIR`` applies to the run's config: KEY=VALUE items and shorthand flags,
+    each one that re-scoring may change (a ConfigError names any other)."""
+    from .config import ConfigError, parse_overrides
+
+    files = [i for i in args.items if "=" not in i]
+    if files:
+        raise ConfigError(f"{files[0]}: `loraqa eval RUN_DIR` takes the run's own config; give changes as KEY=VALUE")
+    overrides = parse_overrides(args.items) + _shorthand_overrides(args)
+    for key, _ in overrides:
+        if not key.startswith(RUN_EVAL_KEYS):
+            raise ConfigError(f"{key}: a trained run's {key} cannot change when it is re-scored (`loraqa eval "
+                              f"RUN_DIR` takes {', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in RUN_EVAL_KEYS)})")  # fmt: skip
+    return overrides
+
+
 def build_config(args: argparse.Namespace, allow_sweep: bool = False):
     """The experiment from CONFIG (if given), then KEY=VALUE overrides, then shorthand flags."""
     from .config import ConfigError, ExperimentConfig, apply_overrides, load_config, parse_overrides
@@ -92,14 +125,7 @@ def build_config(args: argparse.Namespace, allow_sweep: bool = False):
         if files
         else apply_overrides(ExperimentConfig(), parse_overrides(overrides))
     )
-    flags = []
-    for dest, key in SHORTHANDS.items():
-        value = getattr(args, dest, None)
-        if value is None:
-            continue
-        if dest == "targets" and value not in ("attn", "attn+proj", "all-linear"):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        flags.append((key, value))
+    flags = _shorthand_overrides(args)
     cfg = apply_overrides(cfg, flags, where="command line") if flags else cfg
     if cfg.sweep is not None and not allow_sweep:
         raise ConfigError(
@@ -149,11 +175,15 @@ def cmd_eval(args) -> int:
     from . import dist
     from .evaluate import eval_run_dir, eval_zero_shot
 
+    if args.run_dir and ("=" in args.run_dir or Path(args.run_dir).is_file()):  # argparse took a config item
+        args.items.insert(0, args.run_dir)
+        args.run_dir = None
+    overrides = run_eval_overrides(args) if args.run_dir else None  # bad ones stop here, before any loading
     # under torchrun each process answers its share of the questions; the main process writes
     device = str(dist.init(args.device)) if dist.world_size() > 1 else args.device
     try:
         if args.run_dir:
-            metrics = eval_run_dir(args.run_dir, data_dir=args.data_dir, eval_limit=args.eval_limit, device=device)
+            metrics = eval_run_dir(args.run_dir, overrides=overrides, out_dir=args.output_dir, device=device)
             where = args.run_dir
         else:
             cfg = build_config(args)
@@ -294,7 +324,7 @@ def make_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="score a trained run, or a base model zero-shot (--model)")
     e.add_argument("run_dir", nargs="?", help="a run folder made by `loraqa train`")
     _add_experiment_flags(e)
-    e.add_argument("--output-dir", "-o", help="where zero-shot predictions go")
+    e.add_argument("--output-dir", "-o", help="where predictions go (default: RUN_DIR/eval-N; zero-shot: runs/)")
     e.add_argument("--device")
     e.set_defaults(func=cmd_eval)
 
@@ -372,7 +402,15 @@ def main(argv: list[str] | None = None) -> int:
     from .signals import exit_status
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills CONFIG|KEY=VALUE items from the positionals before the first option only: the ones
+    # after an option (`train cfg.yaml --model gpt2 train.lr=5e-4`) come back as extras
+    items = [x for x in extra if not x.startswith("-")]
+    if len(items) < len(extra) or (items and not hasattr(args, "items")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if items:
+        args.items += items
     args.argv = argv  # the model card records the command
     level = logging.DEBUG if args.verbose else logging.INFO if is_main_process() else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s")

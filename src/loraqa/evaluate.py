@@ -129,9 +129,11 @@ def eval_zero_shot(cfg, out_dir, *, device: str | None = None, progress: bool = 
 
 
 def eval_run_dir(run_dir, *, data_dir: str | None = None, eval_limit: int | None = None,
-                 device: str | None = None, progress: bool = True) -> dict:  # fmt: skip
-    """Re-score a trained run folder (its adapter or full model) on the dev questions; writes
-    ``eval-<n>/predictions.jsonl`` and ``metrics.json`` inside the run folder and returns the metrics."""
+                 overrides: list[tuple[str, object]] | None = None, out_dir=None, device: str | None = None,
+                 progress: bool = True) -> dict:  # fmt: skip
+    """Re-score a trained run folder (its adapter or full model) on the dev questions, its config changed by
+    ``overrides`` (``data_dir`` and ``eval_limit`` are two of them); writes ``predictions.jsonl`` and
+    ``metrics.json`` into ``out_dir`` (default: ``eval-<n>`` inside the run folder) and returns the metrics."""
     from pathlib import Path
 
     from .data import load_split
@@ -141,7 +143,7 @@ def eval_run_dir(run_dir, *, data_dir: str | None = None, eval_limit: int | None
     run_dir = Path(run_dir)
     overrides = [
         (k, v) for k, v in (("data.data_dir", data_dir), ("data.eval_limit", eval_limit)) if v is not None
-    ]
+    ] + list(overrides or [])
     run = load_run(run_dir, overrides=overrides, device=device)
     cfg, lm = run.cfg, run.lm
     dev, _, _ = load_split(cfg.data, "dev", limit=cfg.data.eval_limit)
@@ -149,7 +151,7 @@ def eval_run_dir(run_dir, *, data_dir: str | None = None, eval_limit: int | None
         run.model, lm.tokenizer, dev, max_length=cfg.prompt.max_length, eval_cfg=cfg.eval, progress=progress,
         unanswerable_answer=cfg.data.no_answer_text(),
     )  # fmt: skip
-    out = run_dir / f"eval-{len(dev)}"
+    out = Path(out_dir) if out_dir else run_dir / f"eval-{len(dev)}"
     dist.on_main(write_predictions, out, records)
     metrics = {**summary, "model": cfg.model.name, "precision": lm.precision, "device": str(lm.device)}
     dist.on_main(write_json_atomic, out / METRICS_FILE, metrics)
