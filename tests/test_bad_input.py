@@ -344,6 +344,16 @@ CASES = [
     Case("config: not one of the choices", train_with_config("model: {precision: fp8}\n"),
          ("exp.yaml", "model.precision")),  # fmt: skip
     Case("config: zero rank", train_with_config("lora: {r: 0}\n"), ("exp.yaml", "lora.r")),
+    Case("config: zero alpha", train_with_config("lora: {alpha: 0}\n"), ("exp.yaml", "lora.alpha")),
+    Case("config: zero logging steps", train_with_config("train: {logging_steps: 0}\n"),
+         ("exp.yaml", "train.logging_steps")),  # fmt: skip
+    Case("config: negative train limit", train_with_config("data: {train_limit: -5}\n"),
+         ("exp.yaml", "data.train_limit")),  # fmt: skip
+    Case("config: targets a string, not a preset", train_with_config("lora: {targets: c_attn}\n"),
+         ("exp.yaml", "lora.targets", "[c_attn]")),  # fmt: skip
+    Case("config: max_length past the model's positions",
+         train_with_config("model: {name: tiny-random-gpt2}\nprompt: {max_length: 2048}\n"),
+         ("prompt.max_length", "1024 positions")),  # fmt: skip
     Case("config: negative learning rate", train_with_config("train: {lr: -1}\n"), ("exp.yaml", "train.lr")),
     Case("config: dropout 1 or more", train_with_config("lora: {dropout: 1.5}\n"), ("exp.yaml", "lora.dropout")),
     Case("config: a sweep file given to train", train_with_config("sweep: {axes: {lora.r: [4]}}\n"),

@@ -81,12 +81,14 @@ def _add_experiment_flags(p: argparse.ArgumentParser) -> None:
 
 def _shorthand_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
     """(config key, value) for each shorthand flag given."""
+    from .config import PRESET_NAMES
+
     flags = []
     for dest, key in SHORTHANDS.items():
         value = getattr(args, dest, None)
         if value is None:
             continue
-        if dest == "targets" and value not in ("attn", "attn+proj", "all-linear"):
+        if dest == "targets" and value not in PRESET_NAMES:
             value = [v.strip() for v in value.split(",") if v.strip()]
         flags.append((key, value))
     return flags

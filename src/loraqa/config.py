@@ -154,10 +154,13 @@ CHOICES = {
     "train.method": ("lora", "full"),
     "sweep.mode": SWEEP_MODES,
 }
-POSITIVE = {"prompt.max_length", "lora.r", "train.batch_size", "train.grad_accum", "eval.batch_size",
-            "eval.max_new_tokens", "train.epochs"}  # fmt: skip
-NON_NEGATIVE = {"lora.alpha", "lora.dropout", "train.lr", "train.weight_decay", "train.warmup_steps",
-                "train.eval_steps", "train.logging_steps", "train.save_steps", "data.loss_eval_limit"}  # fmt: skip
+PRESET_NAMES = ("attn", "attn+proj", "all-linear")  # lora.targets presets (loraqa.model maps them per family)
+# lora.alpha 0 scales the adapter to nothing (no gradient, nothing learned); logging_steps 0 the Trainer refuses
+POSITIVE = {"prompt.max_length", "lora.r", "lora.alpha", "train.batch_size", "train.grad_accum",
+            "eval.batch_size", "eval.max_new_tokens", "train.epochs", "train.logging_steps"}  # fmt: skip
+# None where allowed (the limits: every question) is not checked
+NON_NEGATIVE = {"lora.dropout", "train.lr", "train.weight_decay", "train.warmup_steps", "train.eval_steps",
+                "train.save_steps", "data.loss_eval_limit", "data.train_limit", "data.eval_limit"}  # fmt: skip
 
 
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
@@ -232,10 +235,13 @@ def _build_section(cls, raw: Any, section: str, where: str):
         value = _coerce(value, hints[key], dotted, where)
         if dotted in CHOICES and value not in CHOICES[dotted]:
             raise ConfigError(f"{where}: {dotted}: {value!r} is not one of {', '.join(CHOICES[dotted])}")
-        if dotted in POSITIVE and value <= 0:
+        if dotted in POSITIVE and value is not None and value <= 0:
             raise ConfigError(f"{where}: {dotted}: must be > 0, got {value!r}")
-        if dotted in NON_NEGATIVE and value < 0:
+        if dotted in NON_NEGATIVE and value is not None and value < 0:
             raise ConfigError(f"{where}: {dotted}: must be >= 0, got {value!r}")
+        if dotted == "lora.targets" and isinstance(value, str) and value not in PRESET_NAMES:
+            raise ConfigError(f"{where}: lora.targets: {value!r} is not a preset ({', '.join(PRESET_NAMES)}); "
+                              f"give module names as a list, e.g. lora.targets=[{value}]")  # fmt: skip
         kwargs[key] = value
     return cls(**kwargs)
 

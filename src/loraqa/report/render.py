@@ -67,7 +67,8 @@ def _axis_table(data: SweepData, key: str) -> str:
 
 
 def _param_table(data: SweepData) -> str:
-    from ..model import PRESET_NAMES, parameter_table
+    from ..config import PRESET_NAMES
+    from ..model import parameter_table
 
     ranks = sorted({4, 8, 16, 32} | {t.trial.values["lora.r"] for t in data.trials if "lora.r" in data.axes}
                    | {data.cfg.lora.r})  # fmt: skip
