@@ -251,3 +251,17 @@ def test_report_names_no_folder_of_this_machine(tmp_path, monkeypatch):
     assert str(tmp_path) not in text and "/elsewhere" not in text
     assert "- Command: `loraqa sweep study.yaml --output-dir sweep --data-dir …/squad`" in text
     assert "- Rerun or resume: `loraqa sweep sweep/sweep.yaml --output-dir sweep`" in text
+
+
+def test_portable_args_shorten_every_absolute_path(tmp_path, monkeypatch):
+    from loraqa.card import portable_arg, portable_command
+
+    monkeypatch.chdir(tmp_path)
+    for arg, expected in (("/data/squad", "…/squad"), ("--data-dir=/data/squad", "--data-dir=…/squad"),
+                          ("--model=/models/x.gguf", "--model=…/x.gguf"), ("model.name=/models/x", "model.name=…/x"),
+                          ("data.dev_file=/d/dev.jsonl", "data.dev_file=…/dev.jsonl"),
+                          (f"-o={tmp_path}/runs/a", "-o=runs/a"), ("train.lr=5e-4", "train.lr=5e-4"),
+                          ("relative/path", "relative/path")):  # fmt: skip
+        assert portable_arg(arg) == expected, arg
+    assert portable_command("loraqa train --model /m/x.gguf data.data_dir=/d/squad") == (
+        "loraqa train --model …/x.gguf data.data_dir=…/squad")  # fmt: skip

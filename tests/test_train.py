@@ -505,3 +505,14 @@ def test_no_questions_for_the_eval_loss_turns_its_pass_off(tmp_path, synthetic_d
     metrics = run_experiment(tiny_config(synthetic_dir, **{"data.loss_eval_limit": 0, "train.eval_steps": 2}),
                              tmp_path, progress=False)  # fmt: skip
     assert metrics["final_eval_loss"] is None and metrics["final_train_loss"] is not None
+
+
+def test_saving_the_adapter_leaves_no_template_card(tmp_path):
+    # PEFT's save writes a template README.md naming the base by its load path; a run interrupted before its
+    # own card was written kept that one
+    from loraqa.model import apply_lora, load_base_model
+    from loraqa.rundir import save_trained
+
+    model = apply_lora(load_base_model("tiny-random-gpt2"), 4, 8, 0.0, "attn")
+    save_trained(model, None, tmp_path, full=False, base_name="tiny-random-gpt2")
+    assert (tmp_path / "adapter_model.safetensors").exists() and not (tmp_path / "README.md").exists()

@@ -18,16 +18,19 @@ from .prompt import format_example
 
 def portable_arg(arg: str) -> str:
     """A command-line argument with an absolute path made relative to the working folder, or shortened to
-    ``…/NAME`` when outside it, so the card never names this machine's folders."""
-    for prefix in ("", "--data-dir=", "--output-dir=", "-o="):
-        if arg.startswith(prefix) and os.path.isabs(arg[len(prefix) :]):
-            path = arg[len(prefix) :]
-            try:
-                rel = os.path.relpath(path)
-            except ValueError:  # another drive (Windows)
-                rel = os.pardir
-            return prefix + (rel if not rel.startswith(os.pardir) else f"…/{Path(path).name}")
-    return arg
+    ``…/NAME`` when outside it, so the card never names this machine's folders: a path on its own, or the value
+    of ``--flag=PATH`` or ``key=PATH`` (``--model=/x.gguf``, ``model.name=/x``, ``data.dev_file=/x``)."""
+    prefix, value = "", arg
+    if not os.path.isabs(arg) and "=" in arg:
+        name, _, value = arg.partition("=")
+        prefix = name + "="
+    if not os.path.isabs(value):
+        return arg
+    try:
+        rel = os.path.relpath(value)
+    except ValueError:  # another drive (Windows)
+        rel = os.pardir
+    return prefix + (rel if not rel.startswith(os.pardir) else f"…/{Path(value).name}")
 
 
 def portable_path(path: str | os.PathLike) -> str:
@@ -45,6 +48,12 @@ def portable_command(command: str) -> str:
     # quoted like shlex.join, except that the ellipsis of a shortened path needs no quotes
     out = [portable_arg(a) for a in args]
     return " ".join(a if shlex.quote(a.replace("…", "x")) == a.replace("…", "x") else shlex.quote(a) for a in out)
+
+
+def portable_model_name(name: str) -> str:
+    """The base model as another machine can name it: a hub id or built-in name as is, a local folder or
+    ``.gguf`` file by its file name (never a path of the machine that trained it)."""
+    return Path(name).name if Path(name).expanduser().is_absolute() or Path(name).exists() else name
 
 
 def current_command(argv: list[str] | None = None) -> str:
@@ -85,8 +94,6 @@ def model_card(
     """The card's Markdown. ``data`` describes the data: ``format``, ``train`` / ``dev`` (file or data set
     names), ``train_questions`` (loaded for training), ``dev_questions`` (scored)."""
     from . import __version__
-    from .rundir import portable_model_name
-
     base = portable_model_name(cfg.model.name)
     t = cfg.train
     steps = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epochs"

@@ -32,9 +32,17 @@ from pathlib import Path
 
 import torch
 
+from .card import portable_model_name
 from .config import ConfigError, ExperimentConfig, apply_overrides, load_config
 from .io import CorruptFileError, read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
-from .layout import CONFIG_FILE, ERROR_FILE, LOCK_FILE, OFFICIAL_PREDICTIONS_FILE, PREDICTIONS_FILE
+from .layout import (
+    CONFIG_FILE,
+    ERROR_FILE,
+    LOCK_FILE,
+    MODEL_CARD_FILE,
+    OFFICIAL_PREDICTIONS_FILE,
+    PREDICTIONS_FILE,
+)
 from .model import LoadedModel, load_model_and_tokenizer, prepare_for_generation
 
 log = logging.getLogger(__name__)
@@ -211,12 +219,6 @@ def write_predictions(folder: Path, records: list[dict]) -> None:
     write_json_atomic(Path(folder) / OFFICIAL_PREDICTIONS_FILE, {r["id"]: r["prediction"] for r in records})
 
 
-def portable_model_name(name: str) -> str:
-    """The base model as another machine can name it: a hub id or built-in name as is, a local folder or
-    ``.gguf`` file by its file name (never a path of the machine that trained it)."""
-    return Path(name).name if Path(name).expanduser().is_absolute() or Path(name).exists() else name
-
-
 def save_trained(model, tok, run_dir: Path, full: bool, base_name: str | None = None) -> None:
     """Save the adapter (or the full model) into ``run_dir``. ``base_name`` (the config's model name) goes into
     ``adapter_config.json`` as ``base_model_name_or_path`` instead of the path the base was loaded from."""
@@ -232,6 +234,8 @@ def save_trained(model, tok, run_dir: Path, full: bool, base_name: str | None = 
                                         "base_model_name_or_path": portable_model_name(base_name)})  # fmt: skip
     if full:
         tok.save_pretrained(tmp)
+    # PEFT's template card names the base by the path it was loaded from; the run's own card comes later
+    (tmp / MODEL_CARD_FILE).unlink(missing_ok=True)
     for f in tmp.iterdir():
         os.replace(f, run_dir / f.name)
     tmp.rmdir()

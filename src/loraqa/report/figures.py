@@ -6,6 +6,7 @@ import io
 import textwrap
 from pathlib import Path
 
+from ..card import portable_model_name
 from ..io import write_bytes_atomic
 from ..sweep import format_value
 from .load import SweepData, TrialResult
@@ -92,7 +93,7 @@ def draw_figures(data: SweepData, out_dir: Path, file_prefix: str = "") -> list[
                 series.append((f"{prefix}{format_value(t.trial.values[key])}{note}", t))
         fname = file_prefix + fname
         path = out_dir / "figures" / fname
-        if series and plot_curves(path, f"{label}: {title} ({data.cfg.model.name})", series, keys):
+        if series and plot_curves(path, f"{label}: {title} ({portable_model_name(data.cfg.model.name)})", series, keys):
             lines.append(f"**{label}: {title}.**\n\n![{label}: {title}](figures/{fname})\n")
         elif key == "prompt.loss_on":
             lines.append(f"- {label} ({title[0].lower() + title[1:]}): not drawn — no finished {key} trial logged "

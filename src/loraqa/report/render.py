@@ -10,7 +10,7 @@ import platform
 from datetime import datetime
 from pathlib import Path
 
-from ..card import portable_command, portable_path
+from ..card import portable_command, portable_model_name, portable_path
 from ..io import write_text_atomic
 from ..layout import sweep_command
 from ..sweep import describe_machine, format_value, machine_info
@@ -81,7 +81,7 @@ def _param_table(data: SweepData) -> str:
     try:
         table = parameter_table(model, ranks=tuple(ranks), presets=tuple(presets))
     except Exception as e:  # the model's config cannot be read here (offline, missing package, ...)
-        return f"Not computed for {model}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return f"Not computed for {portable_model_name(model)}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
     measured = {}
     for t in data.trials:
         c = t.trial.config
@@ -95,7 +95,7 @@ def _param_table(data: SweepData) -> str:
             rows.append(["full fine-tuning", "—", num(t.m("trainable_params")),
                          percent(t.m("trainable_params"), t.m("total_params")), num(t.m("trainable_params"))])  # fmt: skip
             break
-    return (f"{model}: {num(base_total)} base parameters. \"% of all\" is trainable / (base + LoRA); "
+    return (f"{portable_model_name(model)}: {num(base_total)} base parameters. \"% of all\" is trainable / (base + LoRA); "
             "\"measured\" is the count a finished trial reported.\n\n"
             + md_table(["targets", "rank", "trainable", "% of all", "measured"], rows, right={1, 2, 3, 4}))  # fmt: skip
 
@@ -152,7 +152,7 @@ def sweep_header(data: SweepData) -> list[str]:
         f"report written {datetime.now().astimezone().isoformat(timespec='seconds')} on {here['host']} "
         f"({platform.platform()})",
         f"- Sweep: {cfg.sweep.mode} over {axes_text}; "
-        f"model `{cfg.model.name}`; {len(data.trials)} trials",
+        f"model `{portable_model_name(cfg.model.name)}`; {len(data.trials)} trials",
         "- Trials: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n),
     ]  # fmt: skip
     return lines

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..card import portable_model_name
 from ..io import write_text_atomic
 from .cells import mb, md_table, num, paired_diff, secs, settings_text, status_cell
 from .figures import draw_figures, plot_curves, save_figure
@@ -133,7 +134,7 @@ def scaling_section(sweeps: list[SweepData], out_dir: Path) -> list[str]:
     lines = ["## Data scaling", "", md_table(header, rows, right=set(range(8)))]
     lines += ["", "The gain is paired over the dev questions both sizes answered, ± 2 standard errors of the "
               "per-question difference (the noise rule of the verdicts below)."]  # fmt: skip
-    model = points[0].trial.config.model.name
+    model = portable_model_name(points[0].trial.config.model.name)
     if scaling_figure(points, out_dir / "figures" / "data_scaling.png", model):
         lines += ["", "**Data scaling: EM and F1 against train questions.**", "",
                   "![Data scaling](figures/data_scaling.png)"]  # fmt: skip
@@ -158,7 +159,7 @@ def quality_section(sweeps: list[SweepData]) -> list[str]:
             continue
         # prefer the trial scored on the most dev questions, then the best F1 among those
         best = max(pool, key=lambda t: (dev_questions(t) or 0, t.m("f1")))
-        model = best.trial.config.model.name
+        model = portable_model_name(best.trial.config.model.name)
         rows.append([f"{model}, loraqa {label} (`{best.name}`, {num(train_questions(best))} train questions)",
                      num(best.m("exact_match")), num(best.m("f1")), num(dev_questions(best)),
                      "measured here, generated answers"])  # fmt: skip
