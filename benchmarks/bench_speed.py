@@ -407,7 +407,7 @@ def make_data_dir(squad_dir: Path, out: Path, n_questions: int, seed: int = 0) -
     out.mkdir(parents=True, exist_ok=True)
     train = squad_path("train", squad_dir)
     (out / "train-v1.1.json").symlink_to(train.resolve())
-    dev = json.loads(squad_path("dev", squad_dir).read_text())
+    dev = read_squad_json(squad_path("dev", squad_dir))
     paragraphs = [(a["title"], p) for a in dev["data"] for p in a["paragraphs"]]
     random.Random(seed).shuffle(paragraphs)
     chosen, count = [], 0
@@ -421,6 +421,14 @@ def make_data_dir(squad_dir: Path, out: Path, n_questions: int, seed: int = 0) -
     return out
 
 
+def read_squad_json(path: Path) -> dict:
+    """A SQuAD file as loraqa reads it: plain or gzipped (``.json.gz``, or gzip's magic bytes)."""
+    import gzip
+
+    raw = path.read_bytes()
+    return json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
+
+
 def make_epoch_slice(squad_dir: Path, out: Path, n_questions: int) -> tuple[Path, int, int]:
     """A data folder whose train file is ~``n_questions`` questions as whole paragraphs spread evenly over the
     whole train file (every k-th paragraph), the dev file linked. Returns (folder, questions in the slice,
@@ -428,7 +436,7 @@ def make_epoch_slice(squad_dir: Path, out: Path, n_questions: int) -> tuple[Path
     from loraqa.data import squad_path
 
     out.mkdir(parents=True, exist_ok=True)
-    train = json.loads(squad_path("train", squad_dir).read_text())
+    train = read_squad_json(squad_path("train", squad_dir))
     paragraphs = [(a["title"], p) for a in train["data"] for p in a["paragraphs"]]
     total = sum(len(p["qas"]) for _, p in paragraphs)
     step = max(1, round(total / n_questions))

@@ -32,8 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny-sweep.yaml"
-BACKENDS = {"local": ["--parallel", "2"], "ray": ["--backend", "ray"]}
-AT_ONCE = 2
+AT_ONCE = 2  # trials in flight on either backend (the overhead formula below assumes it)
+BACKENDS = {"local": ["--parallel", str(AT_ONCE)], "ray": ["--backend", "ray", "--parallel", str(AT_ONCE)]}
 
 
 def one_sweep(backend: str, folder: Path) -> dict:

@@ -58,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     lm = load_model_and_tokenizer(cfg.model.name, cfg.model.precision, cfg.model.attn_implementation, "cpu")
     model = apply_lora(lm.model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
     examples, _ = load_squad(squad_path("train", args.data_dir), split="train", limit=args.questions)
-    features, _ = encode_train_set(PromptEncoder(lm.tokenizer, cfg.prompt.max_length), examples)
-    shared = cfg.train.share_contexts
+    encoder = PromptEncoder(lm.tokenizer, cfg.prompt.max_length, loss_on=cfg.prompt.loss_on)
+    features, _ = encode_train_set(encoder, examples)
+    shared = cfg.train.share_contexts and cfg.prompt.loss_on == "answer"  # as loraqa train decides
+    if cfg.train.gradient_checkpointing:  # what Trainer.train would do first; the steps below call the loss
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     collator = (SharedContextCollator if shared else QACollator)(lm.tokenizer.pad_token_id)
     targs = training_arguments(cfg, Path("/tmp/loraqa-profile"), lm.precision, lm.device)
     trainer = make_trainer_class()(model=model, args=targs, train_dataset=features, data_collator=collator,

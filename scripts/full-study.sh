@@ -11,6 +11,7 @@ data=${1:-${LORAQA_DATA_DIR:?pass the SQuAD folder or set LORAQA_DATA_DIR}}
 runs=${2:-runs}
 loraqa=${LORAQA:-.venv/bin/loraqa}
 sweeps=${LORAQA_STUDY_SWEEPS:-scaling claims ceiling lora-3epochs}
+child=
 trap 'kill -TERM "$child" 2>/dev/null; wait "$child"; exit 143' TERM INT
 for s in $sweeps; do
   echo "== $(date -u +%FT%TZ) sweep full-$s"

