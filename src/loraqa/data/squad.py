@@ -328,14 +328,15 @@ def load_squad(
     return examples, report
 
 
-def _read_json(path: Path) -> Any:
-    """Parse `path` as (optionally gzipped) JSON; any problem is a one-line DataError."""
+def read_data_file(path: Path, hint: str) -> bytes:
+    """The file's bytes, through gzip where it is gzipped (a ``.gz`` name or gzip's magic bytes); any problem
+    is a one-line DataError (``hint``: what file was expected)."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise DataError(
-            f"{path}: no such file; pass a SQuAD v1.1 .json/.json.gz file or a folder holding them"
-        ) from None
+        raise DataError(f"{path}: no such file; {hint}") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, expected a file; {hint}") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read the file ({e.strerror or e})") from None
     if raw[:2] == b"\x1f\x8b" or path.suffix == ".gz":
@@ -343,6 +344,12 @@ def _read_json(path: Path) -> Any:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as e:
             raise DataError(f"{path}: corrupt or truncated gzip file ({e}); re-download it") from None
+    return raw
+
+
+def _read_json(path: Path) -> Any:
+    """Parse `path` as (optionally gzipped) JSON; any problem is a one-line DataError."""
+    raw = read_data_file(path, "pass a SQuAD v1.1 .json/.json.gz file or a folder holding them")
     try:
         return json.loads(raw)
     except json.JSONDecodeError as e:

@@ -15,16 +15,14 @@ be answered (``loraqa predict``), not trained on or scored.
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
 import os
-import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .squad import DataError, Example, LoadReport, _nearest_occurrence, _type_name
+from .squad import DataError, Example, LoadReport, _nearest_occurrence, _type_name, read_data_file
 
 FIELDS_HINT = "expected records with id, context, question and answers (a list; optional for prediction)"
 
@@ -90,19 +88,7 @@ def _read_lines(path: Path) -> list[str]:
     """The file's lines, ends kept (a quoted CSV cell may span lines). Only \\n, \\r\\n and \\r end a line:
     ``str.splitlines`` would also split at U+2028 and other separators that JSON text may hold unescaped.
     A gzipped file (``.jsonl.gz``, or gzip's magic bytes) is read through gzip."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file; {FIELDS_HINT}") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, expected a file; {FIELDS_HINT}") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the file ({e.strerror or e})") from None
-    if raw[:2] == b"\x1f\x8b" or path.suffix == ".gz":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path}: corrupt or truncated gzip file ({e})") from None
+    raw = read_data_file(path, FIELDS_HINT)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
