@@ -82,26 +82,15 @@ def verdict_lr(data: SweepData) -> Verdict:
         return Verdict("b", claim, NA, f"Needs a finished lr=2e-4 trial and another learning rate "
                        f"(finished: {listing}){'; ' + extra if extra else ''}.")  # fmt: skip
     s = star[0]
-    best_f1 = max(rows, key=lambda t: t.m("f1") or -1)
-    best_em = max(rows, key=lambda t: t.m("exact_match") or -1)
     diffs = {t: paired_diff(s, t) for t in others}
     detail = f"{listing}. " + "; ".join(
         f"2e-4 − {format_value(t.trial.values['train.lr'])}: {d.text() if d else 'no predictions'} F1"
         for t, d in diffs.items())  # fmt: skip
-    if best_f1 is not s and (best_f1.m("f1") or 0) > (s.m("f1") or 0):
-        return Verdict(
-            "b",
-            claim,
-            FAILS,
-            detail + f". The best F1 is at lr={format_value(best_f1.trial.values['train.lr'])}.",
-        )
-    if best_em is not s and (best_em.m("exact_match") or 0) > (s.m("exact_match") or 0):
-        return Verdict(
-            "b",
-            claim,
-            FAILS,
-            detail + f". The best EM is at lr={format_value(best_em.trial.values['train.lr'])}.",
-        )
+    for key, name in (("f1", "F1"), ("exact_match", "EM")):
+        best = max(rows, key=lambda t, key=key: t.m(key) or -1)
+        if best is not s and (best.m(key) or 0) > (s.m(key) or 0):
+            where = format_value(best.trial.values["train.lr"])
+            return Verdict("b", claim, FAILS, detail + f". The best {name} is at lr={where}.")
     if not all(d is not None and d.significant and d.mean > 0 for d in diffs.values()):
         return Verdict("b", claim, FAILS, detail + ". 2e-4 is not ahead of every other rate beyond noise.")
     return Verdict("b", claim, HOLDS, detail + ".")
