@@ -265,3 +265,9 @@ def test_portable_args_shorten_every_absolute_path(tmp_path, monkeypatch):
         assert portable_arg(arg) == expected, arg
     assert portable_command("loraqa train --model /m/x.gguf data.data_dir=/d/squad") == (
         "loraqa train --model …/x.gguf data.data_dir=…/squad")  # fmt: skip
+
+
+def test_a_better_rate_than_2e_4_fails_claim_b_and_is_named(tmp_path):
+    text = write_report(make_sweep(tmp_path, {**CLAIMS_HOLD, "lr5e-4": (64.0, 1010, 0.0)})).read_text()
+    line = verdict_line(text, "b")
+    assert ": does not hold.**" in line and "The best F1 is at lr=5e-4." in line
