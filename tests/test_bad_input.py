@@ -405,6 +405,10 @@ CASES = [
          ("taken", "not a folder")),  # fmt: skip
     Case("output: --overwrite on a folder that is not a run", lambda c, s: [write("runs/keep.txt", "x")(c, s),
          *train_args("--overwrite", out="runs")(c, s)][1:], ("runs", "not a run folder")),  # fmt: skip
+    Case("output: eval of a run into the run folder itself", lambda c, s: [*run_copy(lambda r: None)(c, s),
+         "-o", "run"], ("run", "the run folder itself")),  # fmt: skip
+    Case("output: eval of a run into a file", lambda c, s: [write("taken", "x")(c, s), *run_copy(lambda r: None)(
+         c, s), "-o", "taken"][1:], ("taken", "not a folder")),  # fmt: skip
     Case("output: under a file", lambda c, s: [write("taken", "x")(c, s), *train_args(out="taken/run")(c, s)][1:],
          ("taken/run", "cannot create")),  # fmt: skip
     Case("output: unwritable (/proc)", train_args(out="/proc/loraqa-run"), ("/proc/loraqa-run",)),

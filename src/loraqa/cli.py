@@ -323,7 +323,9 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="score a trained run, or a base model zero-shot (--model)")
+    e = sub.add_parser("eval", help="score a trained run, or a base model zero-shot (--model)",
+                       description="With RUN_DIR, only eval.*, data.*, prompt.max_length, model.precision and "
+                       "model.attn_implementation may change (as KEY=VALUE or their flags); the rest is the run's.")  # fmt: skip
     e.add_argument("run_dir", nargs="?", help="a run folder made by `loraqa train`")
     _add_experiment_flags(e)
     e.add_argument("--output-dir", "-o", help="where predictions go (default: RUN_DIR/eval-N; zero-shot: runs/)")
@@ -349,7 +351,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--parallel",
         type=int,
-        help="trials at once (default 1; one per GPU where there are GPUs); with --backend ray: at most this many",
+        help="trials at once (default 1; on GPUs each worker gets its own); with --backend ray: at most this many",
     )
     s.add_argument("--device")
     s.add_argument(

@@ -127,11 +127,16 @@ def eval_run_dir(run_dir, *, data_dir: str | None = None, eval_limit: int | None
     ``metrics.json`` into ``out_dir`` (default: ``eval-<n>`` inside the run folder) and returns the metrics."""
     from pathlib import Path
 
+    from .config import ConfigError
     from .data import load_split
     from .io import write_json_atomic
-    from .rundir import load_run, write_predictions
+    from .rundir import load_run, make_run_folder, write_predictions
 
     run_dir = Path(run_dir)
+    if out_dir is not None:  # checked before any loading; the run's own metrics.json is never replaced
+        if Path(out_dir).resolve() == run_dir.resolve():
+            raise ConfigError(f"{out_dir}: is the run folder itself; pick another -o (default: RUN_DIR/eval-N)")
+        dist.on_main(make_run_folder, Path(out_dir))
     overrides = [
         (k, v) for k, v in (("data.data_dir", data_dir), ("data.eval_limit", eval_limit)) if v is not None
     ] + list(overrides or [])
