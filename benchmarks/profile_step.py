@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from loraqa.model import apply_lora, load_model_and_tokenizer
     from loraqa.packing import SharedContextCollator
     from loraqa.prompt import PromptEncoder, encode_train_set
+    from loraqa.train import shares_contexts
     from loraqa.trainer import QACollator, make_trainer_class, training_arguments
 
     base = [("model.name", args.model), ("lora.targets", ["q_proj", "v_proj"]), ("train.eval_steps", 0),
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     examples, _ = load_squad(squad_path("train", args.data_dir), split="train", limit=args.questions)
     encoder = PromptEncoder(lm.tokenizer, cfg.prompt.max_length, loss_on=cfg.prompt.loss_on)
     features, _ = encode_train_set(encoder, examples)
-    shared = cfg.train.share_contexts and cfg.prompt.loss_on == "answer"  # as loraqa train decides
+    shared = shares_contexts(cfg)  # as loraqa train decides
     if cfg.train.gradient_checkpointing:  # what Trainer.train would do first; the steps below call the loss
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     collator = (SharedContextCollator if shared else QACollator)(lm.tokenizer.pad_token_id)

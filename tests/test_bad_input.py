@@ -407,6 +407,8 @@ CASES = [
          *train_args("--overwrite", out="runs")(c, s)][1:], ("runs", "not a run folder")),  # fmt: skip
     Case("output: eval of a run into the run folder itself", lambda c, s: [*run_copy(lambda r: None)(c, s),
          "-o", "run"], ("run", "the run folder itself")),  # fmt: skip
+    Case("output: eval of a run into another run", lambda c, s: [write("other/config.yaml", "name: other\n")(c, s),
+         *run_copy(lambda r: None)(c, s), "-o", "other"][1:], ("other", "holds a run")),  # fmt: skip
     Case("output: eval of a run into a file", lambda c, s: [write("taken", "x")(c, s), *run_copy(lambda r: None)(
          c, s), "-o", "taken"][1:], ("taken", "not a folder")),  # fmt: skip
     Case("output: under a file", lambda c, s: [write("taken", "x")(c, s), *train_args(out="taken/run")(c, s)][1:],

@@ -143,6 +143,9 @@ def test_config_items_after_an_option_are_not_lost(monkeypatch):
     assert main(["train", "--model", "tiny-random-gpt2", "train.lr=0.5", "--rank", "4", "lora.alpha=3"]) == 0
     cfg = seen["cfg"]
     assert (cfg.model.name, cfg.train.lr, cfg.lora.r, cfg.lora.alpha) == ("tiny-random-gpt2", 0.5, 4, 3)
+    seen.clear()
+    assert main(["train", "--model", "tiny-random-gpt2", "--", "train.lr=0.25"]) == 0  # items after `--`
+    assert seen["cfg"].train.lr == 0.25
 
 
 def test_eval_of_a_run_takes_what_re_scoring_may_change_and_refuses_the_rest(monkeypatch, tmp_path, capsys):
@@ -165,6 +168,12 @@ def test_eval_of_a_run_takes_what_re_scoring_may_change_and_refuses_the_rest(mon
         assert main(["eval", "runs/r16", *refused]) == 2
         assert f"{key}: a trained run's {key} cannot change" in capsys.readouterr().err
     assert calls == []
+    # RUN_DIR is the first positional that is a folder, wherever it stands and whatever its name holds
+    odd = tmp_path / "runs" / "lr=5e-4"
+    odd.mkdir(parents=True)
+    assert main(["eval", "--device", "cpu", "data.eval_limit=3", str(odd)]) == 0
+    run, kw = calls.pop()
+    assert run == str(odd) and kw["overrides"] == [("data.eval_limit", 3)]
     # zero-shot: a first KEY=VALUE item is not taken for a run folder
     assert main(["eval", "eval.max_new_tokens=8", "--model", "tiny-random-gpt2"]) == 0
     cfg, _ = calls.pop()

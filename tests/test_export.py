@@ -133,9 +133,15 @@ def test_export_never_deletes_a_run_or_a_folder_that_is_not_a_model(tmp_path):
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "todo.txt").write_text("x")
-    with pytest.raises(ConfigError, match="not a model folder"):
+    with pytest.raises(ConfigError, match="not an exported model folder"):
         export_run(run, notes, overwrite=True)
-    assert (run / "config.yaml").exists() and (notes / "todo.txt").exists()
+    full = runs / "full"  # a fully fine-tuned run holds a config.json too
+    full.mkdir()
+    (full / "config.json").write_text("{}")
+    (full / "config.yaml").write_text("name: full\n")
+    with pytest.raises(ConfigError, match="not an exported model folder"):
+        export_run(run, full, overwrite=True)
+    assert (run / "config.yaml").exists() and (notes / "todo.txt").exists() and (full / "config.json").exists()
 
 
 def test_export_keeps_the_precision_the_run_generated_with(tmp_path, synthetic_dir):

@@ -177,16 +177,19 @@ def cmd_eval(args) -> int:
     from . import dist
     from .evaluate import eval_run_dir, eval_zero_shot
 
-    if args.run_dir and ("=" in args.run_dir or Path(args.run_dir).is_file()):  # argparse took a config item
-        args.items.insert(0, args.run_dir)
-        args.run_dir = None
+    # argparse gives the first positional to RUN_DIR: RUN_DIR is the first one that is a folder, if any
+    positionals = ([args.run_dir] if args.run_dir else []) + args.items
+    folders = [p for p in positionals if Path(p).is_dir()]
+    if positionals and (folders or not args.run_dir or "=" in args.run_dir or Path(args.run_dir).is_file()):
+        args.run_dir = folders[0] if folders else None
+        args.items = [p for p in positionals if p != args.run_dir]
     overrides = run_eval_overrides(args) if args.run_dir else None  # bad ones stop here, before any loading
     # under torchrun each process answers its share of the questions; the main process writes
     device = str(dist.init(args.device)) if dist.world_size() > 1 else args.device
     try:
         if args.run_dir:
             metrics = eval_run_dir(args.run_dir, overrides=overrides, out_dir=args.output_dir, device=device)
-            where = args.run_dir
+            where = args.output_dir or args.run_dir
         else:
             cfg = build_config(args)
             out = Path(args.output_dir or os.path.join("runs", f"zero-shot-{Path(cfg.model.name).name}"))
@@ -410,8 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # argparse fills CONFIG|KEY=VALUE items from the positionals before the first option only: the ones
     # after an option (`train cfg.yaml --model gpt2 train.lr=5e-4`) come back as extras
-    items = [x for x in extra if not x.startswith("-")]
-    if len(items) < len(extra) or (items and not hasattr(args, "items")):
+    after = extra[extra.index("--") + 1 :] if "--" in extra else []  # after a `--` everything is an item
+    before = extra[: len(extra) - len(after) - (1 if "--" in extra else 0)]
+    items = [x for x in before if not x.startswith("-")] + after
+    if len(items) < len(extra) - (1 if "--" in extra else 0) or (items and not hasattr(args, "items")):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if items:
         args.items += items

@@ -136,6 +136,8 @@ def eval_run_dir(run_dir, *, data_dir: str | None = None, eval_limit: int | None
     if out_dir is not None:  # checked before any loading; the run's own metrics.json is never replaced
         if Path(out_dir).resolve() == run_dir.resolve():
             raise ConfigError(f"{out_dir}: is the run folder itself; pick another -o (default: RUN_DIR/eval-N)")
+        if (Path(out_dir) / CONFIG_FILE).is_file():  # a run's or a zero-shot evaluation's own results
+            raise ConfigError(f"{out_dir}: holds a run ({CONFIG_FILE}); pick another -o (default: RUN_DIR/eval-N)")
         dist.on_main(make_run_folder, Path(out_dir))
     overrides = [
         (k, v) for k, v in (("data.data_dir", data_dir), ("data.eval_limit", eval_limit)) if v is not None

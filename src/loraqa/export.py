@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from .io import read_json, write_text_atomic
-from .layout import METRICS_FILE
+from .layout import CONFIG_FILE, METRICS_FILE
 from .prompt import format_prompt
 
 
@@ -75,6 +75,6 @@ def _check_out_dir(run_dir: Path, out_dir: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise ConfigError(f"{out_dir}: exists and is not empty; pick another --out, or pass --overwrite")
-    if not (out_dir / "config.json").is_file():
-        raise ConfigError(f"{out_dir}: not a model folder (no config.json), so --overwrite will not replace it; "
-                          "pick another --out")  # fmt: skip
+    if not (out_dir / "config.json").is_file() or (out_dir / CONFIG_FILE).is_file():  # a full fine-tuning run
+        raise ConfigError(f"{out_dir}: not an exported model folder (a run, or no config.json), so --overwrite "
+                          "will not replace it; pick another --out")  # fmt: skip

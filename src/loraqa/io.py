@@ -12,12 +12,17 @@ from pathlib import Path
 
 
 def _umask() -> int:
+    """The process's umask: from /proc on Linux; elsewhere by setting it and back (os.umask can only be read
+    that way, which is why it is read once, at import, and not while threads may be creating files)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-# read once, at import: os.umask can only be read by setting it, which is not safe while threads write files
 FILE_MODE = 0o666 & ~_umask()
 
 
@@ -30,7 +35,9 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), FILE_MODE)
+            # a filesystem that refuses chmod (vfat, some network mounts) keeps mkstemp's mode; no fchmod on Windows
+            with contextlib.suppress(OSError, AttributeError):
+                os.fchmod(f.fileno(), FILE_MODE)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

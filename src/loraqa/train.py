@@ -286,17 +286,20 @@ def _encode(cfg, tok, train_examples, dev_examples):
     )
     loss_eval_features, _ = encode_train_set(answer_encoder, dev_examples[: cfg.data.loss_eval_limit], no_answer)
     log.info("train prompts: %s", train_stats.summary())
-    # prompt.loss_on=all labels the context: shared, it would count once per paragraph instead of once per
-    # question (another objective), so that ablation keeps stand-alone examples
-    shared = cfg.train.share_contexts and encoder.loss_on == "answer"
+    shared = shares_contexts(cfg)
     if cfg.train.share_contexts and not shared:
-        log.info("train.share_contexts: prompt.loss_on=all trains on stand-alone examples")
-    if shared and cfg.model.attn_implementation == "flash_attention_2":
-        # its kernels take a padding mask only, not the B x 1 x L x L mask of a shared-context row: transformers
-        # would pass that mask through and flash attention would read it as padding
-        log.warning("train.share_contexts: flash_attention_2 takes no shared-context mask; stand-alone examples")
-        shared = False
+        log.warning("train.share_contexts: %s trains on stand-alone examples",
+                    "prompt.loss_on=all" if cfg.prompt.loss_on != "answer" else "flash_attention_2")  # fmt: skip
     return train_features, train_stats, loss_eval_features, shared
+
+
+def shares_contexts(cfg: ExperimentConfig) -> bool:
+    """Whether training computes each paragraph's context once per batch (``train.share_contexts``), except:
+    prompt.loss_on=all labels the context, which shared would count once per paragraph instead of once per
+    question (another objective); and flash_attention_2's kernels take a padding mask only, not the
+    B x 1 x L x L mask of a shared-context row (transformers would pass it through, read as padding)."""
+    return (cfg.train.share_contexts and cfg.prompt.loss_on == "answer"
+            and cfg.model.attn_implementation != "flash_attention_2")  # fmt: skip
 
 
 def _throughput(totals: dict, shared: bool) -> dict:

@@ -96,11 +96,14 @@ def _index_lock(sweep_dir: Path):
     """Held while sweep.json is read, merged and rewritten, so that shards writing at once keep each other's
     entries. Without one (a read-only folder, no fcntl) the write goes ahead unguarded."""
     fd = None
-    with contextlib.suppress(OSError):
-        fd = os.open(sweep_dir / SWEEP_INDEX_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):  # read-only: another user's lock file still locks
+        with contextlib.suppress(OSError):
+            fd = os.open(sweep_dir / SWEEP_INDEX_LOCK_FILE, flags, 0o666)
+            break
     try:
         if fd is not None and fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            with contextlib.suppress(OSError):  # no locks on this filesystem (ENOLCK): unguarded, as documented
+                fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         if fd is not None:
