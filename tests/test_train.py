@@ -180,8 +180,12 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, synthetic
         run_experiment(cfg, tmp_path, callbacks=[Interrupt()], progress=False)
     assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir()
     assert not (tmp_path / "metrics.json").exists()
-    before = json.loads((tmp_path / "checkpoints" / "checkpoint-2" / "loraqa_clock.json").read_text())
-    assert before["segments"] == 1 and before["train_seconds"] > 0 and before["train_tokens"] > 0
+    # this callback stops on_save before the clock's turn (the clock runs last): the totals written at the
+    # step's end, beside the checkpoints, are what the resumed run starts from
+    assert not (tmp_path / "checkpoints" / "checkpoint-2" / "loraqa_clock.json").exists()
+    before = json.loads((tmp_path / "checkpoints" / "loraqa_clock.json").read_text())
+    assert before["step"] == 2 and before["segments"] == 1 and before["train_seconds"] > 0
+    assert before["train_tokens"] > 0
     class Watch(TrainerCallback):
         """What the Trainer itself did on resuming: the step it restored, the optimizer state it loaded, the
         steps it then ran."""
@@ -214,6 +218,32 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, synthetic
     assert metrics["train_tokens"] == straight["train_tokens"]
     assert metrics["train_seconds"] > before["train_seconds"]
     assert "train_seconds_cover_last_segment_only" not in metrics
+
+
+def test_a_kill_while_old_checkpoints_are_removed_keeps_the_train_time(tmp_path, synthetic_dir, monkeypatch):
+    """The Trainer removes the older checkpoint (and its clock) as soon as the new one is complete, before
+    on_save: the new checkpoint's clock is written before that, so a kill there loses no train time."""
+    import transformers.trainer
+
+    class Killed(BaseException):  # like SIGKILL: nothing in loraqa or the Trainer handles it
+        pass
+
+    real = transformers.trainer.rotate_checkpoints
+
+    def rotate_then_die(*args, **kwargs):
+        real(*args, **kwargs)
+        if not (tmp_path / "checkpoints" / "checkpoint-2").exists():  # checkpoint-2 is gone, checkpoint-4 stays
+            raise Killed
+
+    monkeypatch.setattr(transformers.trainer, "rotate_checkpoints", rotate_then_die)
+    cfg = tiny_config(synthetic_dir)
+    with pytest.raises(Killed):
+        run_experiment(cfg, tmp_path, progress=False)
+    assert [p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")] == ["checkpoint-4"]
+    assert not (tmp_path / "checkpoints" / "checkpoint-4" / "loraqa_clock.json").exists()  # the window itself
+    monkeypatch.setattr(transformers.trainer, "rotate_checkpoints", real)
+    metrics = run_experiment(cfg, tmp_path, progress=False)
+    assert metrics["resumed_from"] == "checkpoint-4" and "train_seconds_cover_last_segment_only" not in metrics
 
 
 def test_a_run_interrupted_in_a_later_epoch_resumes_with_the_same_batches(tmp_path, synthetic_dir):

@@ -233,9 +233,9 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
         # no processing_class: the Trainer would copy the tokenizer (3.5 MB for GPT-2) into every checkpoint,
         # and the tokenizers library writes tokenizer.json without reporting a full disk (a truncated file in an
         # otherwise complete checkpoint, found by tests/test_faults.py); loraqa reloads the tokenizer by name
-        callbacks=[make_log_callback(run_dir / LOG_FILE), make_finite_loss_callback(), clock,
-                   *(callbacks or []), *filter(None, [make_tensorboard_callback(run_dir, cfg.train.report_to)]),
-                   interrupt],  # fmt: skip
+        # the clock last: at a step's end it sees every save asked for, the interrupt callback's included
+        callbacks=[make_log_callback(run_dir / LOG_FILE), make_finite_loss_callback(), *(callbacks or []),
+                   *filter(None, [make_tensorboard_callback(run_dir, cfg.train.report_to)]), interrupt, clock],  # fmt: skip
         fast_loss=cfg.train.fast_loss,
         share_contexts=shared,
     )

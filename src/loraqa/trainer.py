@@ -388,8 +388,12 @@ def make_clock_callback(device: torch.device):
             if checkpoint is None:
                 return
             path = Path(checkpoint) / CLOCK_FILE
+            pending = Path(checkpoint).parent / CLOCK_FILE  # written just before that checkpoint (on_step_end)
+            step = int(Path(checkpoint).name.rsplit("-", 1)[-1])
             if path.is_file():
                 self.prior = read_json(path)
+            elif pending.is_file() and read_json(pending).get("step") == step:
+                self.prior = {k: v for k, v in read_json(pending).items() if k != "step"}
             else:  # a checkpoint from an older loraqa: the time before it is unknown
                 log.warning("%s has no %s: train time and tokens/s will cover only the resumed part",
                             checkpoint, CLOCK_FILE)  # fmt: skip
@@ -416,11 +420,22 @@ def make_clock_callback(device: torch.device):
                 out["incomplete"] = True
             return out
 
+        def on_step_end(self, args, state, control, **kwargs):
+            # a checkpoint is about to be saved (the Trainer's schedule, or a callback before this one, such as
+            # the interrupt callback). The Trainer deletes the older checkpoint, clock and all, as soon as the
+            # new one is complete, before on_save writes the new clock: these totals, beside the checkpoints,
+            # bridge that moment (resume_from reads them when the checkpoint of their step has no clock).
+            if control.should_save:
+                self._write(Path(args.output_dir) / CLOCK_FILE, state, step=state.global_step)
+
         def on_save(self, args, state, control, **kwargs):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            self._write(folder / CLOCK_FILE, state, only_into_existing=True)
+
+        def _write(self, path: Path, state, step: int | None = None, only_into_existing: bool = False) -> None:
             totals = self.totals()  # on every process: it gathers
-            if state.is_world_process_zero and folder.is_dir():
-                write_json_atomic(folder / CLOCK_FILE, totals)
+            if state.is_world_process_zero and (path.parent.is_dir() or not only_into_existing):
+                write_json_atomic(path, totals if step is None else {**totals, "step": step})
 
     return ClockCallback()
 
