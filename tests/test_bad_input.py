@@ -409,6 +409,8 @@ CASES = [
          "-o", "run"], ("run", "the run folder itself")),  # fmt: skip
     Case("output: eval of a run into another run", lambda c, s: [write("other/config.yaml", "name: other\n")(c, s),
          *run_copy(lambda r: None)(c, s), "-o", "other"][1:], ("other", "holds a run")),  # fmt: skip
+    Case("output: zero-shot results into a trained run", lambda c, s: [*run_copy(lambda r: None)(c, s)[:0],
+         "eval", "--model", "tiny-random-gpt2", "--data-dir", "data", "-o", "run"], ("run", "holds a trained run")),  # fmt: skip
     Case("output: eval of a run into a file", lambda c, s: [write("taken", "x")(c, s), *run_copy(lambda r: None)(
          c, s), "-o", "taken"][1:], ("taken", "not a folder")),  # fmt: skip
     Case("output: under a file", lambda c, s: [write("taken", "x")(c, s), *train_args(out="taken/run")(c, s)][1:],

@@ -9,9 +9,9 @@ import time
 import torch
 
 from . import dist
-from .config import EvalConfig
+from .config import ConfigError, EvalConfig
 from .generate import generate_answers
-from .layout import CONFIG_FILE, METRICS_FILE
+from .layout import CONFIG_FILE, LOG_FILE, METRICS_FILE, TRAIN_METRICS_FILE
 from .metrics import score_predictions
 from .prompt import PromptEncoder, PromptStats
 
@@ -65,9 +65,9 @@ def evaluate_model(
 
     Under several processes each answers a contiguous share of ``examples`` and every process gets all the
     answers back, in the order of ``examples``; the time is until the last share is in."""
-    eval_cfg = eval_cfg or EvalConfig()
     from .model import position_limit
 
+    eval_cfg = eval_cfg or EvalConfig()
     limit = position_limit(model)
     if limit is not None and max_length + eval_cfg.max_new_tokens > limit:
         # the answer is generated after the prompt: a prompt filling the model's positions has no room for it
@@ -102,6 +102,8 @@ def eval_zero_shot(cfg, out_dir, *, device: str | None = None, progress: bool = 
     from .rundir import make_run_folder, write_predictions
 
     out_dir = Path(out_dir)
+    if any((out_dir / f).exists() for f in (LOG_FILE, TRAIN_METRICS_FILE)):  # a trained run's own results
+        raise ConfigError(f"{out_dir}: holds a trained run; pick another --output-dir for the zero-shot results")
     dist.on_main(make_run_folder, out_dir)  # a file or an impossible path as --output-dir: one line, before any work
     dev, _, _ = load_split(cfg.data, "dev", limit=cfg.data.eval_limit)
     lm = load_model_and_tokenizer(cfg.model.name, cfg.model.precision, cfg.model.attn_implementation, device)
@@ -127,7 +129,6 @@ def eval_run_dir(run_dir, *, data_dir: str | None = None, eval_limit: int | None
     ``metrics.json`` into ``out_dir`` (default: ``eval-<n>`` inside the run folder) and returns the metrics."""
     from pathlib import Path
 
-    from .config import ConfigError
     from .data import load_split
     from .io import write_json_atomic
     from .rundir import load_run, make_run_folder, write_predictions
