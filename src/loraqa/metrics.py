@@ -20,6 +20,12 @@ import string
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
+# The figures of a finished run (metrics.json) that a sweep's index (sweep.json) and its results.csv carry,
+# in this order: one list for both
+RUN_FIGURES = ("exact_match", "f1", "final_train_loss", "final_eval_loss", "trainable_params", "total_params",
+               "train_seconds", "train_tokens_per_second", "train_questions_per_second", "peak_memory_mb",
+               "eval_seconds", "train_steps", "train_examples", "n_questions", "device")  # fmt: skip
+
 _PUNCT = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from ..card import portable_command, portable_model_name, portable_path
 from ..io import write_text_atomic
 from ..layout import sweep_command
+from ..metrics import RUN_FIGURES
 from ..sweep import describe_machine, format_value, machine_info
 from .cells import SE_MULTIPLIER, mb, md_table, num, percent, secs, settings_text, status_cell
 from .figures import draw_figures
@@ -30,22 +31,17 @@ AXIS_TITLES = {
 }
 
 
-CSV_METRICS = ("exact_match", "f1", "final_train_loss", "final_eval_loss", "trainable_params", "total_params",
-               "train_seconds", "train_tokens_per_second", "train_questions_per_second", "peak_memory_mb",
-               "eval_seconds", "train_steps", "train_examples", "n_questions", "device")  # fmt: skip
-
-
 def results_csv(data: SweepData) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     axes = list(data.axes)
-    w.writerow(["trial", "status", *axes, *CSV_METRICS, "trainable_percent", "wall_seconds", "max_rss_mb",
+    w.writerow(["trial", "status", *axes, *RUN_FIGURES, "trainable_percent", "wall_seconds", "max_rss_mb",
                 "attempts", "error", "code"])  # fmt: skip
     for t in data.trials:
         m = t.metrics
         pct = 100.0 * m["trainable_params"] / m["total_params"] if m.get("total_params") else None
         w.writerow([t.name, t.status, *(format_value(t.trial.values[k]) for k in axes),
-                    *("" if m.get(k) is None else m[k] for k in CSV_METRICS),
+                    *("" if m.get(k) is None else m[k] for k in RUN_FIGURES),
                     "" if pct is None else round(pct, 4), "" if t.wall_seconds is None else t.wall_seconds,
                     "" if t.max_rss_mb is None else t.max_rss_mb, len(t.run.get("attempts", [])),
                     t.error.get("summary", ""), t.run.get("machine", {}).get("code", "")])  # fmt: skip

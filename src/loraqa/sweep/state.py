@@ -32,6 +32,7 @@ from ..layout import (
     TRIAL_RUN_FILE,
     sweep_command,
 )
+from ..metrics import RUN_FIGURES
 from .machine import now
 from .trials import Trial, axis_values, reference_values
 
@@ -41,9 +42,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 STATUSES = ("done", "failed", "running", "unfinished", "pending")
-METRIC_KEYS = ("exact_match", "f1", "final_train_loss", "final_eval_loss", "trainable_params", "total_params",
-               "train_seconds", "train_tokens_per_second", "peak_memory_mb", "eval_seconds", "train_steps",
-               "n_questions")  # fmt: skip
+METRIC_KEYS = RUN_FIGURES  # what sweep.json keeps of each finished trial's metrics.json
 
 
 def _lock_path(trial_dir: Path) -> Path:
