@@ -1,7 +1,7 @@
 """The names of the files loraqa writes, in one place: a run folder (``loraqa train``), a sweep folder and its
-trial folders (``loraqa sweep``). No imports, so that the sweep scheduler and the report, which read these
-folders without loading a model, share them with the code that writes them. What each file holds:
-:mod:`loraqa.rundir` (a run folder) and :mod:`loraqa.sweep.state` (a sweep folder)."""
+trial folders (``loraqa sweep``), a report (``loraqa report``). No imports, so that the sweep scheduler and
+the report, which read these folders without loading a model, share them with the code that writes them.
+What each file holds: :mod:`loraqa.rundir` (a run folder) and :mod:`loraqa.sweep.state` (a sweep folder)."""
 
 # a run folder
 CONFIG_FILE = "config.yaml"
@@ -24,6 +24,11 @@ TRIAL_CONFIG_FILE = "trial.yaml"  # the trial's resolved config, which its `lora
 TRIAL_RUN_FILE = "run.json"  # the trial's attempts: when, where, how each ended
 TRIAL_LOG_FILE = "trial.log"  # the trial process's stdout and stderr
 TRIAL_LOCK_FILE = ".lock"  # flock-ed by the sweep running the trial
+
+# a report folder (``loraqa report``: the sweep folder, or --out)
+REPORT_FILE = "report.md"
+RESULTS_FILE = "results.csv"
+FIGURES_DIR = "figures"
 
 
 def sweep_command(sweep_dir, show=str) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..card import portable_model_name
 from ..io import write_bytes_atomic
+from ..layout import FIGURES_DIR
 from ..sweep import format_value
 from .load import SweepData, TrialResult
 
@@ -92,9 +93,9 @@ def draw_figures(data: SweepData, out_dir: Path, file_prefix: str = "") -> list[
                 note = "" if t.done else f" ({t.status})"
                 series.append((f"{prefix}{format_value(t.trial.values[key])}{note}", t))
         fname = file_prefix + fname
-        path = out_dir / "figures" / fname
+        path = out_dir / FIGURES_DIR / fname
         if series and plot_curves(path, f"{label}: {title} ({portable_model_name(data.cfg.model.name)})", series, keys):
-            lines.append(f"**{label}: {title}.**\n\n![{label}: {title}](figures/{fname})\n")
+            lines.append(f"**{label}: {title}.**\n\n![{label}: {title}]({FIGURES_DIR}/{fname})\n")
         elif key == "prompt.loss_on":
             lines.append(f"- {label} ({title[0].lower() + title[1:]}): not drawn — no finished {key} trial logged "
                          "the answer-token eval loss.")  # fmt: skip

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..card import portable_command, portable_model_name, portable_path
 from ..io import write_text_atomic
-from ..layout import sweep_command
+from ..layout import REPORT_FILE, RESULTS_FILE, sweep_command
 from ..metrics import RUN_FIGURES
 from ..sweep import describe_machine, format_value, machine_info
 from .cells import SE_MULTIPLIER, mb, md_table, num, percent, secs, settings_text, status_cell
@@ -242,5 +242,5 @@ def write_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     out = Path(out_dir) if out_dir else Path(sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
     figure_lines = draw_figures(data, out)
-    write_text_atomic(out / "results.csv", results_csv(data))
-    return write_text_atomic(out / "report.md", render_report(data, figure_lines))
+    write_text_atomic(out / RESULTS_FILE, results_csv(data))
+    return write_text_atomic(out / REPORT_FILE, render_report(data, figure_lines))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..card import portable_model_name
 from ..io import write_text_atomic
+from ..layout import FIGURES_DIR, REPORT_FILE, RESULTS_FILE
 from .cells import mb, md_table, num, paired_diff, secs, settings_text, status_cell
 from .figures import draw_figures, plot_curves, save_figure
 from .load import SweepData, TrialResult, load_sweep
@@ -135,14 +136,14 @@ def scaling_section(sweeps: list[SweepData], out_dir: Path) -> list[str]:
     lines += ["", "The gain is paired over the dev questions both sizes answered, ± 2 standard errors of the "
               "per-question difference (the noise rule of the verdicts below)."]  # fmt: skip
     model = portable_model_name(points[0].trial.config.model.name)
-    if scaling_figure(points, out_dir / "figures" / "data_scaling.png", model):
+    if scaling_figure(points, out_dir / FIGURES_DIR / "data_scaling.png", model):
         lines += ["", "**Data scaling: EM and F1 against train questions.**", "",
-                  "![Data scaling](figures/data_scaling.png)"]  # fmt: skip
+                  f"![Data scaling]({FIGURES_DIR}/data_scaling.png)"]  # fmt: skip
     curves = [(f"{train_questions(t):,} questions", t) for t in points if t.history]
     title = f"Learning curves per data size ({model})"
     keys = [("loss", "train loss"), ("eval_loss", "eval loss (answer tokens)")]
-    if curves and plot_curves(out_dir / "figures" / "data_scaling_loss.png", title, curves, keys, log_steps=True):
-        lines += ["", "**Learning curves per data size.**", "", "![Learning curves](figures/data_scaling_loss.png)"]
+    if curves and plot_curves(out_dir / FIGURES_DIR / "data_scaling_loss.png", title, curves, keys, log_steps=True):
+        lines += ["", "**Learning curves per data size.**", "", f"![Learning curves]({FIGURES_DIR}/data_scaling_loss.png)"]
     return lines
 
 
@@ -250,8 +251,8 @@ def write_study_report(sweep_dirs: list[str | Path], out_dir: str | Path, compar
         section = render_report(data, figure_lines)
         lines += ["#" + ln if ln.startswith("#") else ln for ln in section.splitlines()] + [""]
         csv_parts.append(results_csv(data).splitlines())
-    write_text_atomic(out / "results.csv", _merge_csv(names, csv_parts))
-    return write_text_atomic(out / "report.md", "\n".join(lines).rstrip() + "\n")
+    write_text_atomic(out / RESULTS_FILE, _merge_csv(names, csv_parts))
+    return write_text_atomic(out / REPORT_FILE, "\n".join(lines).rstrip() + "\n")
 
 
 def _merge_csv(names: list[str], parts: list[list[str]]) -> str:
