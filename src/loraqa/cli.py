@@ -312,6 +312,18 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_sync(args) -> int:
+    from .sync import sync
+
+    results = sync(args.src, args.dst, results_only=args.results_only)
+    for r in results:
+        print(f"{r.name}: {r.action}")
+    problems = [r.name for r in results if r.problem]
+    print(f"synced {len(results) - len(problems)} of {len(results)} run folder(s) from {args.src} to {args.dst}"
+          + (f"; not synced: {', '.join(problems)}" if problems else ""))  # fmt: skip
+    return 1 if problems else 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="loraqa", description="LoRA fine-tuning for extractive QA, scored by SQuAD EM/F1"
@@ -398,6 +410,17 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--compare", help="an earlier report.md whose verdicts the new ones are set against")
     r.add_argument("--out", help="folder for report.md, results.csv and figures (default: the sweep folder)")
     r.set_defaults(func=cmd_report)
+
+    y = sub.add_parser("sync", help="copy a run or sweep folder elsewhere so that it resumes there (newest wins)",
+                       description="Copies each run's files and its newest complete checkpoint; a run that DST "
+                       "has further along is left as it is. Rerun the same train/sweep command on the copy to "
+                       "resume.")  # fmt: skip
+    y.add_argument("src", help="a run folder (loraqa train -o) or a sweep folder (loraqa sweep -o)")
+    y.add_argument("dst", help="the copy (created if missing)")
+    y.add_argument("--results-only", action="store_true",
+                   help="leave out process logs, TensorBoard events and finished runs' weights: what a report "
+                   "reads and a resume needs")  # fmt: skip
+    y.set_defaults(func=cmd_sync)
     return p
 
 

@@ -12,6 +12,7 @@ OFFICIAL_PREDICTIONS_FILE = "predictions.json"
 MODEL_CARD_FILE = "README.md"
 METRICS_FILE = "metrics.json"  # written last: the run is done
 CHECKPOINTS_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"  # `tensorboard --logdir` a sweep folder finds every trial's
 CLOCK_FILE = "loraqa_clock.json"  # in each checkpoint: train time, tokens and peak memory so far
 ERROR_FILE = "error.json"
 LOCK_FILE = ".loraqa.lock"

@@ -191,25 +191,27 @@ def _same_experiment(cfg_path: Path, cfg: ExperimentConfig) -> bool:
         return False
 
 
+def complete_checkpoints(ckpt_dir: Path) -> tuple[list[Path], list[Path]]:
+    """The checkpoints in ``ckpt_dir`` as (complete ones, oldest first; half-written ones). The Trainer writes
+    trainer_state.json last, so a folder without a whole one was being saved when the run was killed."""
+    complete, partial = [], []
+    for d in ckpt_dir.glob("checkpoint-*") if ckpt_dir.is_dir() else ():
+        if d.is_dir() and d.name.split("-")[-1].isdigit():
+            (complete if _state_is_complete(d / "trainer_state.json") else partial).append(d)
+    return sorted(complete, key=lambda d: int(d.name.split("-")[-1])), partial
+
+
 def last_checkpoint(ckpt_dir: Path) -> str | None:
-    """The newest complete checkpoint, checked readable. The Trainer writes trainer_state.json last, so a
-    folder without a whole one was being saved when the run was killed; it is removed rather than resumed from."""
-    if not ckpt_dir.is_dir():
-        return None
-    complete = []
-    for d in ckpt_dir.glob("checkpoint-*"):
-        if not d.is_dir() or not d.name.split("-")[-1].isdigit():
-            continue
-        if _state_is_complete(d / "trainer_state.json"):
-            complete.append(d)
-        else:
-            log.info("removing incomplete checkpoint %s", d)
-            shutil.rmtree(d, ignore_errors=True)
+    """The newest complete checkpoint, checked readable; half-written ones are removed rather than resumed
+    from."""
+    complete, partial = complete_checkpoints(ckpt_dir)
+    for d in partial:
+        log.info("removing incomplete checkpoint %s", d)
+        shutil.rmtree(d, ignore_errors=True)
     if not complete:
         return None
-    newest = max(complete, key=lambda d: int(d.name.split("-")[-1]))
-    check_checkpoint(newest)
-    return str(newest)
+    check_checkpoint(complete[-1])
+    return str(complete[-1])
 
 
 def write_predictions(folder: Path, records: list[dict]) -> None:

@@ -27,7 +27,7 @@ from . import dist, signals
 from .config import ConfigError, ExperimentConfig
 from .evaluate import peak_memory_mb
 from .io import read_json, write_json_atomic, write_jsonl_atomic
-from .layout import CLOCK_FILE
+from .layout import CLOCK_FILE, TENSORBOARD_DIR
 from .packing import SharedContextBatches
 from .prompt import IGNORE_INDEX
 
@@ -450,9 +450,6 @@ def per_process_batch(cfg: ExperimentConfig) -> int:
             f"pick a multiple of {n} (e.g. train.batch_size={max(n, b - b % n)}) or another process count"
         )
     return b // n
-
-
-TENSORBOARD_DIR = "tensorboard"  # inside the run folder; `tensorboard --logdir` a sweep folder finds every trial's
 
 
 def reporters(report_to: str | list[str]) -> list[str]:

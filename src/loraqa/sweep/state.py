@@ -45,10 +45,6 @@ STATUSES = ("done", "failed", "running", "unfinished", "pending")
 METRIC_KEYS = RUN_FIGURES  # what sweep.json keeps of each finished trial's metrics.json
 
 
-def _lock_path(trial_dir: Path) -> Path:
-    return trial_dir / TRIAL_LOCK_FILE
-
-
 # A status probe (is_locked) holds a shared lock for a moment; an exclusive try that meets one tries again
 LOCK_RETRY_SECONDS = (0.02, 0.05, 0.1)
 
@@ -56,7 +52,7 @@ LOCK_RETRY_SECONDS = (0.02, 0.05, 0.1)
 def try_lock(trial_dir: Path) -> int | None:
     """An open, exclusively flock-ed file descriptor, or None if another process holds the trial."""
     trial_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(_lock_path(trial_dir), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(trial_dir / TRIAL_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     if fcntl is None:
         return fd
     for pause in (*LOCK_RETRY_SECONDS, None):
@@ -71,10 +67,11 @@ def try_lock(trial_dir: Path) -> int | None:
     raise AssertionError("unreachable")
 
 
-def is_locked(trial_dir: Path) -> bool:
-    """Whether a process holds the trial. The probe takes a shared lock for a moment: probes never block each
-    other, and a read-only lock file (another user's sweep) can still be probed."""
-    path = _lock_path(trial_dir)
+def is_locked(trial_dir: Path, lock_file: str = TRIAL_LOCK_FILE) -> bool:
+    """Whether a process holds the trial (or, with ``lock_file=layout.LOCK_FILE``, the run folder). The probe
+    takes a shared lock for a moment: probes never block each other, and a read-only lock file (another user's
+    sweep) can still be probed."""
+    path = Path(trial_dir) / lock_file
     if fcntl is None or not path.exists():
         return False
     try:

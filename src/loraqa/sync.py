@@ -1,0 +1,196 @@
+"""``loraqa sync SRC DST``: a run or sweep folder copied to another place (persistent storage, a shared disk,
+version control), so that its results outlive the machine and its unfinished runs resume wherever the copy
+goes: on a fresh machine, sync it back and rerun the same ``loraqa train`` or ``loraqa sweep`` command.
+
+What goes, for each run folder (a run, or each trial of a sweep; a sweep's own files go too): every file but
+the locks and temporary files, and of the checkpoints only the newest complete one, the one a resume reads.
+A run that DST already has further along (finished there, or at a later checkpoint) is left as it is, so a
+stale copy never undoes newer work, and a run that a process holds in DST is skipped. ``results_only`` also
+leaves out process logs, TensorBoard events and finished runs' weights: what ``loraqa report`` reads and a
+resume needs, small enough to keep beside a report in version control.
+
+Written by hand rather than calling rsync: rsync copies files, not runs. It would copy a checkpoint while it is
+being saved or rotated away, the lock files, and an older copy of a run over a newer one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .layout import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    LOCK_FILE,
+    METRICS_FILE,
+    SWEEP_CONFIG_FILE,
+    SWEEP_INDEX_LOCK_FILE,
+    TENSORBOARD_DIR,
+    TRAIN_METRICS_FILE,
+    TRIAL_CONFIG_FILE,
+    TRIAL_LOCK_FILE,
+    TRIAL_LOG_FILE,
+)
+from .rundir import complete_checkpoints
+from .sweep.state import is_locked
+
+LOCKS = frozenset({LOCK_FILE, TRIAL_LOCK_FILE, SWEEP_INDEX_LOCK_FILE})
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # a finished run's trained weights (results_only)
+
+
+class SyncError(ValueError):
+    """The folders themselves are wrong: SRC is no run or sweep folder, DST holds another sweep, one is inside
+    the other. The message names the folder and what to do."""
+
+
+@dataclass
+class Synced:
+    name: str  # the run folder, relative to SRC ("." for a lone run)
+    action: str  # "copied ...", "up to date", "skipped: ..."
+    problem: bool = False  # skipped for a reason the user must act on (not merely "DST is further along")
+
+
+def progress(run_dir: Path) -> tuple[int, int]:
+    """How far a run folder got, comparable between copies: finished (3), trained but not scored (2), at a
+    complete checkpoint (1, its step), or started at most (0)."""
+    if (run_dir / METRICS_FILE).exists():
+        return 3, 0
+    if (run_dir / TRAIN_METRICS_FILE).exists():
+        return 2, 0
+    complete, _ = complete_checkpoints(run_dir / CHECKPOINTS_DIR)
+    return (1, int(complete[-1].name.split("-")[-1])) if complete else (0, 0)
+
+
+def describe(p: tuple[int, int]) -> str:
+    return {3: "finished", 2: "trained, not scored", 0: "started"}.get(p[0]) or f"at checkpoint {p[1]}"
+
+
+def sync(src: str | os.PathLike, dst: str | os.PathLike, results_only: bool = False) -> list[Synced]:
+    """Copy the run or sweep folder ``src`` into ``dst`` (created if missing); one :class:`Synced` a run."""
+    src, dst = Path(src), Path(dst)
+    runs = _run_folders(src)
+    a, b = src.resolve(), dst.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise SyncError(f"{dst}: is {src} or lies inside it (or it inside {dst}); sync into a folder of its own")
+    if (src / SWEEP_CONFIG_FILE).is_file():
+        theirs = dst / SWEEP_CONFIG_FILE
+        if theirs.is_file() and theirs.read_bytes() != (src / SWEEP_CONFIG_FILE).read_bytes():
+            raise SyncError(f"{dst}: holds another sweep ({theirs} differs from {src / SWEEP_CONFIG_FILE}); "
+                            "sync into an empty folder")  # fmt: skip
+        trials = runs | (_run_folders(dst) if theirs.is_file() else set())  # DST's own trials stay untouched
+        _copy_tree(src, dst, skip=lambda rel: rel.parts[0] in trials or rel.name in LOCKS)
+    return [_sync_run(src / name, dst / name, name, results_only) for name in sorted(runs)]
+
+
+def _run_folders(src: Path) -> set[str]:
+    if (src / SWEEP_CONFIG_FILE).is_file():
+        return {p.name for p in src.iterdir() if p.is_dir() and (p / TRIAL_CONFIG_FILE).is_file()}
+    if (src / CONFIG_FILE).is_file() or (src / TRIAL_CONFIG_FILE).is_file():
+        return {"."}
+    raise SyncError(f"{src}: not a run folder (no {CONFIG_FILE}) or a sweep folder (no {SWEEP_CONFIG_FILE}); "
+                    "name the folder `loraqa train -o` or `loraqa sweep -o` wrote")  # fmt: skip
+
+
+def _sync_run(src: Path, dst: Path, name: str, results_only: bool) -> Synced:
+    for config in (CONFIG_FILE, TRIAL_CONFIG_FILE):
+        ours, theirs = src / config, dst / config
+        if ours.is_file() and theirs.is_file() and ours.read_bytes() != theirs.read_bytes():
+            return Synced(name, f"skipped: {theirs} is another experiment's; move it away first", True)
+    if dst.is_dir() and (is_locked(dst) or is_locked(dst, LOCK_FILE)):
+        return Synced(name, f"skipped: a process is working in {dst}; sync when it has stopped", True)
+    have, had = progress(src), progress(dst)
+    if had > have:
+        return Synced(name, f"left as it is: {describe(had)} there, {describe(have)} here")
+    done = have[0] == 3
+    try:
+        changed = _copy_tree(src, dst, skip=lambda rel: _left_out(rel, done, results_only))
+        changed += _sync_checkpoint(src / CHECKPOINTS_DIR, dst / CHECKPOINTS_DIR, have)
+    except FileNotFoundError as e:  # a live run rotated a checkpoint or replaced a file meanwhile
+        return Synced(name, f"skipped: {e.filename} changed while it was copied; sync again", True)
+    return Synced(name, f"copied {changed} file(s); {describe(have)}" if changed else "up to date")
+
+
+def _left_out(rel: Path, done: bool, results_only: bool) -> bool:
+    if rel.name in LOCKS or rel.parts[0] == CHECKPOINTS_DIR:
+        return True
+    if not results_only:
+        return False
+    return rel.name == TRIAL_LOG_FILE or TENSORBOARD_DIR in rel.parts or (done and rel.suffix in WEIGHT_SUFFIXES)
+
+
+def _sync_checkpoint(src: Path, dst: Path, have: tuple[int, int]) -> int:
+    """DST's checkpoints become SRC's newest complete one alone, with the files beside it (the clock's totals
+    that bridge a rotation); none once SRC has finished training. The checkpoint is copied beside its place
+    under a hidden name and renamed into it, so a sync cut short leaves DST as it was."""
+    if have[0] != 1:
+        shutil.rmtree(dst, ignore_errors=True)
+        return 0
+    newest = complete_checkpoints(src)[0][-1]
+    for stale in dst.glob(".*.tmp"):  # left by a sync cut short
+        shutil.rmtree(stale, ignore_errors=True)
+    changed = 0
+    target = dst / newest.name
+    if not (target.is_dir() and _same_files(newest, target)):
+        dst.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dst, prefix=f".{newest.name}.", suffix=".tmp"))
+        try:
+            changed = _copy_tree(newest, tmp, skip=lambda rel: False)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    for old in dst.glob("checkpoint-*"):
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+    return changed + _copy_tree(src, dst, skip=lambda rel: rel.parts[0].startswith("checkpoint-"))
+
+
+def _walk(root: Path, skip) -> dict[Path, Path]:
+    """Relative path -> file under ``root``, leaving out what ``skip(relative path)`` says and temporary files."""
+    files = {}
+    for folder, dirs, names in os.walk(root):
+        rel_dir = Path(folder).relative_to(root)
+        dirs[:] = [d for d in dirs if not skip(rel_dir / d)]
+        for n in names:
+            if not skip(rel_dir / n) and not (n.startswith(".") and n.endswith(".tmp")):
+                files[rel_dir / n] = Path(folder) / n
+    return files
+
+
+def _same(a: Path, b: Path) -> bool:
+    sa, sb = a.stat(), b.stat()
+    return sa.st_size == sb.st_size and sa.st_mtime_ns == sb.st_mtime_ns  # copy2 keeps the mtime
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    fa, fb = _walk(a, lambda rel: False), _walk(b, lambda rel: False)
+    return fa.keys() == fb.keys() and all(_same(fa[k], fb[k]) for k in fa)
+
+
+def _copy_tree(src: Path, dst: Path, skip) -> int:
+    """Copy the files of ``src`` that ``dst`` lacks or holds another version of (size, mtime), each through a
+    temporary file and a rename; remove DST's files that SRC no longer has (a failed attempt's error.json),
+    but not those ``skip`` leaves out. Returns the files copied."""
+    ours = _walk(src, skip)
+    changed = 0
+    for rel, path in ours.items():
+        target = dst / rel
+        if target.is_file() and _same(path, target):
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            shutil.copy2(path, tmp)  # contents, mode and mtime
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        changed += 1
+    for rel, path in _walk(dst, skip).items() if dst.is_dir() else ():
+        if rel not in ours:
+            path.unlink()
+    return changed

@@ -1,0 +1,205 @@
+"""loraqa sync: a run or sweep folder copied elsewhere, resumable there; newer work never overwritten."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from loraqa import sync as sync_mod
+from loraqa.cli import main
+from loraqa.sweep.state import try_lock
+from loraqa.sync import SyncError, progress, sync
+from loraqa.train import run_experiment
+
+from test_train import tiny_config
+
+
+def fake_run(d, step=None, done=False, trial=False, extra_ckpts=()):
+    """A run folder as `loraqa train` leaves it: config, log, and a complete checkpoint at ``step``, or the
+    finished files."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.yaml").write_text("name: x\n")
+    if trial:
+        (d / "trial.yaml").write_text("name: x\n")
+        (d / "trial.log").write_text("/a/path/of/this/machine/python -m loraqa.cli train\n")
+        (d / ".lock").write_text("")
+    (d / ".loraqa.lock").write_text("123\n")
+    (d / "log_history.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (d / "tensorboard").mkdir(exist_ok=True)
+    (d / "tensorboard" / "events.out").write_bytes(b"ev")
+    for s in (*extra_ckpts, step) if step else ():
+        c = d / "checkpoints" / f"checkpoint-{s}"
+        c.mkdir(parents=True, exist_ok=True)
+        (c / "adapter_model.safetensors").write_bytes(b"w" * s)
+        (c / "optimizer.pt").write_bytes(b"o" * s)
+        (c / "trainer_state.json").write_text(json.dumps({"global_step": s}))
+    if done:
+        (d / "adapter_model.safetensors").write_bytes(b"weights")
+        (d / "train_metrics.json").write_text("{}")
+        (d / "predictions.jsonl").write_text('{"id": "q1", "f1": 1.0}\n')
+        (d / "metrics.json").write_text('{"f1": 1.0}')
+    return d
+
+
+def files(d):
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+
+
+def test_a_run_interrupted_here_resumes_from_its_copy_elsewhere(tmp_path, synthetic_dir):
+    """The point of sync: the first machine is gone, its copy trains on from the checkpoint and ends where an
+    uninterrupted run ends."""
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    cfg = tiny_config(synthetic_dir)
+    first = tmp_path / "machine-a" / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, first, callbacks=[Interrupt()], progress=False)
+    [r] = sync(first, tmp_path / "storage" / "run", results_only=True)
+    assert r.action.startswith("copied") and r.action.endswith("at checkpoint 2") and not r.problem
+    shutil.rmtree(tmp_path / "machine-a")
+    [r] = sync(tmp_path / "storage" / "run", tmp_path / "machine-b" / "run")
+    metrics = run_experiment(cfg, tmp_path / "machine-b" / "run", progress=False)
+    assert metrics["resumed_from"] == "checkpoint-2" and metrics["resumed_at_step"] == 2
+    straight = run_experiment(cfg, tmp_path / "straight", progress=False)
+    assert metrics["final_train_loss"] == pytest.approx(straight["final_train_loss"], rel=1e-5)
+    assert metrics["train_tokens"] == straight["train_tokens"] and metrics["train_segments"] == 2
+    # the finished run synced back: results only leaves its weights out, a full copy keeps them
+    [r] = sync(tmp_path / "machine-b" / "run", tmp_path / "storage" / "run", results_only=True)
+    assert r.action.endswith("finished")
+    stored = files(tmp_path / "storage" / "run")
+    assert "metrics.json" in stored and "predictions.jsonl" in stored and "checkpoints" not in "".join(stored)
+    assert "adapter_model.safetensors" not in stored and not any("tensorboard" in f for f in stored)
+    sync(tmp_path / "machine-b" / "run", tmp_path / "full-copy")
+    assert "adapter_model.safetensors" in files(tmp_path / "full-copy")
+
+
+def test_only_the_newest_complete_checkpoint_goes_and_no_lock(tmp_path):
+    src = fake_run(tmp_path / "src", step=6, extra_ckpts=(2,), trial=True)
+    (src / "checkpoints" / "checkpoint-8").mkdir()  # being saved: no trainer_state.json yet
+    (src / "checkpoints" / "checkpoint-8" / "optimizer.pt").write_bytes(b"half")
+    dst = fake_run(tmp_path / "dst", step=4)
+    [r] = sync(src, dst)
+    assert r.action == "copied 8 file(s); at checkpoint 6"  # 5 of the run's, 3 of the checkpoint's
+    assert sorted(p.name for p in (dst / "checkpoints").iterdir()) == ["checkpoint-6"]
+    assert (dst / "checkpoints" / "checkpoint-6" / "optimizer.pt").read_bytes() == b"o" * 6
+    assert not (dst / ".lock").exists() and (dst / "trial.log").exists()
+    assert (dst / ".loraqa.lock").read_text() == "123\n"  # DST's own lock file is not touched either
+    assert progress(dst) == (1, 6)
+    [r] = sync(src, dst)
+    assert r.action == "up to date"
+
+
+def test_newer_work_in_the_copy_is_never_overwritten(tmp_path):
+    early = fake_run(tmp_path / "early", step=2)
+    later = fake_run(tmp_path / "later", step=4)
+    before = files(later)
+    [r] = sync(early, later)
+    assert r.action == "left as it is: at checkpoint 4 there, at checkpoint 2 here" and not r.problem
+    assert files(later) == before and (later / "checkpoints" / "checkpoint-4").is_dir()
+    done = fake_run(tmp_path / "done", done=True)
+    [r] = sync(later, done)
+    assert r.action.startswith("left as it is: finished there")
+    assert progress(done) == (3, 0)
+
+
+def test_a_file_the_source_no_longer_has_goes_but_left_out_ones_stay(tmp_path):
+    """A failed attempt's error.json in the copy goes once the run has moved on; weights that results_only
+    leaves out of a finished run are not deleted from a copy that has them."""
+    dst = fake_run(tmp_path / "dst", done=True)
+    (dst / "error.json").write_text("{}")
+    src = fake_run(tmp_path / "src", done=True)
+    (src / "predictions.jsonl").write_text('{"id": "q1", "f1": 0.5}\n')
+    sync(src, dst, results_only=True)
+    assert not (dst / "error.json").exists()
+    assert (dst / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert (dst / "predictions.jsonl").read_text() == '{"id": "q1", "f1": 0.5}\n'
+
+
+def test_a_copy_cut_short_leaves_the_old_checkpoint_whole(tmp_path, monkeypatch):
+    src = fake_run(tmp_path / "src", step=6)
+    dst = fake_run(tmp_path / "dst", step=4)
+    real = shutil.copy2
+
+    def copy_then_fail(a, b, **kw):
+        if "checkpoint-6" in str(a) and str(a).endswith("trainer_state.json"):
+            raise OSError(28, "No space left on device")
+        return real(a, b, **kw)
+
+    monkeypatch.setattr(sync_mod.shutil, "copy2", copy_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        sync(src, dst)
+    assert [p.name for p in (dst / "checkpoints").iterdir()] == ["checkpoint-4"]  # no half copy left over
+    assert progress(dst) == (1, 4)
+    monkeypatch.setattr(sync_mod.shutil, "copy2", real)
+    [r] = sync(src, dst)
+    assert progress(dst) == (1, 6) and r.action.endswith("at checkpoint 6")
+
+
+def test_a_checkpoint_rotated_away_while_copied_is_reported_not_raised(tmp_path, monkeypatch):
+    src = fake_run(tmp_path / "src", step=6)
+    real = shutil.copy2
+
+    def vanish(a, b, **kw):
+        if "checkpoint-6" in str(a):
+            raise FileNotFoundError(2, "No such file or directory", str(a))
+        return real(a, b, **kw)
+
+    monkeypatch.setattr(sync_mod.shutil, "copy2", vanish)
+    [r] = sync(src, tmp_path / "dst")
+    assert r.problem and "changed while it was copied; sync again" in r.action
+
+
+def test_a_sweep_folder_syncs_every_trial_and_leaves_the_copys_own_alone(tmp_path):
+    src = tmp_path / "sweep"
+    src.mkdir()
+    (src / "sweep.yaml").write_text("name: s\n")
+    (src / "sweep.json").write_text("{}")
+    (src / ".sweep.lock").write_text("")
+    fake_run(src / "a", done=True, trial=True)
+    fake_run(src / "b", step=3, trial=True)
+    dst = tmp_path / "copy"
+    results = sync(src, dst, results_only=True)
+    assert [(r.name, r.action.split("; ")[-1]) for r in results] == [("a", "finished"), ("b", "at checkpoint 3")]
+    assert (dst / "sweep.yaml").exists() and (dst / "sweep.json").exists() and not (dst / ".sweep.lock").exists()
+    assert not (dst / "a" / "trial.log").exists()  # process logs hold this machine's paths
+    assert (dst / "b" / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors").exists()  # resume needs it
+    fake_run(dst / "c", step=1, trial=True)  # a trial another machine runs into the copy
+    sync(src, dst, results_only=True)
+    assert (dst / "c" / "checkpoints" / "checkpoint-1").is_dir()
+    # a trial a process is running in the copy is skipped, and said so
+    fd = try_lock(dst / "b")
+    try:
+        results = sync(src, dst)
+    finally:
+        os.close(fd)
+    assert [r.name for r in results if r.problem] == ["b"] and "a process is working" in results[1].action
+    (dst / "sweep.yaml").write_text("name: another\n")
+    with pytest.raises(SyncError, match="holds another sweep"):
+        sync(src, dst)
+
+
+def test_another_experiments_run_in_the_copy_is_not_touched(tmp_path):
+    src = fake_run(tmp_path / "src", done=True)
+    dst = fake_run(tmp_path / "dst", step=2)
+    (dst / "config.yaml").write_text("name: other\n")
+    [r] = sync(src, dst)
+    assert r.problem and "another experiment's" in r.action and progress(dst) == (1, 2)
+
+
+def test_cli_sync_prints_a_line_a_run_and_refuses_what_is_no_run(tmp_path, capsys):
+    src = fake_run(tmp_path / "run", done=True)
+    assert main(["sync", str(src), str(tmp_path / "copy"), "--results-only"]) == 0
+    out = capsys.readouterr().out
+    assert ".: copied" in out and "synced 1 of 1 run folder(s)" in out
+    (tmp_path / "empty").mkdir()
+    assert main(["sync", str(tmp_path / "empty"), str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loraqa: error:") and "not a run folder" in err and "Traceback" not in err
+    assert main(["sync", str(src), str(src / "inside")]) == 2
+    assert "inside it" in capsys.readouterr().err
