@@ -43,6 +43,8 @@ class Case:
     build: Callable[[Path, dict], list[str]]  # (case folder, shared inputs) -> argv; cwd is the case folder
     names: tuple[str, ...]  # fragments the error line must hold: the file (or flag) and the field/id/key
     skipped: bool = False  # records skipped and counted, exit status 0
+    kept: bool = False  # records kept for scoring and counted, exit status 0
+    file: str = "dev-v1.1.json"  # whose load report states what was skipped or kept
     stated: str = ""  # a report that leaves damaged files out: exit status 0, this count stated on stderr
 
 
@@ -90,12 +92,13 @@ def data_copy(case: Path, shared: dict) -> Path:
     return Path(shutil.copytree(shared["data"], case / "data"))
 
 
-def edit_dev(edit: Callable[[dict], None], raw: Callable[[bytes], bytes] | None = None):
-    """A case whose dev file is the valid one with ``edit`` applied to its JSON (or ``raw`` to its bytes)."""
+def edit_dev(edit: Callable[[dict], None], raw: Callable[[bytes], bytes] | None = None, file="dev-v1.1.json"):
+    """A case whose dev file (or ``file``) is the valid one with ``edit`` applied to its JSON (or ``raw`` to its
+    bytes)."""
 
     def build(case: Path, shared: dict) -> list[str]:
         data = data_copy(case, shared)
-        path = data / "dev-v1.1.json"
+        path = data / file
         obj = json.loads(path.read_text())
         edit(obj)
         blob = json.dumps(obj, ensure_ascii=False).encode()
@@ -303,10 +306,13 @@ CASES = [
     Case("data: no answers (skipped, counted)", edit_dev(set_in("qa.answers", [])), ("no answers",), skipped=True),
     Case("data: empty answer text (skipped, counted)", edit_dev(set_in("qa.answers", [{"text": "  ", "answer_start": 0}])), ("empty answer",),
          skipped=True),  # fmt: skip
-    Case("data: answer not in context (skipped, counted)", edit_dev(set_in("qa.answers", [{"text": "zebra crossing", "answer_start": 0}])),
-         ("answer not in context",), skipped=True),  # fmt: skip
-    Case("data: huge context without the answer (skipped, counted)",
-         edit_dev(set_in("paragraph.context", "word " * 200_000)), ("answer not in context",), skipped=True),
+    Case("data: answer not in context, training (skipped, counted)", edit_dev(set_in("qa.answers", [{"text": "zebra crossing", "answer_start": 0}]),
+         file="train-v1.1.json"), ("answer not in context",), skipped=True, file="train-v1.1.json"),  # fmt: skip
+    Case("data: huge context without the answer, training (skipped, counted)",
+         edit_dev(set_in("paragraph.context", "word " * 200_000), file="train-v1.1.json"), ("answer not in context",),
+         skipped=True, file="train-v1.1.json"),  # fmt: skip
+    Case("data: answer not in context, dev (kept for scoring, counted)", edit_dev(set_in("qa.answers", [{"text": "zebra crossing", "answer_start": 0}])),
+         ("kept 1 answers not found in their context",), kept=True),  # fmt: skip
     Case("data: every question unusable, for training", lambda c, s: [
          edit_dev(lambda o: [q.update(answers=[]) for a in o["data"] for p in a["paragraphs"] for q in p["qas"]])(
              c, s), "train", "--model", "tiny-random-gpt2", "--data-dir", "data", "-o", "run"][1:],
@@ -466,12 +472,15 @@ def test_bad_input_is_one_clear_line_and_nothing_half_written(case, shared, tmp_
         before = {k: v for k, v in before.items()}  # the report's own files are its output, not half-written
         for name in ("report/report.md", "report/results.csv"):
             before[name] = (tmp_path / name).read_bytes()
-    elif case.skipped:
+    elif case.skipped or case.kept:
         assert rc == 0, err
-        (report,) = [ln for ln in err.splitlines() if "dev-v1.1.json: loaded" in ln]
-        first_id = qid(json.loads((shared["data"] / "dev-v1.1.json").read_text()))
-        skipped = int(report.split("; skipped ")[1].split(" ")[0])
-        assert skipped >= 1 and first_id in report, report  # the stated count, with the skipped id
+        (report,) = [ln for ln in err.splitlines() if f"{case.file}: loaded" in ln]
+        first_id = qid(json.loads((shared["data"] / case.file).read_text()))
+        skipped = int(re.search(r"; skipped (\d+)", report).group(1))
+        if case.skipped:
+            assert skipped >= 1 and first_id in report, report  # the stated count, with the skipped id
+        else:
+            assert skipped == 0, report
         assert all(n in report for n in case.names), report
         assert not [ln for ln in err.splitlines() if ln.startswith("loraqa: error:")], err
     else:

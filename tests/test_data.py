@@ -384,7 +384,7 @@ def test_answer_not_in_context(tmp_path):
     obj["data"][0]["paragraphs"][0]["qas"][1]["answers"] = [{"text": "1999", "answer_start": 21}]
     # q4: one bad answer among good ones -> the bad one is dropped, the question kept
     obj["data"][1]["paragraphs"][0]["qas"][1]["answers"].insert(0, {"text": "400 km", "answer_start": 0})
-    examples, report = load_obj(tmp_path, obj)
+    examples, report = load_obj(tmp_path, obj, split="train")
 
     assert [ex.id for ex in examples] == ["q1", "q3", "q4", "q5"]
     q4 = examples[2]
@@ -395,6 +395,27 @@ def test_answer_not_in_context(tmp_path):
     assert report.dropped_answers == 1
     assert "answer not in context: 1 [q2]" in report.summary()
     assert "dropped 1" in report.summary()
+    assert report.kept_unlocated == 0 and "not found in their context" not in report.summary()
+
+
+def test_an_answer_not_in_its_context_is_still_scored_outside_training(tmp_path):
+    """The official v1.1 script scores a prediction against every gold answer as given: an evaluation or
+    prediction file keeps the answers that do not occur in the context (no start), and says how many."""
+    obj = make_squad()
+    obj["data"][0]["paragraphs"][0]["qas"][1]["answers"] = [{"text": "1999", "answer_start": 21}]
+    obj["data"][1]["paragraphs"][0]["qas"][1]["answers"].insert(0, {"text": "400 km", "answer_start": 0})
+    for split in ("dev", None):
+        examples, report = load_obj(tmp_path, obj, **({"split": split} if split else {}))
+        assert [ex.id for ex in examples] == ["q1", "q2", "q3", "q4", "q5"]
+        assert examples[1].answers == ("1999",) and examples[1].answer_starts == (None,)
+        assert examples[3].answers == ("400 km", "300 km", "300")
+        assert examples[3].answer_starts == (None, CTX_BETA1.index("300"), CTX_BETA1.index("300"))
+        assert report.skipped == {} and report.dropped_answers == 0 and report.kept_unlocated == 2
+        assert "kept 2 answers not found in their context (scored as given)" in report.summary()
+    from loraqa.metrics import squad_scores
+
+    # scored as the official script scores it: the best match over all gold answers
+    assert squad_scores({"q4": "400 km"}, {"q4": list(examples[3].answers)})["exact_match"] == 100.0
 
 
 def test_empty_answer_text(tmp_path):
@@ -412,7 +433,7 @@ def test_empty_answer_text(tmp_path):
 def test_mixed_unusable_answers_count_as_not_in_context(tmp_path):
     obj = make_squad()
     first_qa(obj)["answers"] = [{"text": "", "answer_start": 0}, {"text": "Lisbon", "answer_start": 0}]
-    _, report = load_obj(tmp_path, obj)
+    _, report = load_obj(tmp_path, obj, split="train")
     assert report.skipped == {"answer not in context": 1}
 
 

@@ -121,9 +121,13 @@ def test_bad_csv_is_one_line(tmp_path):
 def test_unusable_answers_are_skipped_and_counted(tmp_path):
     records = [*RECORDS[:2], {"id": "z", "context": CTX, "question": "q", "answers": ["London"]},
                {"id": "e", "context": CTX, "question": "q", "answers": []}]  # fmt: skip
-    examples, report = load_file(write_jsonl(tmp_path / "q.jsonl", records), "jsonl")
+    examples, report = load_file(write_jsonl(tmp_path / "q.jsonl", records), "jsonl", split="train")
     assert [ex.id for ex in examples] == ["a", "b"]
     assert report.skipped == {"answer not in context": 1, "no answers": 1}
+    # outside training the answer that is not in its context is kept for scoring
+    examples, report = load_file(tmp_path / "q.jsonl", "jsonl")
+    assert [ex.id for ex in examples] == ["a", "b", "z"] and examples[2].answer_starts == (None,)
+    assert report.skipped == {"no answers": 1} and report.kept_unlocated == 1
 
 
 def test_datasets_folder_with_squad_columns(tmp_path):

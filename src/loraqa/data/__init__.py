@@ -107,11 +107,11 @@ def load_file(source: str | os.PathLike, fmt: str, *, split: str = "dev", limit:
     if fmt == "jsonl":
         from .tabular import load_jsonl
 
-        return load_jsonl(source, limit=limit)
+        return load_jsonl(source, split=split, limit=limit)
     if fmt == "csv":
         from .tabular import load_csv
 
-        return load_csv(source, limit=limit)
+        return load_csv(source, split=split, limit=limit)
     if fmt == "hf":
         from .hf import load_hf
 

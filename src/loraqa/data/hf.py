@@ -56,4 +56,4 @@ def load_hf(source: str | os.PathLike, *, split: str = "dev", limit: int | None 
         raise DataError(f"{source}: {where_split} has no {', '.join(map(repr, missing))} column "
                         f"(columns: {', '.join(table.column_names)}); expected SQuAD's columns")  # fmt: skip
     records = ((f"{where_split}, row {i}", row) for i, row in enumerate(table))
-    return load_records(records, Path(str(source)), limit=limit)
+    return load_records(records, Path(str(source)), split=split, limit=limit)

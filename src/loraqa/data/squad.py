@@ -72,7 +72,7 @@ class Example:
     context: str
     question: str
     answers: tuple[str, ...]  # gold answer texts, in file order (duplicates kept, like the official file)
-    answer_starts: tuple[int, ...]  # char offsets into `context`, same length as `answers`
+    answer_starts: tuple[int | None, ...]  # char offsets into `context` (None: not in it), as `answers`
     # SQuAD 2.0: the question has no answer in the context (`answers` is empty). An example that is neither
     # this nor has answers has no gold answer (prediction-only input): it is answered, not scored.
     is_impossible: bool = False
@@ -97,6 +97,7 @@ class LoadReport:
     skipped_ids: dict[str, list[str]] = field(default_factory=dict)
     fixed_offsets: int = 0
     dropped_answers: int = 0
+    kept_unlocated: int = 0  # answers not found in their context, kept for scoring (dev, predict)
 
     def skip(self, reason: str, question_id: str) -> None:
         """Count one skipped question, remembering the first few ids per reason."""
@@ -125,6 +126,8 @@ class LoadReport:
         text += f"; fixed {self.fixed_offsets} answer offsets"
         if self.dropped_answers:
             text += f"; dropped {self.dropped_answers} unusable answers"
+        if self.kept_unlocated:
+            text += f"; kept {self.kept_unlocated} answers not found in their context (scored as given)"
         return text
 
 
@@ -273,10 +276,11 @@ def load_squad(
 
     Malformed input (missing file, invalid or truncated JSON, corrupt gzip, missing fields, wrong types,
     duplicate question ids) raises `DataError`. Per question, answers with empty text ("empty answer")
-    or whose text is not in the context ("answer not in context") are dropped; a question is skipped
-    (counted in the report by reason, with its id) when its answers list is empty ("no answers") or no
-    answer is left. An ``answer_start`` that does not point at its text, when the text does occur in
-    the context, is moved to the nearest occurrence (counted in ``fixed_offsets``).
+    are dropped, and so, in the train split, are answers whose text is not in the context ("answer not in
+    context"); elsewhere those are kept for scoring (:func:`keep_answers`). A question is skipped (counted
+    in the report by reason, with its id) when its answers list is empty ("no answers") or no answer is
+    left. An ``answer_start`` that does not point at its text, when the text does occur in the context, is
+    moved to the nearest occurrence (counted in ``fixed_offsets``).
     With ``unanswerable`` (SQuAD 2.0), a question with ``"is_impossible": true`` is kept with no answers.
     """
     if limit is not None and limit < 0:
@@ -318,7 +322,8 @@ def load_squad(
                     )
                 seen_ids.add(qid)
                 report.n_questions_in_file += 1
-                example = _parse_question(qa, qid, title, context, path, report, unanswerable)
+                example = _parse_question(qa, qid, title, context, path, report, unanswerable,
+                                          need_spans=split == "train")  # fmt: skip
                 if example is not None:
                     examples.append(example)
 
@@ -400,7 +405,8 @@ def _type_name(value: Any) -> str:
 
 
 def _parse_question(
-    qa: dict, qid: str, title: str, context: str, path: Path, report: LoadReport, unanswerable: bool = False
+    qa: dict, qid: str, title: str, context: str, path: Path, report: LoadReport, unanswerable: bool = False,
+    need_spans: bool = False,
 ) -> Example | None:
     """One question as an Example, or None (counted in `report`) when no usable answer is left."""
     where = f"question {qid!r}"
@@ -412,33 +418,44 @@ def _parse_question(
         report.skip("no answers", qid)
         return None
 
-    texts: list[str] = []
-    starts: list[int] = []
-    problems: list[str] = []
+    given = []
     for i, answer in enumerate(raw_answers):
         answer_where = f"{where}, answer {i}"
         _check_object(answer, path, answer_where)
-        text = _get(answer, "text", str, path, answer_where)
-        start = _get(answer, "answer_start", int, path, answer_where)
+        given.append((_get(answer, "text", str, path, answer_where), _get(answer, "answer_start", int, path, answer_where)))
+    texts, starts = keep_answers(context, given, qid, report, need_spans)
+    return Example(qid, title, context, question, texts, starts) if texts else None
+
+
+def keep_answers(context: str, given: list[tuple[str, int | None]], qid: str, report: LoadReport,
+                 need_spans: bool) -> tuple[tuple[str, ...], tuple[int | None, ...]]:  # fmt: skip
+    """The usable answers among ``given`` (text, answer_start or None) and their starts, for both readers.
+    Empty answers are dropped. A start that misses its text moves to the text's nearest occurrence
+    (``fixed_offsets``). A text that does not occur in the context is dropped where training needs spans
+    (``need_spans``), else kept with start None (``kept_unlocated``): the official script scores a prediction
+    against every gold answer as given. No answer left: the question is skipped and counted, by reason."""
+    texts, starts, problems = [], [], []
+    for text, start in given:
         if not text.strip():
             problems.append("empty answer")
             continue
-        if context[start : start + len(text)] != text:
-            nearest = _nearest_occurrence(context, text, start)
-            if nearest is None:
+        if start is None or context[start : start + len(text)] != text:
+            nearest = _nearest_occurrence(context, text, start if start is not None else 0)
+            if nearest is None and need_spans:
                 problems.append("answer not in context")
                 continue
+            report.fixed_offsets += start is not None and nearest is not None
+            report.kept_unlocated += nearest is None
             start = nearest
-            report.fixed_offsets += 1
         texts.append(text)
         starts.append(start)
-
     if not texts:
-        reason = "answer not in context" if "answer not in context" in problems else "empty answer"
+        reason = "no answers" if not given else "answer not in context" if "answer not in context" in problems \
+            else "empty answer"  # fmt: skip
         report.skip(reason, qid)
-        return None
-    report.dropped_answers += len(problems)
-    return Example(qid, title, context, question, tuple(texts), tuple(starts))
+    else:
+        report.dropped_answers += len(problems)
+    return tuple(texts), tuple(starts)
 
 
 def _nearest_occurrence(context: str, text: str, start: int) -> int | None:

@@ -22,13 +22,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .squad import DataError, Example, LoadReport, _nearest_occurrence, _type_name, read_data_file
+from .squad import DataError, Example, LoadReport, _type_name, keep_answers, read_data_file
 
 FIELDS_HINT = "expected records with id, context, question and answers (a list; optional for prediction)"
 
 
-def load_jsonl(source: str | os.PathLike, *, limit: int | None = None) -> tuple[list[Example], LoadReport]:
-    """Questions from a JSONL file, in file order (``limit``: the first N usable ones)."""
+def load_jsonl(source: str | os.PathLike, *, split: str = "dev", limit: int | None = None
+               ) -> tuple[list[Example], LoadReport]:  # fmt: skip
+    """Questions from a JSONL file, in file order (``limit``: the first N usable ones; ``split`` as in
+    :func:`load_records`)."""
     path = Path(source).expanduser()
     records = []
     for number, line in enumerate(_read_lines(path), 1):
@@ -41,11 +43,13 @@ def load_jsonl(source: str | os.PathLike, *, limit: int | None = None) -> tuple[
                 f"{path}: line {number}: invalid JSON ({e.msg}, column {e.colno}); {FIELDS_HINT}"
             ) from None
         records.append((f"line {number}", record))
-    return load_records(records, path, limit=limit)
+    return load_records(records, path, split=split, limit=limit)
 
 
-def load_csv(source: str | os.PathLike, *, limit: int | None = None) -> tuple[list[Example], LoadReport]:
-    """Questions from a CSV file with a header row naming the columns (``limit``: the first N usable ones)."""
+def load_csv(source: str | os.PathLike, *, split: str = "dev", limit: int | None = None
+             ) -> tuple[list[Example], LoadReport]:  # fmt: skip
+    """Questions from a CSV file with a header row naming the columns (``limit``: the first N usable ones;
+    ``split`` as in :func:`load_records`)."""
     path = Path(source).expanduser()
     lines = _read_lines(path)
     try:
@@ -71,7 +75,7 @@ def load_csv(source: str | os.PathLike, *, limit: int | None = None) -> tuple[li
             records.append((where, record))
     except csv.Error as e:
         raise DataError(f"{path}: not valid CSV ({e}); {FIELDS_HINT}") from None
-    return load_records(records, path, limit=limit)
+    return load_records(records, path, split=split, limit=limit)
 
 
 def _answers_cell(cell: str, path: Path, where: str) -> list:
@@ -97,14 +101,15 @@ def _read_lines(path: Path) -> list[str]:
 
 
 def load_records(
-    records: Iterable[tuple[str, Any]], path: Path, *, limit: int | None = None
+    records: Iterable[tuple[str, Any]], path: Path, *, split: str = "dev", limit: int | None = None
 ) -> tuple[list[Example], LoadReport]:
-    """Examples from ``(where, record)`` pairs (``where`` names the line or row in errors)."""
+    """Examples from ``(where, record)`` pairs (``where`` names the line or row in errors). In the ``train``
+    split an answer must occur in its context; elsewhere one that does not is kept for scoring."""
     report = LoadReport(path=path)
     examples: list[Example] = []
     seen: set[str] = set()
     for where, record in records:
-        example = _parse_record(record, path, where, report, seen)
+        example = _parse_record(record, path, where, report, seen, need_spans=split == "train")
         if example is not None:
             examples.append(example)
     if limit is not None:
@@ -126,7 +131,8 @@ def _field(record: dict, key: str, path: Path, where: str, *, required: bool = T
     return value
 
 
-def _parse_record(record: Any, path: Path, where: str, report: LoadReport, seen: set[str]) -> Example | None:
+def _parse_record(record: Any, path: Path, where: str, report: LoadReport, seen: set[str], need_spans: bool
+                  ) -> Example | None:  # fmt: skip
     if not isinstance(record, dict):
         raise DataError(f"{path}: {where}: should be an object, got {_type_name(record)}; {FIELDS_HINT}")
     qid = _field(record, "id", path, where)
@@ -140,33 +146,9 @@ def _parse_record(record: Any, path: Path, where: str, report: LoadReport, seen:
     report.n_questions_in_file += 1
     if record.get("answers") is None:  # prediction-only: no gold answers
         return Example(qid, title, context, question, (), ())
-    texts, starts = _answers(record["answers"], path, where)
-    kept_texts, kept_starts, problems = [], [], []
-    for text, start in zip(texts, starts, strict=True):
-        if not text.strip():
-            problems.append("empty answer")
-            continue
-        if start is None or context[start : start + len(text)] != text:
-            nearest = _nearest_occurrence(context, text, start if start is not None else 0)
-            if nearest is None:
-                problems.append("answer not in context")
-                continue
-            report.fixed_offsets += start is not None
-            start = nearest
-        kept_texts.append(text)
-        kept_starts.append(start)
-    if not kept_texts:
-        reason = (
-            "no answers"
-            if not texts
-            else problems[-1]
-            if len(set(problems)) == 1
-            else "answer not in context"
-        )
-        report.skip(reason, qid)
-        return None
-    report.dropped_answers += len(problems)
-    return Example(qid, title, context, question, tuple(kept_texts), tuple(kept_starts))
+    texts, starts = keep_answers(context, list(zip(*_answers(record["answers"], path, where), strict=True)), qid,
+                                 report, need_spans)  # fmt: skip
+    return Example(qid, title, context, question, texts, starts) if texts else None
 
 
 def _answers(value: Any, path: Path, where: str) -> tuple[list[str], list[int | None]]:
