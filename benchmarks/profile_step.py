@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from loraqa.packing import SharedContextCollator
     from loraqa.prompt import PromptEncoder, encode_train_set
     from loraqa.train import shares_contexts
-    from loraqa.trainer import QACollator, make_trainer_class, training_arguments
+    from loraqa.trainer import QACollator, enable_checkpointing, make_trainer_class, training_arguments
 
     base = [("model.name", args.model), ("lora.targets", ["q_proj", "v_proj"]), ("train.eval_steps", 0),
             ("train.save_steps", 0)]  # fmt: skip
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     features, _ = encode_train_set(encoder, examples)
     shared = shares_contexts(cfg)  # as loraqa train decides
     if cfg.train.gradient_checkpointing:  # what Trainer.train would do first; the steps below call the loss
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     collator = (SharedContextCollator if shared else QACollator)(lm.tokenizer.pad_token_id)
     targs = training_arguments(cfg, Path("/tmp/loraqa-profile"), lm.precision, lm.device)
     trainer = make_trainer_class()(model=model, args=targs, train_dataset=features, data_collator=collator,

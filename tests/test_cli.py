@@ -178,3 +178,17 @@ def test_eval_of_a_run_takes_what_re_scoring_may_change_and_refuses_the_rest(mon
     assert main(["eval", "eval.max_new_tokens=8", "--model", "tiny-random-gpt2"]) == 0
     cfg, _ = calls.pop()
     assert cfg.eval.max_new_tokens == 8 and cfg.model.name == "tiny-random-gpt2"
+
+
+def test_eval_finds_its_run_folder_among_the_positionals(tmp_path, monkeypatch):
+    from loraqa.cli import split_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lr=5e-4").mkdir()  # a run folder whose name looks like an override
+    (tmp_path / "extra.yaml").write_text("eval:\n  batch_size: 2\n")
+    assert split_run_dir("eval.batch_size=2", ["lr=5e-4"]) == ("lr=5e-4", ["eval.batch_size=2"])
+    assert split_run_dir("lr=5e-4", ["data.eval_limit=3"]) == ("lr=5e-4", ["data.eval_limit=3"])
+    assert split_run_dir("extra.yaml", ["data.eval_limit=3"]) == (None, ["extra.yaml", "data.eval_limit=3"])
+    assert split_run_dir("runs/missing", ["data.eval_limit=3"]) == ("runs/missing", ["data.eval_limit=3"])
+    assert split_run_dir("data.eval_limit=3", []) == (None, ["data.eval_limit=3"])
+    assert split_run_dir(None, []) == (None, [])

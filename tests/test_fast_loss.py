@@ -23,6 +23,7 @@ from loraqa.prompt import IGNORE_INDEX
 from loraqa.trainer import (
     checkpointing_arguments,
     decoder_layers,
+    enable_checkpointing,
     fast_loss_blocker,
     fast_loss_supported,
     labelled_positions_loss,
@@ -216,8 +217,8 @@ def test_gradient_checkpointing_recomputes_layers_and_keeps_loss_and_gradients_i
                                  **checkpointing_arguments(checkpointing))  # fmt: skip
         trainer = make_trainer_class()(model=model, args=args)
         trainer.create_optimizer_and_scheduler(num_training_steps=1)
-        if checkpointing:  # what Trainer.train does first (under the name every transformers 5 knows)
-            trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if checkpointing:  # what Trainer.train does first
+            enable_checkpointing(trainer.model)
         trainer.model.train()
         torch.manual_seed(0)  # the same dropout masks in both runs
         loss = trainer.training_step(trainer.model, make_batch())

@@ -173,16 +173,26 @@ def cmd_train(args) -> int:
     return 0
 
 
+def split_run_dir(first: str | None, items: list[str]) -> tuple[str | None, list[str]]:
+    """(RUN_DIR, the other positionals) of ``loraqa eval``. argparse gives the first positional to RUN_DIR,
+    though it may be a config file or a KEY=VALUE item: RUN_DIR is the first positional that is a folder
+    (``lr=5e-4`` may name one), and with none, the first unless it is an item or a file."""
+    positionals = ([first] if first else []) + items
+    folders = [p for p in positionals if Path(p).is_dir()]
+    if folders:
+        run_dir = folders[0]
+    elif first and "=" not in first and not Path(first).is_file():
+        run_dir = first  # not there: loading it says so
+    else:
+        run_dir = None
+    return run_dir, [p for p in positionals if p != run_dir]
+
+
 def cmd_eval(args) -> int:
     from . import dist
     from .evaluate import eval_run_dir, eval_zero_shot
 
-    # argparse gives the first positional to RUN_DIR: RUN_DIR is the first one that is a folder, if any
-    positionals = ([args.run_dir] if args.run_dir else []) + args.items
-    folders = [p for p in positionals if Path(p).is_dir()]
-    if positionals and (folders or not args.run_dir or "=" in args.run_dir or Path(args.run_dir).is_file()):
-        args.run_dir = folders[0] if folders else None
-        args.items = [p for p in positionals if p != args.run_dir]
+    args.run_dir, args.items = split_run_dir(args.run_dir, args.items)
     overrides = run_eval_overrides(args) if args.run_dir else None  # bad ones stop here, before any loading
     # under torchrun each process answers its share of the questions; the main process writes
     device = str(dist.init(args.device)) if dist.world_size() > 1 else args.device

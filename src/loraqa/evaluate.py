@@ -121,11 +121,10 @@ def eval_zero_shot(cfg, out_dir, *, device: str | None = None, progress: bool = 
     return metrics
 
 
-def eval_run_dir(run_dir, *, data_dir: str | None = None, eval_limit: int | None = None,
-                 overrides: list[tuple[str, object]] | None = None, out_dir=None, device: str | None = None,
-                 progress: bool = True) -> dict:  # fmt: skip
+def eval_run_dir(run_dir, *, overrides: list[tuple[str, object]] | None = None, out_dir=None,
+                 device: str | None = None, progress: bool = True) -> dict:  # fmt: skip
     """Re-score a trained run folder (its adapter or full model) on the dev questions, its config changed by
-    ``overrides`` (``data_dir`` and ``eval_limit`` are two of them); writes ``predictions.jsonl`` and
+    ``overrides`` (``[("data.eval_limit", 100)]``); writes ``predictions.jsonl`` and
     ``metrics.json`` into ``out_dir`` (default: ``eval-<n>`` inside the run folder) and returns the metrics."""
     from pathlib import Path
 
@@ -140,10 +139,7 @@ def eval_run_dir(run_dir, *, data_dir: str | None = None, eval_limit: int | None
         if (Path(out_dir) / CONFIG_FILE).is_file():  # a run's or a zero-shot evaluation's own results
             raise ConfigError(f"{out_dir}: holds a run ({CONFIG_FILE}); pick another -o (default: RUN_DIR/eval-N)")
         dist.on_main(make_run_folder, Path(out_dir))
-    overrides = [
-        (k, v) for k, v in (("data.data_dir", data_dir), ("data.eval_limit", eval_limit)) if v is not None
-    ] + list(overrides or [])
-    run = load_run(run_dir, overrides=overrides, device=device)
+    run = load_run(run_dir, overrides=list(overrides or []), device=device)
     cfg, lm = run.cfg, run.lm
     dev, _, _ = load_split(cfg.data, "dev", limit=cfg.data.eval_limit)
     records, summary = evaluate_model(

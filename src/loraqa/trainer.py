@@ -504,6 +504,16 @@ def checkpointing_arguments(on: bool) -> dict:
     return {f"{name}_checkpointing": on, f"{name}_checkpointing_kwargs": {"use_reentrant": False} if on else None}
 
 
+def enable_checkpointing(model) -> None:
+    """What ``Trainer.train`` does first with checkpointing on, for code that calls the loss itself (the profiler,
+    tests), under this transformers' name (5.24's ``activation_checkpointing_enable``; the old one warns)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def training_arguments(cfg: ExperimentConfig, ckpt_dir: Path, precision: str, device: torch.device,
                        eval_loss: bool = True):  # fmt: skip
     """``eval_loss``: whether there are questions to log the eval loss on (``data.loss_eval_limit=0``, or none

@@ -32,7 +32,7 @@ The modules, one job each (none imports this package's ``__init__``):
 from .attempt import trial_command
 from .driver import run_sweep
 from .machine import code_version, describe_machine, machine_info
-from .state import METRIC_KEYS, STATUSES, is_locked, trial_record, trial_status
+from .state import STATUSES, is_locked, trial_record, trial_status
 from .trials import (
     Trial,
     axis_values,
@@ -46,7 +46,7 @@ from .trials import (
 )
 
 __all__ = [
-    "METRIC_KEYS", "STATUSES", "Trial", "axis_values", "base_config", "code_version", "describe_machine",
+    "STATUSES", "Trial", "axis_values", "base_config", "code_version", "describe_machine",
     "expand_trials", "format_value", "is_locked", "machine_info", "parse_shard", "reference_values", "run_sweep",
     "shard_trials", "trial_command", "trial_name", "trial_record", "trial_status",
 ]  # fmt: skip

@@ -42,7 +42,6 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 STATUSES = ("done", "failed", "running", "unfinished", "pending")
-METRIC_KEYS = RUN_FIGURES  # what sweep.json keeps of each finished trial's metrics.json
 
 
 # A status probe (is_locked) holds a shared lock for a moment; an exclusive try that meets one tries again
@@ -144,7 +143,7 @@ def trial_record(trial: Trial, sweep_dir: Path) -> dict:
     }
     if status == "done":
         metrics = read_json_or(tdir / METRICS_FILE, {}) or {}
-        rec["metrics"] = {k: metrics.get(k) for k in METRIC_KEYS if k in metrics}
+        rec["metrics"] = {k: metrics.get(k) for k in RUN_FIGURES if k in metrics}  # what sweep.json keeps
     elif status == "failed":
         err = read_json_or(tdir / ERROR_FILE, {}) or {}
         rec["exit_code"] = err.get("exit_code")
