@@ -128,7 +128,7 @@ def _sync_checkpoint(src: Path, dst: Path, have: tuple[int, int]) -> int:
     if have[0] != 1:
         shutil.rmtree(dst, ignore_errors=True)
         return 0
-    newest = complete_checkpoints(src)[0][-1]
+    newest = src / f"checkpoint-{have[1]}"  # the one progress() found
     for stale in dst.glob(".*.tmp"):  # left by a sync cut short
         shutil.rmtree(stale, ignore_errors=True)
     changed = 0

@@ -413,16 +413,12 @@ def _parse_question(
     question = _get(qa, "question", str, path, where)
     if unanswerable and "is_impossible" in qa and _get(qa, "is_impossible", bool, path, where):
         return Example(qid, title, context, question, (), (), is_impossible=True)
-    raw_answers = _get(qa, "answers", list, path, where)
-    if not raw_answers:
-        report.skip("no answers", qid)
-        return None
-
-    given = []
-    for i, answer in enumerate(raw_answers):
+    given = []  # keep_answers skips the question, as "no answers", when the list is empty
+    for i, answer in enumerate(_get(qa, "answers", list, path, where)):
         answer_where = f"{where}, answer {i}"
         _check_object(answer, path, answer_where)
-        given.append((_get(answer, "text", str, path, answer_where), _get(answer, "answer_start", int, path, answer_where)))
+        given.append((_get(answer, "text", str, path, answer_where),
+                      _get(answer, "answer_start", int, path, answer_where)))  # fmt: skip
     texts, starts = keep_answers(context, given, qid, report, need_spans)
     return Example(qid, title, context, question, texts, starts) if texts else None
 
