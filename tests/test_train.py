@@ -546,3 +546,30 @@ def test_saving_the_adapter_leaves_no_template_card(tmp_path):
     model = apply_lora(load_base_model("tiny-random-gpt2"), 4, 8, 0.0, "attn")
     save_trained(model, None, tmp_path, full=False, base_name="tiny-random-gpt2")
     assert (tmp_path / "adapter_model.safetensors").exists() and not (tmp_path / "README.md").exists()
+
+
+def test_no_checkpoint_names_the_path_its_base_was_loaded_from(tmp_path, synthetic_dir, monkeypatch):
+    """Checkpoints travel (``loraqa sync`` carries them to other machines and into git): PEFT writes the base's
+    load path into each one's adapter_config.json and template README.md, and loraqa must take it out."""
+    from loraqa import train
+    from loraqa.model import load_base_model, load_gpt2_tokenizer
+
+    model_dir = tmp_path / "my-base"
+    load_base_model("tiny-random-gpt2").save_pretrained(model_dir)
+    load_gpt2_tokenizer().save_pretrained(model_dir)
+    kept = tmp_path / "checkpoints-as-saved"
+    save_training = train._save_training
+
+    def keep_checkpoints(cfg, model, tok, run_dir, train_metrics):  # they are removed once the adapter is saved
+        shutil.copytree(run_dir / "checkpoints", kept)
+        save_training(cfg, model, tok, run_dir, train_metrics)
+
+    monkeypatch.setattr(train, "_save_training", keep_checkpoints)
+    run_experiment(tiny_config(synthetic_dir, **{"model.name": str(model_dir)}), tmp_path / "run", progress=False)
+    checkpoints = sorted(kept.glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == ["checkpoint-4"]  # the newest only (save_total_limit)
+    for ckpt in checkpoints:
+        assert json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"] == "my-base"
+        assert not (ckpt / "README.md").exists()
+        for f in ckpt.iterdir():
+            assert str(tmp_path).encode() not in f.read_bytes(), f

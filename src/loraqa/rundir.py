@@ -229,18 +229,27 @@ def save_trained(model, tok, run_dir: Path, full: bool, base_name: str | None = 
     tmp = run_dir / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    adapter_cfg = tmp / "adapter_config.json"
+    make_portable(tmp, base_name)  # the run's own card comes later
+    if full:
+        tok.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        os.replace(f, run_dir / f.name)
+    tmp.rmdir()
+
+
+def make_portable(folder: Path, base_name: str | None) -> None:
+    """Take the training machine's paths out of what PEFT's ``save_pretrained`` wrote into ``folder`` (the run
+    folder's adapter, and every checkpoint, which ``loraqa sync`` may carry to other machines and into git):
+    ``adapter_config.json`` names the base as ``base_name`` does (see :func:`portable_model_name`) instead of
+    the path it was loaded from, and PEFT's template model card, which names the base by that path, is removed.
+    """
+    folder = Path(folder)
+    adapter_cfg = folder / "adapter_config.json"
     if base_name is not None and adapter_cfg.is_file():
         # set in the file, not on the model: PEFT's save would look the name up on the hub
         write_json_atomic(adapter_cfg, {**read_json(adapter_cfg),
                                         "base_model_name_or_path": portable_model_name(base_name)})  # fmt: skip
-    if full:
-        tok.save_pretrained(tmp)
-    # PEFT's template card names the base by the path it was loaded from; the run's own card comes later
-    (tmp / MODEL_CARD_FILE).unlink(missing_ok=True)
-    for f in tmp.iterdir():
-        os.replace(f, run_dir / f.name)
-    tmp.rmdir()
+    (folder / MODEL_CARD_FILE).unlink(missing_ok=True)
 
 
 def check_weights(run_dir: Path, full: bool) -> None:

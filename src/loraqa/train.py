@@ -238,6 +238,7 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
                    *filter(None, [make_tensorboard_callback(run_dir, cfg.train.report_to)]), interrupt, clock],  # fmt: skip
         fast_loss=cfg.train.fast_loss,
         share_contexts=shared,
+        base_name=cfg.model.name,
     )
     clock.trainer = trainer
     resume = dist.on_main(last_checkpoint, ckpt_dir)  # it removes half-written ones: one process, one answer

@@ -30,6 +30,7 @@ from .io import read_json, write_json_atomic, write_jsonl_atomic
 from .layout import CLOCK_FILE, TENSORBOARD_DIR
 from .packing import SharedContextBatches
 from .prompt import IGNORE_INDEX
+from .rundir import make_portable
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ def make_trainer_class():
     import contextlib
 
     from transformers import Trainer, TrainerCallback
+    from transformers.trainer import TRAINING_ARGS_NAME
 
     class SamplerEpoch(TrainerCallback):
         """Tells the trainer's epoch-seeded sampler which epoch begins. The Trainer's own ``set_epoch`` does not
@@ -184,8 +186,10 @@ def make_trainer_class():
         optimizer state stay fp32.
         """
 
-        def __init__(self, *args, fast_loss: bool = True, share_contexts: bool = False, **kwargs):
+        def __init__(self, *args, fast_loss: bool = True, share_contexts: bool = False, base_name: str | None = None,
+                     **kwargs):  # fmt: skip
             super().__init__(*args, **kwargs)
+            self.base_name = base_name  # the config's model name, for the checkpoints' adapter_config.json
             blocker = fast_loss_blocker(self.model) if fast_loss else None
             if blocker:
                 log.warning("train.fast_loss: using the model's own full-vocabulary loss instead: %s", blocker)
@@ -228,6 +232,16 @@ def make_trainer_class():
                 return
             with self._no_input_cast(), self.accelerator.autocast():
                 yield
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            # each checkpoint's weights; written before its trainer_state.json, so a checkpoint complete enough
+            # to resume from (or to sync to another machine) never holds a path of this one
+            super()._save(output_dir, state_dict=state_dict)
+            folder = Path(output_dir or self.args.output_dir)
+            make_portable(folder, self.base_name)
+            # a pickle of these TrainingArguments, output_dir included; nothing reads it back (resuming rebuilds
+            # the arguments from config.yaml), and a pickle is no file to hand to another machine's torch.load
+            (folder / TRAINING_ARGS_NAME).unlink(missing_ok=True)
 
         def training_step(self, *args, **kwargs):
             # held over the backward pass too: gradient checkpointing recomputes the forward there, and
