@@ -159,6 +159,24 @@ def test_sweep_section_is_validated(tmp_path):
         assert key in str(e.value) and str(path) in str(e.value), (text, str(e.value))
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("lora:\n  r: 1.5\n", "lora.r: expected an integer, got 1.5"),
+        ("lora:\n  r: true\n", "lora.r: expected an integer, got True"),
+        ("lora:\n  r: eight\n", "lora.r: expected an integer, got 'eight'"),
+        ("train:\n  lr: fast\n", "train.lr: expected a number, got 'fast'"),
+        ("train:\n  lr: false\n", "train.lr: expected a number, got False"),
+    ],
+)
+def test_a_number_field_names_the_field_and_the_type_it_wants(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(path)
+    assert str(path) in str(e.value)
+    assert load_config(write(tmp_path, "lora:\n  r: '16'\ntrain:\n  lr: '5e-4'\n", "ok.yaml")).lora.r == 16
+
+
 def test_resources_per_trial_default_merge_and_validation(tmp_path):
     assert load_config(write(tmp_path, "sweep:\n  mode: grid\n")).sweep.resources_per_trial == {"cpus": 1, "gpus": 0}
     gpu = load_config(write(tmp_path, "sweep:\n  resources_per_trial: {gpus: 1, cpus: '4'}\n", "gpu.yaml"))

@@ -163,6 +163,11 @@ NON_NEGATIVE = {"lora.dropout", "train.lr", "train.weight_decay", "train.warmup_
                 "train.save_steps", "data.loss_eval_limit", "data.train_limit", "data.eval_limit"}  # fmt: skip
 
 
+# A number field: how an error names it, and the YAML/CLI types it may be given as (bools are ints to Python
+# but never a number here).
+_NUMBERS = {int: ("an integer", (int, str)), float: ("a number", (int, float, str))}
+
+
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; numbers written as strings (``5e-4``, which YAML 1.1
     reads as a string) become numbers."""
@@ -199,20 +204,14 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         raise ConfigError(f"{where}: {key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{where}: {key}: expected an integer, got {value!r}")
+    if tp in _NUMBERS:
+        what, accepted = _NUMBERS[tp]
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise ConfigError(f"{where}: {key}: expected {what}, got {value!r}")
         try:
-            return int(value)
+            return tp(value)
         except ValueError:
-            raise ConfigError(f"{where}: {key}: expected an integer, got {value!r}") from None
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{where}: {key}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{where}: {key}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{where}: {key}: expected {what}, got {value!r}") from None
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {key}: expected a string, got {value!r}")
