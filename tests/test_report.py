@@ -118,6 +118,8 @@ def test_claims_hold_when_the_numbers_say_so(tmp_path):
     assert "2e-4 − 5e-4: +8.00 ±" in verdict_line(text, "b")
     assert "lower at 5 and higher at 0 of 5 common steps" in verdict_line(text, "c")
     assert "r4 1,000 MB" in verdict_line(text, "d") and "+7.0%" in verdict_line(text, "d")
+    # (32 - 4) * 512 trainable parameters more, at 16 bytes each: 0.22 MB, 0.02% of r4's 1,000 MB
+    assert "grows by +0.2 MB from r4 to r32: 0.02% of r4's peak" in verdict_line(text, "d")
     # full fine-tuning ablation table
     ablation = text.split("### Full fine-tuning ablation")[1]
     assert "134,515,008" in ablation and "2,100 MB" in ablation and "63.00" in ablation

@@ -12,6 +12,9 @@ from .load import SweepData, TrialResult
 
 LOSS_TOLERANCE = 0.01  # a loss difference counts when it is more than 1% (relative)
 MEMORY_TOLERANCE = 0.02  # a memory difference counts when it is more than 2% (relative)
+# What one trainable parameter costs in training: its fp32 weight, gradient and AdamW's two moments. The memory
+# verdict sets this against the measured peaks, to show how much of a difference rank itself can make.
+ADAPTER_STATE_BYTES = 16
 
 HOLDS, FAILS, NA = "holds", "does not hold", "not measurable here"
 
@@ -156,11 +159,24 @@ def verdict_rank_memory(data: SweepData) -> Verdict:
     total = mem[-1] - mem[0]
     drops = [(a, b) for a, b in zip(mem, mem[1:], strict=False) if b < a * (1 - MEMORY_TOLERANCE)]
     detail = f"{kind}: {listing}; highest − lowest rank: {total:+,.0f} MB ({100 * total / mem[0]:+.1f}%)."
+    detail += _adapter_state_note(rows[0], rows[-1], mem[0])
     if total > mem[0] * MEMORY_TOLERANCE and not drops:
         return Verdict("d", claim, HOLDS, detail)
     return Verdict(
         "d", claim, FAILS, detail + f" Not an increase beyond {MEMORY_TOLERANCE:.0%} at every rank."
     )
+
+
+def _adapter_state_note(low: TrialResult, high: TrialResult, low_peak: float) -> str:
+    """How much more the highest rank's adapters hold in training than the lowest's, beside the lowest's peak."""
+    counts = [low.m("trainable_params"), high.m("trainable_params")]
+    if None in counts:
+        return ""
+    grown = (int(counts[1]) - int(counts[0])) * ADAPTER_STATE_BYTES / 2**20
+    return (f" The adapters' own training state (fp32 weights, gradients and AdamW's two moments, "
+            f"{ADAPTER_STATE_BYTES} bytes a trainable parameter) grows by {grown:+,.1f} MB from "
+            f"r{low.trial.values['lora.r']} to r{high.trial.values['lora.r']}: {100 * grown / low_peak:.2f}% of "
+            f"r{low.trial.values['lora.r']}'s peak.")  # fmt: skip
 
 
 def verdict_masking(data: SweepData) -> Verdict:
