@@ -173,10 +173,10 @@ def _adapter_state_note(low: TrialResult, high: TrialResult, low_peak: float) ->
     if None in counts:
         return ""
     grown = (int(counts[1]) - int(counts[0])) * ADAPTER_STATE_BYTES / 2**20
+    low_r, high_r = low.trial.values["lora.r"], high.trial.values["lora.r"]
     return (f" The adapters' own training state (fp32 weights, gradients and AdamW's two moments, "
-            f"{ADAPTER_STATE_BYTES} bytes a trainable parameter) grows by {grown:+,.1f} MB from "
-            f"r{low.trial.values['lora.r']} to r{high.trial.values['lora.r']}: {100 * grown / low_peak:.2f}% of "
-            f"r{low.trial.values['lora.r']}'s peak.")  # fmt: skip
+            f"{ADAPTER_STATE_BYTES} bytes a trainable parameter) grows by {grown:+,.1f} MB from r{low_r} to "
+            f"r{high_r}: {100 * grown / low_peak:.2f}% of r{low_r}'s peak.")  # fmt: skip
 
 
 def verdict_masking(data: SweepData) -> Verdict:
