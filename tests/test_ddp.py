@@ -94,6 +94,14 @@ def run_torchrun(settings_: dict, run_dir, timeout: float = 300, command: list[s
     return subprocess.CompletedProcess(proc.args, proc.returncode, out)
 
 
+def failure(done: subprocess.CompletedProcess) -> str:
+    """What a failed torchrun said: the lines that name a worker's own error (they come before the launcher's
+    report, which alone fills the tail), then the tail."""
+    cause = [line for line in done.stdout.splitlines() if any(w in line for w in ("terminate called", "what():",
+             "Error", "Fatal"))]  # fmt: skip
+    return "\n".join(cause[-20:]) + "\n...\n" + done.stdout[-3000:]
+
+
 def history(run_dir, key: str) -> list[tuple[int, float]]:
     rows = [json.loads(line) for line in (run_dir / "log_history.jsonl").read_text().splitlines()]
     return [(h["step"], h[key]) for h in rows if key in h]
@@ -103,7 +111,7 @@ def test_two_processes_train_and_score_like_one(tmp_path, synthetic_dir, no_drop
     s = settings(no_dropout_model, synthetic_dir)
     ref = one_process(s, tmp_path / "one")
     done = run_torchrun(s, tmp_path / "two")
-    assert done.returncode == 0, done.stdout[-3000:]
+    assert done.returncode == 0, failure(done)
     two = tmp_path / "two"
     metrics = json.loads((two / "metrics.json").read_text())
 
@@ -145,7 +153,7 @@ def test_eval_under_torchrun_answers_each_question_once(tmp_path, synthetic_dir,
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "loraqa.cli", "eval", str(run)]  # fmt: skip
     done = run_torchrun({}, run, command=command)
-    assert done.returncode == 0, done.stdout[-3000:]
+    assert done.returncode == 0, failure(done)
     assert (run / "eval-9" / "predictions.jsonl").read_text() == expected
     assert json.loads((run / "eval-9" / "metrics.json").read_text())["f1"] == ref["f1"]
     assert done.stdout.count("EM ") == 1  # one process printed the result
@@ -167,7 +175,7 @@ def test_a_run_killed_under_torchrun_resumes_from_its_checkpoint(tmp_path, synth
     assert not (run / "metrics.json").exists(), "the run finished before it was killed"
 
     done = run_torchrun(s, run)
-    assert done.returncode == 0, done.stdout[-3000:]
+    assert done.returncode == 0, failure(done)
     metrics = json.loads((run / "metrics.json").read_text())
     resumed_step = int(metrics["resumed_from"].split("-")[1])
     assert 0 < resumed_step < 40 and metrics["train_steps"] == 40 and metrics["train_segments"] == 2
@@ -210,7 +218,7 @@ def test_ctrl_c_under_torchrun_saves_one_checkpoint_that_every_rank_stopped_at(t
     assert "SIGKILL" not in out, "the ranks did not stop within torchrun's grace period: it killed them"
 
     done = run_torchrun(s, run)
-    assert done.returncode == 0, done.stdout[-3000:]
+    assert done.returncode == 0, failure(done)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["resumed_at_step"] == step and metrics["train_steps"] == 400
     assert [k for k, _ in history(run, "loss")] == list(range(1, 401))  # every step logged once
@@ -279,6 +287,45 @@ def test_sums_and_maxima_over_two_processes_keep_their_type(tmp_path):
     expected = [3, 2**41 + 1, 1.5, 7, [0, 1], ["int", "int", "float", "int", "list"]]
     for rank in (0, 1):
         assert json.loads((tmp_path / f"out.{rank}").read_text()) == expected
+
+
+SESSION_SCRIPT = """
+import os, sys, time
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+from loraqa import dist
+
+def work(rank, out, port, fail):
+    tdist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + port, rank=rank, world_size=2)
+    try:
+        with dist.session():
+            if rank == 1:  # the slow process: it ends its block 2 s after the main process
+                time.sleep(2)
+                open(out + ".slow-done", "w").close()
+            if fail:
+                raise RuntimeError("both fail")
+    except RuntimeError:
+        pass
+    if rank == 0:  # had rank 1 ended its block when rank 0 left its session?
+        open(out + ".seen", "w").write(str(os.path.exists(out + ".slow-done")))
+
+if __name__ == "__main__":
+    mp.spawn(work, args=(sys.argv[1], sys.argv[2], sys.argv[3] == "fail"), nprocs=2)
+"""
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_session_that_ends_well_waits_for_every_process_and_one_that_fails_does_not(tmp_path, fail):
+    # a finished torchrun run once failed as the main process left first: its peer aborted (SIGABRT) mid-teardown
+    script = tmp_path / "session.py"
+    script.write_text(SESSION_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(script), str(out), str(port), "fail" if fail else "ok"], env=env(),
+                   check=True, timeout=120)  # fmt: skip
+    assert (tmp_path / "out.seen").read_text() == str(not fail)
 
 
 def test_kill_tree_leaves_no_process(tmp_path):

@@ -160,10 +160,8 @@ def cmd_train(args) -> int:
     cfg = build_config(args)
     out = Path(args.output_dir or os.path.join("runs", cfg.name))
     command = current_command(["loraqa", *args.argv])
-    try:
+    with dist.session():
         metrics = run_experiment(cfg, out, overwrite=args.overwrite, device=args.device, command=command)
-    finally:
-        dist.close()
     if not dist.is_main_process():  # under torchrun: one table, from the process that wrote the folder
         return 0
     _print_metrics(metrics, f"{cfg.model.name} + {cfg.train.method} -> {out}")
@@ -196,7 +194,7 @@ def cmd_eval(args) -> int:
     overrides = run_eval_overrides(args) if args.run_dir else None  # bad ones stop here, before any loading
     # under torchrun each process answers its share of the questions; the main process writes
     device = str(dist.init(args.device)) if dist.world_size() > 1 else args.device
-    try:
+    with dist.session():
         if args.run_dir:
             metrics = eval_run_dir(args.run_dir, overrides=overrides, out_dir=args.output_dir, device=device)
             where = args.output_dir or args.run_dir
@@ -205,8 +203,6 @@ def cmd_eval(args) -> int:
             out = Path(args.output_dir or os.path.join("runs", f"zero-shot-{Path(cfg.model.name).name}"))
             metrics = eval_zero_shot(cfg, out, device=device)
             where = str(out)
-    finally:
-        dist.close()
     if not dist.is_main_process():
         return 0
     _print_metrics(metrics, f"evaluation -> {where}")

@@ -9,6 +9,7 @@ function here is a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -58,6 +59,21 @@ def close() -> None:
     """Leave the process group (torchrun warns about a group left open at exit)."""
     if _joined():
         tdist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session():
+    """Leave the process group when the block ends: after a :func:`barrier` when it ended well, at once when it
+    raised. Without the barrier the main process, done first, tears its gloo sockets down while the others may
+    still be reading its last broadcast: once in CI a finished run failed so, its other process aborting (SIGABRT).
+    No barrier after an error: a process that raised alone would wait there for the others until the timeout."""
+    try:
+        yield
+    except BaseException:
+        close()
+        raise
+    barrier()
+    close()
 
 
 def barrier() -> None:
