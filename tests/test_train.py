@@ -82,7 +82,8 @@ def test_run_folder_holds_everything_and_the_adapter_loads(tmp_path, synthetic_d
     assert metrics["exact_match"] == pytest.approx(100 * sum(preds_em) / 8)
     assert metrics["train_tokens_per_second"] == pytest.approx(metrics["train_tokens"] / metrics["train_seconds"],
                                                                rel=1e-2)  # fmt: skip
-    assert metrics["eval_questions_per_second"] == pytest.approx(8 / metrics["eval_seconds"], rel=1e-2)
+    # eval_seconds is rounded to the millisecond, which a tiny model's few-ms evaluation feels: compare times
+    assert 8 / metrics["eval_questions_per_second"] == pytest.approx(metrics["eval_seconds"], abs=1e-3)
     assert metrics["peak_memory_mb"] > 0 and metrics["eval_seconds"] > 0
     assert json.loads((run / "metrics.json").read_text()) == metrics
     preds = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]

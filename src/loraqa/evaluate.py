@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from . import dist
 from .config import ConfigError, EvalConfig
 from .generate import generate_answers
-from .layout import CONFIG_FILE, LOG_FILE, METRICS_FILE, TRAIN_METRICS_FILE
+from .journal import AnswerJournal, fingerprint
+from .layout import CONFIG_FILE, LOG_FILE, METRICS_FILE, TRAIN_METRICS_FILE, answer_journal_file
 from .metrics import score_predictions
 from .prompt import PromptEncoder, PromptStats
 
@@ -58,13 +61,17 @@ def evaluate_model(
     eval_cfg: EvalConfig | None = None,
     progress: bool = True,
     unanswerable_answer: str | None = None,
+    journal_dir: Path | None = None,
 ) -> tuple[list[dict], dict]:
     """Greedy answers to ``examples`` scored by SQuAD EM/F1 (the v2.0 rules with ``unanswerable_answer``);
     returns per-question records and a summary with ``exact_match``, ``f1``, ``n_questions`` (questions with
     gold answers, the ones scored), ``eval_seconds``, ``eval_questions_per_second``.
 
     Under several processes each answers a contiguous share of ``examples`` and every process gets all the
-    answers back, in the order of ``examples``; the time is until the last share is in."""
+    answers back, in the order of ``examples``; the time is until the last share is in.
+
+    With ``journal_dir`` (a run folder) the answers are kept there as they come (:mod:`loraqa.journal`): an
+    evaluation interrupted midway resumes at its next batch when called again, its time counting both parts."""
     from .model import position_limit
 
     eval_cfg = eval_cfg or EvalConfig()
@@ -75,14 +82,19 @@ def evaluate_model(
     encoder = PromptEncoder(tokenizer, max_length=max_length)
     stats = PromptStats()
     prompts = [encoder.encode_prompt(ex.context, ex.question, stats) for ex in examples]
+    share = prompts[dist.shard(len(prompts))]
+    journal = _open_journal(journal_dir, model, tokenizer, share, eval_cfg) if journal_dir else None
     start = time.perf_counter()
     answers = generate_answers(
-        model, tokenizer, prompts[dist.shard(len(prompts))], batch_size=eval_cfg.batch_size,
+        model, tokenizer, share, batch_size=eval_cfg.batch_size,
         max_new_tokens=eval_cfg.max_new_tokens, sort_by_length=eval_cfg.sort_by_length,
         share_prefixes=eval_cfg.share_prefixes, prune_finished=eval_cfg.prune_finished, progress=progress,
+        done=journal.done if journal else None, on_batch=journal.record if journal else None,
     )  # fmt: skip
     answers = dist.gather_lists(answers)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start + (journal.seconds_before if journal else 0.0)
+    if journal:
+        journal.discard()
     records, summary = score_predictions(examples, answers, unanswerable_answer)
     summary.update(
         eval_seconds=round(seconds, 3),
@@ -92,10 +104,17 @@ def evaluate_model(
     return records, summary
 
 
+def _open_journal(folder: Path, model, tokenizer, prompts: list[list[int]], eval_cfg: EvalConfig) -> AnswerJournal:
+    from .generate import stop_token_ids
+
+    settings = {**dataclasses.asdict(eval_cfg), "tokenizer": type(tokenizer).__name__, "vocab": len(tokenizer),
+                "stops": stop_token_ids(tokenizer)}  # fmt: skip
+    name = answer_journal_file(dist.rank(), dist.world_size())
+    return AnswerJournal(Path(folder) / name, fingerprint(model, prompts, settings))
+
+
 def eval_zero_shot(cfg, out_dir, *, device: str | None = None, progress: bool = True) -> dict:
     """Score the base model (no fine-tuning) with the same prompt; writes predictions.jsonl and metrics.json."""
-    from pathlib import Path
-
     from .data import load_split
     from .io import write_json_atomic, write_text_atomic
     from .model import count_parameters, load_model_and_tokenizer
@@ -109,7 +128,7 @@ def eval_zero_shot(cfg, out_dir, *, device: str | None = None, progress: bool = 
     lm = load_model_and_tokenizer(cfg.model.name, cfg.model.precision, cfg.model.attn_implementation, device)
     records, summary = evaluate_model(
         lm.model, lm.tokenizer, dev, max_length=cfg.prompt.max_length, eval_cfg=cfg.eval, progress=progress,
-        unanswerable_answer=cfg.data.no_answer_text(),
+        unanswerable_answer=cfg.data.no_answer_text(), journal_dir=out_dir,
     )  # fmt: skip
     _, total = count_parameters(lm.model)
     metrics = {**summary, "trainable_params": 0, "total_params": total, "model": cfg.model.name,
@@ -126,8 +145,6 @@ def eval_run_dir(run_dir, *, overrides: list[tuple[str, object]] | None = None, 
     """Re-score a trained run folder (its adapter or full model) on the dev questions, its config changed by
     ``overrides`` (``[("data.eval_limit", 100)]``); writes ``predictions.jsonl`` and
     ``metrics.json`` into ``out_dir`` (default: ``eval-<n>`` inside the run folder) and returns the metrics."""
-    from pathlib import Path
-
     from .data import load_split
     from .io import write_json_atomic
     from .rundir import load_run, make_run_folder, write_predictions
@@ -142,11 +159,12 @@ def eval_run_dir(run_dir, *, overrides: list[tuple[str, object]] | None = None, 
     run = load_run(run_dir, overrides=list(overrides or []), device=device)
     cfg, lm = run.cfg, run.lm
     dev, _, _ = load_split(cfg.data, "dev", limit=cfg.data.eval_limit)
+    out = Path(out_dir) if out_dir else run_dir / f"eval-{len(dev)}"
+    dist.on_main(make_run_folder, out)
     records, summary = evaluate_model(
         run.model, lm.tokenizer, dev, max_length=cfg.prompt.max_length, eval_cfg=cfg.eval, progress=progress,
-        unanswerable_answer=cfg.data.no_answer_text(),
+        unanswerable_answer=cfg.data.no_answer_text(), journal_dir=out,
     )  # fmt: skip
-    out = Path(out_dir) if out_dir else run_dir / f"eval-{len(dev)}"
     dist.on_main(write_predictions, out, records)
     metrics = {**summary, "model": cfg.model.name, "precision": lm.precision, "device": str(lm.device)}
     dist.on_main(write_json_atomic, out / METRICS_FILE, metrics)

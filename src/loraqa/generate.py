@@ -21,6 +21,7 @@ with left padding, for comparison).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -234,12 +235,17 @@ def generate_answers(
     engine: str = "loop",
     progress: bool = True,
     desc: str = "generate",
+    done: Mapping[int, str] | None = None,
+    on_batch: Callable[[list[int], list[str]], None] | None = None,
 ) -> list[str]:
     """Greedy answers for token-id prompts, in the order given.
 
     ``sort_by_length=False`` batches the prompts in the order given; ``share_prefixes=False`` runs every
     prompt through the model whole; ``prune_finished=False`` keeps stopped sequences in the batch until the
     last one stops; ``engine="hf"`` decodes left-padded batches with ``model.generate`` (no prefix sharing).
+    ``done`` (prompt index -> answer) skips the batches it answers whole, and ``on_batch(indices, answers)``
+    hears each batch generated: together, an interrupted evaluation resumed in the same batches
+    (:mod:`loraqa.journal`).
     """
     if engine not in ("loop", "hf"):
         raise ValueError(f"engine must be 'loop' or 'hf', got {engine!r}")
@@ -253,6 +259,12 @@ def generate_answers(
     answers: list[str] = [""] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, unit="q", disable=not progress, dynamic_ncols=True)
     for batch in batches:
+        members = [m for g in batch for m in g.members]
+        if done and all(m in done for m in members):
+            for m in members:
+                answers[m] = done[m]
+            bar.update(len(members))
+            continue
         if engine == "loop":
             fwd = _Forward(model)
             idx, logits, mask, next_position = _prefill(fwd, prompts, batch, pad_id, device)
@@ -260,11 +272,13 @@ def generate_answers(
                                   prune_finished=prune_finished)  # fmt: skip
             del fwd
         else:
-            idx = [m for g in batch for m in g.members]
+            idx = members
             new = _hf_generate(model, [prompts[i] for i in idx], pad_id, stops, max_new_tokens, device)
-        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        texts = [first_line(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
         for i, text in zip(idx, texts, strict=True):
-            answers[i] = first_line(text)
+            answers[i] = text
+        if on_batch is not None:
+            on_batch(idx, texts)
         bar.update(len(idx))
     bar.close()
     return answers

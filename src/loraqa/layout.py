@@ -16,6 +16,7 @@ TENSORBOARD_DIR = "tensorboard"  # `tensorboard --logdir` a sweep folder finds e
 CLOCK_FILE = "loraqa_clock.json"  # in each checkpoint: train time, tokens and peak memory so far
 ERROR_FILE = "error.json"
 LOCK_FILE = ".loraqa.lock"
+ANSWER_JOURNAL_FILE = "answers.partial.jsonl"  # an evaluation under way: its answers so far (loraqa.journal)
 
 # a sweep folder: these, and a trial folder per trial (a run folder, plus the TRIAL_ files)
 SWEEP_CONFIG_FILE = "sweep.yaml"
@@ -30,6 +31,11 @@ TRIAL_LOCK_FILE = ".lock"  # flock-ed by the sweep running the trial
 REPORT_FILE = "report.md"
 RESULTS_FILE = "results.csv"
 FIGURES_DIR = "figures"
+
+
+def answer_journal_file(rank: int, world_size: int) -> str:
+    """The journal of one process's share of the answers (one file when a single process answers)."""
+    return ANSWER_JOURNAL_FILE if world_size == 1 else ANSWER_JOURNAL_FILE.replace(".jsonl", f".rank{rank}.jsonl")
 
 
 def sweep_command(sweep_dir, show=str) -> str:

@@ -157,6 +157,7 @@ def _run(cfg, run_dir: Path, device, callbacks, progress, command) -> dict:
     records, summary = evaluate_model(
         model, tok, dev_examples, max_length=cfg.prompt.max_length, eval_cfg=cfg.eval,
         progress=progress and dist.is_main_process(), unanswerable_answer=cfg.data.no_answer_text(),
+        journal_dir=run_dir,
     )  # fmt: skip
     metrics = {
         "exact_match": summary["exact_match"],
