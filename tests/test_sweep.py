@@ -451,6 +451,14 @@ def test_stderr_pump_separates_progress_bars_from_lines(tmp_path):
 # ---------------------------------------------------------------------------------------------- the real thing
 
 
+def resumable(out) -> set[str]:
+    """The trials with a complete checkpoint: one whose trainer_state.json exists but is still being written (the
+    Trainer writes it in place) is removed, not resumed from, by the rerun."""
+    from loraqa.rundir import complete_checkpoints
+
+    return {d.name for d in (out.iterdir() if out.is_dir() else ()) if complete_checkpoints(d / "checkpoints")[0]}
+
+
 @pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory):
     """configs/tiny-sweep.yaml run for real: SIGKILL-ed (the whole process group) once a trial has finished and
@@ -472,10 +480,7 @@ def killed_and_resumed(tmp_path_factory):
     deadline = time.monotonic() + 180
     while True:
         finished = {p.parent.name for p in out.glob("*/metrics.json")}
-        ckpts = {
-            p.parents[2].name for p in out.glob("*/checkpoints/checkpoint-*/trainer_state.json")
-        } - finished
-        ckpts = {n for n in ckpts if not (out / n / "train_metrics.json").exists()}  # still training
+        ckpts = {n for n in resumable(out) - finished if not (out / n / "train_metrics.json").exists()}  # training
         if finished and ckpts:
             break
         assert first.poll() is None, (
@@ -487,9 +492,8 @@ def killed_and_resumed(tmp_path_factory):
     first.wait()
     log.close()
     before = mtimes(out)
-    interrupted = {n for n in {p.name for p in out.iterdir() if p.is_dir()} - set(before)
-                   if not (out / n / "train_metrics.json").exists()
-                   and list((out / n).glob("checkpoints/checkpoint-*/trainer_state.json"))}  # fmt: skip
+    interrupted = {n for n in resumable(out) - set(before)
+                   if not (out / n / "train_metrics.json").exists()}  # fmt: skip
     start = time.perf_counter()
     second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     return {"out": out, "before": before, "interrupted": interrupted, "second": second,
