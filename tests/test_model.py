@@ -71,6 +71,18 @@ def test_bf16_stores_a_frozen_base_in_bf16_and_adapters_in_fp32():
     assert all("lora_" in n for n in trainable)
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_is_kept_but_warned_about(monkeypatch, caplog, native):
+    monkeypatch.setattr(model_mod, "cpu_has_bf16", lambda: native)
+    with caplog.at_level("WARNING", logger="loraqa.model"):
+        assert model_mod.resolve_precision("bf16", "cpu") == "bf16"  # asked for: kept, it is only slow
+        assert model_mod.resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+        assert model_mod.resolve_precision("fp32", "cpu") == "fp32"
+    warned = [r.getMessage() for r in caplog.records if "model.precision=bf16" in r.getMessage()]
+    assert len(warned) == (0 if native else 1)
+    assert native or "use model.precision=auto or fp32" in warned[0]
+
+
 class OneLayer(torch.nn.Module):
     def __init__(self, d_in=6, d_out=5):
         super().__init__()
