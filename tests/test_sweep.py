@@ -177,7 +177,7 @@ def mtimes(out: Path) -> dict[str, int]:
     return {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")}
 
 
-def test_a_failed_trial_is_recorded_and_the_others_go_on(fake_trials, monkeypatch):
+def test_a_failed_trial_is_recorded_and_the_others_go_on(fake_trials, monkeypatch, capsys):
     out = fake_trials
     cfg = load_config(TINY)
     monkeypatch.setenv("FAKE_FAIL", "r16,targets_attn+proj")
@@ -202,10 +202,15 @@ def test_a_failed_trial_is_recorded_and_the_others_go_on(fake_trials, monkeypatc
     assert rec["base"]["wall_seconds"] > 0 and rec["base"]["metrics"]["f1"] == 20.0
     assert "a line on stdout" in (out / "base" / "trial.log").read_text()
 
-    # a rerun retries the failed trials only
-    before = mtimes(out)
+    # a plain rerun leaves failed trials as they are and says how to retry them
     monkeypatch.delenv("FAKE_FAIL")
-    assert sweep.run_sweep(cfg, out, progress=False) == 0
+    before = mtimes(out)
+    assert sweep.run_sweep(cfg, out, progress=False) == 1
+    assert mtimes(out) == before
+    assert "--retry-failed" in capsys.readouterr().err
+
+    # --retry-failed reruns the failed trials only
+    assert sweep.run_sweep(cfg, out, progress=False, retry_failed=True) == 0
     assert {k: v for k, v in mtimes(out).items() if k in before} == before
     assert not (out / "r16" / "error.json").exists() and (out / "r16" / "metrics.json").exists()
     run = read_json(out / "r16" / "run.json")
@@ -238,7 +243,9 @@ def test_cli_sweep_exits_nonzero_when_a_trial_fails(fake_trials, monkeypatch, ca
     assert main(["sweep", str(TINY), "--output-dir", str(fake_trials)]) == 1
     assert "FAILED lr5e-4" in capsys.readouterr().err
     monkeypatch.delenv("FAKE_FAIL")
-    assert main(["sweep", str(TINY), "--output-dir", str(fake_trials)]) == 0
+    assert main(["sweep", str(TINY), "--output-dir", str(fake_trials)]) == 1  # failed trials wait for the flag
+    assert "--retry-failed" in capsys.readouterr().err
+    assert main(["sweep", str(TINY), "--output-dir", str(fake_trials), "--retry-failed"]) == 0
     index = read_json(fake_trials / "sweep.json")
     # run in-process (not from the command line), the command is rebuilt from the saved sweep.yaml, and says so
     (inv,) = {i["command"]: i for i in index["invocations"]}.values()

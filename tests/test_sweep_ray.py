@@ -66,7 +66,7 @@ def test_fake_trials_on_a_local_ray_instance(tmp_path, monkeypatch):
     too_big = load_config(TINY, [])
     too_big.sweep.resources_per_trial = {"cpus": 1.0, "gpus": 64.0}
     with pytest.raises(ConfigError, match=r"resources_per_trial .*64 GPUs.*no Ray node"):
-        sweep.run_sweep(too_big, out, backend="ray", progress=False)
+        sweep.run_sweep(too_big, out, backend="ray", progress=False, retry_failed=True)
     assert not (out / "r16" / "metrics.json").exists()  # nothing ran
 
 
@@ -149,3 +149,33 @@ def test_a_killed_ray_driver_reruns_without_redoing_finished_trials(driver_kille
     assert index["counts"]["done"] == len(names) and all(t["wall_seconds"] for t in index["trials"])
     assert f"{len(r['before'])} finished already" in r["stderr"]
     assert r["leftover"] == [], r["leftover"]
+
+
+def _unused_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("via", ["--address", "RAY_ADDRESS"])
+def test_a_wrong_cluster_address_fails_fast_naming_it(tmp_path, via):
+    """Nothing listens at the address: one line naming it and what to check, well within a minute."""
+    import time
+
+    address = f"127.0.0.1:{_unused_loopback_port()}"
+    env = {**os.environ, "LORAQA_NO_PROGRESS": "1"}
+    cmd = [sys.executable, "-m", "loraqa.cli", "sweep", str(TINY), "-o", str(tmp_path / "s"), "--backend", "ray"]
+    if via == "--address":
+        cmd += ["--address", address]
+    else:
+        env["RAY_ADDRESS"] = address
+    start = time.monotonic()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - start < 60
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("loraqa: error:") and via in last and address in last and "ray status" in last
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "s" / "base").exists()  # no trial started

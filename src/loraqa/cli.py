@@ -153,10 +153,11 @@ def _print_metrics(metrics: dict, title: str) -> None:
 
 
 def cmd_train(args) -> int:
-    from . import dist
+    from . import dist, signals
     from .card import current_command
     from .train import run_experiment
 
+    signals.watch_parent()  # a sweep's trial stops (resumably) when its sweep dies
     cfg = build_config(args)
     out = Path(args.output_dir or os.path.join("runs", cfg.name))
     command = current_command(["loraqa", *args.argv])
@@ -298,7 +299,7 @@ def cmd_sweep(args) -> int:
 
     cfg = build_config(args, allow_sweep=True)
     return run_sweep(cfg, args.output_dir, shard=args.shard, parallel=args.parallel, device=args.device,
-                     backend=args.backend, address=args.address)  # fmt: skip
+                     backend=args.backend, address=args.address, retry_failed=args.retry_failed)  # fmt: skip
 
 
 def cmd_report(args) -> int:
@@ -385,6 +386,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--address", help="with --backend ray: join this Ray cluster (default: start a local instance)"
     )
+    s.add_argument("--retry-failed", action="store_true",
+                   help="run failed trials (error.json) again; without it they are left as they are")
     s.set_defaults(func=cmd_sweep)
 
     pr = sub.add_parser("predict", help="answer every question of a file (SQuAD JSON, JSONL, CSV, datasets)")

@@ -8,10 +8,15 @@ and both report it the way a shell reports a process ended by that signal: 130 a
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
+import time
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# set by a sweep for each trial process it starts: the pid of the process waiting on it
+PARENT_ENV = "LORAQA_PARENT_PID"
+PARENT_POLL_SECONDS = 0.5
 
 
 def exit_status(signum: int) -> int:
@@ -38,3 +43,33 @@ def handling(signals, handler):
     finally:
         for s, old in previous.items():
             signal.signal(s, old)
+
+
+def orphaned() -> bool:
+    """Whether the process named in ``$LORAQA_PARENT_PID`` (the sweep waiting on this trial) is gone: this
+    process now belongs to init or a subreaper, and nothing reads its stderr pipe any more."""
+    parent = os.environ.get(PARENT_ENV)
+    return bool(parent) and os.getppid() != int(parent)
+
+
+def watch_parent(poll: float = PARENT_POLL_SECONDS) -> threading.Thread | None:
+    """When the sweep that started this process dies (even by SIGKILL), stop as on SIGTERM: training saves a
+    checkpoint at the step reached and exits, and the next ``loraqa sweep`` resumes the trial from it. A trial
+    must not outlive its sweep: it would hold the trial's lock, and its writes to the dead sweep's stderr pipe
+    would fail. Stderr is first pointed where stdout goes (the trial log), so that saving and stopping can still
+    report. Polling the parent pid works on every POSIX system and under Ray, where the parent is a Ray worker;
+    ``PR_SET_PDEATHSIG`` would fire on the death of the spawning *thread*, not the process. No-op unless
+    ``$LORAQA_PARENT_PID`` is set."""
+    if not os.environ.get(PARENT_ENV):
+        return None
+
+    def watch() -> None:
+        while not orphaned():
+            time.sleep(poll)
+        with contextlib.suppress(OSError):
+            os.dup2(1, 2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="parent watch", daemon=True)
+    thread.start()
+    return thread

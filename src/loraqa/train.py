@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
-from . import dist
+from . import dist, signals
 from .card import current_command, model_card
 from .config import ConfigError, ExperimentConfig
 from .evaluate import evaluate_model, peak_memory_mb, reset_peak_memory
@@ -111,7 +111,10 @@ def run_experiment(
         try:
             return _run(cfg, run_dir, device, callbacks, progress, command)
         except Exception as e:
-            if dist.is_main_process():
+            # a sweep that died is no failure of the trial: a write to its stderr pipe fails first, and the
+            # trial stays unfinished, to be resumed by the next `loraqa sweep`
+            interrupted = signals.orphaned() or isinstance(e, BrokenPipeError)
+            if dist.is_main_process() and not interrupted:
                 record_failure(run_dir, e)  # the reason stays in the folder (error.json)
             raise
     finally:

@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -56,6 +57,8 @@ SIGINT_GRACE_SECONDS = 30.0
 # how a child reports Ctrl-C: killed by SIGINT (Python's default), or KeyboardInterrupt caught and exit
 # status 130 = 128 + SIGINT (what `loraqa train` does)
 SIGINT_EXITS = (-signal.SIGINT, signals.exit_status(signal.SIGINT))
+# how long a rerun waits for the trial process of a dead sweep to save its checkpoint and exit
+ORPHAN_STOP_SECONDS = 300.0
 
 
 def trial_command(trial_yaml: Path, trial_dir: Path, device: str | None) -> list[str]:
@@ -161,7 +164,7 @@ def run_attempt(job: Job, children: Children, view, on_change: Callable[[], None
     tdir = Path(job.trial_dir)
     if children.stop.is_set():
         return Outcome(job.name, "skipped", "")
-    fd = try_lock(tdir)
+    fd = try_lock(tdir) or _wait_for_orphan(tdir)
     if fd is None:
         return Outcome(job.name, "skipped", f"skip {job.name}: another process is running it")
     try:
@@ -179,6 +182,34 @@ def run_attempt(job: Job, children: Children, view, on_change: Callable[[], None
             os.close(fd)
 
 
+def _wait_for_orphan(tdir: Path) -> int | None:
+    """The trial's lock, once its holder lets go, when the holder is a trial process whose sweep died on this
+    host: such a child is stopping by itself (signals.watch_parent), saving a checkpoint, and the trial is
+    this sweep's to resume. None at once when a live sweep (here or elsewhere) runs the trial."""
+    attempts = (read_json_or(tdir / TRIAL_RUN_FILE, {}) or {}).get("attempts", [])
+    last = attempts[-1] if attempts else {}
+    pid = last.get("pid")
+    if last.get("status") != "running" or last.get("host") != socket.gethostname() or not pid or _alive(pid):
+        return None
+    deadline = time.monotonic() + ORPHAN_STOP_SECONDS
+    while time.monotonic() < deadline:
+        fd = try_lock(tdir)
+        if fd is not None:
+            return fd
+        time.sleep(0.2)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _begin(job: Job, tdir: Path, machine: dict) -> tuple[dict, dict]:
     """Record a new attempt in run.json (an older one still marked running was lost with its sweep: we hold
     the lock now). Returns run.json's content and the new attempt."""
@@ -189,7 +220,7 @@ def _begin(job: Job, tdir: Path, machine: dict) -> tuple[dict, dict]:
         if a.get("status") == "running":
             a.update(status="lost", wall_seconds=_lost_wall_seconds(tdir, a), wall_seconds_estimated=True)
     attempt = {"started_at": now(), "host": machine["host"], "shard": job.shard, "worker": job.worker,
-               "where": job.where or None, "status": "running"}  # fmt: skip
+               "where": job.where or None, "status": "running", "pid": os.getpid()}  # fmt: skip
     attempts.append(attempt)
     run.update(name=job.name, overrides=job.overrides, machine=machine, attempts=attempts)
     write_json_atomic(tdir / TRIAL_RUN_FILE, run)
@@ -234,7 +265,8 @@ def _attempt(job: Job, tdir: Path, lock_fd: int, children: Children, view, on_ch
     run, attempt = _begin(job, tdir, machine)
     on_change()
     cmd = job.command
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **job.env}
+    # the child stops (resumably) when this process dies: see signals.watch_parent
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **job.env, signals.PARENT_ENV: str(os.getpid())}
     view.start(job.name, job.where, len(run["attempts"]))
     start = time.perf_counter()
     with open(tdir / TRIAL_LOG_FILE, "ab") as log_file:

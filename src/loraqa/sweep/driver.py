@@ -36,13 +36,15 @@ def run_sweep(
     backend: str = "local",
     address: str | None = None,
     progress: bool | None = None,
+    retry_failed: bool = False,
 ) -> int:
     """Run this shard's unfinished trials, each in a child process: ``parallel`` at a time on this machine
     (default 1), or with ``backend="ray"`` as Ray tasks holding ``sweep.resources_per_trial`` (on a local Ray
     instance, or the cluster at ``address``; ``parallel`` then caps the trials in flight). Returns 0 when all
     of them finished; 1 if any failed (error.json in its folder) or was stopped alone (a signal to that trial's
     process: it is resumable, as an interrupted one); 130 or 143 if Ctrl-C or SIGTERM interrupted the sweep.
-    ``progress``: a live display (default: when stderr is a terminal)."""
+    ``progress``: a live display (default: when stderr is a terminal). A failed trial (error.json) is run again
+    only with ``retry_failed``: a failure is a fact to look into before paying for another attempt."""
     index, count = parse_shard(shard)
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
@@ -50,16 +52,25 @@ def run_sweep(
         raise ConfigError(f"--parallel {parallel}: must be >= 1")
     if address and backend != "ray":
         raise ConfigError("--address names a Ray cluster: use it with --backend ray")
+    where = ""
+    if backend == "ray":  # a wrong address fails here, before any work, in seconds
+        from .ray_runner import check_reachable, cluster_address
+
+        address, where = cluster_address(address)
+        if address:
+            check_reachable(address, where)
     trials = expand_trials(cfg)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     _check_sweep_yaml(output_dir, cfg)
     mine = shard_trials(trials, index, count)
-    todo = [t for t in mine if trial_status(output_dir / t.name) != "done"]
+    skip = ("done",) if retry_failed else ("done", "failed")
+    todo = [t for t in mine if trial_status(output_dir / t.name) not in skip]
     for t in mine:
         if t not in todo:
             attempt.settle_finished(output_dir / t.name)
-    already = len(mine) - len(todo)
+    already = sum(trial_status(output_dir / t.name) == "done" for t in mine)
+    failed_before = len(mine) - len(todo) - already
     if todo:
         _prefetch_data(todo)
     machine = machine_info()
@@ -78,8 +89,10 @@ def run_sweep(
         f"{cfg.sweep.mode} sweep: {len(trials)} trials"
         + (f", {len(mine)} in shard {index}/{count}" if count > 1 else "")
         + f"; {already} finished already, {len(todo)} to run, {_at_once(backend, parallel)}"
+        + (f"; {failed_before} failed before, left as they are (--retry-failed runs them again)"
+           if failed_before else "")
     )
-    runner = _runner(cfg, backend, address, parallel, device, view, index_file)
+    runner = _runner(cfg, backend, address, parallel, device, view, index_file, where)
     jobs = [_job(t, output_dir, f"{index}/{count}", device, machine, absolute=backend == "ray") for t in todo]
     stopped_by = _run(runner, jobs, view, index_file)
     return _summary(view, output_dir, mine, stopped_by)
@@ -91,11 +104,11 @@ def _at_once(backend: str, parallel: int | None) -> str:
     return "as Ray tasks" + (f", at most {parallel} at a time" if parallel else "")
 
 
-def _runner(cfg, backend, address, parallel, device, view, index_file) -> Runner:
+def _runner(cfg, backend, address, parallel, device, view, index_file, where) -> Runner:
     if backend == "ray":
         from .ray_runner import RayRunner  # Ray is an extra (loraqa[ray]), imported only when asked for
 
-        return RayRunner(cfg.sweep.resources_per_trial, address, parallel, view, index_file.write)
+        return RayRunner(cfg.sweep.resources_per_trial, address, parallel, view, index_file.write, where)
     return LocalRunner(parallel or 1, device, view, index_file.write)
 
 
@@ -129,7 +142,8 @@ def _summary(view: View, output_dir: Path, mine: list[Trial], stopped_by: int | 
     failed = [n for n, s in final.items() if s == "failed"]
     others = [f"{n} ({s})" for n, s in final.items() if s not in ("done", "failed")]
     done = sum(s == "done" for s in final.values())
-    view.note(f"{done}/{len(mine)} trials done" + (f", failed: {', '.join(failed)}" if failed else "")
+    retry = " (rerun with --retry-failed to run them again)"
+    view.note(f"{done}/{len(mine)} trials done" + (f", failed: {', '.join(failed)}{retry}" if failed else "")
               + (f", not finished: {', '.join(others)}" if others else "") + f"; index: {output_dir / SWEEP_INDEX_FILE}; tables and verdicts: loraqa report {output_dir}")  # fmt: skip
     if stopped_by:
         view.note("interrupted; rerun the same command to resume", style="yellow")

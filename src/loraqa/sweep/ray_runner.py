@@ -33,6 +33,43 @@ log = logging.getLogger(__name__)
 STOP_GRACE_SECONDS = 60.0  # after ray.cancel, how long the tasks get to stop their children and record it
 
 
+# a reachable head answers at once; a wrong address must fail well within a minute, not after Ray's retries
+CONNECT_TIMEOUT_SECONDS = 10.0
+INIT_TIMEOUT_SECONDS = 50.0
+
+
+def cluster_address(address: str | None) -> tuple[str | None, str]:
+    """The cluster to join (None: a fresh local instance) and where that came from: ``--address``, else
+    ``$RAY_ADDRESS`` as ``ray.init`` reads it (``local`` there, or nothing, means a local instance)."""
+    if address:
+        return address, "--address"
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    return (env, "RAY_ADDRESS") if env and env != "local" else (None, "")
+
+
+def check_reachable(address: str, where: str) -> None:
+    """Fail at once, naming the address, when nothing listens there: ``ray.init`` would retry for minutes.
+    ``auto`` (the cluster this node belongs to) is left to Ray."""
+    if address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    hint = "check that a Ray head runs there (`ray status` on that node; `ray start --head` prints its address)"
+    if not host or not port.isdigit():
+        raise ConfigError(f"{where} {address!r}: expected HOST:PORT, the Ray head's address (e.g. 10.0.0.5:6379)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_SECONDS).close()
+    except OSError as e:
+        raise ConfigError(f"{where} {address}: no Ray cluster answers ({e.strerror or e}); {hint}") from None
+
+
+def _give_up_on_init(address: str, where: str) -> None:
+    """``ray.init`` has not connected in time (something listens at the address, but no Ray head answers):
+    nothing has started yet, so leaving at once loses nothing."""
+    print(f"loraqa: error: {where} {address}: no Ray cluster answered within {INIT_TIMEOUT_SECONDS:.0f} s; check "
+          "that a Ray head runs there (`ray status` on that node)", file=sys.stderr, flush=True)
+    os._exit(2)
+
+
 def import_ray():
     try:
         import ray
@@ -85,8 +122,8 @@ class RayRunner:
     folder."""
 
     def __init__(self, resources: dict[str, float], address: str | None, parallel: int | None, view,
-                 on_change: Callable[[], None]):  # fmt: skip
-        self.resources, self.address, self.parallel = resources, address, parallel
+                 on_change: Callable[[], None], where: str = "--address"):  # fmt: skip
+        self.resources, self.address, self.parallel, self.where = resources, address, parallel, where
         self.view, self.on_change = view, on_change
         self.pending: dict = {}  # ObjectRef -> (job, attempts recorded before it started)
         self.ray = None
@@ -121,8 +158,14 @@ class RayRunner:
     def _init(self) -> None:
         previous_term = signal.getsignal(signal.SIGTERM)
         if self.address:
-            self.ray.init(address=self.address, logging_level=logging.WARNING)
-        else:  # a fresh local instance, even where RAY_ADDRESS names a cluster
+            watchdog = threading.Timer(INIT_TIMEOUT_SECONDS, _give_up_on_init, (self.address, self.where))
+            watchdog.daemon = True
+            watchdog.start()
+            try:
+                self.ray.init(address=self.address, logging_level=logging.WARNING)
+            finally:
+                watchdog.cancel()
+        else:  # a fresh local instance
             self.ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
                           logging_level=logging.WARNING)  # fmt: skip
         if callable(previous_term):  # Ray installs its own SIGTERM handler: the sweep's must stay
