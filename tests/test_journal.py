@@ -14,7 +14,7 @@ from loraqa.evaluate import evaluate_model
 from loraqa.journal import AnswerJournal
 from loraqa.layout import ANSWER_JOURNAL_FILE
 
-EVAL = EvalConfig(batch_size=2, max_new_tokens=4)
+EVAL = EvalConfig(batch_size=2, max_new_tokens=4, batch_invariant=False)  # the batched path: batches to count
 
 
 class Stop(Exception):
@@ -117,7 +117,7 @@ def test_a_journal_of_another_model_or_settings_is_answered_again(lm, dev, tmp_p
         with torch.no_grad():
             next(lm.model.parameters()).view(-1)[0] += 1e-3  # one weight, slightly
     else:
-        cfg = EvalConfig(batch_size=2, max_new_tokens=5)  # another answer length
+        cfg = EvalConfig(batch_size=2, max_new_tokens=5, batch_invariant=False)  # another answer length
     batches.clear()
     resumed, _ = evaluate_model(lm.model, lm.tokenizer, dev, eval_cfg=cfg, progress=False, journal_dir=tmp_path)
     assert len(batches) == 6 and "kept answer" not in answers(resumed)
@@ -129,7 +129,7 @@ def test_a_run_stopped_while_answering_resumes_its_answers(tmp_path, synthetic_d
     from loraqa.train import run_experiment
     from test_train import tiny_config
 
-    cfg = tiny_config(synthetic_dir, **{"train.lr": 0.05, "eval.batch_size": 2})
+    cfg = tiny_config(synthetic_dir, **{"train.lr": 0.05, "eval.batch_size": 2, "eval.batch_invariant": False})
     whole = run_experiment(cfg, tmp_path / "whole", progress=False)
     total = len(batches)
     undo = interrupt_after(monkeypatch, 2)

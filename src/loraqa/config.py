@@ -43,6 +43,7 @@ class DataConfig:
     train_file: str | None = None  # the train split's file (or datasets folder); else the format's file in data_dir
     dev_file: str | None = None  # the dev split's file (or datasets folder); else the format's file in data_dir
     unanswerable_answer: str = "unanswerable"  # squad_v2: the answer taught and expected for unanswerable questions
+    score_limit: int = 200  # the first N dev questions whose generated answers are scored during training
 
     def no_answer_text(self) -> str | None:
         """What the model answers an unanswerable question with, for formats that have them (else None)."""
@@ -88,6 +89,8 @@ class TrainConfig:
     # recompute each decoder layer's activations in the backward pass instead of keeping them: less memory,
     # one more forward's worth of compute per step (docs/performance.md has the measured cost)
     gradient_checkpointing: bool = False
+    keep_best: bool = False  # keep the adapter of the best in-training F1 (eval.score_steps) and evaluate that one
+    early_stopping_patience: int = 0  # stop after this many scorings without a better F1 (0: never)
 
 
 @dataclass
@@ -98,6 +101,13 @@ class EvalConfig:
     share_prefixes: bool = True  # run a paragraph's shared context once and reuse its KV cache per question
     prune_finished: bool = True  # drop answered sequences from the decoding batch
     merge_adapter: bool = True  # merge LoRA into the weights before generating
+    # each answer computed from its own question alone (paragraph once, then the question and its decoding
+    # unbatched), so it is the same asked alone, in a file or in an evaluation; false: batched decoding,
+    # faster, but in bf16 an answer can change with the questions batched beside it
+    batch_invariant: bool = True
+    # every N optimizer steps: generate answers to data.score_limit dev questions and log eval_exact_match and
+    # eval_f1 (0: only the final evaluation)
+    score_steps: int = 0
 
 
 SWEEP_MODES = ("grid", "one-at-a-time")
@@ -160,7 +170,8 @@ POSITIVE = {"prompt.max_length", "lora.r", "lora.alpha", "train.batch_size", "tr
             "eval.batch_size", "eval.max_new_tokens", "train.epochs", "train.logging_steps"}  # fmt: skip
 # None where allowed (the limits: every question) is not checked
 NON_NEGATIVE = {"lora.dropout", "train.lr", "train.weight_decay", "train.warmup_steps", "train.eval_steps",
-                "train.save_steps", "data.loss_eval_limit", "data.train_limit", "data.eval_limit"}  # fmt: skip
+                "train.save_steps", "data.loss_eval_limit", "data.train_limit", "data.eval_limit",
+                "data.score_limit", "eval.score_steps", "train.early_stopping_patience"}  # fmt: skip
 
 
 # A number field: how an error names it, and the YAML/CLI types it may be given as (bools are ints to Python
@@ -290,6 +301,11 @@ def _trial_resources(given: dict[str, float], where: str) -> dict[str, float]:
 def _check_consistency(cfg: ExperimentConfig, where: str) -> None:
     if cfg.lora.dropout >= 1:
         raise ConfigError(f"{where}: lora.dropout: must be < 1, got {cfg.lora.dropout}")
+    for key, on in (("train.keep_best", cfg.train.keep_best),
+                    ("train.early_stopping_patience", cfg.train.early_stopping_patience)):  # fmt: skip
+        if on and not (cfg.eval.score_steps and cfg.data.score_limit):
+            raise ConfigError(f"{where}: {key}: needs scores during training; set eval.score_steps=N (and "
+                              "data.score_limit > 0)")  # fmt: skip
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:

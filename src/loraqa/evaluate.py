@@ -12,7 +12,7 @@ import torch
 
 from . import dist
 from .config import ConfigError, EvalConfig
-from .generate import generate_answers
+from .generate import generate_answers, generate_answers_invariant
 from .journal import AnswerJournal, fingerprint
 from .layout import CONFIG_FILE, LOG_FILE, METRICS_FILE, TRAIN_METRICS_FILE, answer_journal_file
 from .metrics import score_predictions
@@ -81,16 +81,23 @@ def evaluate_model(
         max_length = max(limit - eval_cfg.max_new_tokens, 1)
     encoder = PromptEncoder(tokenizer, max_length=max_length)
     stats = PromptStats()
-    prompts = [encoder.encode_prompt(ex.context, ex.question, stats) for ex in examples]
-    share = prompts[dist.shard(len(prompts))]
+    parts = [encoder.encode_prompt_parts(ex.context, ex.question, stats) for ex in examples][dist.shard(len(examples))]
+    share = [c + q for c, q in parts]
     journal = _open_journal(journal_dir, model, tokenizer, share, eval_cfg) if journal_dir else None
+    resume = {"done": journal.done, "on_batch": journal.record} if journal else {}
     start = time.perf_counter()
-    answers = generate_answers(
-        model, tokenizer, share, batch_size=eval_cfg.batch_size,
-        max_new_tokens=eval_cfg.max_new_tokens, sort_by_length=eval_cfg.sort_by_length,
-        share_prefixes=eval_cfg.share_prefixes, prune_finished=eval_cfg.prune_finished, progress=progress,
-        done=journal.done if journal else None, on_batch=journal.record if journal else None,
-    )  # fmt: skip
+    if eval_cfg.batch_invariant:
+        answers = generate_answers_invariant(
+            model, tokenizer, share, [len(c) for c, _ in parts], max_new_tokens=eval_cfg.max_new_tokens,
+            progress=progress, **resume,
+        )  # fmt: skip
+    else:
+        answers = generate_answers(
+            model, tokenizer, share, batch_size=eval_cfg.batch_size,
+            max_new_tokens=eval_cfg.max_new_tokens, sort_by_length=eval_cfg.sort_by_length,
+            share_prefixes=eval_cfg.share_prefixes, prune_finished=eval_cfg.prune_finished, progress=progress,
+            **resume,
+        )  # fmt: skip
     answers = dist.gather_lists(answers)
     seconds = time.perf_counter() - start + (journal.seconds_before if journal else 0.0)
     if journal:

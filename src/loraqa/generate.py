@@ -284,6 +284,65 @@ def generate_answers(
     return answers
 
 
+@torch.inference_mode()
+def generate_answers_invariant(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    context_ends: list[int],
+    *,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+    desc: str = "generate",
+    done: Mapping[int, str] | None = None,
+    on_batch: Callable[[list[int], list[str]], None] | None = None,
+) -> list[str]:
+    """Greedy answers whose every computation depends on the question's own prompt alone, never on the other
+    questions asked with it: the same answer alone (``ask``), in a file (``predict``) or in an evaluation.
+
+    Low-precision matmuls round differently for different batch shapes, so a batched answer can flip against
+    the same question asked alone. Here each paragraph's ``Context: ...`` part (``prompt[:context_ends[i]]``)
+    runs through the model once, alone, and each question then runs its own part and decodes alone on a copy
+    of that cache: every shape is a function of the paragraph and the question. Prompts that share their
+    context part form one group; ``done`` and ``on_batch`` work per group, as in :func:`generate_answers`."""
+    import copy
+
+    model.eval()
+    device = next(model.parameters()).device
+    stop_ids = torch.tensor(stop_token_ids(tokenizer), device=device)
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, end) in enumerate(zip(prompts, context_ends, strict=True)):
+        end = min(end, len(p) - 1)  # every question keeps at least one token of its own
+        groups.setdefault(tuple(p[:end]), []).append(i)
+    answers: list[str] = [""] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=desc, unit="q", disable=not progress, dynamic_ncols=True)
+    for prefix, members in groups.items():
+        if done and all(m in done for m in members):
+            texts = [done[m] for m in members]
+        else:
+            prefix_fwd = _Forward(model)
+            if prefix:
+                ids = torch.tensor([list(prefix)], device=device)
+                prefix_fwd(ids, torch.ones_like(ids), torch.arange(len(prefix), device=device)[None])
+            new = []
+            for m in members:
+                fwd = _Forward(model)
+                fwd.cache = copy.deepcopy(prefix_fwd.cache)
+                rest = torch.tensor([prompts[m][len(prefix) :]], device=device)
+                mask = torch.ones((1, len(prompts[m])), dtype=torch.long, device=device)
+                pos = torch.arange(len(prefix), len(prompts[m]), device=device)[None]
+                logits = fwd(rest, mask, pos)
+                new += greedy_continue(fwd, logits, mask, pos[:, -1:] + 1, stop_ids, max_new_tokens)
+            texts = [first_line(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+            if on_batch is not None:
+                on_batch(members, texts)
+        for m, text in zip(members, texts, strict=True):
+            answers[m] = text
+        bar.update(len(members))
+    bar.close()
+    return answers
+
+
 def _hf_generate(model, seqs, pad_id, stops, max_new_tokens, device) -> list[list[int]]:
     from transformers import GenerationConfig
 

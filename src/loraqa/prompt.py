@@ -83,6 +83,14 @@ class PromptEncoder:
     def encode_prompt(self, context: str, question: str, stats: PromptStats | None = None) -> list[int]:
         """Token ids of the evaluation prompt. A context too long for ``max_length`` keeps its beginning
         (the answer is unknown at test time) and is counted in ``stats.truncated``."""
+        context_part, question_part = self.encode_prompt_parts(context, question, stats)
+        return context_part + question_part
+
+    def encode_prompt_parts(
+        self, context: str, question: str, stats: PromptStats | None = None
+    ) -> tuple[list[int], list[int]]:
+        """The evaluation prompt as (its ``Context: ...`` tokens, its ``\nQuestion: ...\nAnswer:`` tokens):
+        questions on one paragraph have the same first part."""
         ctx_ids, _ = self._context(context)
         q_ids = self._question(question)
         budget = self.max_length - len(self._prefix_ids) - len(q_ids)
@@ -90,7 +98,7 @@ class PromptEncoder:
             ctx_ids = ctx_ids[: max(budget, 0)]
             if stats is not None:
                 stats.truncated += 1
-        return self._prefix_ids + ctx_ids + q_ids
+        return self._prefix_ids + ctx_ids, q_ids
 
     def encode_train(
         self,
