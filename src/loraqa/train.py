@@ -61,7 +61,7 @@ def load_examples(cfg: ExperimentConfig):
     """(train examples, dev examples, what was read for the model card) as the config asks, with one line of
     load report each."""
     train, train_report, train_source = data_mod.load_split(cfg.data, "train", limit=cfg.data.train_limit)
-    dev, dev_report, dev_source = data_mod.load_split(cfg.data, "dev", limit=cfg.data.eval_limit)
+    dev, dev_report, dev_source = data_mod.load_split(cfg.data, "dev", limit=_dev_limit(cfg))
     log.info(train_report.summary())
     log.info(dev_report.summary())
     for source, examples, report in ((train_source, train, train_report), (dev_source, dev, dev_report)):
@@ -71,6 +71,13 @@ def load_examples(cfg: ExperimentConfig):
     info = {"format": cfg.data.format, "train": Path(train_source).name, "dev": Path(dev_source).name,
             "train_questions": len(train)}  # fmt: skip
     return train, dev, info
+
+
+def _dev_limit(cfg: ExperimentConfig) -> int | None:
+    """The dev questions to read: the scored ones, and the in-training slice when there is one."""
+    if not cfg.eval.score_steps or cfg.data.eval_limit is None:
+        return cfg.data.eval_limit
+    return max(cfg.data.eval_limit, cfg.data.score_limit)
 
 
 TOKENS_COUNTED = {  # what metrics.json's train_tokens count, by layout
@@ -129,7 +136,9 @@ def _run(cfg, run_dir: Path, device, callbacks, progress, command) -> dict:
         log.info("%s: finished already (metrics.json); pass --overwrite to run it again", run_dir)
         return read_json(run_dir / METRICS_FILE)
 
-    train_examples, dev_examples, data_info = load_examples(cfg)
+    train_examples, dev_read, data_info = load_examples(cfg)
+    dev_examples = dev_read[: cfg.data.eval_limit] if cfg.data.eval_limit is not None else dev_read
+    score_examples = dev_read[: cfg.data.score_limit] if cfg.eval.score_steps else []
     set_seed(cfg.train.seed)
     full = cfg.train.method == "full"
     lm = load_model_and_tokenizer(
@@ -152,7 +161,8 @@ def _run(cfg, run_dir: Path, device, callbacks, progress, command) -> dict:
         model = load_trained(model, run_dir, full, lm.device)
         dist.on_main(shutil.rmtree, run_dir / CHECKPOINTS_DIR, ignore_errors=True)  # a kill came while removing them
     else:
-        train_metrics = _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks)
+        train_metrics = _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks,
+                               score_examples)  # fmt: skip
         train_metrics.update(trainable_params=trainable, total_params=total)
         dist.on_main(_save_training, cfg, model, tok, run_dir, train_metrics)
 
@@ -191,7 +201,8 @@ def _fit(trainer, resume: str | None, clock, interrupt, full: bool) -> None:
     """Train, from the checkpoint ``resume`` if there is one. A stop signal saves a checkpoint at the step
     reached and ends in :class:`Interrupted`."""
     finished = read_json(Path(resume) / "trainer_state.json") if resume else {}
-    if finished and finished.get("max_steps", 0) > 0 and finished["global_step"] >= finished["max_steps"]:
+    if finished and (finished.get("max_steps", 0) > 0 and finished["global_step"] >= finished["max_steps"]
+                     or _stopped_early_in(finished, trainer)):  # fmt: skip
         # killed after its last checkpoint, before the trained weights were saved: resumed there, the Trainer
         # (transformers 5.24) would run one step more than an uninterrupted run; take the checkpoint as it is
         from transformers.trainer_callback import TrainerState
@@ -209,6 +220,14 @@ def _fit(trainer, resume: str | None, clock, interrupt, full: bool) -> None:
         raise KeyboardInterrupt
 
 
+def _stopped_early_in(state: dict, trainer) -> bool:
+    """Whether a checkpoint's trainer state is an early stop (saved at the step it stopped at)."""
+    from .scoring import scorings_since_best
+
+    patience = getattr(trainer, "early_stopping_patience", 0)
+    return bool(patience) and scorings_since_best(state.get("log_history", [])) >= patience
+
+
 def _save_training(cfg, model, tok, run_dir: Path, train_metrics: dict) -> None:
     save_trained(dist.unwrap(model), tok, run_dir, cfg.train.method == "full", base_name=cfg.model.name)
     write_json_atomic(run_dir / TRAIN_METRICS_FILE, train_metrics)
@@ -222,12 +241,15 @@ def _save_results(run_dir: Path, records: list[dict], metrics: dict, card: str) 
     return metrics
 
 
-def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks) -> dict:
+def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks, score_examples=()) -> dict:
+    from .scoring import ScoreCallback
+
     train_features, train_stats, loss_eval_features, shared = _encode(cfg, tok, train_examples, dev_examples)
     ckpt_dir = run_dir / CHECKPOINTS_DIR
     args = training_arguments(cfg, ckpt_dir, lm.precision, lm.device, eval_loss=bool(loss_eval_features))
     clock = make_clock_callback(lm.device)
     interrupt = make_interrupt_callback()
+    scorer = ScoreCallback(tok, list(score_examples), cfg, on_score=_score_listener(callbacks))
     trainer = make_trainer_class()(
         model=model,
         args=args,
@@ -238,19 +260,22 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
         # and the tokenizers library writes tokenizer.json without reporting a full disk (a truncated file in an
         # otherwise complete checkpoint, found by tests/test_faults.py); loraqa reloads the tokenizer by name
         # the clock last: at a step's end it sees every save asked for, the interrupt callback's included
-        callbacks=[make_log_callback(run_dir / LOG_FILE), make_finite_loss_callback(), *(callbacks or []),
+        callbacks=[make_log_callback(run_dir / LOG_FILE), make_finite_loss_callback(), scorer, *(callbacks or []),
                    *filter(None, [make_tensorboard_callback(run_dir, cfg.train.report_to)]), interrupt, clock],  # fmt: skip
         fast_loss=cfg.train.fast_loss,
         share_contexts=shared,
         base_name=cfg.model.name,
     )
-    clock.trainer = trainer
+    clock.trainer = scorer.trainer = trainer
+    trainer.early_stopping_patience = cfg.train.early_stopping_patience
     resume = dist.on_main(last_checkpoint, ckpt_dir)  # it removes half-written ones: one process, one answer
     if resume:
         log.info("resuming from %s", resume)
     clock.resume_from(resume)
     _fit(trainer, resume, clock, interrupt, full=cfg.train.method == "full")
     totals = clock.totals()  # read now: the clock runs on, and the final evaluation is no training
+    scored = _scoring_summary(trainer, cfg, scorer)
+    totals["train_seconds"] = max(totals["train_seconds"] - scored.get("score_seconds", 0.0), 0.0)
     final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
     dist.on_main(write_jsonl_atomic, run_dir / LOG_FILE, trainer.state.log_history)
     losses = _final_losses(trainer.state.log_history)
@@ -271,7 +296,45 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
         "fast_loss": trainer.fast_loss,  # False where the config or the model family ruled it out
         **_throughput(totals, shared),
         **losses,
+        **scored,
     }
+
+
+def _score_listener(callbacks):
+    """The ``on_score(step, scores)`` of the first callback that has one (a search trial's pruner)."""
+    return next((c.on_score for c in callbacks or [] if callable(getattr(c, "on_score", None))), None)
+
+
+def _scoring_summary(trainer, cfg: ExperimentConfig, scorer) -> dict:
+    """What the in-training scores decided, for metrics.json; with ``train.keep_best`` the model gets the best
+    scoring's weights back from its checkpoint (the final evaluation and the saved adapter are that one)."""
+    from .scoring import best_scoring, score_seconds, scorings
+
+    history = trainer.state.log_history
+    best = best_scoring(history)
+    if best is None:
+        return {}
+    out = {"score_steps": cfg.eval.score_steps, "score_questions": len(scorer.examples), "scorings": len(scorings(history)),
+           "score_seconds": score_seconds(history), "best_step": best[0], "best_eval_f1": best[1],
+           "stopped_early_at": scorer.stopped_early_at or _stopped_early(trainer, cfg)}  # fmt: skip
+    if cfg.train.keep_best:
+        out["kept_step"] = best[0]
+        if best[0] != trainer.state.global_step:
+            checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{best[0]}"
+            load_checkpoint_weights(dist.unwrap(trainer.model), checkpoint, cfg.train.method == "full")
+            log.info("keep_best: the adapter of step %d (eval_f1 %.2f on %d questions) is the run's", best[0],
+                     best[1], len(scorer.examples))  # fmt: skip
+    return out
+
+
+def _stopped_early(trainer, cfg: ExperimentConfig) -> int | None:
+    """A run resumed after its early stop: the Trainer's state says it ended before its planned steps."""
+    from .scoring import scorings_since_best
+
+    patience, state = cfg.train.early_stopping_patience, trainer.state
+    if patience and state.global_step < state.max_steps and scorings_since_best(state.log_history) >= patience:
+        return state.global_step
+    return None
 
 
 def _encode(cfg, tok, train_examples, dev_examples):

@@ -557,7 +557,9 @@ def training_arguments(cfg: ExperimentConfig, ckpt_dir: Path, precision: str, de
         eval_steps=eval_steps or None,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
-        save_total_limit=1,
+        # keep_best: the best scoring's checkpoint and the newest; with a limit of 1 the Trainer would delete
+        # the newest at the end of train(), a stop signal's checkpoint included
+        save_total_limit=2 if t.keep_best else 1,
         bf16=precision == "bf16",
         use_cpu=device.type == "cpu",
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",

@@ -1,0 +1,149 @@
+"""Scores during training: EM/F1 of generated answers logged every eval.score_steps, the best adapter kept,
+early stopping, and both surviving an interruption (tiny random GPT-2, synthetic data)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraqa.config import ConfigError, ExperimentConfig, apply_overrides
+from loraqa.scoring import ScoreCallback, best_scoring, scorings_since_best
+from loraqa.train import run_experiment
+
+
+def tiny_config(data_dir, **overrides) -> ExperimentConfig:
+    base = {
+        "model.name": "tiny-random-gpt2", "model.precision": "fp32", "data.data_dir": str(data_dir),
+        "data.train_limit": 16, "data.eval_limit": 8, "data.loss_eval_limit": 4, "data.score_limit": 6,
+        "train.max_steps": 8, "train.batch_size": 4, "train.warmup_steps": 0, "train.eval_steps": 0,
+        "train.save_steps": 100, "train.logging_steps": 1, "train.lr": 5e-3, "eval.batch_size": 4,
+        "eval.max_new_tokens": 4, "eval.score_steps": 2,
+    }  # fmt: skip
+    base.update(overrides)
+    return apply_overrides(ExperimentConfig(), list(base.items()))
+
+
+def history(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log_history.jsonl").read_text().splitlines()]
+
+
+def scripted(monkeypatch, f1_by_step: dict[int, float]):
+    """In-training F1 as a function of the step (a random tiny model scores 0 everywhere): the decisions are
+    what is tested here; the real scoring is tested on its own below."""
+    calls = []
+
+    def score(self, model):
+        step = self.trainer.state.global_step
+        calls.append(step)
+        return {"eval_exact_match": 0.0, "eval_f1": f1_by_step[step], "eval_score_seconds": 0.5}
+
+    monkeypatch.setattr(ScoreCallback, "score", score)
+    return calls
+
+
+class AdapterAt:
+    """A callback keeping a copy of the LoRA weights at the end of given steps."""
+
+    def __new__(cls, steps):
+        from transformers import TrainerCallback
+
+        class _Snap(TrainerCallback):
+            def __init__(self):
+                self.weights = {}
+
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                if state.global_step in steps:
+                    self.weights[state.global_step] = {
+                        k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k
+                    }
+
+        return _Snap()
+
+
+def test_scores_are_logged_every_n_steps_with_the_final_generator(tmp_path, synthetic_dir):
+    cfg = tiny_config(synthetic_dir, **{"train.max_steps": 4})
+    metrics = run_experiment(cfg, tmp_path / "run", progress=False)
+    rows = [h for h in history(tmp_path / "run") if "eval_f1" in h]
+    assert [h["step"] for h in rows] == [2, 4]
+    assert all(0 <= h["eval_f1"] <= 100 and 0 <= h["eval_exact_match"] <= 100 for h in rows)
+    assert metrics["scorings"] == 2 and metrics["score_questions"] == 6 and metrics["score_seconds"] > 0
+    assert metrics["best_step"] in (2, 4)
+    # the final evaluation's own scores on the same questions come from the same generator: at the last step
+    # (no keep_best) the slice's F1 equals the final F1 when the slice is the evaluated questions
+    same = tiny_config(synthetic_dir, **{"train.max_steps": 4, "data.eval_limit": 6})
+    m2 = run_experiment(same, tmp_path / "same", progress=False)
+    last = [h for h in history(tmp_path / "same") if "eval_f1" in h][-1]
+    assert last["eval_f1"] == pytest.approx(m2["f1"]) and last["eval_exact_match"] == pytest.approx(m2["exact_match"])
+
+
+def test_keep_best_evaluates_and_saves_the_best_scoring_adapter(tmp_path, synthetic_dir, monkeypatch):
+    scripted(monkeypatch, {2: 10.0, 4: 30.0, 6: 20.0, 8: 25.0})
+    snap = AdapterAt({4, 8})
+    cfg = tiny_config(synthetic_dir, **{"train.keep_best": True})
+    metrics = run_experiment(cfg, tmp_path / "run", callbacks=[snap], progress=False)
+    assert metrics["train_steps"] == 8 and metrics["best_step"] == 4 and metrics["kept_step"] == 4
+    assert metrics["best_eval_f1"] == 30.0
+    saved = load_file(str(tmp_path / "run" / "adapter_model.safetensors"))
+    at4 = snap.weights[4]
+    assert len(saved) == len(at4)
+    for name, value in at4.items():  # the saved adapter is step 4's, not the last step's
+        key = next(k for k in saved if name.replace(".default", "").endswith(k.split("base_model.model.", 1)[-1]))
+        assert torch.equal(saved[key], value), name
+    assert any(not torch.equal(snap.weights[8][n], at4[n]) for n in at4)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_early_stopping_stops_after_patience_scorings_without_a_better_f1(tmp_path, synthetic_dir, monkeypatch):
+    calls = scripted(monkeypatch, {2: 10.0, 4: 5.0, 6: 10.0, 8: 50.0})
+    cfg = tiny_config(synthetic_dir, **{"train.early_stopping_patience": 2})
+    metrics = run_experiment(cfg, tmp_path / "run", progress=False)
+    assert calls == [2, 4, 6] and metrics["train_steps"] == 6 and metrics["stopped_early_at"] == 6
+    assert metrics["best_step"] == 2
+
+
+def test_keep_best_and_early_stopping_resume_after_an_interruption(tmp_path, synthetic_dir, monkeypatch):
+    from transformers import TrainerCallback
+
+    from loraqa.trainer import Interrupted
+
+    f1 = {2: 10.0, 4: 30.0, 6: 20.0, 8: 25.0, 10: 28.0, 12: 99.0}
+    scripted(monkeypatch, f1)
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = tiny_config(synthetic_dir, **{"train.max_steps": 12, "train.keep_best": True,
+                                        "train.early_stopping_patience": 3})  # fmt: skip
+    with pytest.raises(Interrupted):
+        run_experiment(cfg, tmp_path / "resumed", callbacks=[Stop()], progress=False)
+    resumed = run_experiment(cfg, tmp_path / "resumed", progress=False)
+    straight = run_experiment(cfg, tmp_path / "straight", progress=False)
+    assert resumed["resumed_from"] == "checkpoint-5"
+    for m in (resumed, straight):  # best at 4; 6, 8, 10 no better: stopped at 10, step 12's 99 never seen
+        assert (m["best_step"], m["kept_step"], m["stopped_early_at"], m["train_steps"]) == (4, 4, 10, 10)
+    a = load_file(str(tmp_path / "resumed" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    assert resumed["exact_match"] == straight["exact_match"] and resumed["f1"] == straight["f1"]
+
+
+def test_best_and_patience_from_the_log_history():
+    log = [{"loss": 1.0, "step": 1}, {"eval_f1": 10.0, "step": 2}, {"eval_f1": 30.0, "step": 4},
+           {"eval_f1": 30.0, "step": 6}, {"eval_f1": 20.0, "step": 8}]  # fmt: skip
+    assert best_scoring(log) == (4, 30.0)  # a tie keeps the earlier adapter
+    assert scorings_since_best(log) == 2
+    assert best_scoring([{"loss": 1.0, "step": 1}]) is None and scorings_since_best([]) == 0
+
+
+def test_keep_best_without_scores_is_a_config_error(synthetic_dir):
+    with pytest.raises(ConfigError, match="train.keep_best: needs scores during training; set eval.score_steps"):
+        tiny_config(synthetic_dir, **{"eval.score_steps": 0, "train.keep_best": True})
+    with pytest.raises(ConfigError, match="train.early_stopping_patience"):
+        tiny_config(synthetic_dir, **{"eval.score_steps": 0, "train.early_stopping_patience": 2})
