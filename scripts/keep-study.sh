@@ -6,7 +6,7 @@
 # most EVERY seconds of the study are lost. Run it from the checkout that holds docs/, beside the study:
 #   nohup bash scripts/keep-study.sh ../study/runs > keep-study.log 2>&1 &
 # Arguments: RUNS (the folder of the full-* sweep folders) and EVERY. LORAQA names the loraqa to sync with.
-# The kept checkpoints are cleaned as code from 61cb23f on saves them (rundir.make_portable, no pickled
+# The kept checkpoints are cleaned as code from 61cb23f on saves them (runfolder.make_portable, no pickled
 # training_args.bin), because the study's commit is older; and nothing is committed that holds a machine path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,7 @@ while sleep "$every"; do
   "$python" - "$keep"/*/*/checkpoints/checkpoint-* <<'PY' || { echo "keep: cleaning the kept checkpoints failed; not committed"; continue; }
 import sys, yaml
 from pathlib import Path
-from loraqa.rundir import make_portable
+from loraqa.runfolder import make_portable
 for c in map(Path, sys.argv[1:]):
     if c.is_dir():  # the model name is the run's (config.yaml, two folders up)
         make_portable(c, yaml.safe_load((c.parent.parent / "config.yaml").read_text())["model"]["name"])

@@ -390,7 +390,7 @@ def test_length_grouped_batches_depend_on_seed_and_epoch_only():
 
 
 def test_a_half_written_checkpoint_is_not_resumed_from(tmp_path):
-    from loraqa.rundir import last_checkpoint
+    from loraqa.runfolder import last_checkpoint
 
     ckpt = tmp_path / "checkpoints"
     (ckpt / "checkpoint-2").mkdir(parents=True)

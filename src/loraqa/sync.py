@@ -25,16 +25,14 @@ from .layout import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     LOCK_FILE,
-    METRICS_FILE,
     SWEEP_CONFIG_FILE,
     SWEEP_INDEX_LOCK_FILE,
     TENSORBOARD_DIR,
-    TRAIN_METRICS_FILE,
     TRIAL_CONFIG_FILE,
     TRIAL_LOCK_FILE,
     TRIAL_LOG_FILE,
 )
-from .rundir import complete_checkpoints
+from .runfolder import RunFolder
 from .sweep.state import is_locked
 
 LOCKS = frozenset({LOCK_FILE, TRIAL_LOCK_FILE, SWEEP_INDEX_LOCK_FILE})
@@ -54,14 +52,8 @@ class Synced:
 
 
 def progress(run_dir: Path) -> tuple[int, int]:
-    """How far a run folder got, comparable between copies: finished (3), trained but not scored (2), at a
-    complete checkpoint (1, its step), or started at most (0)."""
-    if (run_dir / METRICS_FILE).exists():
-        return 3, 0
-    if (run_dir / TRAIN_METRICS_FILE).exists():
-        return 2, 0
-    complete, _ = complete_checkpoints(run_dir / CHECKPOINTS_DIR)
-    return (1, int(complete[-1].name.split("-")[-1])) if complete else (0, 0)
+    """How far a run folder got, comparable between copies (see :meth:`RunFolder.progress`)."""
+    return RunFolder(run_dir).progress()
 
 
 def describe(p: tuple[int, int]) -> str:
