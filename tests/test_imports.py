@@ -30,3 +30,22 @@ def test_reading_folders_does_not_import_torch(module):
     loaded = imported_after(module)
     assert module in loaded
     assert "torch" not in loaded, f"importing {module} imports torch"
+
+
+@pytest.mark.parametrize("module", ["loraqa.report", "loraqa.sync", "loraqa.sweep"])
+def test_reading_sweep_records_does_not_import_the_scheduler(module):
+    loaded = imported_after(module)
+    scheduler = {"loraqa.sweep.attempt", "loraqa.sweep.driver", "loraqa.sweep.runner"} & loaded
+    assert not scheduler, f"importing {module} imports {', '.join(sorted(scheduler))}"
+
+
+def test_the_scheduler_is_still_reachable_from_the_package():
+    import loraqa.sweep
+    from loraqa.sweep import run_sweep, trial_command
+    from loraqa.sweep.attempt import trial_command as from_attempt
+    from loraqa.sweep.driver import run_sweep as from_driver
+
+    assert run_sweep is from_driver and trial_command is from_attempt
+    assert loraqa.sweep.attempt.trial_command is trial_command  # the modules too, as attributes
+    with pytest.raises(AttributeError):
+        _ = loraqa.sweep.no_such_name

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..sweep import format_value
+from ..sweep.trials import format_value
 from .load import TrialResult
 
 SE_MULTIPLIER = 2.0  # an EM/F1 difference counts when |mean paired difference| > 2 standard errors (~95%)

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..card import portable_model_name
 from ..io import write_bytes_atomic
 from ..layout import FIGURES_DIR
-from ..sweep import format_value
+from ..sweep.trials import format_value
 from .load import SweepData, TrialResult
 
 

@@ -16,7 +16,8 @@ from ..config import ConfigError, from_dict
 from ..io import read_json
 from ..layout import SWEEP_CONFIG_FILE, SWEEP_INDEX_FILE, TRIAL_CONFIG_FILE, TRIAL_RUN_FILE
 from ..runfolder import RunFolder
-from ..sweep import Trial, axis_values, expand_trials, format_value, reference_values, trial_status
+from ..sweep.state import trial_status
+from ..sweep.trials import Trial, axis_values, expand_trials, format_value, reference_values
 
 
 @dataclass(eq=False)

@@ -14,7 +14,8 @@ from ..card import portable_command, portable_model_name, portable_path
 from ..io import write_text_atomic
 from ..layout import REPORT_FILE, RESULTS_FILE, sweep_command
 from ..metrics import RUN_FIGURES
-from ..sweep import describe_machine, format_value, machine_info
+from ..sweep.machine import describe_machine, machine_info
+from ..sweep.trials import format_value
 from .cells import SE_MULTIPLIER, mb, md_table, num, percent, secs, settings_text, status_cell
 from .figures import draw_figures
 from .load import SweepData, load_sweep

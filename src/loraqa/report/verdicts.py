@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..sweep import format_value
+from ..sweep.trials import format_value
 from .cells import mb, md_table, num, paired_diff, percent, secs
 from .load import SweepData, TrialResult
 
