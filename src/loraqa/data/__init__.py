@@ -2,7 +2,8 @@
 
 ``data.format`` picks the reader (`FORMATS`):
 
-* ``squad``: SQuAD v1.1 JSON (:mod:`.squad`; found, downloaded and checked as before), the default;
+* ``squad``: SQuAD v1.1 JSON (:mod:`.squad`; found in a folder, or downloaded and checked against its published
+  sha256), the default;
 * ``squad_v2``: SQuAD 2.0 JSON; unanswerable questions are kept (``is_impossible``) and the model is taught
   to answer ``data.unanswerable_answer`` for them; scored by the official v2.0 rules (:mod:`loraqa.metrics`);
 * ``jsonl`` / ``csv``: one record a line or row (:mod:`.tabular`);
