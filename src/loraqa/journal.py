@@ -70,8 +70,11 @@ class AnswerJournal:
                 rec = json.loads(line) if line.endswith(b"\n") else None
                 if kept == 0:
                     if rec != {"journal": FORMAT, "key": self.key}:
-                        log.info("%s: not this evaluation's answers (another model, prompts or settings); "
-                                 "answering all again", self.path)  # fmt: skip
+                        log.info(
+                            "%s: not this evaluation's answers (another model, prompts or settings); "
+                            "answering all again",
+                            self.path,
+                        )
                         return 0
                 else:
                     batch = dict(zip(rec["i"], rec["a"], strict=True))
