@@ -9,6 +9,7 @@ and examples/).
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path, PurePosixPath
@@ -104,3 +105,17 @@ def test_the_rules_catch_weights_checkpoints_and_large_files():
     }
     flagged = [line.split(":")[0] for line in problems(files)]
     assert flagged == sorted(set(files) - {"README.md", allowed, "docs/run/adapter_model.safetensors"})
+
+
+def test_the_readme_architecture_names_every_module():
+    """Each module of the package is named in the README's Architecture section, and each name there exists."""
+    root = Path(__file__).resolve().parents[1]
+    package = root / "src" / "loraqa"
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Architecture\n", 1)[1].split("\n## ", 1)[0]
+    modules = {p.stem for p in package.rglob("*.py") if p.stem != "__init__"}
+    modules |= {p.parent.name for p in package.rglob("__init__.py") if p.parent != package}
+    named = set(re.findall(r"`([a-z_]+)/?`", section))
+    assert not modules - named, f"not in the README's Architecture section: {sorted(modules - named)}"
+    missing = {w for w in re.findall(r"\(`([a-z_]+)/?`\)", section) if w not in modules}
+    assert not missing, f"named as a stage's module in the README but not in the package: {sorted(missing)}"
