@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Keep the running full study in version control while it runs: every EVERY seconds (default 2700, 45 min),
 # `loraqa sync --results-only` of each sweep folder under RUNS into docs/study-full/sweeps, then one commit of
-# docs/study-full/sweeps alone. The study's machine can be replaced between sittings with its folders on it
-# (on 2026-12-03 it was, twice: the second time a sitting's results went with it before they were kept), so at
-# most EVERY seconds of the study are lost. Run it from the checkout that holds docs/, beside the study:
+# docs/study-full/sweeps alone. The study's machine can be replaced between sittings with its folders on it, so
+# what is committed is what must outlive it: every finished trial's results, at most EVERY seconds late, and the
+# logs of the running ones. Checkpoints are synced beside them but not committed (.gitignore; tests/test_repo.py
+# refuses them): a trial that was running when its machine went resumes only from that machine's own copy.
+# Run it from the checkout that holds docs/, beside the study:
 #   nohup bash scripts/keep-study.sh ../study/runs > keep-study.log 2>&1 &
 # Arguments: RUNS (the folder of the full-* sweep folders) and EVERY. LORAQA names the loraqa to sync with.
-# The kept checkpoints are cleaned as code from 61cb23f on saves them (rundir.make_portable, no pickled
-# training_args.bin), because the study's commit is older; and nothing is committed that holds a machine path.
+# The synced checkpoints are cleaned as loraqa saves them (runfolder.make_portable, no pickled
+# training_args.bin), whichever loraqa wrote them, and nothing is committed that holds a machine path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:?pass RUNS, the folder of the full-* sweep folders (e.g. ../study/runs)}
@@ -23,7 +25,7 @@ while sleep "$every"; do
   "$python" - "$keep"/*/*/checkpoints/checkpoint-* <<'PY' || { echo "keep: cleaning the kept checkpoints failed; not committed"; continue; }
 import sys, yaml
 from pathlib import Path
-from loraqa.rundir import make_portable
+from loraqa.runfolder import make_portable
 for c in map(Path, sys.argv[1:]):
     if c.is_dir():  # the model name is the run's (config.yaml, two folders up)
         make_portable(c, yaml.safe_load((c.parent.parent / "config.yaml").read_text())["model"]["name"])

@@ -316,7 +316,7 @@ if __name__ == "__main__":
 
 @pytest.mark.parametrize("fail", [False, True])
 def test_a_session_that_ends_well_waits_for_every_process_and_one_that_fails_does_not(tmp_path, fail):
-    # a finished torchrun run once failed as the main process left first: its peer aborted (SIGABRT) mid-teardown
+    # a finished run's main process must not leave before its peer, which would abort (SIGABRT) mid-teardown
     script = tmp_path / "session.py"
     script.write_text(SESSION_SCRIPT)
     with socket.socket() as s:

@@ -18,7 +18,7 @@ import torch
 
 from loraqa.cli import main
 from loraqa.data import make_synthetic_squad
-from loraqa.rundir import check_checkpoint, last_checkpoint
+from loraqa.runfolder import RunFolder, check_checkpoint, last_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,8 +233,8 @@ def test_a_sweep_marks_a_diverging_trial_failed_with_the_reason(data_dir, tmp_pa
 def test_a_second_process_on_a_run_folder_is_refused(data_dir, tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from loraqa.rundir import run_lock\n"
-         "with run_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(120)", str(out)],
+        [sys.executable, "-c", "import sys, time; from loraqa.runfolder import RunFolder\n"
+         "with RunFolder(sys.argv[1]).lock():\n    print('locked', flush=True); time.sleep(120)", str(out)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -247,12 +247,10 @@ def test_a_second_process_on_a_run_folder_is_refused(data_dir, tmp_path):
     finally:
         holder.kill()  # SIGKILL: no cleanup; the kernel drops the lock with the process
         holder.wait()
-    from loraqa.rundir import run_lock
-
     deadline = time.monotonic() + 10
     while True:
         try:
-            with run_lock(out):
+            with RunFolder(out).lock():
                 break
         except Exception:
             assert time.monotonic() < deadline

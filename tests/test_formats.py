@@ -208,7 +208,7 @@ def test_a_run_on_squad_v2_scores_hasans_and_noans(tmp_path):
 
 def test_a_run_folder_from_before_the_new_data_fields_is_not_refused(tmp_path):
     """config.yaml written before data.format existed: the same experiment, so it resumes, not refused."""
-    from loraqa.rundir import prepare_run_dir
+    from loraqa.runfolder import prepare_run_dir
 
     cfg = ExperimentConfig()
     old = cfg.to_yaml()

@@ -93,7 +93,7 @@ def test_v2_layout_loads_unanswerable_questions(v2_file):
     by_id = {ex.id: ex for ex in examples}
     assert by_id["q3"].is_impossible and by_id["q3"].answers == ()
     assert not by_id["q1"].is_impossible and by_id["q1"].answers[0] == "France"
-    # read as SQuAD v1.1, the unanswerable questions have no answers and are skipped, as before
+    # read as SQuAD v1.1, the unanswerable questions have no answers and are skipped, as in any v1.1 file
     v1, v1_report = load_file(v2_file, "squad")
     assert len(v1) == 5 and v1_report.skipped == {"no answers": 4}
 

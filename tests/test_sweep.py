@@ -461,7 +461,7 @@ def test_stderr_pump_separates_progress_bars_from_lines(tmp_path):
 def resumable(out) -> set[str]:
     """The trials with a complete checkpoint: one whose trainer_state.json exists but is still being written (the
     Trainer writes it in place) is removed, not resumed from, by the rerun."""
-    from loraqa.rundir import complete_checkpoints
+    from loraqa.runfolder import complete_checkpoints
 
     return {d.name for d in (out.iterdir() if out.is_dir() else ()) if complete_checkpoints(d / "checkpoints")[0]}
 

@@ -390,7 +390,7 @@ def test_length_grouped_batches_depend_on_seed_and_epoch_only():
 
 
 def test_a_half_written_checkpoint_is_not_resumed_from(tmp_path):
-    from loraqa.rundir import last_checkpoint
+    from loraqa.runfolder import last_checkpoint
 
     ckpt = tmp_path / "checkpoints"
     (ckpt / "checkpoint-2").mkdir(parents=True)
@@ -532,15 +532,16 @@ def test_a_prompt_as_long_as_the_model_takes_leaves_room_for_the_answer(syntheti
 
 
 def test_no_questions_for_the_eval_loss_turns_its_pass_off(tmp_path, synthetic_dir):
-    # data.loss_eval_limit=0 with the default train.eval_steps: the Trainer refused to start without an eval set
+    # data.loss_eval_limit=0 with the default train.eval_steps: the Trainer refuses periodic evaluation without
+    # an eval set, so the eval-loss pass must be turned off for the run to start
     metrics = run_experiment(tiny_config(synthetic_dir, **{"data.loss_eval_limit": 0, "train.eval_steps": 2}),
                              tmp_path, progress=False)  # fmt: skip
     assert metrics["final_eval_loss"] is None and metrics["final_train_loss"] is not None
 
 
 def test_saving_the_adapter_leaves_no_template_card(tmp_path):
-    # PEFT's save writes a template README.md naming the base by its load path; a run interrupted before its
-    # own card was written kept that one
+    # PEFT's save writes a template README.md naming the base by its load path; none may stay in the folder,
+    # not even in a run interrupted before its own card is written
     from loraqa.model import apply_lora, load_base_model
     from loraqa.rundir import save_trained
 

@@ -99,15 +99,6 @@ def on_main(fn, *args, **kwargs):
     return value
 
 
-def from_main(obj):
-    """The main process's ``obj``, on every process."""
-    if not _joined() or world_size() == 1:
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def share(n: int, world: int, rank: int) -> slice:
     """Process ``rank``'s contiguous share of ``n`` items among ``world`` processes (sizes differ by one at most)."""
     return slice(n * rank // world, n * (rank + 1) // world)

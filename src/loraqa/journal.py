@@ -1,7 +1,7 @@
 """Answers kept as they are generated, so that an interrupted evaluation resumes where it stopped.
 
 Answering the full SQuAD dev set takes a quarter of an hour on a CPU, longer for a larger model; a stop signal,
-a kill or the end of a sitting during it used to throw all of it away. :class:`AnswerJournal` appends each
+a kill or the end of a sitting during it must not throw all of it away. :class:`AnswerJournal` appends each
 batch's answers to a JSON-lines file in the run folder as the batch ends. A rerun that answers the same prompts
 with the same model (its every weight) and settings reads them back and generates only the rest, in the very
 batches an uninterrupted run forms (``generate.plan_batches`` plans all prompts first), so its answers are the
@@ -70,8 +70,11 @@ class AnswerJournal:
                 rec = json.loads(line) if line.endswith(b"\n") else None
                 if kept == 0:
                     if rec != {"journal": FORMAT, "key": self.key}:
-                        log.info("%s: not this evaluation's answers (another model, prompts or settings); "
-                                 "answering all again", self.path)  # fmt: skip
+                        log.info(
+                            "%s: not this evaluation's answers (another model, prompts or settings); "
+                            "answering all again",
+                            self.path,
+                        )
                         return 0
                 else:
                     batch = dict(zip(rec["i"], rec["a"], strict=True))

@@ -1,7 +1,7 @@
 """The names of the files loraqa writes, in one place: a run folder (``loraqa train``), a sweep folder and its
 trial folders (``loraqa sweep``), a report (``loraqa report``). No imports, so that the sweep scheduler and
 the report, which read these folders without loading a model, share them with the code that writes them.
-What each file holds: :mod:`loraqa.rundir` (a run folder) and :mod:`loraqa.sweep.state` (a sweep folder)."""
+What each file holds: :mod:`loraqa.runfolder` (a run folder) and :mod:`loraqa.sweep.state` (a sweep folder)."""
 
 # a run folder
 CONFIG_FILE = "config.yaml"

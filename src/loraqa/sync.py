@@ -25,16 +25,14 @@ from .layout import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     LOCK_FILE,
-    METRICS_FILE,
     SWEEP_CONFIG_FILE,
     SWEEP_INDEX_LOCK_FILE,
     TENSORBOARD_DIR,
-    TRAIN_METRICS_FILE,
     TRIAL_CONFIG_FILE,
     TRIAL_LOCK_FILE,
     TRIAL_LOG_FILE,
 )
-from .rundir import complete_checkpoints
+from .runfolder import RunFolder
 from .sweep.state import is_locked
 
 LOCKS = frozenset({LOCK_FILE, TRIAL_LOCK_FILE, SWEEP_INDEX_LOCK_FILE})
@@ -54,14 +52,8 @@ class Synced:
 
 
 def progress(run_dir: Path) -> tuple[int, int]:
-    """How far a run folder got, comparable between copies: finished (3), trained but not scored (2), at a
-    complete checkpoint (1, its step), or started at most (0)."""
-    if (run_dir / METRICS_FILE).exists():
-        return 3, 0
-    if (run_dir / TRAIN_METRICS_FILE).exists():
-        return 2, 0
-    complete, _ = complete_checkpoints(run_dir / CHECKPOINTS_DIR)
-    return (1, int(complete[-1].name.split("-")[-1])) if complete else (0, 0)
+    """How far a run folder got, comparable between copies (see :meth:`RunFolder.progress`)."""
+    return RunFolder(run_dir).progress()
 
 
 def describe(p: tuple[int, int]) -> str:
@@ -78,8 +70,10 @@ def sync(src: str | os.PathLike, dst: str | os.PathLike, results_only: bool = Fa
     if (src / SWEEP_CONFIG_FILE).is_file():
         theirs = dst / SWEEP_CONFIG_FILE
         if theirs.is_file() and theirs.read_bytes() != (src / SWEEP_CONFIG_FILE).read_bytes():
-            raise SyncError(f"{dst}: holds another sweep ({theirs} differs from {src / SWEEP_CONFIG_FILE}); "
-                            "sync into an empty folder")  # fmt: skip
+            raise SyncError(
+                f"{dst}: holds another sweep ({theirs} differs from {src / SWEEP_CONFIG_FILE}); "
+                "sync into an empty folder"
+            )
         trials = runs | (_run_folders(dst) if theirs.is_file() else set())  # DST's own trials stay untouched
         _copy_tree(src, dst, skip=lambda rel: rel.parts[0] in trials or rel.name in LOCKS)
     return [_sync_run(src / name, dst / name, name, results_only) for name in sorted(runs)]
@@ -90,8 +84,10 @@ def _run_folders(src: Path) -> set[str]:
         return {p.name for p in src.iterdir() if p.is_dir() and (p / TRIAL_CONFIG_FILE).is_file()}
     if (src / CONFIG_FILE).is_file() or (src / TRIAL_CONFIG_FILE).is_file():
         return {"."}
-    raise SyncError(f"{src}: not a run folder (no {CONFIG_FILE}) or a sweep folder (no {SWEEP_CONFIG_FILE}); "
-                    "name the folder `loraqa train -o` or `loraqa sweep -o` wrote")  # fmt: skip
+    raise SyncError(
+        f"{src}: not a run folder (no {CONFIG_FILE}) or a sweep folder (no {SWEEP_CONFIG_FILE}); "
+        "name the folder `loraqa train -o` or `loraqa sweep -o` wrote"
+    )
 
 
 def _sync_run(src: Path, dst: Path, name: str, results_only: bool) -> Synced:

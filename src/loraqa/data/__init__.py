@@ -2,7 +2,8 @@
 
 ``data.format`` picks the reader (`FORMATS`):
 
-* ``squad``: SQuAD v1.1 JSON (:mod:`.squad`; found, downloaded and checked as before), the default;
+* ``squad``: SQuAD v1.1 JSON (:mod:`.squad`; found in a folder, or downloaded and checked against its published
+  sha256), the default;
 * ``squad_v2``: SQuAD 2.0 JSON; unanswerable questions are kept (``is_impossible``) and the model is taught
   to answer ``data.unanswerable_answer`` for them; scored by the official v2.0 rules (:mod:`loraqa.metrics`);
 * ``jsonl`` / ``csv``: one record a line or row (:mod:`.tabular`);
@@ -36,11 +37,28 @@ from .squad import (
 from .stats import dataset_stats, format_stats_table, question_type
 
 __all__ = [
-    "DEFAULT_CACHE_DIR", "FORMATS", "QUESTION_TYPES", "SQUAD_FILES", "SYNTHETIC", "DataError", "Example",
-    "LoadReport", "dataset_stats", "detect_format", "download_squad", "format_stats_table", "load_file",
-    "load_split", "load_squad", "make_synthetic_squad", "question_type", "resolve_data_dir", "split_source",
-    "squad_path", "synthetic_data_dir",
-]  # fmt: skip
+    "DEFAULT_CACHE_DIR",
+    "FORMATS",
+    "QUESTION_TYPES",
+    "SQUAD_FILES",
+    "SYNTHETIC",
+    "DataError",
+    "Example",
+    "LoadReport",
+    "dataset_stats",
+    "detect_format",
+    "download_squad",
+    "format_stats_table",
+    "load_file",
+    "load_split",
+    "load_squad",
+    "make_synthetic_squad",
+    "question_type",
+    "resolve_data_dir",
+    "split_source",
+    "squad_path",
+    "synthetic_data_dir",
+]
 
 FORMATS = ("squad", "squad_v2", "jsonl", "csv", "hf")
 # the file a format reads from a data folder, per split

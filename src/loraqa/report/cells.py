@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..sweep import format_value
+from ..sweep.trials import format_value
 from .load import TrialResult
 
 SE_MULTIPLIER = 2.0  # an EM/F1 difference counts when |mean paired difference| > 2 standard errors (~95%)
@@ -77,8 +77,10 @@ def settings_text(t: TrialResult, reference: dict) -> str:
 
 def md_table(header: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
     right = right if right is not None else set(range(1, len(header)))
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|"]  # fmt: skip
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|",
+    ]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
     return "\n".join(lines)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..card import portable_model_name
 from ..io import write_bytes_atomic
 from ..layout import FIGURES_DIR
-from ..sweep import format_value
+from ..sweep.trials import format_value
 from .load import SweepData, TrialResult
 
 
@@ -36,8 +36,13 @@ def plot_curves(
         for label, curve in panel:
             if curve:
                 steps = sorted(curve)
-                ax.plot(steps, [curve[s] for s in steps], marker="o" if len(steps) < 30 else None,
-                        markersize=3, label=label)  # fmt: skip
+                ax.plot(
+                    steps,
+                    [curve[s] for s in steps],
+                    marker="o" if len(steps) < 30 else None,
+                    markersize=3,
+                    label=label,
+                )
         if log_steps:
             from matplotlib.ticker import NullFormatter
 
@@ -65,15 +70,36 @@ def save_figure(fig, path: Path) -> None:
 
 
 FIGURES = (
-    ("Figure 3", "lora.r", "figure3_rank_eval_loss.png", "Eval loss per LoRA rank", [("eval_loss", "eval loss")]),
-    ("Figure 4", "lora.targets", "figure4_targets_loss.png", "Train and eval loss per target preset",
-     [("loss", "train loss"), ("eval_loss", "eval loss")]),
-    ("Figure 5", "train.lr", "figure5_lr_loss.png", "Train and eval loss per learning rate",
-     [("loss", "train loss"), ("eval_loss", "eval loss")]),
+    (
+        "Figure 3",
+        "lora.r",
+        "figure3_rank_eval_loss.png",
+        "Eval loss per LoRA rank",
+        [("eval_loss", "eval loss")],
+    ),
+    (
+        "Figure 4",
+        "lora.targets",
+        "figure4_targets_loss.png",
+        "Train and eval loss per target preset",
+        [("loss", "train loss"), ("eval_loss", "eval loss")],
+    ),
+    (
+        "Figure 5",
+        "train.lr",
+        "figure5_lr_loss.png",
+        "Train and eval loss per learning rate",
+        [("loss", "train loss"), ("eval_loss", "eval loss")],
+    ),
     # not in the reference study, which argues masking without running it
-    ("Masking figure", "prompt.loss_on", "masking_eval_loss.png", "Answer-token eval loss with and without "
-     "loss masking", [("eval_loss", "eval loss (answer tokens)")]),
-)  # fmt: skip
+    (
+        "Masking figure",
+        "prompt.loss_on",
+        "masking_eval_loss.png",
+        "Answer-token eval loss with and without loss masking",
+        [("eval_loss", "eval loss (answer tokens)")],
+    ),
+)
 
 
 def draw_figures(data: SweepData, out_dir: Path, file_prefix: str = "") -> list[str]:
@@ -97,8 +123,10 @@ def draw_figures(data: SweepData, out_dir: Path, file_prefix: str = "") -> list[
         if series and plot_curves(path, f"{label}: {title} ({portable_model_name(data.cfg.model.name)})", series, keys):
             lines.append(f"**{label}: {title}.**\n\n![{label}: {title}]({FIGURES_DIR}/{fname})\n")
         elif key == "prompt.loss_on":
-            lines.append(f"- {label} ({title[0].lower() + title[1:]}): not drawn — no finished {key} trial logged "
-                         "the answer-token eval loss.")  # fmt: skip
+            lines.append(
+                f"- {label} ({title[0].lower() + title[1:]}): not drawn — no finished {key} trial logged "
+                "the answer-token eval loss."
+            )
         else:
             lines.append(f"- {label} ({title.lower()}): not drawn — no logged losses for the {key} trials.")
     return lines

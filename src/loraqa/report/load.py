@@ -13,20 +13,11 @@ import yaml
 
 from ..card import portable_path
 from ..config import ConfigError, from_dict
-from ..io import read_json, read_jsonl
-from ..layout import (
-    CHECKPOINTS_DIR,
-    CLOCK_FILE,
-    ERROR_FILE,
-    LOG_FILE,
-    METRICS_FILE,
-    PREDICTIONS_FILE,
-    SWEEP_CONFIG_FILE,
-    SWEEP_INDEX_FILE,
-    TRIAL_CONFIG_FILE,
-    TRIAL_RUN_FILE,
-)
-from ..sweep import Trial, axis_values, expand_trials, format_value, reference_values, trial_status
+from ..io import read_json
+from ..layout import SWEEP_CONFIG_FILE, SWEEP_INDEX_FILE, TRIAL_CONFIG_FILE, TRIAL_RUN_FILE
+from ..runfolder import RunFolder
+from ..sweep.state import trial_status
+from ..sweep.trials import Trial, axis_values, expand_trials, format_value, reference_values
 
 
 @dataclass(eq=False)
@@ -51,12 +42,15 @@ class TrialResult:
         return self.metrics.get(key)
 
     @cached_property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.dir)
+
+    @cached_property
     def history(self) -> list[dict]:
-        path = self.dir / LOG_FILE
         try:
-            return read_jsonl(path) if path.exists() else []
+            return self.folder.history()
         except (OSError, ValueError) as e:
-            self.unreadable.append(_problem(path, e))
+            self.unreadable.append(_problem(self.folder.log_file, e))
             return []
 
     @cached_property
@@ -74,11 +68,7 @@ class TrialResult:
     def seconds_per_step(self) -> float | None:
         """Train time a step so far, from the clock in the latest checkpoint (its totals sum every segment of an
         interrupted run, and leave out steps trained again after one); None before the first checkpoint."""
-        clocks = {}
-        for path in (self.dir / CHECKPOINTS_DIR).glob(f"checkpoint-*/{CLOCK_FILE}"):
-            step = path.parent.name.removeprefix("checkpoint-")
-            if step.isdigit() and int(step) > 0:
-                clocks[int(step)] = path
+        clocks = self.folder.checkpoint_clocks()
         if not clocks:
             return None
         step = max(clocks)
@@ -91,11 +81,10 @@ class TrialResult:
 
     @cached_property
     def per_question(self) -> dict[str, dict]:
-        path = self.dir / PREDICTIONS_FILE
         try:
-            return {r["id"]: r for r in read_jsonl(path)} if path.exists() else {}
+            return {r["id"]: r for r in self.folder.predictions()}
         except (OSError, ValueError, KeyError, TypeError) as e:
-            self.unreadable.append(_problem(path, e))
+            self.unreadable.append(_problem(self.folder.predictions_file, e))
             return {}
 
     @property
@@ -125,8 +114,8 @@ class SweepData:
     def axis_rows(self, key: str) -> list[TrialResult]:
         """Trials that differ from the reference point in ``key`` alone (the reference included), in the axis's
         value order."""
-        rows = [t for t in self.trials
-                if all(t.trial.values[k] == v for k, v in self.reference.items() if k != key)]  # fmt: skip
+        others = {k: v for k, v in self.reference.items() if k != key}
+        rows = [t for t in self.trials if all(t.trial.values[k] == v for k, v in others.items())]
         order = {format_value(v): i for i, v in enumerate(self.axes[key])}
         return sorted(rows, key=lambda t: order.get(format_value(t.trial.values[key]), len(order)))
 
@@ -167,17 +156,15 @@ def load_sweep(sweep_dir: str | os.PathLike) -> SweepData:
     trials = []
     bad: list[str] = []
     for t in expand_trials(cfg):
-        tdir = sweep_dir / t.name
-        status = trial_status(tdir)
-        trials.append(TrialResult(
-            t, tdir, status,
-            metrics=_read_or(tdir / METRICS_FILE, {}, bad) if status == "done" else {},
-            run=_read_or(tdir / TRIAL_RUN_FILE, {}, bad),
-            error=_read_or(tdir / ERROR_FILE, {}, bad) if status == "failed" else {},
-            unreadable=bad,
-        ))  # fmt: skip
+        run = RunFolder(sweep_dir / t.name)
+        status = trial_status(run.path)
+        metrics = _read_or(run.metrics_file, {}, bad) if status == "done" else {}
+        error = _read_or(run.error_file, {}, bad) if status == "failed" else {}
+        attempts = _read_or(run.path / TRIAL_RUN_FILE, {}, bad)
+        trials.append(TrialResult(t, run.path, status, metrics, attempts, error, unreadable=bad))
     names = {t.name for t in trials}
-    strays = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and (p / TRIAL_CONFIG_FILE).exists()
-                    and p.name not in names)  # fmt: skip
-    return SweepData(sweep_dir, cfg, trials, axis_values(cfg), reference_values(cfg),
-                     _read_or(sweep_dir / SWEEP_INDEX_FILE, {}, bad), strays, bad)  # fmt: skip
+    strays = sorted(
+        p.name for p in sweep_dir.iterdir() if p.is_dir() and (p / TRIAL_CONFIG_FILE).exists() and p.name not in names
+    )
+    index = _read_or(sweep_dir / SWEEP_INDEX_FILE, {}, bad)
+    return SweepData(sweep_dir, cfg, trials, axis_values(cfg), reference_values(cfg), index, strays, bad)

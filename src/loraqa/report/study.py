@@ -37,11 +37,21 @@ class Anchor:
 
 
 ANCHORS = (
-    Anchor("GPT-2 small (124M)", "span-prediction head, fully fine-tuned", 68.4, 78.9,
-           "as cited in loraqa's full-study plan; not reproduced here"),
-    Anchor("BERT-base (uncased, 110M)", "span-prediction head, fully fine-tuned", 81.2, 88.5,
-           "Hugging Face transformers' question-answering example (run_qa.py) as its README reports"),
-)  # fmt: skip
+    Anchor(
+        "GPT-2 small (124M)",
+        "span-prediction head, fully fine-tuned",
+        68.4,
+        78.9,
+        "as cited in loraqa's full-study plan; not reproduced here",
+    ),
+    Anchor(
+        "BERT-base (uncased, 110M)",
+        "span-prediction head, fully fine-tuned",
+        81.2,
+        88.5,
+        "Hugging Face transformers' question-answering example (run_qa.py) as its README reports",
+    ),
+)
 
 SCALING_KEY = "data.train_limit"
 
@@ -73,12 +83,40 @@ def trials_table(sweeps: list[SweepData]) -> str:
     rows = []
     for data in sweeps:
         for t in data.trials:
-            rows.append([data.cfg.name, t.name, status_cell(t), settings_text(t, data.reference), num(train_questions(t)),
-                         num(dev_questions(t)), num(t.m("f1")), num(t.m("exact_match")),
-                         num(t.m("train_steps")), secs(t.m("train_seconds")), num(_questions_per_second(t), 1),
-                         secs(t.m("eval_seconds")), mb(t.m("peak_memory_mb")), _commit(t)])  # fmt: skip
-    header = ["sweep", "trial", "status", "settings", "train questions", "dev questions", "F1", "EM", "steps",
-              "train time", "train questions/s", "eval time", "peak memory", "commit"]  # fmt: skip
+            rows.append(
+                [
+                    data.cfg.name,
+                    t.name,
+                    status_cell(t),
+                    settings_text(t, data.reference),
+                    num(train_questions(t)),
+                    num(dev_questions(t)),
+                    num(t.m("f1")),
+                    num(t.m("exact_match")),
+                    num(t.m("train_steps")),
+                    secs(t.m("train_seconds")),
+                    num(_questions_per_second(t), 1),
+                    secs(t.m("eval_seconds")),
+                    mb(t.m("peak_memory_mb")),
+                    _commit(t),
+                ]
+            )
+    header = [
+        "sweep",
+        "trial",
+        "status",
+        "settings",
+        "train questions",
+        "dev questions",
+        "F1",
+        "EM",
+        "steps",
+        "train time",
+        "train questions/s",
+        "eval time",
+        "peak memory",
+        "commit",
+    ]
     return md_table(header, rows, right=set(range(4, 13)))
 
 
@@ -127,18 +165,45 @@ def scaling_section(sweeps: list[SweepData], out_dir: Path) -> list[str]:
         have = any(SCALING_KEY in d.axes for d in sweeps)
         why = "no data-scaling trial has finished yet" if have else f"no sweep has a {SCALING_KEY} axis"
         return ["## Data scaling", "", f"Not drawn: {why}."]
-    rows = [[num(train_questions(t)), num(t.m("train_steps")), num(dev_questions(t)), num(t.m("f1")),
-             num(t.m("exact_match")), _gain(t, prev), num(t.m("final_eval_loss"), 3), secs(t.m("train_seconds")),
-             t.name] for prev, t in zip([None, *points[:-1]], points, strict=True)]  # fmt: skip
-    header = ["train questions", "steps", "dev questions", "F1", "EM", "F1 over the size before", "final eval loss",
-              "train time", "trial"]  # fmt: skip
+    rows = [
+        [
+            num(train_questions(t)),
+            num(t.m("train_steps")),
+            num(dev_questions(t)),
+            num(t.m("f1")),
+            num(t.m("exact_match")),
+            _gain(t, prev),
+            num(t.m("final_eval_loss"), 3),
+            secs(t.m("train_seconds")),
+            t.name,
+        ]
+        for prev, t in zip([None, *points[:-1]], points, strict=True)
+    ]
+    header = [
+        "train questions",
+        "steps",
+        "dev questions",
+        "F1",
+        "EM",
+        "F1 over the size before",
+        "final eval loss",
+        "train time",
+        "trial",
+    ]
     lines = ["## Data scaling", "", md_table(header, rows, right=set(range(8)))]
-    lines += ["", "The gain is paired over the dev questions both sizes answered, ± 2 standard errors of the "
-              "per-question difference (the noise rule of the verdicts below)."]  # fmt: skip
+    lines += [
+        "",
+        "The gain is paired over the dev questions both sizes answered, ± 2 standard errors of the "
+        "per-question difference (the noise rule of the verdicts below).",
+    ]
     model = portable_model_name(points[0].trial.config.model.name)
     if scaling_figure(points, out_dir / FIGURES_DIR / "data_scaling.png", model):
-        lines += ["", "**Data scaling: EM and F1 against train questions.**", "",
-                  f"![Data scaling]({FIGURES_DIR}/data_scaling.png)"]  # fmt: skip
+        lines += [
+            "",
+            "**Data scaling: EM and F1 against train questions.**",
+            "",
+            f"![Data scaling]({FIGURES_DIR}/data_scaling.png)",
+        ]
     curves = [(f"{train_questions(t):,} questions", t) for t in points if t.history]
     title = f"Learning curves per data size ({model})"
     keys = [("loss", "train loss"), ("eval_loss", "eval loss (answer tokens)")]
@@ -161,15 +226,25 @@ def quality_section(sweeps: list[SweepData]) -> list[str]:
         # prefer the trial scored on the most dev questions, then the best F1 among those
         best = max(pool, key=lambda t: (dev_questions(t) or 0, t.m("f1")))
         model = portable_model_name(best.trial.config.model.name)
-        rows.append([f"{model}, loraqa {label} (`{best.name}`, {num(train_questions(best))} train questions)",
-                     num(best.m("exact_match")), num(best.m("f1")), num(dev_questions(best)),
-                     "measured here, generated answers"])  # fmt: skip
+        rows.append(
+            [
+                f"{model}, loraqa {label} (`{best.name}`, {num(train_questions(best))} train questions)",
+                num(best.m("exact_match")),
+                num(best.m("f1")),
+                num(dev_questions(best)),
+                "measured here, generated answers",
+            ]
+        )
     for a in ANCHORS:
         rows.append([f"{a.model}, {a.method}", f"{a.em:.1f}", f"{a.f1:.1f}", "10,570", f"published, not run here: {a.source}"])
-    return ["## Quality beside published figures", "",
-            "loraqa's models answer by generating text; the published rows extract a span with a classification "
-            "head, a different and easier output format. They are anchors, not a like-for-like comparison.", "",
-            md_table(["model", "EM", "F1", "dev questions", "source"], rows, right={1, 2, 3})]  # fmt: skip
+    return [
+        "## Quality beside published figures",
+        "",
+        "loraqa's models answer by generating text; the published rows extract a span with a classification "
+        "head, a different and easier output format. They are anchors, not a like-for-like comparison.",
+        "",
+        md_table(["model", "EM", "F1", "dev questions", "source"], rows, right={1, 2, 3}),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- changes
@@ -208,8 +283,11 @@ def changes_section(claims: SweepData | None, compare: Path | None) -> list[str]
     if compare is None:
         return []
     if claims is None:
-        return [f"## Verdicts against the earlier study ({compare.as_posix()})", "",
-                "Not compared: no sweep here varies the reference study's axes."]  # fmt: skip
+        return [
+            f"## Verdicts against the earlier study ({compare.as_posix()})",
+            "",
+            "Not compared: no sweep here varies the reference study's axes.",
+        ]
     sweep, before = earlier_verdicts(compare, prefer=claims.cfg.name)
     title = f"## Verdicts against the earlier study ({compare.as_posix()}{f', sweep {sweep}' if sweep else ''})"
     rows = []
@@ -217,8 +295,11 @@ def changes_section(claims: SweepData | None, compare: Path | None) -> list[str]
         old = before.get(v.label)
         old_word = old[1] if old else "not judged"
         changed = "—" if NA in (old_word, v.verdict) or old is None else ("yes" if old_word != v.verdict else "no")
-        why = (f"then: {_first_sentence(old[2])}; now: {_first_sentence(v.detail)}" if old
-               else f"now: {_first_sentence(v.detail)}")  # fmt: skip
+        why = (
+            f"then: {_first_sentence(old[2])}; now: {_first_sentence(v.detail)}"
+            if old
+            else f"now: {_first_sentence(v.detail)}"
+        )
         rows.append([f"({v.label}) {v.claim}", old_word, v.verdict, changed, why])
     return [title, "", md_table(["claim", "before", "now", "changed", "the numbers behind it"], rows, right=set())]
 
@@ -226,8 +307,12 @@ def changes_section(claims: SweepData | None, compare: Path | None) -> list[str]
 # ---------------------------------------------------------------------------------------------- the report
 
 
-def write_study_report(sweep_dirs: list[str | Path], out_dir: str | Path, compare: str | Path | None = None,
-                       unreadable: list | None = None) -> Path:  # fmt: skip
+def write_study_report(
+    sweep_dirs: list[str | Path],
+    out_dir: str | Path,
+    compare: str | Path | None = None,
+    unreadable: list | None = None,
+) -> Path:
     """``report.md``, ``results.csv`` and figures for several sweeps at once; returns report.md's path.
     Each sweep's own section is its single-sweep report (tables, figures, verdicts), one level down. Damaged
     files are left out, named in their sweep's section and appended to ``unreadable`` when given."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..sweep import format_value
+from ..sweep.trials import format_value
 from .cells import mb, md_table, num, paired_diff, percent, secs
 from .load import SweepData, TrialResult
 
@@ -51,8 +51,13 @@ def verdict_rank_quality(data: SweepData) -> Verdict:
     listing = ", ".join(f"r{r} {num(ranks[r].m('f1'))}" for r in sorted(ranks)) or "none"
     if not low or 16 not in ranks or not high:
         extra = _missing_note(data, "lora.r")
-        return Verdict("a", claim, NA, f"Needs finished trials at a rank below 16, at 16 and above 16 "
-                       f"(F1 of finished ranks: {listing}){'; ' + extra if extra else ''}.")  # fmt: skip
+        return Verdict(
+            "a",
+            claim,
+            NA,
+            f"Needs finished trials at a rank below 16, at 16 and above 16 "
+            f"(F1 of finished ranks: {listing}){'; ' + extra if extra else ''}.",
+        )
     r_lo, r_hi = min(low), max(high)
     up = paired_diff(ranks[16], ranks[r_lo])
     beyond = paired_diff(ranks[r_hi], ranks[16])
@@ -60,8 +65,10 @@ def verdict_rank_quality(data: SweepData) -> Verdict:
         return Verdict("a", claim, NA, f"F1 by rank: {listing}; no per-question predictions to compare.")
     per_doubling_up = up.mean / math.log2(16 / r_lo)
     per_doubling_beyond = beyond.mean / math.log2(r_hi / 16)
-    detail = (f"F1 by rank: {listing}. r16 − r{r_lo}: {up.text()} F1, i.e. {per_doubling_up:+.2f} per doubling; "
-              f"r{r_hi} − r16: {beyond.text()} F1, i.e. {per_doubling_beyond:+.2f} per doubling.")  # fmt: skip
+    detail = (
+        f"F1 by rank: {listing}. r16 − r{r_lo}: {up.text()} F1, i.e. {per_doubling_up:+.2f} per doubling; "
+        f"r{r_hi} − r16: {beyond.text()} F1, i.e. {per_doubling_beyond:+.2f} per doubling."
+    )
     if not (up.significant and up.mean > 0):
         return Verdict("a", claim, FAILS, detail + f" Rank 16 is not measurably better than rank {r_lo}.")
     if beyond.significant and beyond.mean < 0:
@@ -76,19 +83,30 @@ def verdict_rank_quality(data: SweepData) -> Verdict:
 def verdict_lr(data: SweepData) -> Verdict:
     claim = "2e-4 gives the best metrics"
     rows = _done_rows(data, "train.lr")
-    listing = ", ".join(f"{format_value(t.trial.values['train.lr'])}: F1 {num(t.m('f1'))} EM {num(t.m('exact_match'))}"
-                        for t in rows) or "none"  # fmt: skip
+    listing = (
+        ", ".join(
+            f"{format_value(t.trial.values['train.lr'])}: F1 {num(t.m('f1'))} EM {num(t.m('exact_match'))}"
+            for t in rows
+        )
+        or "none"
+    )
     star = [t for t in rows if math.isclose(t.trial.values["train.lr"], 2e-4, rel_tol=1e-9)]
     others = [t for t in rows if t not in star]
     if not star or not others:
         extra = _missing_note(data, "train.lr")
-        return Verdict("b", claim, NA, f"Needs a finished lr=2e-4 trial and another learning rate "
-                       f"(finished: {listing}){'; ' + extra if extra else ''}.")  # fmt: skip
+        return Verdict(
+            "b",
+            claim,
+            NA,
+            f"Needs a finished lr=2e-4 trial and another learning rate "
+            f"(finished: {listing}){'; ' + extra if extra else ''}.",
+        )
     s = star[0]
     diffs = {t: paired_diff(s, t) for t in others}
     detail = f"{listing}. " + "; ".join(
         f"2e-4 − {format_value(t.trial.values['train.lr'])}: {d.text() if d else 'no predictions'} F1"
-        for t, d in diffs.items())  # fmt: skip
+        for t, d in diffs.items()
+    )
     for key, name in (("f1", "F1"), ("exact_match", "EM")):
         best = max(rows, key=lambda t, key=key: t.m(key) or -1)
         if best is not s and (best.m(key) or 0) > (s.m(key) or 0):
@@ -115,12 +133,20 @@ def _at_steps(a: dict[int, float], b: dict[int, float], steps: list[int]) -> str
 
 def verdict_targets(data: SweepData) -> Verdict:
     claim = "attention + projection converges faster"
-    rows = {t.trial.values["lora.targets"]: t for t in _done_rows(data, "lora.targets")
-            if isinstance(t.trial.values["lora.targets"], str)}  # fmt: skip
+    rows = {
+        t.trial.values["lora.targets"]: t
+        for t in _done_rows(data, "lora.targets")
+        if isinstance(t.trial.values["lora.targets"], str)
+    }
     if "attn" not in rows or "attn+proj" not in rows:
         extra = _missing_note(data, "lora.targets")
-        return Verdict("c", claim, NA, "Needs finished lora.targets=attn and attn+proj trials that differ only in "
-                       f"targets{'; ' + extra if extra else ''}.")  # fmt: skip
+        return Verdict(
+            "c",
+            claim,
+            NA,
+            "Needs finished lora.targets=attn and attn+proj trials that differ only in "
+            f"targets{'; ' + extra if extra else ''}.",
+        )
     ap, at = rows["attn+proj"], rows["attn"]
     parts = []
     used = None
@@ -130,8 +156,10 @@ def verdict_targets(data: SweepData) -> Verdict:
             parts.append(f"{what}: no common logged steps")
             continue
         at_steps = _at_steps(ap.curve(key), at.curve(key), steps)
-        parts.append(f"{what} (attn+proj vs attn) lower at {lower} and higher at {higher} of {len(steps)} common "
-                     f"steps ({at_steps})")  # fmt: skip
+        parts.append(
+            f"{what} (attn+proj vs attn) lower at {lower} and higher at {higher} of {len(steps)} common "
+            f"steps ({at_steps})"
+        )
         if used is None:
             used = (what, steps, lower, higher)
     detail = "; ".join(parts) + "."
@@ -152,8 +180,10 @@ def verdict_rank_memory(data: SweepData) -> Verdict:
         extra = _missing_note(data, "lora.r")
         return Verdict("d", claim, NA, f"Needs two finished ranks{'; ' + extra if extra else ''}.")
     mem = [float(t.m("peak_memory_mb")) for t in rows]
-    listing = ", ".join(f"r{t.trial.values['lora.r']} {mb(m)} ({num(t.m('trainable_params'))} trainable)"
-                        for t, m in zip(rows, mem, strict=True))  # fmt: skip
+    listing = ", ".join(
+        f"r{t.trial.values['lora.r']} {mb(m)} ({num(t.m('trainable_params'))} trainable)"
+        for t, m in zip(rows, mem, strict=True)
+    )
     device = rows[0].m("device") or "?"
     kind = "peak allocated GPU memory" if str(device).startswith("cuda") else "peak RSS of the trial process"
     total = mem[-1] - mem[0]
@@ -174,9 +204,11 @@ def _adapter_state_note(low: TrialResult, high: TrialResult, low_peak: float) ->
         return ""
     grown = (int(counts[1]) - int(counts[0])) * ADAPTER_STATE_BYTES / 2**20
     low_r, high_r = low.trial.values["lora.r"], high.trial.values["lora.r"]
-    return (f" The adapters' own training state (fp32 weights, gradients and AdamW's two moments, "
-            f"{ADAPTER_STATE_BYTES} bytes a trainable parameter) grows by {grown:+,.1f} MB from r{low_r} to "
-            f"r{high_r}: {100 * grown / low_peak:.2f}% of r{low_r}'s peak.")  # fmt: skip
+    return (
+        f" The adapters' own training state (fp32 weights, gradients and AdamW's two moments, "
+        f"{ADAPTER_STATE_BYTES} bytes a trainable parameter) grows by {grown:+,.1f} MB from r{low_r} to "
+        f"r{high_r}: {100 * grown / low_peak:.2f}% of r{low_r}'s peak."
+    )
 
 
 def verdict_masking(data: SweepData) -> Verdict:
@@ -184,14 +216,21 @@ def verdict_masking(data: SweepData) -> Verdict:
     rows = {t.trial.values["prompt.loss_on"]: t for t in _done_rows(data, "prompt.loss_on")}
     if "all" not in rows or "answer" not in rows:
         extra = _missing_note(data, "prompt.loss_on")
-        return Verdict("e", claim, NA, "Needs finished prompt.loss_on=answer and =all trials that differ only in "
-                       f"masking{'; ' + extra if extra else ''}.")  # fmt: skip
+        return Verdict(
+            "e",
+            claim,
+            NA,
+            "Needs finished prompt.loss_on=answer and =all trials that differ only in "
+            f"masking{'; ' + extra if extra else ''}.",
+        )
     masked, unmasked = rows["answer"], rows["all"]
     f1 = paired_diff(unmasked, masked)
     em = paired_diff(unmasked, masked, "exact_match")
-    nums = (f"F1 {num(unmasked.m('f1'))} without masking vs {num(masked.m('f1'))} with, difference "
-            f"{f1.text() if f1 else '— (no predictions)'}; EM {num(unmasked.m('exact_match'))} vs "
-            f"{num(masked.m('exact_match'))}, difference {em.text() if em else '— (no predictions)'}.")  # fmt: skip
+    nums = (
+        f"F1 {num(unmasked.m('f1'))} without masking vs {num(masked.m('f1'))} with, difference "
+        f"{f1.text() if f1 else '— (no predictions)'}; EM {num(unmasked.m('exact_match'))} vs "
+        f"{num(masked.m('exact_match'))}, difference {em.text() if em else '— (no predictions)'}."
+    )
     answers = HOLDS if f1 is not None and f1.significant and f1.mean < 0 else FAILS
     # train losses are never comparable (all tokens vs the answer); eval losses are when both runs logged the
     # answer-token loss (eval_loss_on, recorded since loraqa logs it whatever prompt.loss_on trains on)
@@ -207,9 +246,11 @@ def verdict_masking(data: SweepData) -> Verdict:
         return Verdict("e", claim, f"answers worse: {answers}; slower convergence: {NA}", f"{nums} {conv}")
     at_steps = _at_steps(unmasked_curve, masked_curve, steps)
     slower = HOLDS if higher * 2 > len(steps) and lower == 0 else FAILS
-    conv = (f"Answer-token eval loss without vs with masking: higher at {higher} and lower at {lower} of "
-            f"{len(steps)} common steps ({at_steps}). Slower convergence holds if higher by >{LOSS_TOLERANCE:.0%} "
-            "at most common steps and never lower.")  # fmt: skip
+    conv = (
+        f"Answer-token eval loss without vs with masking: higher at {higher} and lower at {lower} of "
+        f"{len(steps)} common steps ({at_steps}). Slower convergence holds if higher by >{LOSS_TOLERANCE:.0%} "
+        "at most common steps and never lower."
+    )
     return Verdict("e", claim, f"answers worse: {answers}; slower convergence: {slower}", f"{nums} {conv}")
 
 
@@ -255,14 +296,21 @@ def verdict_rank_smoothness(data: SweepData) -> Verdict:
     warm = data.cfg.train.warmup_steps
     rough = {t.trial.values["lora.r"]: roughness(t.curve("loss"), warm) for t in rows}
     rough = {r: v for r, v in rough.items() if v is not None}
-    rule = (f"Roughness: the mean distance of each logged train loss from the midpoint of its two neighbours, "
-            f"relative to the mean loss, after the {warm} warmup steps. Holds if it falls from the lowest to the "
-            f"highest rank by more than {SMOOTHNESS_TOLERANCE:.0%} and never rises by more than that from one rank "
-            "to the next.")  # fmt: skip
+    rule = (
+        f"Roughness: the mean distance of each logged train loss from the midpoint of its two neighbours, "
+        f"relative to the mean loss, after the {warm} warmup steps. Holds if it falls from the lowest to the "
+        f"highest rank by more than {SMOOTHNESS_TOLERANCE:.0%} and never rises by more than that from one rank "
+        "to the next."
+    )
     if len(rough) < 2:
         extra = _missing_note(data, "lora.r")
-        return Verdict("f", claim, NA, f"Needs two finished ranks with at least 5 logged train losses after warmup"
-                       f"{'; ' + extra if extra else ''}. {rule}")  # fmt: skip
+        return Verdict(
+            "f",
+            claim,
+            NA,
+            f"Needs two finished ranks with at least 5 logged train losses after warmup"
+            f"{'; ' + extra if extra else ''}. {rule}",
+        )
     listing = ", ".join(f"r{r} {v:.4f}" for r, v in rough.items())
     word = HOLDS if _steadily(list(rough.values()), -1) else FAILS
     return Verdict("f", claim, word, f"Train-loss roughness by rank: {listing}. {rule}")
@@ -278,8 +326,12 @@ def verdict_lr_dynamics(data: SweepData) -> Verdict:
     rows.sort(key=lambda t: t.trial.values["train.lr"])
     if len(rows) < 2:
         extra = _missing_note(data, "train.lr")
-        return Verdict("g", claim, NA, f"Needs two finished learning rates with logged eval losses"
-                       f"{'; ' + extra if extra else ''}.")  # fmt: skip
+        return Verdict(
+            "g",
+            claim,
+            NA,
+            f"Needs two finished learning rates with logged eval losses{'; ' + extra if extra else ''}.",
+        )
     curves = {format_value(t.trial.values["train.lr"]): t.curve("eval_loss") for t in rows}
     level = max(min(c.values()) for c in curves.values()) * (1 + LOSS_TOLERANCE)
     steps = {lr: _steps_to(c, level) for lr, c in curves.items()}
@@ -310,27 +362,48 @@ def full_finetune_section(data: SweepData) -> tuple[str, str]:
     rows = {t.trial.values["train.method"]: t for t in _done_rows(data, "train.method")}
     if "full" not in rows or "lora" not in rows:
         extra = _missing_note(data, "train.method")
-        return NA, ("Needs finished train.method=lora and =full trials that differ only in the method"
-                    f"{'; ' + extra if extra else ''}.")  # fmt: skip
+        return NA, (
+            "Needs finished train.method=lora and =full trials that differ only in the method"
+            f"{'; ' + extra if extra else ''}."
+        )
     lora, full = rows["lora"], rows["full"]
     table = md_table(
         ["method", "trainable params", "% of all", "peak memory", "train time", "train tokens/s", "F1", "EM"],
-        [[name, num(t.m("trainable_params")), percent(t.m("trainable_params"), t.m("total_params")),
-          mb(t.m("peak_memory_mb")), secs(t.m("train_seconds")), num(t.m("train_tokens_per_second"), 1),
-          num(t.m("f1")), num(t.m("exact_match"))] for name, t in (("LoRA", lora), ("full", full))],
-    )  # fmt: skip
+        [
+            [
+                name,
+                num(t.m("trainable_params")),
+                percent(t.m("trainable_params"), t.m("total_params")),
+                mb(t.m("peak_memory_mb")),
+                secs(t.m("train_seconds")),
+                num(t.m("train_tokens_per_second"), 1),
+                num(t.m("f1")),
+                num(t.m("exact_match")),
+            ]
+            for name, t in (("LoRA", lora), ("full", full))
+        ],
+    )
     f1 = paired_diff(full, lora)
 
     def ratio(key):
         a, b = full.m(key), lora.m(key)
         return f"{a / b:.2f}×" if a and b else "—"
 
-    text = (f"Full fine-tuning trains {ratio('trainable_params')} the parameters of LoRA, with {ratio('peak_memory_mb')} "
-            f"the peak memory and {ratio('train_seconds')} the train time; F1 full − LoRA: "
-            f"{f1.text() if f1 else 'no predictions'}.")  # fmt: skip
+    text = (
+        f"Full fine-tuning trains {ratio('trainable_params')} the parameters of LoRA, with {ratio('peak_memory_mb')} "
+        f"the peak memory and {ratio('train_seconds')} the train time; F1 full − LoRA: "
+        f"{f1.text() if f1 else 'no predictions'}."
+    )
     return "measured", f"{table}\n\n{text}"
 
 
 def all_verdicts(data: SweepData) -> list[Verdict]:
-    return [verdict_rank_quality(data), verdict_lr(data), verdict_targets(data), verdict_rank_memory(data),
-            verdict_masking(data), verdict_rank_smoothness(data), verdict_lr_dynamics(data)]  # fmt: skip
+    return [
+        verdict_rank_quality(data),
+        verdict_lr(data),
+        verdict_targets(data),
+        verdict_rank_memory(data),
+        verdict_masking(data),
+        verdict_rank_smoothness(data),
+        verdict_lr_dynamics(data),
+    ]

@@ -4,7 +4,7 @@ A sweep folder holds::
 
     sweep.yaml              the resolved sweep config (``loraqa sweep DIR/sweep.yaml -o DIR`` reruns it)
     sweep.json              the trials, their overrides and status, rewritten atomically as trials finish
-    <trial>/                one run folder per trial (see loraqa.rundir), named from the trial's values:
+    <trial>/                one run folder per trial (see loraqa.runfolder), named from the trial's values:
         trial.yaml          the trial's resolved config (the child process trains from it)
         config.yaml ...     what the training pipeline writes; metrics.json present means the trial is finished
         run.json            sweep bookkeeping: every attempt's exit code, wall time, peak RSS, machine
@@ -29,8 +29,6 @@ The modules, one job each (none imports this package's ``__init__``):
 - ``driver``: ``run_sweep``, which picks the trials and hands them to a runner.
 """
 
-from .attempt import trial_command
-from .driver import run_sweep
 from .machine import code_version, describe_machine, machine_info
 from .state import STATUSES, is_locked, trial_record, trial_status
 from .trials import (
@@ -45,8 +43,42 @@ from .trials import (
     trial_name,
 )
 
+# The scheduler (attempt, driver, the runners, the view) is imported on first use of its names or modules
+# (``loraqa.sweep.run_sweep``, ``loraqa.sweep.attempt``), so that importing this package or any of its record
+# modules (``trials``, ``state``, ``machine``: what the report and sync read) does not import it.
+_SCHEDULER = {"run_sweep": ".driver", "trial_command": ".attempt"}
+_LAZY_MODULES = frozenset({"attempt", "driver", "runner", "ray_runner", "view"})
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f".{name}", __name__)  # the import sets it on the package too
+    if name in _SCHEDULER:
+        value = getattr(importlib.import_module(_SCHEDULER[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
-    "STATUSES", "Trial", "axis_values", "base_config", "code_version", "describe_machine",
-    "expand_trials", "format_value", "is_locked", "machine_info", "parse_shard", "reference_values", "run_sweep",
-    "shard_trials", "trial_command", "trial_name", "trial_record", "trial_status",
-]  # fmt: skip
+    "STATUSES",
+    "Trial",
+    "axis_values",
+    "base_config",
+    "code_version",
+    "describe_machine",
+    "expand_trials",
+    "format_value",
+    "is_locked",
+    "machine_info",
+    "parse_shard",
+    "reference_values",
+    "run_sweep",
+    "shard_trials",
+    "trial_command",
+    "trial_name",
+    "trial_record",
+    "trial_status",
+]

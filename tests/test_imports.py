@@ -1,0 +1,51 @@
+"""What importing a module brings with it. ``loraqa sync`` and ``loraqa report`` read folders and never load a
+model, so they must start without torch (seconds of import, and a machine that only keeps results may not have
+it), and the report must not import the sweep scheduler it only reads the records of. Each import runs in a
+fresh interpreter, since this one has imported everything already."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def imported_after(module: str) -> set[str]:
+    """The modules loaded by ``import module`` in a fresh interpreter running this checkout's code."""
+    code = f"import sys, {module}; print('\\n'.join(sorted(sys.modules)))"
+    path = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return set(out.stdout.split())
+
+
+@pytest.mark.parametrize("module", ["loraqa.sync", "loraqa.report", "loraqa.runfolder", "loraqa.sweep.state"])
+def test_reading_folders_does_not_import_torch(module):
+    loaded = imported_after(module)
+    assert module in loaded
+    assert "torch" not in loaded, f"importing {module} imports torch"
+
+
+@pytest.mark.parametrize("module", ["loraqa.report", "loraqa.sync", "loraqa.sweep"])
+def test_reading_sweep_records_does_not_import_the_scheduler(module):
+    loaded = imported_after(module)
+    scheduler = {"loraqa.sweep.attempt", "loraqa.sweep.driver", "loraqa.sweep.runner"} & loaded
+    assert not scheduler, f"importing {module} imports {', '.join(sorted(scheduler))}"
+
+
+def test_the_scheduler_is_still_reachable_from_the_package():
+    import loraqa.sweep
+    from loraqa.sweep import run_sweep, trial_command
+    from loraqa.sweep.attempt import trial_command as from_attempt
+    from loraqa.sweep.driver import run_sweep as from_driver
+
+    assert run_sweep is from_driver and trial_command is from_attempt
+    assert loraqa.sweep.attempt.trial_command is trial_command  # the modules too, as attributes
+    with pytest.raises(AttributeError):
+        _ = loraqa.sweep.no_such_name
