@@ -52,8 +52,11 @@ def describe_run(answerer, run_dir: str | Path | None) -> dict:
     EM/F1 from the run's metrics.json when it has one."""
     import torch
 
+    from ..card import portable_model_name
+
     param = next(answerer.model.parameters(), torch.zeros(()))
-    info = {"base_model": answerer.cfg.model.name, "adapter": Path(run_dir).resolve().name if run_dir else None,
+    # a local base model by its file name: the page is for others, and this machine's paths are not theirs
+    info = {"base_model": portable_model_name(answerer.cfg.model.name), "adapter": Path(run_dir).resolve().name if run_dir else None,
             "method": "zero-shot" if not run_dir else answerer.cfg.train.method,
             "precision": str(param.dtype).removeprefix("torch."), "device": str(param.device), "metrics": None}  # fmt: skip
     metrics_file = Path(run_dir) / METRICS_FILE if run_dir else None
