@@ -8,6 +8,7 @@ loraqa sweep CONFIG.yaml --output-dir DIR [--shard i/n] [--parallel k]
 loraqa report DIR
 loraqa predict RUN_DIR --input FILE --output FILE | loraqa ask RUN_DIR --question TEXT --context TEXT|@FILE
 loraqa export RUN_DIR --out DIR
+loraqa serve RUN_DIR | loraqa serve --model M   [--host H --port P]
 """
 
 from __future__ import annotations
@@ -265,6 +266,22 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .predict import load_answerer
+    from .serve import ServeSettings, create_app, serve_forever
+
+    settings = ServeSettings(queue_size=args.queue_size, max_batch=args.max_batch, max_questions=args.max_questions,
+                             gather_ms=args.gather_ms)  # fmt: skip
+    settings.check()  # before the model loads
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be 0 to 65535, got {args.port}")
+    # a micro-batch is one generation batch: the run's eval.batch_size unless --max-batch says otherwise
+    overrides = [("eval.batch_size", args.max_batch)] if args.max_batch else []
+    answerer = load_answerer(args.run_dir, model=args.model, device=args.device, overrides=overrides)
+    serve_forever(create_app(answerer, run_dir=args.run_dir, settings=settings), args.host, args.port)
+    return 0
+
+
 def cmd_params(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -413,6 +430,25 @@ def make_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="the folder to write (safetensors, config, tokenizer)")
     x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     x.set_defaults(func=cmd_export)
+
+    sv = sub.add_parser("serve", help="a web page and a JSON API answering questions with a run (or --model)",
+                        description="Serves GET / (a page), POST /v1/answer, GET /health and /docs. Binds to "
+                        "127.0.0.1: only this machine can reach it. --host 0.0.0.0 lets anyone who can reach the "
+                        "port query the model; there is no authentication.")  # fmt: skip
+    sv.add_argument("run_dir", nargs="?", help="a run folder made by `loraqa train` (e.g. examples/smollm2-squad)")
+    sv.add_argument("--model", help="no run: serve this base model zero-shot")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="default 8000")
+    sv.add_argument("--queue-size", type=int, default=128,
+                    help="requests that may wait; one more gets 503 with Retry-After (default 128)")  # fmt: skip
+    sv.add_argument("--max-batch", type=int,
+                    help="questions answered together, from any requests (default: the run's eval.batch_size)")  # fmt: skip
+    sv.add_argument("--max-questions", type=int, default=32, help="questions in one request (default 32)")
+    sv.add_argument("--gather-ms", type=float, default=200.0,
+                    help="the most a batch waits for the clients of the last batch to ask again (default 200; "
+                    "it waits an eighth of the last batch's time at most)")  # fmt: skip
+    sv.add_argument("--device")
+    sv.set_defaults(func=cmd_serve)
 
     r = sub.add_parser("report", help="tables, figures and verdicts from one or more sweep folders")
     r.add_argument("sweep_dir", nargs="+", help="sweep folders; several make one study report (needs --out)")

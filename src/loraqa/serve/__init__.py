@@ -1,0 +1,23 @@
+"""``loraqa serve``: a web page and a JSON API answering questions about a paragraph with one model.
+
+* :mod:`.schema`: the request and response JSON (pydantic);
+* :mod:`.limits`: what a request may hold (questions, the context's length in tokens) and where an answer lies
+  in its paragraph;
+* :mod:`.batcher`: the bounded queue and the one worker thread that answers it in micro-batches;
+* :mod:`.app`: the FastAPI app (``create_app``): routes, JSON errors, the page in ``static/``;
+* :mod:`.server`: running it, in the foreground (the command) or in a background thread.
+
+From Python::
+
+    from loraqa.predict import load_answerer
+    from loraqa.serve import BackgroundServer, create_app
+
+    app = create_app(load_answerer("examples/smollm2-squad"), run_dir="examples/smollm2-squad")
+    with BackgroundServer(app) as server:
+        print(server.url)  # POST {server.url}/v1/answer {"context": ..., "questions": [...]}
+"""
+
+from .app import ServeSettings, create_app, describe_run
+from .server import BackgroundServer, is_loopback, serve_forever
+
+__all__ = ["BackgroundServer", "ServeSettings", "create_app", "describe_run", "is_loopback", "serve_forever"]

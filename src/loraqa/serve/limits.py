@@ -1,0 +1,93 @@
+"""What one request may hold, checked before it is queued, and where an answer lies in its paragraph."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+from ..prompt import CONTEXT_PREFIX, QUESTION_PART
+from .schema import AnswerRequest
+
+QUESTION_TOKENS = 64  # room kept in the prompt for "\nQuestion: {question}\nAnswer:"
+CHARS_PER_TOKEN_CAP = 50  # a context with more characters than this per allowed token is refused untokenized
+
+
+class InputError(Exception):
+    """A request the server refuses: ``status``, the ``field`` at fault and a message for a person."""
+
+    def __init__(self, status: int, field: str | None, message: str):
+        super().__init__(message)
+        self.status, self.field, self.message = status, field, message
+
+
+def prompt_length_limit(answerer) -> int:
+    """The prompt tokens the answerer generates from: the run's ``prompt.max_length``, less the room for the
+    answer where the model's positions would not hold both (as :func:`loraqa.evaluate.evaluate_model` cuts)."""
+    from ..model import position_limit
+
+    max_length = answerer.cfg.prompt.max_length
+    limit = position_limit(answerer.model)
+    new_tokens = answerer.cfg.eval.max_new_tokens
+    if limit is not None and max_length + new_tokens > limit:
+        max_length = max(limit - new_tokens, 1)
+    return max_length
+
+
+class InputLimits:
+    """Checks a request against the model's length and the server's limits.
+
+    Counts tokens with its own copy of the tokenizer: the worker thread uses the answerer's, and a fast
+    tokenizer is not safe to share between threads."""
+
+    def __init__(self, answerer, max_questions: int, question_tokens: int = QUESTION_TOKENS):
+        self.tokenizer = copy.deepcopy(answerer.tokenizer)
+        self.max_questions = max_questions
+        self.question_tokens = question_tokens
+        prefix = self._count(CONTEXT_PREFIX)
+        # what encode_prompt keeps of a context: the rest of max_length after "Context:" and the question part
+        self.context_tokens = prompt_length_limit(answerer) - prefix - question_tokens
+        if self.context_tokens < 1:
+            raise ValueError(f"prompt.max_length {answerer.cfg.prompt.max_length} leaves no room for a context "
+                             f"after {question_tokens} tokens for the question")  # fmt: skip
+
+    def _count(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def check(self, request: AnswerRequest) -> None:
+        """Raise :class:`InputError` (422) naming the first field over a limit."""
+        if len(request.questions) > self.max_questions:
+            raise InputError(422, "questions", f"{len(request.questions)} questions; at most {self.max_questions} "
+                             "in one request")  # fmt: skip
+        for i, question in enumerate(request.questions):
+            n = self._count(QUESTION_PART.format(question=question))
+            if n > self.question_tokens:
+                raise InputError(422, f"questions[{i}]", f"is {n} tokens with its prompt; at most "
+                                 f"{self.question_tokens}")  # fmt: skip
+        too_long = f"is over the model's length: at most {self.context_tokens} tokens"
+        if len(request.context) > CHARS_PER_TOKEN_CAP * self.context_tokens:
+            raise InputError(422, "context", f"{too_long} ({len(request.context):,} characters)")
+        n = self._count(" " + request.context)  # as the prompt encodes it: after "Context:" and a space
+        if n > self.context_tokens:
+            raise InputError(422, "context", f"{too_long}, got {n}")
+
+    def describe(self) -> dict:
+        return {"max_questions": self.max_questions, "context_tokens": self.context_tokens,
+                "question_tokens": self.question_tokens}  # fmt: skip
+
+
+def find_span(context: str, answer: str) -> tuple[int, int] | None:
+    """``[start, end)`` of ``answer`` in ``context``: the first occurrence that is whole words ("gold" in
+    "gold-themed", not in "golden"), else the first anywhere; exact first, then ignoring case. None for an
+    empty answer or one that does not occur."""
+    if not answer:
+        return None
+    # a boundary is asked for only at an edge of the answer that is a word character
+    before = r"(?<!\w)" if re.match(r"\w", answer[0]) else ""
+    after = r"(?!\w)" if re.match(r"\w", answer[-1]) else ""
+    text = re.escape(answer)
+    for pattern, flags in ((before + text + after, 0), (text, 0), (before + text + after, re.IGNORECASE),
+                           (text, re.IGNORECASE)):  # fmt: skip
+        match = re.search(pattern, context, flags)
+        if match:
+            return match.span()
+    return None
