@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from loraqa.config import ConfigError, ExperimentConfig, apply_overrides
-from loraqa.scoring import ScoreCallback, best_scoring, scorings_since_best
+from loraqa.metrics import best_scoring, scorings_since_best
+from loraqa.scoring import ScoreCallback
 from loraqa.train import run_experiment
 
 

@@ -138,9 +138,7 @@ def model_card(
         "",
         "| metric | value |",
         "|---|---|",
-        f"| exact match | {metrics['exact_match']:.2f} |",
-        f"| F1 | {metrics['f1']:.2f} |",
-        f"| questions scored | {metrics['n_questions']} |",
+        *_score_lines(metrics),
     ]
     for part in ("HasAns", "NoAns"):
         if f"{part}_total" in metrics:
@@ -169,3 +167,10 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _score_lines(metrics: dict) -> list[str]:
+    if metrics.get("pruned"):  # a search stopped it: no final evaluation
+        return [f"| pruned at step | {metrics['pruned_at']} (best in-training F1 {metrics.get('best_eval_f1', 0):.2f}) |"]
+    return [f"| exact match | {metrics['exact_match']:.2f} |", f"| F1 | {metrics['f1']:.2f} |",
+            f"| questions scored | {metrics['n_questions']} |"]  # fmt: skip

@@ -162,9 +162,18 @@ def cmd_train(args) -> int:
     cfg = build_config(args)
     out = Path(args.output_dir or os.path.join("runs", cfg.name))
     command = current_command(["loraqa", *args.argv])
+    on_score = None
+    if os.environ.get("LORAQA_SEARCH_TRIAL"):  # a search's trial reports its scores to the study
+        from .sweep.search import TrialReporter
+
+        on_score = TrialReporter.from_env().on_score
     with dist.session():
-        metrics = run_experiment(cfg, out, overwrite=args.overwrite, device=args.device, command=command)
+        metrics = run_experiment(cfg, out, overwrite=args.overwrite, device=args.device, command=command,
+                                 on_score=on_score)  # fmt: skip
     if not dist.is_main_process():  # under torchrun: one table, from the process that wrote the folder
+        return 0
+    if metrics.get("pruned"):
+        print(f"pruned at step {metrics['pruned_at']} by the search ({out})")
         return 0
     _print_metrics(metrics, f"{cfg.model.name} + {cfg.train.method} -> {out}")
     print(
@@ -315,15 +324,23 @@ def cmd_sweep(args) -> int:
     from .sweep import run_sweep
 
     cfg = build_config(args, allow_sweep=True)
+    if cfg.sweep is not None and cfg.sweep.mode == "search":
+        from .sweep.search import run_search
+
+        return run_search(cfg, args.output_dir, parallel=args.parallel, device=args.device, backend=args.backend,
+                          address=args.address)  # fmt: skip
     return run_sweep(cfg, args.output_dir, shard=args.shard, parallel=args.parallel, device=args.device,
                      backend=args.backend, address=args.address, retry_failed=args.retry_failed)  # fmt: skip
 
 
 def cmd_report(args) -> int:
     from .report import write_report, write_study_report
+    from .report.search import is_search, write_search_report
 
     unreadable: list[str] = []
-    if len(args.sweep_dir) == 1 and not args.compare:
+    if len(args.sweep_dir) == 1 and not args.compare and is_search(args.sweep_dir[0]):
+        path = write_search_report(args.sweep_dir[0], out_dir=args.out)
+    elif len(args.sweep_dir) == 1 and not args.compare:
         path = write_report(args.sweep_dir[0], out_dir=args.out, unreadable=unreadable)
     elif not args.out:
         raise ValueError("a report on several sweeps (or with --compare) needs --out DIR")

@@ -110,7 +110,9 @@ class EvalConfig:
     score_steps: int = 0
 
 
-SWEEP_MODES = ("grid", "one-at-a-time")
+SWEEP_MODES = ("grid", "one-at-a-time", "search")
+SEARCH_SAMPLERS = ("tpe", "random", "grid")  # sweep.sampler (Optuna's TPESampler, RandomSampler, GridSampler)
+SEARCH_PRUNERS = ("asha", "median", "none")  # sweep.pruner (successive halving, the median rule, never)
 
 
 TRIAL_RESOURCES = {"cpus": 1.0, "gpus": 0.0}  # what one trial holds on Ray (--backend ray), by default
@@ -123,6 +125,15 @@ class SweepConfig:
     # CPUs and GPUs a trial holds under --backend ray (fractions allowed, as Ray allows); missing keys default
     # to TRIAL_RESOURCES. The local runner shares the machine by --parallel instead.
     resources_per_trial: dict[str, float] = field(default_factory=lambda: dict(TRIAL_RESOURCES))
+    # mode: search (an Optuna study in the sweep folder; see loraqa.sweep.search)
+    metric: str = "eval_f1"  # what the search optimises: a score the trials log (eval.score_steps), or "loss"
+    direction: str = "maximize"  # maximize (scores) | minimize (a loss)
+    n_trials: int = 24  # trials in the study, finished, pruned and failed ones included
+    sampler: str = "tpe"
+    pruner: str = "asha"
+    # dotted key -> a list of choices, or {low, high, log} for a number range (an int range if both are ints)
+    space: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None  # the sampler's seed: a fresh study suggests the same parameters again
 
 
 @dataclass
@@ -163,11 +174,15 @@ CHOICES = {
     "data.format": ("squad", "squad_v2", "jsonl", "csv", "hf"),  # loraqa.data.FORMATS
     "train.method": ("lora", "full"),
     "sweep.mode": SWEEP_MODES,
+    "sweep.sampler": SEARCH_SAMPLERS,
+    "sweep.pruner": SEARCH_PRUNERS,
+    "sweep.direction": ("maximize", "minimize"),
 }
 PRESET_NAMES = ("attn", "attn+proj", "all-linear")  # lora.targets presets (loraqa.model maps them per family)
 # lora.alpha 0 scales the adapter to nothing (no gradient, nothing learned); logging_steps 0 the Trainer refuses
 POSITIVE = {"prompt.max_length", "lora.r", "lora.alpha", "train.batch_size", "train.grad_accum",
-            "eval.batch_size", "eval.max_new_tokens", "train.epochs", "train.logging_steps"}  # fmt: skip
+            "eval.batch_size", "eval.max_new_tokens", "train.epochs", "train.logging_steps",
+            "sweep.n_trials"}  # fmt: skip
 # None where allowed (the limits: every question) is not checked
 NON_NEGATIVE = {"lora.dropout", "train.lr", "train.weight_decay", "train.warmup_steps", "train.eval_steps",
                 "train.save_steps", "data.loss_eval_limit", "data.train_limit", "data.eval_limit",
@@ -278,8 +293,50 @@ def from_dict(raw: dict, where: str = "<config>") -> ExperimentConfig:
                 raise ConfigError(f"{where}: sweep.axes.{axis}: expected a non-empty list of values")
             for v in values:  # every value must be valid where it lands
                 apply_overrides(cfg, [(axis, v)], where=f"{where}: sweep.axes")
+        if cfg.sweep.mode == "search":
+            _check_search(cfg, where)
     _check_consistency(cfg, where)
     return cfg
+
+
+def search_range(value: Any) -> tuple[float, float, bool] | None:
+    """A search space entry's (low, high, log) when it is a range, None when it is a list of choices."""
+    if isinstance(value, dict):
+        return value.get("low"), value.get("high"), bool(value.get("log", False))
+    return None
+
+
+def _check_search(cfg: ExperimentConfig, where: str) -> None:
+    """One line naming the key for a space no sampler can use: an unknown key, an empty choice list, low > high,
+    a log range with a bound <= 0, a value the key does not take; what the trials must log to be judged."""
+    sweep = cfg.sweep
+    if not sweep.space:
+        raise ConfigError(f"{where}: sweep.space: a search needs at least one key to search, e.g. "
+                          "train.lr: {low: 1.0e-5, high: 2.0e-3, log: true}")  # fmt: skip
+    if not (cfg.eval.score_steps and cfg.data.score_limit):
+        raise ConfigError(f"{where}: sweep.mode: search judges trials by their in-training {sweep.metric}; "
+                          "set eval.score_steps=N")  # fmt: skip
+    for key, value in sweep.space.items():
+        at = f"{where}: sweep.space.{key}"
+        rng = search_range(value)
+        if rng is None:
+            if not isinstance(value, list) or not value:
+                raise ConfigError(f"{at}: expected a non-empty list of choices or {{low, high, log}}")
+            samples = value
+        else:
+            low, high, log = rng
+            extra = sorted(set(value) - {"low", "high", "log"})
+            if extra or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in (low, high)):
+                raise ConfigError(f"{at}: a range is {{low: NUMBER, high: NUMBER, log: true|false}}, got {value!r}")
+            if low > high:
+                raise ConfigError(f"{at}: low {low} is above high {high}")
+            if log and low <= 0:
+                raise ConfigError(f"{at}: log: true needs low > 0, got low {low}")
+            if sweep.sampler == "grid":
+                raise ConfigError(f"{at}: sweep.sampler grid takes lists of choices, not ranges")
+            samples = [low, high]
+        for v in samples:  # every value must be valid where it lands (an unknown key fails here too)
+            apply_overrides(cfg, [(key, v)], where=f"{where}: sweep.space")
 
 
 def _trial_resources(given: dict[str, float], where: str) -> dict[str, float]:

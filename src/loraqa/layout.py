@@ -26,6 +26,8 @@ TRIAL_CONFIG_FILE = "trial.yaml"  # the trial's resolved config, which its `lora
 TRIAL_RUN_FILE = "run.json"  # the trial's attempts: when, where, how each ended
 TRIAL_LOG_FILE = "trial.log"  # the trial process's stdout and stderr
 TRIAL_LOCK_FILE = ".lock"  # flock-ed by the sweep running the trial
+SEARCH_STUDY_FILE = "search.db"  # sweep.mode search: the Optuna study (SQLite), next to one folder per trial
+SEARCH_BEST_FILE = "best.yaml"  # the best trial's config, ready to run (``loraqa report``)
 
 # a report folder (``loraqa report``: the sweep folder, or --out)
 REPORT_FILE = "report.md"

@@ -158,3 +158,37 @@ def score_predictions_v2(examples, predictions: Sequence[str], unanswerable_answ
             summary[f"{name}_exact"], summary[f"{name}_f1"] = _means(rows)
             summary[f"{name}_total"] = len(rows)
     return records, summary
+
+
+# ---------------------------------------------------------------------------------------------- in training
+# Scores logged during training (loraqa.scoring) and what is decided from them, read from a log history alone
+# (a checkpoint's trainer_state.json or a run's log_history.jsonl), so a resumed run, a search driver and a
+# report reach the same decisions.
+
+SCORE_KEYS = ("eval_exact_match", "eval_f1")  # the logged names, as the Trainer logs its eval_loss
+SCORE_SECONDS_KEY = "eval_score_seconds"
+METRIC = "eval_f1"  # what keep_best and early stopping compare
+
+
+def scorings(log_history: list[dict], metric: str = METRIC) -> list[tuple[int, float]]:
+    """(step, value) of every in-training scoring, in order."""
+    return [(h["step"], h[metric]) for h in log_history if metric in h and "step" in h]
+
+
+def best_scoring(log_history: list[dict], metric: str = METRIC) -> tuple[int, float] | None:
+    """The first scoring with the highest value (ties keep the earlier, smaller-step adapter)."""
+    best = None
+    for step, value in scorings(log_history, metric):
+        if best is None or value > best[1]:
+            best = (step, value)
+    return best
+
+
+def scorings_since_best(log_history: list[dict], metric: str = METRIC) -> int:
+    seen = scorings(log_history, metric)
+    best = best_scoring(log_history, metric)
+    return 0 if best is None else sum(step > best[0] for step, _ in seen)
+
+
+def score_seconds(log_history: list[dict]) -> float:
+    return round(sum(h.get(SCORE_SECONDS_KEY, 0.0) for h in log_history), 3)

@@ -17,43 +17,17 @@ from transformers import TrainerCallback
 
 from . import dist
 from .evaluate import evaluate_model
+from .metrics import METRIC, SCORE_SECONDS_KEY, best_scoring, scorings_since_best
 
 log = logging.getLogger(__name__)
-
-SCORE_KEYS = ("eval_exact_match", "eval_f1")  # the logged names, as the Trainer logs its eval_loss
-SCORE_SECONDS_KEY = "eval_score_seconds"
-METRIC = "eval_f1"  # what keep_best and early stopping compare
-
-
-def scorings(log_history: list[dict], metric: str = METRIC) -> list[tuple[int, float]]:
-    """(step, value) of every in-training scoring, in order."""
-    return [(h["step"], h[metric]) for h in log_history if metric in h and "step" in h]
-
-
-def best_scoring(log_history: list[dict], metric: str = METRIC) -> tuple[int, float] | None:
-    """The first scoring with the highest value (ties keep the earlier, smaller-step adapter)."""
-    best = None
-    for step, value in scorings(log_history, metric):
-        if best is None or value > best[1]:
-            best = (step, value)
-    return best
-
-
-def scorings_since_best(log_history: list[dict], metric: str = METRIC) -> int:
-    seen = scorings(log_history, metric)
-    best = best_scoring(log_history, metric)
-    return 0 if best is None else sum(step > best[0] for step, _ in seen)
-
-
-def score_seconds(log_history: list[dict]) -> float:
-    return round(sum(h.get(SCORE_SECONDS_KEY, 0.0) for h in log_history), 3)
 
 
 class ScoreCallback(TrainerCallback):
     """Every ``every`` steps: answer ``examples`` greedily, log EM/F1 through the Trainer (log_history.jsonl,
     TensorBoard, the progress line), ask for a checkpoint when F1 is a new best (``keep_best``: the Trainer
     keeps that checkpoint as ``best_model_checkpoint`` past its rotation), and stop once ``patience`` scorings
-    in a row have not beaten the best. ``on_score(step, scores)`` hears each scoring (a search's pruner)."""
+    in a row have not beaten the best. ``on_score(step, scores)`` hears each scoring, with the last logged train
+    ``loss`` (a search's pruner), and returns True to stop the trial there (pruned)."""
 
     def __init__(self, tokenizer, examples, cfg, *, on_score=None):
         self.tokenizer, self.examples, self.cfg = tokenizer, examples, cfg
@@ -62,6 +36,7 @@ class ScoreCallback(TrainerCallback):
         self.on_score = on_score
         self.trainer = None  # set once the trainer exists: scores are logged through it
         self.stopped_early_at: int | None = None
+        self.pruned_at: int | None = None
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if not self.every or state.global_step % self.every or not self.examples:
@@ -78,8 +53,12 @@ class ScoreCallback(TrainerCallback):
             if dist.is_main_process():
                 log.info("early stopping at step %d: no better %s in %d scorings (best %.2f at step %d)",
                          state.global_step, METRIC, self.patience, best[1], best[0])  # fmt: skip
-        if self.on_score is not None:
-            self.on_score(state.global_step, scores)
+        last_loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None)
+        heard = {**scores, **({"loss": last_loss} if last_loss is not None else {})}
+        if self.on_score is not None and self.on_score(state.global_step, heard):
+            # a search's pruner: stop here, with a checkpoint, and skip the final evaluation
+            self.pruned_at = state.global_step
+            control.should_training_stop = control.should_save = True
 
     def score(self, model) -> dict:
         """EM/F1 of the model's greedy answers to the slice (in eval mode; training mode is restored)."""

@@ -101,9 +101,11 @@ def run_experiment(
     callbacks: list | None = None,
     progress: bool = True,
     command: str | None = None,
+    on_score=None,
 ) -> dict:
     """Train (resuming if interrupted), save, evaluate on the dev questions; returns ``metrics.json``'s content.
-    ``command`` (default: the running command line) goes into the run's model card.
+    ``command`` (default: the running command line) goes into the run's model card. ``on_score(step, scores)``
+    hears every in-training scoring (``eval.score_steps``) and returns True to stop the run there, pruned.
 
     Under torchrun / accelerate launch every process runs this: each trains on its share of every batch and
     answers its share of the dev questions; only the main process writes the run folder (see :mod:`loraqa.dist`).
@@ -116,7 +118,7 @@ def run_experiment(
     try:
         dist.on_main(prepare_run_dir, run_dir, cfg, overwrite)  # the others wait: none reads a half-made folder
         try:
-            return _run(cfg, run_dir, device, callbacks, progress, command)
+            return _run(cfg, run_dir, device, callbacks, progress, command, on_score)
         except Exception as e:
             # a sweep that died is no failure of the trial: a write to its stderr pipe fails first, and the
             # trial stays unfinished, to be resumed by the next `loraqa sweep`
@@ -129,7 +131,7 @@ def run_experiment(
             os.close(lock)  # releases the lock (the kernel does the same when a process dies)
 
 
-def _run(cfg, run_dir: Path, device, callbacks, progress, command) -> dict:
+def _run(cfg, run_dir: Path, device, callbacks, progress, command, on_score=None) -> dict:
     from transformers import set_seed
 
     if (run_dir / METRICS_FILE).exists():
@@ -162,10 +164,15 @@ def _run(cfg, run_dir: Path, device, callbacks, progress, command) -> dict:
         dist.on_main(shutil.rmtree, run_dir / CHECKPOINTS_DIR, ignore_errors=True)  # a kill came while removing them
     else:
         train_metrics = _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks,
-                               score_examples)  # fmt: skip
+                               score_examples, on_score)  # fmt: skip
         train_metrics.update(trainable_params=trainable, total_params=total)
         dist.on_main(_save_training, cfg, model, tok, run_dir, train_metrics)
 
+    if train_metrics.get("pruned_at"):  # a search stopped this trial: its in-training scores are its record
+        pruned = {**train_metrics, "pruned": True, "exact_match": None, "f1": None, "n_questions": 0,
+                  "model": cfg.model.name, "method": cfg.train.method, "precision": lm.precision}  # fmt: skip
+        card = model_card(cfg, pruned, data=data_info, command=current_command() if command is None else command)
+        return dist.on_main(_save_results, run_dir, [], pruned, card)
     model = prepare_for_generation(model, merge=cfg.eval.merge_adapter, precision=lm.precision)
     records, summary = evaluate_model(
         model, tok, dev_examples, max_length=cfg.prompt.max_length, eval_cfg=cfg.eval,
@@ -222,7 +229,7 @@ def _fit(trainer, resume: str | None, clock, interrupt, full: bool) -> None:
 
 def _stopped_early_in(state: dict, trainer) -> bool:
     """Whether a checkpoint's trainer state is an early stop (saved at the step it stopped at)."""
-    from .scoring import scorings_since_best
+    from .metrics import scorings_since_best
 
     patience = getattr(trainer, "early_stopping_patience", 0)
     return bool(patience) and scorings_since_best(state.get("log_history", [])) >= patience
@@ -241,7 +248,8 @@ def _save_results(run_dir: Path, records: list[dict], metrics: dict, card: str) 
     return metrics
 
 
-def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks, score_examples=()) -> dict:
+def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks, score_examples=(),
+           on_score=None) -> dict:
     from .scoring import ScoreCallback
 
     train_features, train_stats, loss_eval_features, shared = _encode(cfg, tok, train_examples, dev_examples)
@@ -249,7 +257,7 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
     args = training_arguments(cfg, ckpt_dir, lm.precision, lm.device, eval_loss=bool(loss_eval_features))
     clock = make_clock_callback(lm.device)
     interrupt = make_interrupt_callback()
-    scorer = ScoreCallback(tok, list(score_examples), cfg, on_score=_score_listener(callbacks))
+    scorer = ScoreCallback(tok, list(score_examples), cfg, on_score=on_score)
     trainer = make_trainer_class()(
         model=model,
         args=args,
@@ -300,15 +308,10 @@ def _train(cfg, run_dir, model, tok, train_examples, dev_examples, lm, callbacks
     }
 
 
-def _score_listener(callbacks):
-    """The ``on_score(step, scores)`` of the first callback that has one (a search trial's pruner)."""
-    return next((c.on_score for c in callbacks or [] if callable(getattr(c, "on_score", None))), None)
-
-
 def _scoring_summary(trainer, cfg: ExperimentConfig, scorer) -> dict:
     """What the in-training scores decided, for metrics.json; with ``train.keep_best`` the model gets the best
     scoring's weights back from its checkpoint (the final evaluation and the saved adapter are that one)."""
-    from .scoring import best_scoring, score_seconds, scorings
+    from .metrics import best_scoring, score_seconds, scorings
 
     history = trainer.state.log_history
     best = best_scoring(history)
@@ -316,7 +319,8 @@ def _scoring_summary(trainer, cfg: ExperimentConfig, scorer) -> dict:
         return {}
     out = {"score_steps": cfg.eval.score_steps, "score_questions": len(scorer.examples), "scorings": len(scorings(history)),
            "score_seconds": score_seconds(history), "best_step": best[0], "best_eval_f1": best[1],
-           "stopped_early_at": scorer.stopped_early_at or _stopped_early(trainer, cfg)}  # fmt: skip
+           "stopped_early_at": scorer.stopped_early_at or _stopped_early(trainer, cfg),
+           "pruned_at": scorer.pruned_at}  # fmt: skip
     if cfg.train.keep_best:
         out["kept_step"] = best[0]
         if best[0] != trainer.state.global_step:
@@ -329,7 +333,7 @@ def _scoring_summary(trainer, cfg: ExperimentConfig, scorer) -> dict:
 
 def _stopped_early(trainer, cfg: ExperimentConfig) -> int | None:
     """A run resumed after its early stop: the Trainer's state says it ended before its planned steps."""
-    from .scoring import scorings_since_best
+    from .metrics import scorings_since_best
 
     patience, state = cfg.train.early_stopping_patience, trainer.state
     if patience and state.global_step < state.max_steps and scorings_since_best(state.log_history) >= patience:

@@ -324,6 +324,8 @@ def _verdict(tdir: Path, rc: int | None, children: Children) -> str:
 def _message(name: str, status: str, tdir: Path, wall: float, error: str | None) -> str:
     if status == "done":
         m = read_json_or(tdir / METRICS_FILE, {}) or {}
+        if m.get("pruned"):
+            return f"pruned {name} at step {m.get('pruned_at')} (best in-training F1 {fmt_score(m.get('best_eval_f1'))})"
         return (
             f"done {name}: F1 {fmt_score(m.get('f1'))}  EM {fmt_score(m.get('exact_match'))}  ({hms(wall)})"
         )

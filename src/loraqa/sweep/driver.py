@@ -46,19 +46,7 @@ def run_sweep(
     ``progress``: a live display (default: when stderr is a terminal). A failed trial (error.json) is run again
     only with ``retry_failed``: a failure is a fact to look into before paying for another attempt."""
     index, count = parse_shard(shard)
-    if backend not in BACKENDS:
-        raise ConfigError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    if parallel is not None and parallel < 1:
-        raise ConfigError(f"--parallel {parallel}: must be >= 1")
-    if address and backend != "ray":
-        raise ConfigError("--address names a Ray cluster: use it with --backend ray")
-    where = ""
-    if backend == "ray":  # a wrong address fails here, before any work, in seconds
-        from .ray_runner import check_reachable, cluster_address
-
-        address, where = cluster_address(address)
-        if address:
-            check_reachable(address, where)
+    address, where = check_backend(backend, parallel, address)
     trials = expand_trials(cfg)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -96,6 +84,25 @@ def run_sweep(
     jobs = [_job(t, output_dir, f"{index}/{count}", device, machine, absolute=backend == "ray") for t in todo]
     stopped_by = _run(runner, jobs, view, index_file)
     return _summary(view, output_dir, mine, stopped_by)
+
+
+def check_backend(backend: str, parallel: int | None, address: str | None) -> tuple[str | None, str]:
+    """Refuse bad runner options before any work; for Ray, the cluster to join (None: a local instance) and
+    where its address came from, checked reachable: a wrong address fails here, in seconds."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if parallel is not None and parallel < 1:
+        raise ConfigError(f"--parallel {parallel}: must be >= 1")
+    if address and backend != "ray":
+        raise ConfigError("--address names a Ray cluster: use it with --backend ray")
+    if backend != "ray":
+        return address, ""
+    from .ray_runner import check_reachable, cluster_address
+
+    address, where = cluster_address(address)
+    if address:
+        check_reachable(address, where)
+    return address, where
 
 
 def _at_once(backend: str, parallel: int | None) -> str:

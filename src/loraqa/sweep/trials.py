@@ -106,6 +106,8 @@ def expand_trials(cfg: ExperimentConfig) -> list[Trial]:
     config equals an earlier one's is dropped."""
     if cfg.sweep is None:
         raise ConfigError("the config has no sweep section; use `loraqa train` for a single run")
+    if cfg.sweep.mode == "search":
+        raise ConfigError("sweep.mode search: its trials come from its study (loraqa.sweep.search.run_search)")
     base = base_config(cfg)
     values = axis_values(cfg)
     keys = list(values)

@@ -1,0 +1,150 @@
+"""The report of a search (``sweep.mode: search``): ``report.md`` with the trials table, the best-so-far curve
+against optimizer steps spent, every trial's in-training curve, Optuna's parameter importances, and the best
+trial's config as a ready-to-run ``best.yaml``; all read back from the sweep folder (the study in
+``search.db``, each trial's ``log_history.jsonl`` and ``metrics.json``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from ..config import ExperimentConfig, apply_overrides, from_dict
+from ..io import read_json, write_text_atomic
+from ..layout import FIGURES_DIR, LOG_FILE, METRICS_FILE, REPORT_FILE, SEARCH_BEST_FILE, SEARCH_STUDY_FILE
+from ..metrics import scorings
+from ..sweep.trials import base_config, format_value
+from .figures import save_figure
+
+
+def is_search(sweep_dir: Path) -> bool:
+    return (Path(sweep_dir) / SEARCH_STUDY_FILE).is_file()
+
+
+def _rows(study, cfg: ExperimentConfig, sweep_dir: Path) -> list[dict]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        tdir = sweep_dir / f"trial-{t.number:03d}"
+        history = _jsonl(tdir / LOG_FILE)
+        metrics = read_json(tdir / METRICS_FILE) if (tdir / METRICS_FILE).is_file() else {}
+        curve = scorings(history, cfg.sweep.metric)
+        f1 = scorings(history, "eval_f1")
+        steps = max([h.get("step", 0) for h in history], default=0)
+        rows.append({"number": t.number, "state": t.state.name.lower(), "params": t.params, "value": t.value,
+                     "curve": curve, "best_f1": max((v for _, v in f1), default=None),
+                     "final_f1": metrics.get("f1"), "final_em": metrics.get("exact_match"), "steps": steps})  # fmt: skip
+    return rows
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.2f}" if isinstance(v, float) else format_value(v)
+
+
+def _table(rows: list[dict], keys: list[str], metric: str) -> list[str]:
+    head = ["trial", *keys, "state", "steps", f"value ({metric})", "best in-training F1", "final EM", "final F1"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"trial-{r['number']:03d}", *(format_value(r["params"].get(k)) for k in keys), r["state"], str(r["steps"]),
+                 _fmt(r["value"]), _fmt(r["best_f1"]), _fmt(r["final_em"]), _fmt(r["final_f1"])]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _best_so_far(rows: list[dict], maximize: bool) -> list[tuple[int, float]]:
+    """(optimizer steps spent so far, best value so far) after each trial, in trial order."""
+    spent, best, out = 0, None, []
+    for r in rows:
+        spent += r["steps"]
+        if r["value"] is not None and (best is None or (r["value"] > best if maximize else r["value"] < best)):
+            best = r["value"]
+        if best is not None:
+            out.append((spent, best))
+    return out
+
+
+def _figures(rows: list[dict], cfg: ExperimentConfig, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
+    metric, names = cfg.sweep.metric, []
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for r in rows:
+        if r["curve"]:
+            ax.plot(*zip(*r["curve"], strict=True), marker="." if r["state"] == "pruned" else None,
+                    linestyle="--" if r["state"] == "pruned" else "-", label=f"trial-{r['number']:03d}")  # fmt: skip
+    ax.set(xlabel="optimizer step", ylabel=metric, title=f"every trial's {metric} (dashed: pruned)")
+    if len(rows) <= 12:
+        ax.legend(fontsize=7)
+    save_figure(fig, out / FIGURES_DIR / "search-curves.png")
+    names.append("search-curves.png")
+    best = _best_so_far(rows, cfg.sweep.direction == "maximize")
+    if best:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.step(*zip(*best, strict=True), where="post")
+        ax.set(xlabel="optimizer steps spent (all trials)", ylabel=f"best {metric} so far", title="best so far")
+        save_figure(fig, out / FIGURES_DIR / "search-best-so-far.png")
+        names.append("search-best-so-far.png")
+    plt.close("all")
+    return names
+
+
+def _importances(study) -> dict[str, float]:
+    import optuna
+
+    try:
+        return optuna.importance.get_param_importances(study)
+    except (ValueError, RuntimeError):  # too few finished trials, or a single value everywhere
+        return {}
+
+
+def write_search_report(sweep_dir, out_dir=None) -> Path:
+    """Write report.md, figures and best.yaml for the search in ``sweep_dir``; returns report.md's path."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sweep_dir = Path(sweep_dir)
+    out = Path(out_dir) if out_dir else sweep_dir
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = from_dict(yaml.safe_load((sweep_dir / "sweep.yaml").read_text()), where=str(sweep_dir / "sweep.yaml"))
+    storage = f"sqlite:///{(sweep_dir / SEARCH_STUDY_FILE).resolve()}"
+    study = optuna.load_study(study_name=cfg.name, storage=storage)
+    rows = _rows(study, cfg, sweep_dir)
+    keys = list(cfg.sweep.space)
+    maximize = cfg.sweep.direction == "maximize"
+    figures = _figures(rows, cfg, out)
+    pruned = [r for r in rows if r["state"] == "pruned"]
+    lines = [f"# Search {cfg.name}", "",
+             f"{len(rows)} of {cfg.sweep.n_trials} trials: {sum(r['state'] == 'complete' for r in rows)} finished, "
+             f"{len(pruned)} pruned, {sum(r['state'] == 'fail' for r in rows)} failed, "
+             f"{sum(r['state'] == 'running' for r in rows)} unfinished. Sampler {cfg.sweep.sampler}, pruner "
+             f"{cfg.sweep.pruner}, {cfg.sweep.direction} `{cfg.sweep.metric}` (in-training scores on the first "
+             f"{cfg.data.score_limit} dev questions); optimizer steps spent: {sum(r['steps'] for r in rows)}.",
+             "", *_table(rows, keys, cfg.sweep.metric), ""]  # fmt: skip
+    done = [r for r in rows if r["state"] == "complete" and r["value"] is not None]
+    if done:
+        best = (max if maximize else min)(done, key=lambda r: r["value"])
+        best_cfg = apply_overrides(base_config(cfg), list(best["params"].items()), where="the best trial")
+        write_text_atomic(out / SEARCH_BEST_FILE, f"# the best trial of {cfg.name}: trial-{best['number']:03d} "
+                          f"({cfg.sweep.metric} {best['value']:.4g})\n" + best_cfg.to_yaml())  # fmt: skip
+        lines += [f"Best: trial-{best['number']:03d} ({cfg.sweep.metric} {best['value']:.4g}): "
+                  + ", ".join(f"{k} = {format_value(v)}" for k, v in best["params"].items())
+                  + f". Its config: [{SEARCH_BEST_FILE}]({SEARCH_BEST_FILE}) (`loraqa train {SEARCH_BEST_FILE}`).", ""]  # fmt: skip
+    imp = _importances(study)
+    if imp:
+        lines += ["Parameter importances (Optuna's fANOVA evaluator over the finished trials):", "",
+                  "| parameter | importance |", "|---|---|",
+                  *(f"| {k} | {v:.3f} |" for k, v in imp.items()), ""]  # fmt: skip
+    lines += [f"![{name}]({FIGURES_DIR}/{name})" for name in figures]
+    path = out / REPORT_FILE
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,261 @@
+"""``sweep.mode: search``: an Optuna study picks the trials, judged by their generated answers while they train.
+
+The study lives in the sweep folder (``search.db``, Optuna's RDB storage on SQLite) next to one run folder per
+trial (``trial-000``, ...), each trained by ``loraqa train`` in a child process through the same runners as a
+grid sweep (local processes, ``--parallel``; Ray tasks, ``--backend ray``). A trial reports each in-training
+score (``eval.score_steps``) to the study from its own process; the pruner may stop it there, with a
+checkpoint, as ``pruned``. The driver alone asks for new trials and tells the study how each ended, from the
+trial's files: ``metrics.json`` done (its value: the trial's best in-training ``sweep.metric`` with
+``train.keep_best``, else its last), ``error.json`` failed.
+
+Killed at any moment and rerun, the driver continues the same study: a trial the study still holds as running
+was asked by a driver that died, so it is resumed in its folder (from its last checkpoint), or told from its
+files if it finished meanwhile; new trials are asked only up to ``sweep.n_trials`` in all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, ExperimentConfig, apply_overrides, search_range
+from ..io import read_json
+from ..layout import ERROR_FILE, LOG_FILE, METRICS_FILE, SEARCH_STUDY_FILE, TRIAL_CONFIG_FILE
+from ..metrics import scorings
+from . import attempt
+from .driver import _check_sweep_yaml, _command_line, _prefetch_data, _run, _runner, check_backend
+from .machine import machine_info, now
+from .state import SweepIndex
+from .trials import Trial, base_config
+from .view import View
+
+log = logging.getLogger(__name__)
+
+# what a trial process needs to report its scores to the study (set by the driver, read by `loraqa train`)
+ENV_STORAGE, ENV_STUDY, ENV_TRIAL = "LORAQA_SEARCH_STORAGE", "LORAQA_SEARCH_STUDY", "LORAQA_SEARCH_TRIAL"
+ENV_METRIC = "LORAQA_SEARCH_METRIC"
+
+
+def import_optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise ConfigError("sweep.mode search needs Optuna: pip install optuna") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def storage_url(sweep_dir: Path) -> str:
+    return f"sqlite:///{(Path(sweep_dir).resolve() / SEARCH_STUDY_FILE)}"
+
+
+def make_sampler(sweep):
+    optuna = import_optuna()
+    if sweep.sampler == "grid":
+        return optuna.samplers.GridSampler(dict(sweep.space), seed=sweep.seed)
+    if sweep.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=sweep.seed)
+    return optuna.samplers.TPESampler(seed=sweep.seed)
+
+
+def make_pruner(sweep):
+    optuna = import_optuna()
+    if sweep.pruner == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    if sweep.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(cfg: ExperimentConfig, sweep_dir: Path):
+    optuna = import_optuna()
+    return optuna.create_study(study_name=cfg.name, storage=storage_url(sweep_dir), direction=cfg.sweep.direction,
+                               sampler=make_sampler(cfg.sweep), pruner=make_pruner(cfg.sweep),
+                               load_if_exists=True)  # fmt: skip
+
+
+def suggest(trial, space: dict[str, Any]) -> dict[str, Any]:
+    """The trial's value for every key of the space (Optuna records them as the trial's params)."""
+    out = {}
+    for key, value in space.items():
+        rng = search_range(value)
+        if rng is None:
+            out[key] = trial.suggest_categorical(key, value)
+        elif all(isinstance(b, int) for b in rng[:2]):
+            out[key] = trial.suggest_int(key, rng[0], rng[1], log=rng[2])
+        else:
+            out[key] = trial.suggest_float(key, float(rng[0]), float(rng[1]), log=rng[2])
+    return out
+
+
+def trial_name(number: int) -> str:
+    return f"trial-{number:03d}"
+
+
+def as_trial(cfg: ExperimentConfig, number: int, params: dict[str, Any]) -> Trial:
+    config = apply_overrides(base_config(cfg), list(params.items()), where="sweep.space")
+    return Trial(trial_name(number), dict(params), dict(params), config, number)
+
+
+def trial_value(trial_dir: Path, cfg: ExperimentConfig) -> float | None:
+    """What the study optimises for a finished trial: its best logged ``sweep.metric`` with train.keep_best
+    (the adapter it keeps; for eval_f1 the same step keep_best picks), else its last one."""
+    seen = scorings(_read_jsonl(trial_dir / LOG_FILE), cfg.sweep.metric)
+    if not seen:
+        return None
+    if not cfg.train.keep_best:
+        return seen[-1][1]
+    values = [v for _, v in seen]
+    return max(values) if cfg.sweep.direction == "maximize" else min(values)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def settle(study, cfg: ExperimentConfig, sweep_dir: Path, number: int) -> str:
+    """Tell the study how trial ``number`` ended, from its folder; returns the state told, or "running"
+    (unfinished: to be resumed)."""
+    optuna = import_optuna()
+    tdir = sweep_dir / trial_name(number)
+    if (tdir / METRICS_FILE).is_file():
+        attempt.settle_finished(tdir)  # finished after its driver died: run.json still says running
+        metrics = read_json(tdir / METRICS_FILE)
+        if metrics.get("pruned"):
+            study.tell(number, state=optuna.trial.TrialState.PRUNED)
+            return "pruned"
+        value = trial_value(tdir, cfg)
+        if value is None:
+            study.tell(number, state=optuna.trial.TrialState.FAIL)
+            return "failed"
+        study.tell(number, value)
+        return "done"
+    if (tdir / ERROR_FILE).is_file():
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
+        return "failed"
+    return "running"
+
+
+def _running(study) -> list:
+    optuna = import_optuna()
+    return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+
+
+def next_batch(study, cfg: ExperimentConfig, sweep_dir: Path, size: int) -> list[Trial]:
+    """Up to ``size`` trials to run now: the study's unfinished ones first (a killed driver's), then new ones
+    while the study holds fewer than ``sweep.n_trials``."""
+    batch = []
+    for t in _running(study):
+        if settle(study, cfg, sweep_dir, t.number) == "running" and len(batch) < size:
+            batch.append(as_trial(cfg, t.number, t.params))
+    while len(batch) < size and len(study.get_trials(deepcopy=False)) < cfg.sweep.n_trials:
+        trial = study.ask()
+        params = suggest(trial, cfg.sweep.space)
+        t = as_trial(cfg, trial.number, params)
+        (sweep_dir / t.name).mkdir(parents=True, exist_ok=True)
+        batch.append(t)
+    return batch
+
+
+def run_search(cfg: ExperimentConfig, output_dir, parallel: int | None = None, device: str | None = None, *,
+               backend: str = "local", address: str | None = None, progress: bool | None = None) -> int:  # fmt: skip
+    """Run the search to ``sweep.n_trials`` trials, ``parallel`` at a time (default 1); resumable. Returns 0
+    when every trial ended (done, pruned or failed), 130 or 143 when Ctrl-C or SIGTERM stopped it."""
+    address, where = check_backend(backend, parallel, address)
+    sweep_dir = Path(output_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    _check_sweep_yaml(sweep_dir, cfg)
+    study = open_study(cfg, sweep_dir)
+    _prefetch_data([as_trial(cfg, 0, {})])
+    machine = machine_info()
+    command, real = _command_line(sweep_dir, "1/1", parallel, backend, address)
+    view = View(f"search {cfg.name} -> {sweep_dir}", cfg.sweep.n_trials,
+                sys.stderr.isatty() if progress is None else progress)  # fmt: skip
+    invocation = {"id": f"{machine['host']}-{os.getpid()}-{time.time():.0f}", "command": command,
+                  "command_is_reconstructed": not real, "shard": "1/1", "parallel": parallel, "backend": backend,
+                  "address": address, "device": device, "host": machine["host"], "started_at": now()}  # fmt: skip
+    trials = [as_trial(cfg, t.number, t.params) for t in study.get_trials(deepcopy=False)]
+    index_file = SweepIndex(cfg, sweep_dir, trials, machine, invocation)
+    index_file.write()
+    runner = _runner(cfg, backend, address, parallel, device, view, index_file, where)
+    view.note(f"search: {cfg.sweep.n_trials} trials ({cfg.sweep.sampler} sampler, {cfg.sweep.pruner} pruner, "
+              f"{cfg.sweep.direction} {cfg.sweep.metric}); {len(trials)} in the study already")  # fmt: skip
+    while True:
+        batch = next_batch(study, cfg, sweep_dir, parallel or 1)
+        if not batch:
+            break
+        known = {t.name for t in index_file.trials}
+        index_file.trials.extend(t for t in batch if t.name not in known)
+        jobs = [_search_job(t, sweep_dir, cfg, device, machine, backend == "ray") for t in batch]
+        stopped_by = _run(runner, jobs, view, index_file)
+        for t in batch:
+            settle(study, cfg, sweep_dir, t.index)
+        if stopped_by:
+            view.note("interrupted; rerun the same command to resume the search", style="yellow")
+            from .. import signals
+
+            return signals.exit_status(stopped_by)
+    return _summary(study, view, sweep_dir)
+
+
+def _search_job(trial: Trial, sweep_dir: Path, cfg: ExperimentConfig, device, machine, absolute: bool):
+    from .attempt import Job
+
+    tdir = (sweep_dir.resolve() if absolute else sweep_dir) / trial.name
+    env = {ENV_STORAGE: storage_url(sweep_dir), ENV_STUDY: cfg.name, ENV_TRIAL: str(trial.index),
+           ENV_METRIC: cfg.sweep.metric}  # fmt: skip
+    return Job(name=trial.name, overrides=trial.overrides, config_yaml=trial.config.to_yaml(), trial_dir=str(tdir),
+               command=attempt.trial_command(tdir / TRIAL_CONFIG_FILE, tdir, device), shard="1/1", env=env,
+               machine=None if absolute else machine)  # fmt: skip
+
+
+def _summary(study, view: View, sweep_dir: Path) -> int:
+    optuna = import_optuna()
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    count = {s.name.lower(): states.count(s) for s in optuna.trial.TrialState}
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    best = f"; best {trial_name(study.best_trial.number)}: {study.best_value:.2f}" if done else ""
+    view.note(f"{len(states)} trials: {count['complete']} done, {count['pruned']} pruned, {count['fail']} failed"
+              f"{best}; study: {sweep_dir / SEARCH_STUDY_FILE}; report: loraqa report {sweep_dir}")  # fmt: skip
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- in the trial
+
+
+@dataclasses.dataclass
+class TrialReporter:
+    """In a search's trial process (``loraqa train`` started with the ENV_ variables): each in-training score
+    goes to the study as the trial's intermediate value; True from :meth:`on_score` stops the trial (pruned).
+    It is handed to the Trainer's callback list, whose hooks it does not use."""
+
+    storage: str
+    study_name: str
+    number: int
+    metric: str
+
+    @classmethod
+    def from_env(cls) -> TrialReporter | None:
+        if not os.environ.get(ENV_TRIAL):
+            return None
+        return cls(os.environ[ENV_STORAGE], os.environ[ENV_STUDY], int(os.environ[ENV_TRIAL]),
+                   os.environ.get(ENV_METRIC, "eval_f1"))  # fmt: skip
+
+    def on_score(self, step: int, scores: dict) -> bool:
+        optuna = import_optuna()
+        study = optuna.load_study(study_name=self.study_name, storage=self.storage)
+        trial = next(t for t in study.get_trials(deepcopy=False) if t.number == self.number)
+        if trial.state != optuna.trial.TrialState.RUNNING:  # told already (a resumed, finished trial)
+            return False
+        live = optuna.trial.Trial(study, trial._trial_id)
+        if self.metric in scores:
+            live.report(float(scores[self.metric]), step)
+        return live.should_prune()

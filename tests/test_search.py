@@ -1,0 +1,135 @@
+"""sweep.mode search: an Optuna study in the sweep folder, trials pruned on their in-training scores, and a driver
+killed at any moment continuing the same study (configs/tiny-search.yaml: the tiny random GPT-2, synthetic data)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loraqa.config import ConfigError, from_dict
+from loraqa.io import read_json
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny-search.yaml"
+
+
+def tiny(tmp_path: Path, **sweep) -> Path:
+    """configs/tiny-search.yaml with its sweep section changed."""
+    raw = yaml.safe_load(TINY.read_text())
+    raw["sweep"].update(sweep)
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def sweep_cmd(config: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "loraqa.cli", "sweep", str(config), "-o", str(out), *extra]
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "LORAQA_NO_PROGRESS": "1"}
+
+
+def study_trials(out: Path, name: str = "tiny-search") -> list:
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'search.db'}")
+    return study.get_trials(deepcopy=False)
+
+
+def check_intact(out: Path, n_trials: int) -> None:
+    """Exactly n_trials trials, each ended (done or pruned) once, its folder finished, none failed."""
+    trials = study_trials(out)
+    assert len(trials) == n_trials
+    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}, [t.state.name for t in trials]
+    folders = sorted(p.name for p in out.glob("trial-*"))
+    assert folders == [f"trial-{t.number:03d}" for t in sorted(trials, key=lambda t: t.number)]
+    for t in trials:
+        tdir = out / f"trial-{t.number:03d}"
+        metrics = read_json(tdir / "metrics.json")
+        assert bool(metrics.get("pruned")) == (t.state.name == "PRUNED"), tdir.name
+        statuses = [a["status"] for a in read_json(tdir / "run.json")["attempts"]]
+        assert statuses.count("done") == 1 and "failed" not in statuses, (tdir.name, statuses)
+        assert not (tdir / "error.json").exists()
+        rows = [json.loads(x) for x in (tdir / "log_history.jsonl").read_text().splitlines()]
+        assert any("eval_f1" in r and "eval_exact_match" in r for r in rows), tdir.name
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({"train.lrr": [1e-4]}, "sweep.space: unknown key 'train.lrr'"),
+        ({"train.lr": {"low": 1e-3, "high": 1e-4}}, "sweep.space.train.lr: low 0.001 is above high 0.0001"),
+        ({"train.lr": {"low": 0, "high": 1e-3, "log": True}}, "sweep.space.train.lr: log: true needs low > 0"),
+        ({"lora.r": []}, "sweep.space.lora.r: expected a non-empty list"),
+        ({"lora.targets": ["attn", "everything"]}, "lora.targets: 'everything' is not a preset"),
+        ({}, "sweep.space: a search needs at least one key"),
+    ],
+)
+def test_a_bad_space_is_one_line_naming_the_key(space, message):
+    raw = yaml.safe_load(TINY.read_text())
+    raw["sweep"]["space"] = space
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        from_dict(raw, where="search.yaml")
+
+
+def test_a_search_without_in_training_scores_is_refused():
+    raw = yaml.safe_load(TINY.read_text())
+    raw["eval"]["score_steps"] = 0
+    with pytest.raises(ConfigError, match="sweep.mode: search judges trials by their in-training"):
+        from_dict(raw, where="search.yaml")
+
+
+@pytest.mark.slow
+def test_the_tiny_search_prunes_keeps_its_study_and_reports(tmp_path):
+    out = tmp_path / "search"
+    done = subprocess.run(sweep_cmd(TINY, out), env=env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    check_intact(out, 6)
+    assert sum(t.state.name == "PRUNED" for t in study_trials(out)) >= 1
+    assert "pruned trial-" in done.stderr
+    report = subprocess.run([sys.executable, "-m", "loraqa.cli", "report", str(out)], env=env(),
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    text = (out / "report.md").read_text()
+    assert "| trial-000 |" in text and "pruned" in text and "(best.yaml)" in text
+    assert (out / "figures" / "search-curves.png").is_file()
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert "sweep" not in best and best["model"]["name"] == "tiny-random-gpt2"
+    # a rerun of a finished search does nothing more
+    again = subprocess.run(sweep_cmd(TINY, out), env=env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and len(study_trials(out)) == 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_a_driver_killed_mid_search_then_rerun_continues_the_same_study(tmp_path, backend):
+    config = tiny(tmp_path, n_trials=3)
+    out = tmp_path / "search"
+    extra = ("--backend", "ray") if backend == "ray" else ()
+    rng = random.Random(7 if backend == "local" else 8)
+    kills = 0
+    for _ in range(3 if backend == "local" else 1):
+        driver = subprocess.Popen(sweep_cmd(config, out, *extra), env=env(), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=backend == "ray")  # fmt: skip
+        # mid-trial: after the first trial has started (its folder holds its config)
+        deadline = time.monotonic() + 120
+        while not list(out.glob("trial-*/trial.yaml")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(rng.uniform(1.0, 12.0))
+        if driver.poll() is None:
+            driver.kill()
+            kills += 1
+        driver.wait()
+    assert kills >= 1
+    done = subprocess.run(sweep_cmd(config, out, *extra), env=env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    check_intact(out, 3)
