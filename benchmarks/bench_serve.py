@@ -190,13 +190,15 @@ def main() -> int:
     p.add_argument("--order", choices=("file", "shuffled"), default="file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write every figure here")
+    p.add_argument("--batched", action="store_true", help="loraqa serve --batched (eval.batch_invariant=false)")
     args = p.parse_args()
 
     from loraqa.predict import load_answerer
     from loraqa.serve.limits import InputLimits
 
     model = None if args.run else (args.model or "random-gpt2-124m")
-    answerer = load_answerer(args.run, model=model)
+    overrides = [("eval.batch_invariant", False)] if args.batched else []
+    answerer = load_answerer(args.run, model=model, overrides=overrides)
     n_pool = max(args.reference, max(args.clients) * args.requests)
     pool = question_pool(args.data_dir, InputLimits(answerer, 32), n_pool, args.order, args.seed)
     in_thread(one_at_a_time, answerer, pool[:1])  # warm-up
