@@ -273,3 +273,22 @@ def test_a_better_rate_than_2e_4_fails_claim_b_and_is_named(tmp_path):
     text = write_report(make_sweep(tmp_path, {**CLAIMS_HOLD, "lr5e-4": (64.0, 1010, 0.0)})).read_text()
     line = verdict_line(text, "b")
     assert ": does not hold.**" in line and "The best F1 is at lr=5e-4." in line
+
+
+def test_trials_scored_during_training_get_an_f1_panel_beside_the_loss(tmp_path, monkeypatch):
+    from loraqa.io import read_jsonl
+    from loraqa.report import figures
+
+    out = make_sweep(tmp_path, CLAIMS_HOLD)
+    for d in out.iterdir():
+        if (d / "log_history.jsonl").is_file():
+            history = read_jsonl(d / "log_history.jsonl")
+            history += [{"eval_exact_match": 10.0 * s, "eval_f1": 12.0 * s, "step": 25 * s} for s in (1, 2, 3)]
+            write_jsonl_atomic(d / "log_history.jsonl", history)
+    drawn = {}
+    real = figures.plot_curves
+    monkeypatch.setattr(figures, "plot_curves", lambda path, title, series, keys, **kw: drawn.update(
+        {path.name: (title, [k for k, _ in keys])}) or real(path, title, series, keys, **kw))  # fmt: skip
+    write_report(out, out_dir=tmp_path / "rep")
+    title, keys = drawn["figure5_lr_loss.png"]
+    assert keys == ["loss", "eval_loss", "eval_f1"] and "per learning rate, and F1 (" in title

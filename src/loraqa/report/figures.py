@@ -1,4 +1,5 @@
-"""The report's loss figures (the reference study's Figures 3-5, and one for loss masking) as PNG files."""
+"""The report's loss figures (the reference study's Figures 3-5, and one for loss masking) as PNG files; for
+trials scored during training (``eval.score_steps``) a panel of their generated answers' F1 beside the losses."""
 
 from __future__ import annotations
 
@@ -120,6 +121,9 @@ def draw_figures(data: SweepData, out_dir: Path, file_prefix: str = "") -> list[
                 series.append((f"{prefix}{format_value(t.trial.values[key])}{note}", t))
         fname = file_prefix + fname
         path = out_dir / FIGURES_DIR / fname
+        if any(t.curve("eval_f1") for _, t in series):  # scored during training: the F1 beside the loss
+            keys = [*keys, ("eval_f1", "F1 of generated answers (dev slice)")]
+            title = f"{title}, and F1"
         if series and plot_curves(path, f"{label}: {title} ({portable_model_name(data.cfg.model.name)})", series, keys):
             lines.append(f"**{label}: {title}.**\n\n![{label}: {title}]({FIGURES_DIR}/{fname})\n")
         elif key == "prompt.loss_on":
