@@ -1,7 +1,8 @@
 """Trials as Ray tasks: ``loraqa sweep CONFIG -o DIR --backend ray [--address ADDR]``.
 
-Without an address, a local Ray instance is started for the sweep and stopped after it; with one, the sweep
-joins that cluster (``ray start --head`` on one node, ``ray start --address=HEAD:6379`` on the others). Each
+Without an address (``--address``, else ``$RAY_ADDRESS`` as ``ray.init`` reads it), a local Ray instance is
+started for the sweep and stopped after it; with one, the sweep first checks that something answers there (a
+wrong address fails in seconds, naming it) and joins that cluster (``ray start --head`` on one node, ``ray start --address=HEAD:6379`` on the others). Each
 trial is one Ray task holding ``sweep.resources_per_trial`` (CPUs, GPUs; Ray sets CUDA_VISIBLE_DEVICES and
 OMP_NUM_THREADS for it). The task runs the same attempt as the local runner -- ``loraqa train`` in a child
 process, so a crash ends that trial only -- and writes the same files into the trial's folder, which must be
