@@ -105,6 +105,9 @@ class EvalConfig:
     # unbatched), so it is the same asked alone, in a file or in an evaluation; false: batched decoding,
     # faster, but in bf16 an answer can change with the questions batched beside it
     batch_invariant: bool = True
+    # extractive decoding: each greedy step may only pick a token that continues the answer as a token span of
+    # the paragraph (or, after one token, a stop token), so every answer is a piece of the context
+    extractive: bool = False
     # every N optimizer steps: generate answers to data.score_limit dev questions and log eval_exact_match and
     # eval_f1 (0: only the final evaluation)
     score_steps: int = 0

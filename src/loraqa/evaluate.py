@@ -85,18 +85,20 @@ def evaluate_model(
     share = [c + q for c, q in parts]
     journal = _open_journal(journal_dir, model, tokenizer, share, eval_cfg) if journal_dir else None
     resume = {"done": journal.done, "on_batch": journal.record} if journal else {}
+    # extractive: every answer a token span of its context, as the prompt holds it (cut to fit, if it was)
+    contexts = [encoder.context_tokens(c) for c, _ in parts] if eval_cfg.extractive else None
     start = time.perf_counter()
     if eval_cfg.batch_invariant:
         answers = generate_answers_invariant(
             model, tokenizer, share, [len(c) for c, _ in parts], max_new_tokens=eval_cfg.max_new_tokens,
-            progress=progress, **resume,
+            progress=progress, contexts=contexts, **resume,
         )  # fmt: skip
     else:
         answers = generate_answers(
             model, tokenizer, share, batch_size=eval_cfg.batch_size,
             max_new_tokens=eval_cfg.max_new_tokens, sort_by_length=eval_cfg.sort_by_length,
             share_prefixes=eval_cfg.share_prefixes, prune_finished=eval_cfg.prune_finished, progress=progress,
-            **resume,
+            contexts=contexts, **resume,
         )  # fmt: skip
     answers = dist.gather_lists(answers)
     seconds = time.perf_counter() - start + (journal.seconds_before if journal else 0.0)

@@ -183,6 +183,54 @@ def _prefill(fwd: _Forward, prompts, batch: list[PromptGroup], pad_id: int, devi
     return idx, fwd(ids, mask, pos), mask, pos[:, -1:] + 1
 
 
+class SpanConstraint:
+    """Extractive decoding: per batch row, the next tokens that keep the row's answer a token span of its
+    context (``eval.extractive``).
+
+    A row's state is ``starts``: every context position j with ``context[j : j + k] == generated`` (k tokens
+    generated so far). The allowed next tokens are ``{context[j + k]}`` over those j, plus the stop tokens
+    once k > 0 (an answer is at least one token); a row with no continuation left may only stop. So every
+    answer a row emits before its stop token occurs in its context, token for token. Rows follow the decoding
+    batch: :meth:`keep` must see every pruning of it."""
+
+    def __init__(self, contexts: list[list[int]], stop_ids: list[int]):
+        self.contexts = [list(c) for c in contexts]
+        self.starts = [list(range(len(c))) for c in self.contexts]  # step 0: a span may start anywhere
+        self.length = [0] * len(self.contexts)  # tokens generated so far, per row
+        self.stop_ids = list(stop_ids)
+
+    def _allowed(self, row: int) -> list[int]:
+        ctx, k = self.contexts[row], self.length[row]
+        nxt = {ctx[j + k] for j in self.starts[row] if j + k < len(ctx)}
+        if k > 0 or not nxt:  # an empty context can only give an empty answer
+            nxt.update(self.stop_ids)
+        return sorted(nxt)
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` (one row per live row) with every token not allowed next set to -inf."""
+        rows, cols = [], []
+        for row in range(len(self.contexts)):
+            allowed = self._allowed(row)
+            rows += [row] * len(allowed)
+            cols += allowed
+        blocked = torch.ones_like(logits, dtype=torch.bool)
+        blocked[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = False
+        return logits.masked_fill(blocked, float("-inf"))
+
+    def advance(self, tokens: list[int]) -> None:
+        """Each row emitted ``tokens[row]``: keep the starts whose span continues with it."""
+        for row, t in enumerate(tokens):
+            ctx, k = self.contexts[row], self.length[row]
+            self.starts[row] = [j for j in self.starts[row] if j + k < len(ctx) and ctx[j + k] == t]
+            self.length[row] = k + 1
+
+    def keep(self, rows: list[int]) -> None:
+        """The decoding batch kept only ``rows`` (in this order)."""
+        self.contexts = [self.contexts[r] for r in rows]
+        self.starts = [self.starts[r] for r in rows]
+        self.length = [self.length[r] for r in rows]
+
+
 def greedy_continue(
     fwd: _Forward,
     logits: torch.Tensor,
@@ -192,15 +240,21 @@ def greedy_continue(
     max_new_tokens: int,
     *,
     prune_finished: bool = True,
+    constraint: SpanConstraint | None = None,
 ) -> list[list[int]]:
     """Greedy continuation from a filled cache: one list of new token ids a row, each ending at its first
-    stop token (included) or after ``max_new_tokens``."""
+    stop token (included) or after ``max_new_tokens``. ``constraint`` (rows as the batch's) restricts each
+    row's argmax to the tokens it allows (extractive decoding)."""
     batch = logits.shape[0]
     live = torch.arange(batch, device=logits.device)  # batch row of each sequence still decoding
     finished = torch.zeros(batch, dtype=torch.bool, device=logits.device)  # stopped, still in the batch
     new_tokens: list[list[int]] = [[] for _ in range(batch)]
     for step in range(max_new_tokens):
+        if constraint is not None:
+            logits = constraint.mask(logits)
         token = logits.argmax(-1)
+        if constraint is not None:
+            constraint.advance(token.tolist())
         stopped = torch.isin(token, stop_ids) | finished
         for row, t, done in zip(live.tolist(), token.tolist(), finished.tolist(), strict=True):
             if not done:
@@ -212,6 +266,8 @@ def greedy_continue(
             # dropping rows copies the whole cache: wait until a quarter of the rows have stopped
             keep = (~stopped).nonzero().squeeze(1)
             fwd.cache.batch_select_indices(keep)
+            if constraint is not None:
+                constraint.keep(keep.tolist())
             live, token, stopped = live[keep], token[keep], stopped[keep]
             attention_mask, next_position = attention_mask[keep], next_position[keep]
         finished = stopped
@@ -237,6 +293,7 @@ def generate_answers(
     desc: str = "generate",
     done: Mapping[int, str] | None = None,
     on_batch: Callable[[list[int], list[str]], None] | None = None,
+    contexts: list[list[int]] | None = None,
 ) -> list[str]:
     """Greedy answers for token-id prompts, in the order given.
 
@@ -245,10 +302,13 @@ def generate_answers(
     last one stops; ``engine="hf"`` decodes left-padded batches with ``model.generate`` (no prefix sharing).
     ``done`` (prompt index -> answer) skips the batches it answers whole, and ``on_batch(indices, answers)``
     hears each batch generated: together, an interrupted evaluation resumed in the same batches
-    (:mod:`loraqa.journal`).
+    (:mod:`loraqa.journal`). ``contexts`` (one token list a prompt) makes every answer a token span of its
+    prompt's context (:class:`SpanConstraint`, ``engine="loop"`` only).
     """
     if engine not in ("loop", "hf"):
         raise ValueError(f"engine must be 'loop' or 'hf', got {engine!r}")
+    if contexts is not None and engine != "loop":
+        raise ValueError("extractive decoding (contexts) needs engine='loop'")
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -268,8 +328,9 @@ def generate_answers(
         if engine == "loop":
             fwd = _Forward(model)
             idx, logits, mask, next_position = _prefill(fwd, prompts, batch, pad_id, device)
+            span = SpanConstraint([contexts[i] for i in idx], stops) if contexts is not None else None
             new = greedy_continue(fwd, logits, mask, next_position, stop_ids, max_new_tokens,
-                                  prune_finished=prune_finished)  # fmt: skip
+                                  prune_finished=prune_finished, constraint=span)  # fmt: skip
             del fwd
         else:
             idx = members
@@ -296,6 +357,7 @@ def generate_answers_invariant(
     desc: str = "generate",
     done: Mapping[int, str] | None = None,
     on_batch: Callable[[list[int], list[str]], None] | None = None,
+    contexts: list[list[int]] | None = None,
 ) -> list[str]:
     """Greedy answers whose every computation depends on the question's own prompt alone, never on the other
     questions asked with it: the same answer alone (``ask``), in a file (``predict``) or in an evaluation.
@@ -304,12 +366,15 @@ def generate_answers_invariant(
     the same question asked alone. Here each paragraph's ``Context: ...`` part (``prompt[:context_ends[i]]``)
     runs through the model once, alone, and each question then runs its own part and decodes alone on a copy
     of that cache: every shape is a function of the paragraph and the question. Prompts that share their
-    context part form one group; ``done`` and ``on_batch`` work per group, as in :func:`generate_answers`."""
+    context part form one group; ``done`` and ``on_batch`` work per group, as in :func:`generate_answers`.
+    ``contexts`` (one token list a prompt) makes every answer a token span of its context
+    (:class:`SpanConstraint`)."""
     import copy
 
     model.eval()
     device = next(model.parameters()).device
-    stop_ids = torch.tensor(stop_token_ids(tokenizer), device=device)
+    stops = stop_token_ids(tokenizer)
+    stop_ids = torch.tensor(stops, device=device)
     groups: dict[tuple, list[int]] = {}
     for i, (p, end) in enumerate(zip(prompts, context_ends, strict=True)):
         end = min(end, len(p) - 1)  # every question keeps at least one token of its own
@@ -332,7 +397,9 @@ def generate_answers_invariant(
                 mask = torch.ones((1, len(prompts[m])), dtype=torch.long, device=device)
                 pos = torch.arange(len(prefix), len(prompts[m]), device=device)[None]
                 logits = fwd(rest, mask, pos)
-                new += greedy_continue(fwd, logits, mask, pos[:, -1:] + 1, stop_ids, max_new_tokens)
+                span = SpanConstraint([contexts[m]], stops) if contexts is not None else None
+                new += greedy_continue(fwd, logits, mask, pos[:, -1:] + 1, stop_ids, max_new_tokens,
+                                       constraint=span)  # fmt: skip
             texts = [first_line(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
             if on_batch is not None:
                 on_batch(members, texts)

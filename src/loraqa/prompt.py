@@ -100,6 +100,11 @@ class PromptEncoder:
                 stats.truncated += 1
         return self._prefix_ids + ctx_ids, q_ids
 
+    def context_tokens(self, context_part: list[int]) -> list[int]:
+        """The context's own tokens in a prompt's context part (from :meth:`encode_prompt_parts`): without the
+        ``Context:`` prefix, so each word keeps the leading space it has after ``Answer:``."""
+        return context_part[len(self._prefix_ids) :]
+
     def encode_train(
         self,
         context: str,
