@@ -196,8 +196,11 @@ def run_search(cfg: ExperimentConfig, output_dir, parallel: int | None = None, d
         index_file.trials.extend(t for t in batch if t.name not in known)
         jobs = [_search_job(t, sweep_dir, cfg, device, machine, backend == "ray") for t in batch]
         stopped_by = _run(runner, jobs, view, index_file)
-        for t in batch:
-            settle(study, cfg, sweep_dir, t.index)
+        ended = [settle(study, cfg, sweep_dir, t.index) != "running" for t in batch]
+        if not any(ended) and not stopped_by:  # held by another process, or stopped alone: do not spin on them
+            view.note(f"not finished: {', '.join(t.name for t in batch)} (another process holds them, or they "
+                      "were stopped); rerun the same command to resume the search", style="yellow")  # fmt: skip
+            return 1
         if stopped_by:
             view.note("interrupted; rerun the same command to resume the search", style="yellow")
             from .. import signals
