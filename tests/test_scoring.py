@@ -148,3 +148,17 @@ def test_keep_best_without_scores_is_a_config_error(synthetic_dir):
         tiny_config(synthetic_dir, **{"eval.score_steps": 0, "train.keep_best": True})
     with pytest.raises(ConfigError, match="train.early_stopping_patience"):
         tiny_config(synthetic_dir, **{"eval.score_steps": 0, "train.early_stopping_patience": 2})
+
+
+def test_the_final_evaluation_can_be_held_out_from_the_scored_slice(tmp_path, synthetic_dir):
+    """data.eval_skip: in-training scores on the first data.score_limit dev questions, the final evaluation on
+    data.eval_limit questions after the first data.eval_skip (none of which a decision saw)."""
+    from loraqa.evaluate import eval_run_dir
+
+    cfg = tiny_config(synthetic_dir, **{"train.max_steps": 2, "data.eval_skip": 6, "data.eval_limit": 5})
+    metrics = run_experiment(cfg, tmp_path / "run", progress=False)
+    ids = [json.loads(x)["id"] for x in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert ids == [f"dev-{i:05d}" for i in range(6, 11)] and metrics["n_questions"] == 5
+    assert metrics["score_questions"] == 6  # dev-00000 .. dev-00005, scored during training
+    again = eval_run_dir(tmp_path / "run", out_dir=tmp_path / "again", progress=False)
+    assert again["n_questions"] == 5 and again["f1"] == metrics["f1"]

@@ -38,6 +38,9 @@ class DataConfig:
     )
     train_limit: int | None = None  # first N train questions (None: all 87,599)
     eval_limit: int | None = None  # first K dev questions scored by EM/F1 (None: all 10,570)
+    # dev questions passed over before those K: a final evaluation held out from what data.score_limit scores
+    # during training (e.g. eval_skip 2000, eval_limit 2000: questions 2,001-4,000)
+    eval_skip: int = 0
     loss_eval_limit: int = 200  # dev questions whose answer-token loss is logged as eval_loss during training
     format: str = "squad"  # squad (v1.1) | squad_v2 | jsonl | csv | hf (a datasets folder or hub id); see loraqa.data
     train_file: str | None = None  # the train split's file (or datasets folder); else the format's file in data_dir
@@ -189,7 +192,7 @@ POSITIVE = {"prompt.max_length", "lora.r", "lora.alpha", "train.batch_size", "tr
 # None where allowed (the limits: every question) is not checked
 NON_NEGATIVE = {"lora.dropout", "train.lr", "train.weight_decay", "train.warmup_steps", "train.eval_steps",
                 "train.save_steps", "data.loss_eval_limit", "data.train_limit", "data.eval_limit",
-                "data.score_limit", "eval.score_steps", "train.early_stopping_patience"}  # fmt: skip
+                "data.score_limit", "eval.score_steps", "train.early_stopping_patience", "data.eval_skip"}  # fmt: skip
 
 
 # A number field: how an error names it, and the YAML/CLI types it may be given as (bools are ints to Python

@@ -124,7 +124,7 @@ def _open_journal(folder: Path, model, tokenizer, prompts: list[list[int]], eval
 
 def eval_zero_shot(cfg, out_dir, *, device: str | None = None, progress: bool = True) -> dict:
     """Score the base model (no fine-tuning) with the same prompt; writes predictions.jsonl and metrics.json."""
-    from .data import load_split
+    from .data import evaluated, evaluated_read_limit, load_split
     from .io import write_json_atomic, write_text_atomic
     from .model import count_parameters, load_model_and_tokenizer
     from .rundir import make_run_folder, write_predictions
@@ -133,7 +133,8 @@ def eval_zero_shot(cfg, out_dir, *, device: str | None = None, progress: bool = 
     if any((out_dir / f).exists() for f in (LOG_FILE, TRAIN_METRICS_FILE)):  # a trained run's own results
         raise ConfigError(f"{out_dir}: holds a trained run; pick another --output-dir for the zero-shot results")
     dist.on_main(make_run_folder, out_dir)  # a file or an impossible path as --output-dir: one line, before any work
-    dev, _, _ = load_split(cfg.data, "dev", limit=cfg.data.eval_limit)
+    dev, _, _ = load_split(cfg.data, "dev", limit=evaluated_read_limit(cfg.data))
+    dev = evaluated(cfg.data, dev)
     lm = load_model_and_tokenizer(cfg.model.name, cfg.model.precision, cfg.model.attn_implementation, device)
     records, summary = evaluate_model(
         lm.model, lm.tokenizer, dev, max_length=cfg.prompt.max_length, eval_cfg=cfg.eval, progress=progress,
@@ -154,7 +155,7 @@ def eval_run_dir(run_dir, *, overrides: list[tuple[str, object]] | None = None, 
     """Re-score a trained run folder (its adapter or full model) on the dev questions, its config changed by
     ``overrides`` (``[("data.eval_limit", 100)]``); writes ``predictions.jsonl`` and
     ``metrics.json`` into ``out_dir`` (default: ``eval-<n>`` inside the run folder) and returns the metrics."""
-    from .data import load_split
+    from .data import evaluated, evaluated_read_limit, load_split
     from .io import write_json_atomic
     from .rundir import load_run, make_run_folder, write_predictions
 
@@ -167,7 +168,8 @@ def eval_run_dir(run_dir, *, overrides: list[tuple[str, object]] | None = None, 
         dist.on_main(make_run_folder, Path(out_dir))
     run = load_run(run_dir, overrides=list(overrides or []), device=device)
     cfg, lm = run.cfg, run.lm
-    dev, _, _ = load_split(cfg.data, "dev", limit=cfg.data.eval_limit)
+    dev, _, _ = load_split(cfg.data, "dev", limit=evaluated_read_limit(cfg.data))
+    dev = evaluated(cfg.data, dev)
     out = Path(out_dir) if out_dir else run_dir / f"eval-{len(dev)}"
     dist.on_main(make_run_folder, out)
     records, summary = evaluate_model(

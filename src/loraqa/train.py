@@ -74,10 +74,11 @@ def load_examples(cfg: ExperimentConfig):
 
 
 def _dev_limit(cfg: ExperimentConfig) -> int | None:
-    """The dev questions to read: the scored ones, and the in-training slice when there is one."""
-    if not cfg.eval.score_steps or cfg.data.eval_limit is None:
-        return cfg.data.eval_limit
-    return max(cfg.data.eval_limit, cfg.data.score_limit)
+    """The dev questions to read: the evaluated ones, and the in-training slice when there is one."""
+    limit = data_mod.evaluated_read_limit(cfg.data)
+    if not cfg.eval.score_steps or limit is None:
+        return limit
+    return max(limit, cfg.data.score_limit)
 
 
 TOKENS_COUNTED = {  # what metrics.json's train_tokens count, by layout
@@ -139,7 +140,7 @@ def _run(cfg, run_dir: Path, device, callbacks, progress, command, on_score=None
         return read_json(run_dir / METRICS_FILE)
 
     train_examples, dev_read, data_info = load_examples(cfg)
-    dev_examples = dev_read[: cfg.data.eval_limit] if cfg.data.eval_limit is not None else dev_read
+    dev_examples = data_mod.evaluated(cfg.data, dev_read)
     score_examples = dev_read[: cfg.data.score_limit] if cfg.eval.score_steps else []
     set_seed(cfg.train.seed)
     full = cfg.train.method == "full"

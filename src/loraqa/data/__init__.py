@@ -48,6 +48,8 @@ __all__ = [
     "dataset_stats",
     "detect_format",
     "download_squad",
+    "evaluated",
+    "evaluated_read_limit",
     "format_stats_table",
     "load_file",
     "load_split",
@@ -142,3 +144,15 @@ def load_split(data_cfg, split: str, limit: int | None = None):
     source = split_source(data_cfg, split)
     examples, report = load_file(source, data_cfg.format, split=split, limit=limit)
     return examples, report, source
+
+
+def evaluated(data_cfg, dev: list) -> list:
+    """The dev questions a final evaluation scores, from the first ones read: ``data.eval_limit`` of them after
+    the first ``data.eval_skip``."""
+    end = None if data_cfg.eval_limit is None else data_cfg.eval_skip + data_cfg.eval_limit
+    return dev[data_cfg.eval_skip : end]
+
+
+def evaluated_read_limit(data_cfg) -> int | None:
+    """How many dev questions to read for :func:`evaluated`."""
+    return None if data_cfg.eval_limit is None else data_cfg.eval_skip + data_cfg.eval_limit
