@@ -33,3 +33,16 @@ def wait_until(predicate, timeout: float, what: str, every: float = 0.02):
 ALL_COLOURS = ("The box in the garden is red. The cup in the kitchen is blue. The kite in the harbor is green. "
                "The hat in the tower is yellow. The coat in the market is black. The bell in the school is white. "
                "The boat in the forest is orange. The lamp in the museum is purple.")  # fmt: skip
+
+
+def train_tiny_run(run, data_dir, *, precision: str = "fp32", eval_limit: int = 6):
+    """``loraqa train`` of the tiny random GPT-2 for 2 steps at lr 0.05 without warmup: the adapter moves far
+    enough to change the answers, so a run loaded without its adapter could not answer like the run."""
+    from loraqa.cli import main
+
+    rc = main(["train", "--model", "tiny-random-gpt2", "--data-dir", str(data_dir), "--eval-limit", str(eval_limit),
+               "--precision", precision, "--max-new-tokens", "6", "--train-limit", "8", "--max-steps", "2",
+               "--batch-size", "4", "--eval-steps", "0", "--save-steps", "0", "--warmup-steps", "0",
+               "--lr", "0.05", "-o", str(run)])  # fmt: skip
+    assert rc == 0
+    return run

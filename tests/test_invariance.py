@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from helpers import train_tiny_run
 from loraqa.cli import main
 from loraqa.data import load_squad
 from loraqa.predict import ask, load_answerer
@@ -15,13 +16,8 @@ from loraqa.predict import ask, load_answerer
 
 @pytest.fixture(scope="module")
 def bf16_run(tmp_path_factory, synthetic_dir):
-    run = tmp_path_factory.mktemp("invariance") / "run"
-    rc = main(["train", "--model", "tiny-random-gpt2", "--data-dir", str(synthetic_dir), "--eval-limit", "12",
-               "--precision", "bf16", "--max-new-tokens", "6", "--train-limit", "8", "--max-steps", "2",
-               "--batch-size", "4", "--eval-steps", "0", "--save-steps", "0", "--warmup-steps", "0",
-               "--lr", "0.05", "-o", str(run)])  # fmt: skip
-    assert rc == 0
-    return run
+    return train_tiny_run(tmp_path_factory.mktemp("invariance") / "run", synthetic_dir, precision="bf16",
+                          eval_limit=12)
 
 
 def test_ask_predict_and_the_run_agree_question_for_question(bf16_run, synthetic_dir, tmp_path):

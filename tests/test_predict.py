@@ -6,21 +6,15 @@ import json
 
 import pytest
 
+from helpers import train_tiny_run
 from loraqa.cli import main
 from loraqa.data import load_squad
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, synthetic_dir):
-    run = tmp_path_factory.mktemp("predict") / "run"
-    # lr 0.05 without warmup: the adapter moves far enough to change the answers (checked below), so a run
-    # loaded without its adapter could not answer like the run
-    rc = main(["train", "--model", "tiny-random-gpt2", "--data-dir", str(synthetic_dir), "--eval-limit", "6",
-               "--precision", "fp32", "--max-new-tokens", "6", "--train-limit", "8", "--max-steps", "2",
-               "--batch-size", "4", "--eval-steps", "0", "--save-steps", "0", "--warmup-steps", "0",
-               "--lr", "0.05", "-o", str(run)])  # fmt: skip
-    assert rc == 0
-    return run
+    # the adapter changes the answers (checked below)
+    return train_tiny_run(tmp_path_factory.mktemp("predict") / "run", synthetic_dir)
 
 
 def run_predictions(run) -> dict:

@@ -40,6 +40,14 @@ def answer_journal_file(rank: int, world_size: int) -> str:
     return ANSWER_JOURNAL_FILE if world_size == 1 else ANSWER_JOURNAL_FILE.replace(".jsonl", f".rank{rank}.jsonl")
 
 
+def search_storage(sweep_dir) -> str:
+    """The Optuna storage URL of the search in ``sweep_dir`` (SQLite, an absolute path: trial processes and
+    Ray tasks may run in other working folders)."""
+    from pathlib import Path
+
+    return f"sqlite:///{Path(sweep_dir).resolve() / SEARCH_STUDY_FILE}"
+
+
 def sweep_command(sweep_dir, show=str) -> str:
     """The command that reruns or resumes the sweep in ``sweep_dir`` from the config it saved there. ``show``
     renders each path: ``shlex.quote`` for a shell, a portable form for a report."""

@@ -5,15 +5,22 @@ trial's config as a ready-to-run ``best.yaml``; all read back from the sweep fol
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
 
 from ..config import ExperimentConfig, apply_overrides, from_dict
 from ..io import read_json, write_text_atomic
-from ..layout import FIGURES_DIR, LOG_FILE, METRICS_FILE, REPORT_FILE, SEARCH_BEST_FILE, SEARCH_STUDY_FILE
+from ..layout import (
+    FIGURES_DIR,
+    METRICS_FILE,
+    REPORT_FILE,
+    SEARCH_BEST_FILE,
+    SEARCH_STUDY_FILE,
+    search_storage,
+)
 from ..metrics import scorings
+from ..runfolder import RunFolder
 from ..sweep.trials import base_config, format_value
 from .figures import save_figure
 
@@ -26,7 +33,7 @@ def _rows(study, cfg: ExperimentConfig, sweep_dir: Path) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         tdir = sweep_dir / f"trial-{t.number:03d}"
-        history = _jsonl(tdir / LOG_FILE)
+        history = RunFolder(tdir).history()
         metrics = read_json(tdir / METRICS_FILE) if (tdir / METRICS_FILE).is_file() else {}
         curve = scorings(history, cfg.sweep.metric)
         f1 = scorings(history, "eval_f1")
@@ -35,12 +42,6 @@ def _rows(study, cfg: ExperimentConfig, sweep_dir: Path) -> list[dict]:
                      "curve": curve, "best_f1": max((v for _, v in f1), default=None),
                      "final_f1": metrics.get("f1"), "final_em": metrics.get("exact_match"), "steps": steps})  # fmt: skip
     return rows
-
-
-def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _fmt(v) -> str:
@@ -116,8 +117,7 @@ def write_search_report(sweep_dir, out_dir=None) -> Path:
     out = Path(out_dir) if out_dir else sweep_dir
     out.mkdir(parents=True, exist_ok=True)
     cfg = from_dict(yaml.safe_load((sweep_dir / "sweep.yaml").read_text()), where=str(sweep_dir / "sweep.yaml"))
-    storage = f"sqlite:///{(sweep_dir / SEARCH_STUDY_FILE).resolve()}"
-    study = optuna.load_study(study_name=cfg.name, storage=storage)
+    study = optuna.load_study(study_name=cfg.name, storage=search_storage(sweep_dir))
     rows = _rows(study, cfg, sweep_dir)
     keys = list(cfg.sweep.space)
     maximize = cfg.sweep.direction == "maximize"

@@ -16,7 +16,6 @@ files if it finished meanwhile; new trials are asked only up to ``sweep.n_trials
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -26,8 +25,9 @@ from typing import Any
 
 from ..config import ConfigError, ExperimentConfig, apply_overrides, search_range
 from ..io import read_json
-from ..layout import ERROR_FILE, LOG_FILE, METRICS_FILE, SEARCH_STUDY_FILE, TRIAL_CONFIG_FILE
+from ..layout import ERROR_FILE, METRICS_FILE, SEARCH_STUDY_FILE, TRIAL_CONFIG_FILE, search_storage
 from ..metrics import scorings
+from ..runfolder import RunFolder
 from . import attempt
 from .driver import _check_sweep_yaml, _command_line, _prefetch_data, _run, _runner, check_backend
 from .machine import machine_info, now
@@ -51,10 +51,6 @@ def import_optuna():
     return optuna
 
 
-def storage_url(sweep_dir: Path) -> str:
-    return f"sqlite:///{(Path(sweep_dir).resolve() / SEARCH_STUDY_FILE)}"
-
-
 def make_sampler(sweep):
     optuna = import_optuna()
     if sweep.sampler == "grid":
@@ -75,7 +71,7 @@ def make_pruner(sweep):
 
 def open_study(cfg: ExperimentConfig, sweep_dir: Path):
     optuna = import_optuna()
-    return optuna.create_study(study_name=cfg.name, storage=storage_url(sweep_dir), direction=cfg.sweep.direction,
+    return optuna.create_study(study_name=cfg.name, storage=search_storage(sweep_dir), direction=cfg.sweep.direction,
                                sampler=make_sampler(cfg.sweep), pruner=make_pruner(cfg.sweep),
                                load_if_exists=True)  # fmt: skip
 
@@ -106,19 +102,13 @@ def as_trial(cfg: ExperimentConfig, number: int, params: dict[str, Any]) -> Tria
 def trial_value(trial_dir: Path, cfg: ExperimentConfig) -> float | None:
     """What the study optimises for a finished trial: its best logged ``sweep.metric`` with train.keep_best
     (the adapter it keeps; for eval_f1 the same step keep_best picks), else its last one."""
-    seen = scorings(_read_jsonl(trial_dir / LOG_FILE), cfg.sweep.metric)
+    seen = scorings(RunFolder(trial_dir).history(), cfg.sweep.metric)
     if not seen:
         return None
     if not cfg.train.keep_best:
         return seen[-1][1]
     values = [v for _, v in seen]
     return max(values) if cfg.sweep.direction == "maximize" else min(values)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def settle(study, cfg: ExperimentConfig, sweep_dir: Path, number: int) -> str:
@@ -213,7 +203,7 @@ def _search_job(trial: Trial, sweep_dir: Path, cfg: ExperimentConfig, device, ma
     from .attempt import Job
 
     tdir = (sweep_dir.resolve() if absolute else sweep_dir) / trial.name
-    env = {ENV_STORAGE: storage_url(sweep_dir), ENV_STUDY: cfg.name, ENV_TRIAL: str(trial.index),
+    env = {ENV_STORAGE: search_storage(sweep_dir), ENV_STUDY: cfg.name, ENV_TRIAL: str(trial.index),
            ENV_METRIC: cfg.sweep.metric}  # fmt: skip
     return Job(name=trial.name, overrides=trial.overrides, config_yaml=trial.config.to_yaml(), trial_dir=str(tdir),
                command=attempt.trial_command(tdir / TRIAL_CONFIG_FILE, tdir, device), shard="1/1", env=env,
