@@ -85,8 +85,9 @@ def evaluate_model(
     share = [c + q for c, q in parts]
     journal = _open_journal(journal_dir, model, tokenizer, share, eval_cfg) if journal_dir else None
     resume = {"done": journal.done, "on_batch": journal.record} if journal else {}
-    # extractive: every answer a token span of its context, as the prompt holds it (cut to fit, if it was)
-    contexts = [encoder.context_tokens(c) for c, _ in parts] if eval_cfg.extractive else None
+    # extractive: every answer a piece of its paragraph as written (a decoded context can differ from it in
+    # spaces the tokenizer cleans up)
+    contexts = [ex.context for ex in examples][dist.shard(len(examples))] if eval_cfg.extractive else None
     start = time.perf_counter()
     if eval_cfg.batch_invariant:
         answers = generate_answers_invariant(

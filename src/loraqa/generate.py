@@ -28,6 +28,7 @@ from functools import lru_cache
 import torch
 from tqdm.auto import tqdm
 
+REPLACEMENT = "\ufffd"  # what a decoder writes for bytes that are not (yet) a whole character
 MIN_SHARED_PREFIX = 16  # tokens; shorter common beginnings are not worth a second forward pass
 
 
@@ -183,52 +184,68 @@ def _prefill(fwd: _Forward, prompts, batch: list[PromptGroup], pad_id: int, devi
     return idx, fwd(ids, mask, pos), mask, pos[:, -1:] + 1
 
 
+def span_text(text: str) -> str | None:
+    """An extractive answer's text as the context must hold it: ``text`` without one trailing incomplete
+    character (a token can end inside a multi-byte character, which decodes to one U+FFFD until the next
+    token completes it); None when more than that does not decode."""
+    body = text[:-1] if text.endswith(REPLACEMENT) else text
+    return None if body.endswith(REPLACEMENT) else body
+
+
 class SpanConstraint:
-    """Extractive decoding: per batch row, the next tokens that keep the row's answer a token span of its
-    context (``eval.extractive``).
+    """Extractive decoding (``eval.extractive``): each row's greedy pick is its highest-scoring token that keeps
+    the row's answer a substring of its context's text.
 
-    A row's state is ``starts``: every context position j with ``context[j : j + k] == generated`` (k tokens
-    generated so far). The allowed next tokens are ``{context[j + k]}`` over those j, plus the stop tokens
-    once k > 0 (an answer is at least one token); a row with no continuation left may only stop. So every
-    answer a row emits before its stop token occurs in its context, token for token. Rows follow the decoding
-    batch: :meth:`keep` must see every pruning of it."""
+    A row's answer is what the evaluation reads, :func:`first_line` of its generated tokens decoded; a token is
+    allowed when the answer with it appended still occurs in the context, character for character, up to one
+    incomplete last character (:func:`span_text`); a stop token is allowed once the answer has text. So every
+    answer is a piece of the paragraph, and wherever the free greedy answer already is one, each of its tokens
+    is allowed and the constrained answer is the same. The check is on characters, not on the context's
+    tokens: the same words tokenize differently after a quote, a bracket or the ``Answer:`` cue. Candidates
+    are tried in score order, ``chunk`` at a time; a row with no candidate left stops. Rows follow the
+    decoding batch: :meth:`keep` must see every pruning of it."""
 
-    def __init__(self, contexts: list[list[int]], stop_ids: list[int]):
-        self.contexts = [list(c) for c in contexts]
-        self.starts = [list(range(len(c))) for c in self.contexts]  # step 0: a span may start anywhere
-        self.length = [0] * len(self.contexts)  # tokens generated so far, per row
-        self.stop_ids = list(stop_ids)
+    def __init__(self, tokenizer, contexts: list[str], stop_ids: list[int], chunk: int = 64):
+        self.decode = tokenizer.decode
+        self.contexts = list(contexts)
+        self.generated: list[list[int]] = [[] for _ in self.contexts]
+        self.stop_ids = set(stop_ids)
+        self.stop = min(stop_ids)
+        self.chunk = chunk
 
-    def _allowed(self, row: int) -> list[int]:
-        ctx, k = self.contexts[row], self.length[row]
-        nxt = {ctx[j + k] for j in self.starts[row] if j + k < len(ctx)}
-        if k > 0 or not nxt:  # an empty context can only give an empty answer
-            nxt.update(self.stop_ids)
-        return sorted(nxt)
+    def _text(self, ids: list[int]) -> str | None:
+        return span_text(first_line(self.decode(ids, skip_special_tokens=True)))
 
-    def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` (one row per live row) with every token not allowed next set to -inf."""
-        rows, cols = [], []
-        for row in range(len(self.contexts)):
-            allowed = self._allowed(row)
-            rows += [row] * len(allowed)
-            cols += allowed
-        blocked = torch.ones_like(logits, dtype=torch.bool)
-        blocked[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = False
-        return logits.masked_fill(blocked, float("-inf"))
+    def _pick(self, row: int, scores: torch.Tensor) -> int:
+        ids, context = self.generated[row], self.contexts[row]
+        has_answer = bool((self._text(ids) or "").strip())
+        order = scores.argsort(descending=True)
+        for start in range(0, order.numel(), self.chunk):
+            for t in order[start : start + self.chunk].tolist():
+                if t in self.stop_ids:
+                    if has_answer:
+                        return t
+                elif (text := self._text(ids + [t])) is not None and text in context:
+                    return t
+        return self.stop
 
-    def advance(self, tokens: list[int]) -> None:
-        """Each row emitted ``tokens[row]``: keep the starts whose span continues with it."""
-        for row, t in enumerate(tokens):
-            ctx, k = self.contexts[row], self.length[row]
-            self.starts[row] = [j for j in self.starts[row] if j + k < len(ctx) and ctx[j + k] == t]
-            self.length[row] = k + 1
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's allowed token with the highest score (one row of ``logits`` a live row)."""
+        picks = [self._pick(row, logits[row]) for row in range(len(self.contexts))]
+        for row, t in enumerate(picks):
+            self.generated[row].append(t)
+        return torch.tensor(picks, device=logits.device)
 
     def keep(self, rows: list[int]) -> None:
         """The decoding batch kept only ``rows`` (in this order)."""
         self.contexts = [self.contexts[r] for r in rows]
-        self.starts = [self.starts[r] for r in rows]
-        self.length = [self.length[r] for r in rows]
+        self.generated = [self.generated[r] for r in rows]
+
+
+def _answer_texts(tokenizer, new: list[list[int]], extractive: bool) -> list[str]:
+    texts = [first_line(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    # an extractive answer cut by max_new_tokens inside a character ends before it
+    return [(span_text(t) or "").strip() for t in texts] if extractive else texts
 
 
 def greedy_continue(
@@ -244,17 +261,13 @@ def greedy_continue(
 ) -> list[list[int]]:
     """Greedy continuation from a filled cache: one list of new token ids a row, each ending at its first
     stop token (included) or after ``max_new_tokens``. ``constraint`` (rows as the batch's) restricts each
-    row's argmax to the tokens it allows (extractive decoding)."""
+    row's pick to the tokens it allows (extractive decoding)."""
     batch = logits.shape[0]
     live = torch.arange(batch, device=logits.device)  # batch row of each sequence still decoding
     finished = torch.zeros(batch, dtype=torch.bool, device=logits.device)  # stopped, still in the batch
     new_tokens: list[list[int]] = [[] for _ in range(batch)]
     for step in range(max_new_tokens):
-        if constraint is not None:
-            logits = constraint.mask(logits)
-        token = logits.argmax(-1)
-        if constraint is not None:
-            constraint.advance(token.tolist())
+        token = logits.argmax(-1) if constraint is None else constraint.pick(logits)
         stopped = torch.isin(token, stop_ids) | finished
         for row, t, done in zip(live.tolist(), token.tolist(), finished.tolist(), strict=True):
             if not done:
@@ -293,7 +306,7 @@ def generate_answers(
     desc: str = "generate",
     done: Mapping[int, str] | None = None,
     on_batch: Callable[[list[int], list[str]], None] | None = None,
-    contexts: list[list[int]] | None = None,
+    contexts: list[str] | None = None,
 ) -> list[str]:
     """Greedy answers for token-id prompts, in the order given.
 
@@ -302,8 +315,8 @@ def generate_answers(
     last one stops; ``engine="hf"`` decodes left-padded batches with ``model.generate`` (no prefix sharing).
     ``done`` (prompt index -> answer) skips the batches it answers whole, and ``on_batch(indices, answers)``
     hears each batch generated: together, an interrupted evaluation resumed in the same batches
-    (:mod:`loraqa.journal`). ``contexts`` (one token list a prompt) makes every answer a token span of its
-    prompt's context (:class:`SpanConstraint`, ``engine="loop"`` only).
+    (:mod:`loraqa.journal`). ``contexts`` (one text a prompt) makes every answer a piece of its prompt's
+    context (:class:`SpanConstraint`, ``engine="loop"`` only).
     """
     if engine not in ("loop", "hf"):
         raise ValueError(f"engine must be 'loop' or 'hf', got {engine!r}")
@@ -328,14 +341,14 @@ def generate_answers(
         if engine == "loop":
             fwd = _Forward(model)
             idx, logits, mask, next_position = _prefill(fwd, prompts, batch, pad_id, device)
-            span = SpanConstraint([contexts[i] for i in idx], stops) if contexts is not None else None
+            span = SpanConstraint(tokenizer, [contexts[i] for i in idx], stops) if contexts is not None else None
             new = greedy_continue(fwd, logits, mask, next_position, stop_ids, max_new_tokens,
                                   prune_finished=prune_finished, constraint=span)  # fmt: skip
             del fwd
         else:
             idx = members
             new = _hf_generate(model, [prompts[i] for i in idx], pad_id, stops, max_new_tokens, device)
-        texts = [first_line(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        texts = _answer_texts(tokenizer, new, extractive=contexts is not None)
         for i, text in zip(idx, texts, strict=True):
             answers[i] = text
         if on_batch is not None:
@@ -357,7 +370,7 @@ def generate_answers_invariant(
     desc: str = "generate",
     done: Mapping[int, str] | None = None,
     on_batch: Callable[[list[int], list[str]], None] | None = None,
-    contexts: list[list[int]] | None = None,
+    contexts: list[str] | None = None,
 ) -> list[str]:
     """Greedy answers whose every computation depends on the question's own prompt alone, never on the other
     questions asked with it: the same answer alone (``ask``), in a file (``predict``) or in an evaluation.
@@ -367,8 +380,7 @@ def generate_answers_invariant(
     runs through the model once, alone, and each question then runs its own part and decodes alone on a copy
     of that cache: every shape is a function of the paragraph and the question. Prompts that share their
     context part form one group; ``done`` and ``on_batch`` work per group, as in :func:`generate_answers`.
-    ``contexts`` (one token list a prompt) makes every answer a token span of its context
-    (:class:`SpanConstraint`)."""
+    ``contexts`` (one text a prompt) makes every answer a piece of its context (:class:`SpanConstraint`)."""
     import copy
 
     model.eval()
@@ -397,10 +409,10 @@ def generate_answers_invariant(
                 mask = torch.ones((1, len(prompts[m])), dtype=torch.long, device=device)
                 pos = torch.arange(len(prefix), len(prompts[m]), device=device)[None]
                 logits = fwd(rest, mask, pos)
-                span = SpanConstraint([contexts[m]], stops) if contexts is not None else None
+                span = SpanConstraint(tokenizer, [contexts[m]], stops) if contexts is not None else None
                 new += greedy_continue(fwd, logits, mask, pos[:, -1:] + 1, stop_ids, max_new_tokens,
                                        constraint=span)  # fmt: skip
-            texts = [first_line(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+            texts = _answer_texts(tokenizer, new, extractive=contexts is not None)
             if on_batch is not None:
                 on_batch(members, texts)
         for m, text in zip(members, texts, strict=True):
