@@ -9,7 +9,7 @@ loraqa report DIR
 loraqa predict RUN_DIR --input FILE --output FILE | loraqa ask RUN_DIR --question TEXT --context TEXT|@FILE
 loraqa export RUN_DIR --out DIR
 loraqa serve RUN_DIR | loraqa serve --model M   [--host H --port P]
-loraqa sync SRC DST
+loraqa sync SRC DST | loraqa config schema
 
 The shorthand flags of train, eval and sweep (``--lr``, ``--rank``, ...) are the config fields that declare a
 ``config.Flag``; their help is the field's description.
@@ -378,6 +378,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_config_schema(args) -> int:
+    import json
+
+    from .config import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
 def cmd_sync(args) -> int:
     from .sync import sync
 
@@ -569,7 +578,7 @@ def _add_folder_commands(sub) -> None:
 
 
 def _add_info_commands(sub) -> None:
-    """params and data stats: facts that need no training."""
+    """params, data stats and config schema: facts that need no training."""
     pa = sub.add_parser("params", help="trainable-parameter table (no weights needed)")
     pa.add_argument("--model", default="gpt2")
     pa.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32])
@@ -581,6 +590,16 @@ def _add_info_commands(sub) -> None:
     ds = dsub.add_parser("stats", help="Table 1: questions, articles, paragraphs, lengths, question types")
     ds.add_argument("--data-dir")
     ds.set_defaults(func=cmd_data_stats)
+
+    c = sub.add_parser("config", help="experiment-file commands")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    cs = csub.add_parser(
+        "schema",
+        help="print the JSON schema of an experiment file (every field: type, default, bounds, help)",
+        description="For editors: save it (loraqa config schema > loraqa.schema.json) and start an experiment "
+        "file with `# yaml-language-server: $schema=loraqa.schema.json`.",
+    )
+    cs.set_defaults(func=cmd_config_schema)
 
 
 def main(argv: list[str] | None = None) -> int:
