@@ -114,7 +114,9 @@ SHORTHAND_CASES = [
 ]
 
 
-@pytest.mark.parametrize("flags, key, value", SHORTHAND_CASES, ids=[c[0][0] + "=" + c[0][1] for c in SHORTHAND_CASES])
+@pytest.mark.parametrize(
+    "flags, key, value", SHORTHAND_CASES, ids=[c[0][0] + "=" + c[0][1] for c in SHORTHAND_CASES]
+)
 def test_each_shorthand_sets_exactly_the_key_it_names(flags, key, value):
     from loraqa.cli import build_config, make_parser
     from loraqa.config import ExperimentConfig
@@ -128,10 +130,34 @@ def test_each_shorthand_sets_exactly_the_key_it_names(flags, key, value):
     assert got == default, "the flag changed another key too"
 
 
-def test_every_shorthand_is_in_the_table():
-    from loraqa.cli import SHORTHANDS
+@pytest.mark.parametrize("command", ["train", "eval", "sweep"])
+def test_the_shorthand_flags_come_from_the_config_fields_with_their_help(command):
+    """Every field that declares a Flag is a flag of train, eval and sweep, with the field's description and key
+    as its help; SHORTHAND_CASES tries each of them."""
+    import argparse
 
-    assert {key for _, key, _ in SHORTHAND_CASES} == set(SHORTHANDS.values())
+    from loraqa.cli import make_parser
+    from loraqa.config import FIELDS, shorthands
+
+    sub = next(a for a in make_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    actions = {a.dest: a for a in sub.choices[command]._actions}
+    declared = {key: flags for key, flags, _ in shorthands()}
+    assert set(declared) == {key for _, key, _ in SHORTHAND_CASES}
+    assert {flag for flags, _, _ in SHORTHAND_CASES for flag in flags[:1]} == {
+        f for fl in declared.values() for f in fl
+    }
+    for key, flags in declared.items():
+        action = actions[key]
+        assert tuple(action.option_strings) == flags
+        assert FIELDS[key].description in action.help and f"({key})" in action.help
+
+
+def test_help_shows_each_shorthand_with_its_field_description(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--lr LR peak learning rate (AdamW) (train.lr)" in out
+    assert "--precision {auto,bf16,fp32}" in out and "--rank RANK, -r RANK the adapter's rank (lora.r)" in out
 
 
 def test_config_items_after_an_option_are_not_lost(monkeypatch):

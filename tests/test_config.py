@@ -178,7 +178,10 @@ def test_a_number_field_names_the_field_and_the_type_it_wants(tmp_path, text, me
 
 
 def test_resources_per_trial_default_merge_and_validation(tmp_path):
-    assert load_config(write(tmp_path, "sweep:\n  mode: grid\n")).sweep.resources_per_trial == {"cpus": 1, "gpus": 0}
+    assert load_config(write(tmp_path, "sweep:\n  mode: grid\n")).sweep.resources_per_trial == {
+        "cpus": 1,
+        "gpus": 0,
+    }
     gpu = load_config(write(tmp_path, "sweep:\n  resources_per_trial: {gpus: 1, cpus: '4'}\n", "gpu.yaml"))
     assert gpu.sweep.resources_per_trial == {"cpus": 4.0, "gpus": 1.0}
     half = load_config(write(tmp_path, "sweep:\n  resources_per_trial: {gpus: 0.5}\n", "half.yaml"))
@@ -228,3 +231,77 @@ def test_study_configs_match_the_brief():
     assert (
         0 < tiny.train.save_steps < tiny.train.max_steps and 0 < tiny.train.eval_steps < tiny.train.max_steps
     )
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model: {precision: fp8}\n", "model.precision: 'fp8' is not one of auto, bf16, fp32"),
+        ("data: {format: parquet}\n", "data.format: 'parquet' is not one of squad, squad_v2, jsonl, csv, hf"),
+        ("lora: {r: 0}\n", "lora.r: must be > 0, got 0"),
+        ("lora: {dropout: 1.5}\n", "lora.dropout: must be < 1, got 1.5"),
+        ("data: {train_limit: -5}\n", "data.train_limit: must be >= 0, got -5"),
+        ("train: {fast_loss: maybe}\n", "train.fast_loss: expected true or false, got 'maybe'"),
+        ("model: {name: 3}\n", "model.name: expected a string, got 3"),
+        ("lora: 8\n", "section 'lora' must be a mapping, got 8"),
+        ("train: {report_to: 3}\n", "train.report_to: expected a name or a list of names, got 3"),
+        (
+            "lora: {targets: [c_attn, 1]}\n",
+            "lora.targets: expected a name or a list of names, got ['c_attn', 1]",
+        ),
+        (
+            "lora: {targets: c_attn}\n",
+            "lora.targets: 'c_attn' is not a preset (attn, attn+proj, all-linear); give module names as a "
+            "list, e.g. lora.targets=[c_attn]",
+        ),
+    ],
+)
+def test_a_message_states_the_key_the_value_and_what_is_allowed(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: {message}"
+
+
+def test_every_bad_value_of_a_file_is_named_on_one_line(tmp_path):
+    path = write(tmp_path, "lora:\n  r: 0\ntrain:\n  lr: fast\n  speed: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    text = str(e.value)
+    assert "\n" not in text and text.startswith(f"{path}: ")
+    for part in (
+        "lora.r: must be > 0",
+        "train.lr: expected a number, got 'fast'",
+        "unknown key 'train.speed'",
+    ):
+        assert part in text
+
+
+def test_no_bad_value_escapes_as_anything_but_a_config_error():
+    """Whatever a field is given, loading either takes it or says which key is wrong, on one line."""
+    from loraqa.config import FIELDS
+
+    for key in FIELDS:
+        section, name = key.split(".")
+        for value in (None, [], {}, "x", -1, 1.5, True, [1], {"a": 1}, "1e400"):
+            try:
+                from_dict({section: {name: value}}, where="x.yaml")
+            except ConfigError as e:
+                assert key in str(e) and "\n" not in str(e), (key, value, str(e))
+
+
+def test_an_empty_section_is_the_section_defaults(tmp_path):
+    from loraqa.config import ModelConfig, SweepConfig
+
+    cfg = load_config(write(tmp_path, "model:\nsweep:\n"))
+    assert cfg.model == ModelConfig() and cfg.sweep == SweepConfig()
+
+
+def test_values_are_validated_on_construction_too():
+    from loraqa.config import EvalConfig, LoraConfig
+
+    assert EvalConfig(batch_size="4").batch_size == 4
+    with pytest.raises(ValueError, match="batch_size"):
+        EvalConfig(batch_size=0)
+    with pytest.raises(ValueError, match="targets"):
+        LoraConfig(targets="c_attn")

@@ -9,6 +9,10 @@ loraqa report DIR
 loraqa predict RUN_DIR --input FILE --output FILE | loraqa ask RUN_DIR --question TEXT --context TEXT|@FILE
 loraqa export RUN_DIR --out DIR
 loraqa serve RUN_DIR | loraqa serve --model M   [--host H --port P]
+loraqa sync SRC DST | loraqa config schema
+
+The shorthand flags of train, eval and sweep (``--lr``, ``--rank``, ...) are the config fields that declare a
+``config.Flag``; their help is the field's description.
 """
 
 from __future__ import annotations
@@ -18,81 +22,58 @@ import logging
 import os
 import signal
 import sys
+import types
+import typing
 import warnings
 from pathlib import Path
 
-# Flags that are shorthands for config keys: flag dest -> dotted key.
-SHORTHANDS = {
-    "model": "model.name",
-    "precision": "model.precision",
-    "data_dir": "data.data_dir",
-    "train_limit": "data.train_limit",
-    "eval_limit": "data.eval_limit",
-    "max_length": "prompt.max_length",
-    "loss_on": "prompt.loss_on",
-    "rank": "lora.r",
-    "alpha": "lora.alpha",
-    "dropout": "lora.dropout",
-    "targets": "lora.targets",
-    "method": "train.method",
-    "epochs": "train.epochs",
-    "max_steps": "train.max_steps",
-    "batch_size": "train.batch_size",
-    "lr": "train.lr",
-    "weight_decay": "train.weight_decay",
-    "warmup_steps": "train.warmup_steps",
-    "seed": "train.seed",
-    "eval_steps": "train.eval_steps",
-    "save_steps": "train.save_steps",
-    "eval_batch_size": "eval.batch_size",
-    "max_new_tokens": "eval.max_new_tokens",
-}
-
 
 def _add_experiment_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("items", nargs="*", metavar="CONFIG|KEY=VALUE",
-                   help="an experiment YAML file and/or dotted overrides such as train.lr=5e-4")  # fmt: skip
-    g = p.add_argument_group("shorthands for config keys")
-    g.add_argument(
-        "--model", help="hub id, local folder, .gguf file, smollm2-135m, tiny-random-gpt2, random-gpt2-124m"
+    """CONFIG|KEY=VALUE items and the shorthand flags of the config fields that declare one (``config.Flag``),
+    each with the field's description as its help."""
+    from .config import shorthands
+
+    p.add_argument(
+        "items",
+        nargs="*",
+        metavar="CONFIG|KEY=VALUE",
+        help="an experiment YAML file and/or dotted overrides such as train.lr=5e-4",
     )
-    g.add_argument("--precision", choices=["auto", "bf16", "fp32"])
-    g.add_argument("--data-dir", help="folder with train-v1.1.json and dev-v1.1.json (else $LORAQA_DATA_DIR)")
-    g.add_argument("--train-limit", type=int, help="first N train questions")
-    g.add_argument("--eval-limit", type=int, help="first K dev questions scored by EM/F1")
-    g.add_argument("--max-length", type=int)
-    g.add_argument("--loss-on", choices=["answer", "all"])
-    g.add_argument("--rank", "-r", type=int)
-    g.add_argument("--alpha", type=float)
-    g.add_argument("--dropout", type=float)
-    g.add_argument("--targets", help="attn | attn+proj | all-linear | comma-separated module names")
-    g.add_argument("--method", choices=["lora", "full"])
-    g.add_argument("--epochs", type=float)
-    g.add_argument("--max-steps", type=int)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--warmup-steps", type=int)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--eval-steps", type=int)
-    g.add_argument("--save-steps", type=int)
-    g.add_argument("--eval-batch-size", type=int)
-    g.add_argument("--max-new-tokens", type=int)
+    g = p.add_argument_group("shorthands for config keys")
+    for key, flags, info in shorthands():
+        help_text = f"{info.description} ({key})".replace("%", "%%")
+        metavar = flags[0].lstrip("-").replace("-", "_").upper()
+        g.add_argument(*flags, dest=key, help=help_text, **_flag_options(info, metavar))
+
+
+def _flag_options(info, metavar: str) -> dict:
+    """argparse's type or choices for a config field's flag: a number, a string, one of the choices, or
+    (``lora.targets``) a preset or comma-separated names."""
+    from .config import value_type
+
+    tp = value_type(info)
+    options = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Literal:
+        return {"choices": options}
+    if tp in (int, float, str):
+        return {"type": tp, "metavar": metavar}
+    literals = [a for a in options if typing.get_origin(a) is typing.Literal]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(literals) == 1:
+        presets = typing.get_args(literals[0])
+        return {"type": lambda text: _preset_or_names(text, presets), "metavar": metavar}
+    raise TypeError(f"no command-line flag for a field of type {tp}")
+
+
+def _preset_or_names(text: str, presets: tuple[str, ...]) -> str | list[str]:
+    """``attn`` stays a preset; ``c_attn, c_fc`` is a list of names."""
+    return text if text in presets else [v.strip() for v in text.split(",") if v.strip()]
 
 
 def _shorthand_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
     """(config key, value) for each shorthand flag given."""
-    from .config import PRESET_NAMES
+    from .config import shorthands
 
-    flags = []
-    for dest, key in SHORTHANDS.items():
-        value = getattr(args, dest, None)
-        if value is None:
-            continue
-        if dest == "targets" and value not in PRESET_NAMES:
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        flags.append((key, value))
-    return flags
+    return [(key, getattr(args, key)) for key, _, _ in shorthands() if getattr(args, key, None) is not None]
 
 
 # what re-scoring a trained run may change: how it answers and on what, never what was trained
@@ -106,12 +87,16 @@ def run_eval_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
 
     files = [i for i in args.items if "=" not in i]
     if files:
-        raise ConfigError(f"{files[0]}: `loraqa eval RUN_DIR` takes the run's own config; give changes as KEY=VALUE")
+        raise ConfigError(
+            f"{files[0]}: `loraqa eval RUN_DIR` takes the run's own config; give changes as KEY=VALUE"
+        )
     overrides = parse_overrides(args.items) + _shorthand_overrides(args)
     for key, _ in overrides:
         if not key.startswith(RUN_EVAL_KEYS):
-            raise ConfigError(f"{key}: a trained run's {key} cannot change when it is re-scored (`loraqa eval "
-                              f"RUN_DIR` takes {', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in RUN_EVAL_KEYS)})")  # fmt: skip
+            raise ConfigError(
+                f"{key}: a trained run's {key} cannot change when it is re-scored (`loraqa eval "
+                f"RUN_DIR` takes {', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in RUN_EVAL_KEYS)})"
+            )
     return overrides
 
 
@@ -144,9 +129,20 @@ def _print_metrics(metrics: dict, title: str) -> None:
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("exact_match", "f1", "n_questions", "train_seconds", "train_tokens_per_second", "eval_seconds",
-                "eval_questions_per_second", "trainable_params", "total_params", "peak_memory_mb",
-                "final_train_loss", "final_eval_loss"):  # fmt: skip
+    for key in (
+        "exact_match",
+        "f1",
+        "n_questions",
+        "train_seconds",
+        "train_tokens_per_second",
+        "eval_seconds",
+        "eval_questions_per_second",
+        "trainable_params",
+        "total_params",
+        "peak_memory_mb",
+        "final_train_loss",
+        "final_eval_loss",
+    ):
         if metrics.get(key) is not None:
             v = metrics[key]
             table.add_row(key, f"{v:,.2f}" if isinstance(v, float) else f"{v:,}")
@@ -168,8 +164,9 @@ def cmd_train(args) -> int:
 
         on_score = TrialReporter.from_env().on_score
     with dist.session():
-        metrics = run_experiment(cfg, out, overwrite=args.overwrite, device=args.device, command=command,
-                                 on_score=on_score)  # fmt: skip
+        metrics = run_experiment(
+            cfg, out, overwrite=args.overwrite, device=args.device, command=command, on_score=on_score
+        )
     if not dist.is_main_process():  # under torchrun: one table, from the process that wrote the folder
         return 0
     if metrics.get("pruned"):
@@ -236,12 +233,16 @@ def cmd_predict(args) -> int:
     summary = predict_file(_answerer(args), args.input, args.output, fmt=args.format)
     print(f"wrote {summary['n_answered']} answers to {args.output}", file=sys.stderr)
     if summary["n_questions"]:
-        print(f"EM {summary['exact_match']:.2f}  F1 {summary['f1']:.2f}  on {summary['n_questions']} questions "
-              f"with gold answers")  # fmt: skip
+        print(
+            f"EM {summary['exact_match']:.2f}  F1 {summary['f1']:.2f}  on {summary['n_questions']} questions "
+            f"with gold answers"
+        )
         for part in ("HasAns", "NoAns"):
             if f"{part}_total" in summary:
-                print(f"{part}: EM {summary[f'{part}_exact']:.2f}  F1 {summary[f'{part}_f1']:.2f}  "
-                      f"on {summary[f'{part}_total']} questions")  # fmt: skip
+                print(
+                    f"{part}: EM {summary[f'{part}_exact']:.2f}  F1 {summary[f'{part}_f1']:.2f}  "
+                    f"on {summary[f'{part}_total']} questions"
+                )
     else:
         print("no gold answers in the input: not scored", file=sys.stderr)
     return 0
@@ -270,8 +271,10 @@ def cmd_export(args) -> int:
     from .export import export_run
 
     out = export_run(args.run_dir, args.out, overwrite=args.overwrite)
-    print(f"exported {args.run_dir} to {out}: load it with AutoModelForCausalLM.from_pretrained and "
-          "AutoTokenizer.from_pretrained")  # fmt: skip
+    print(
+        f"exported {args.run_dir} to {out}: load it with AutoModelForCausalLM.from_pretrained and "
+        "AutoTokenizer.from_pretrained"
+    )
     return 0
 
 
@@ -279,8 +282,12 @@ def cmd_serve(args) -> int:
     from .predict import load_answerer
     from .serve import ServeSettings, create_app, serve_forever
 
-    settings = ServeSettings(queue_size=args.queue_size, max_batch=args.max_batch, max_questions=args.max_questions,
-                             gather_ms=args.gather_ms)  # fmt: skip
+    settings = ServeSettings(
+        queue_size=args.queue_size,
+        max_batch=args.max_batch,
+        max_questions=args.max_questions,
+        gather_ms=args.gather_ms,
+    )
     settings.check()  # before the model loads
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0 to 65535, got {args.port}")
@@ -329,10 +336,24 @@ def cmd_sweep(args) -> int:
     if cfg.sweep is not None and cfg.sweep.mode == "search":
         from .sweep.search import run_search
 
-        return run_search(cfg, args.output_dir, parallel=args.parallel, device=args.device, backend=args.backend,
-                          address=args.address)  # fmt: skip
-    return run_sweep(cfg, args.output_dir, shard=args.shard, parallel=args.parallel, device=args.device,
-                     backend=args.backend, address=args.address, retry_failed=args.retry_failed)  # fmt: skip
+        return run_search(
+            cfg,
+            args.output_dir,
+            parallel=args.parallel,
+            device=args.device,
+            backend=args.backend,
+            address=args.address,
+        )
+    return run_sweep(
+        cfg,
+        args.output_dir,
+        shard=args.shard,
+        parallel=args.parallel,
+        device=args.device,
+        backend=args.backend,
+        address=args.address,
+        retry_failed=args.retry_failed,
+    )
 
 
 def cmd_report(args) -> int:
@@ -350,8 +371,19 @@ def cmd_report(args) -> int:
         path = write_study_report(args.sweep_dir, args.out, compare=args.compare, unreadable=unreadable)
     print(f"wrote {path}")
     if unreadable:  # stated, with the files: what they held is missing from the report
-        print(f"loraqa: report: left out {len(unreadable)} unreadable file(s): {'; '.join(unreadable)}",
-              file=sys.stderr)
+        print(
+            f"loraqa: report: left out {len(unreadable)} unreadable file(s): {'; '.join(unreadable)}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_config_schema(args) -> int:
+    import json
+
+    from .config import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
     return 0
 
 
@@ -362,8 +394,10 @@ def cmd_sync(args) -> int:
     for r in results:
         print(f"{r.name}: {r.action}")
     problems = [r.name for r in results if r.problem]
-    print(f"synced {len(results) - len(problems)} of {len(results)} run folder(s) from {args.src} to {args.dst}"
-          + (f"; not synced: {', '.join(problems)}" if problems else ""))  # fmt: skip
+    print(
+        f"synced {len(results) - len(problems)} of {len(results)} run folder(s) from {args.src} to {args.dst}"
+        + (f"; not synced: {', '.join(problems)}" if problems else "")
+    )
     return 1 if problems else 0
 
 
@@ -373,7 +407,19 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_experiment_commands,
+        _add_sweep_command,
+        _add_answer_commands,
+        _add_folder_commands,
+        _add_info_commands,
+    ):
+        add(sub)
+    return p
 
+
+def _add_experiment_commands(sub) -> None:
+    """train and eval: an experiment from a config, overrides and shorthand flags."""
     t = sub.add_parser("train", help="fine-tune, then score EM/F1 on dev questions")
     _add_experiment_flags(t)
     t.add_argument("--output-dir", "-o", help="run folder (default runs/<name>)")
@@ -381,27 +427,22 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="score a trained run, or a base model zero-shot (--model)",
-                       description="With RUN_DIR, only eval.*, data.*, prompt.max_length, model.precision and "
-                       "model.attn_implementation may change (as KEY=VALUE or their flags); the rest is the run's.")  # fmt: skip
+    e = sub.add_parser(
+        "eval",
+        help="score a trained run, or a base model zero-shot (--model)",
+        description="With RUN_DIR, only eval.*, data.*, prompt.max_length, model.precision and "
+        "model.attn_implementation may change (as KEY=VALUE or their flags); the rest is the run's.",
+    )
     e.add_argument("run_dir", nargs="?", help="a run folder made by `loraqa train`")
     _add_experiment_flags(e)
-    e.add_argument("--output-dir", "-o", help="where predictions go (default: RUN_DIR/eval-N; zero-shot: runs/)")
+    e.add_argument(
+        "--output-dir", "-o", help="where predictions go (default: RUN_DIR/eval-N; zero-shot: runs/)"
+    )
     e.add_argument("--device")
     e.set_defaults(func=cmd_eval)
 
-    pa = sub.add_parser("params", help="trainable-parameter table (no weights needed)")
-    pa.add_argument("--model", default="gpt2")
-    pa.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32])
-    pa.add_argument("--targets", nargs="+", default=["attn", "attn+proj"])
-    pa.set_defaults(func=cmd_params)
 
-    d = sub.add_parser("data", help="dataset commands")
-    dsub = d.add_subparsers(dest="data_command", required=True)
-    ds = dsub.add_parser("stats", help="Table 1: questions, articles, paragraphs, lengths, question types")
-    ds.add_argument("--data-dir")
-    ds.set_defaults(func=cmd_data_stats)
-
+def _add_sweep_command(sub) -> None:
     s = sub.add_parser("sweep", help="run every trial of a sweep config (resumable)")
     _add_experiment_flags(s)
     s.add_argument("--output-dir", "-o", required=True)
@@ -422,17 +463,29 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--address", help="with --backend ray: join this Ray cluster (default: start a local instance)"
     )
-    s.add_argument("--retry-failed", action="store_true",
-                   help="run failed trials (error.json) again; without it they are left as they are")
+    s.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="run failed trials (error.json) again; without it they are left as they are",
+    )
     s.set_defaults(func=cmd_sweep)
+
+
+def _add_answer_commands(sub) -> None:
+    """predict, ask, export and serve: a finished run (or a base model) put to use."""
+    from .config import DATA_FORMATS
 
     pr = sub.add_parser("predict", help="answer every question of a file (SQuAD JSON, JSONL, CSV, datasets)")
     pr.add_argument("run_dir", nargs="?", help="a run folder made by `loraqa train`")
-    pr.add_argument("--input", "-i", required=True, help=".json (SQuAD v1.1/v2.0), .jsonl, .csv, or a datasets folder")
+    pr.add_argument(
+        "--input", "-i", required=True, help=".json (SQuAD v1.1/v2.0), .jsonl, .csv, or a datasets folder"
+    )
     pr.add_argument("--output", "-o", required=True, help="JSONL out: one {id, answer} a line")
-    pr.add_argument("--format", choices=["squad", "squad_v2", "jsonl", "csv", "hf"], help="default: from the name")
+    pr.add_argument("--format", choices=DATA_FORMATS, help="default: from the name")
     pr.add_argument("--model", help="no run: ask this base model zero-shot")
-    pr.add_argument("--batch-size", type=int, help="questions generated at once (default: the run's eval.batch_size)")
+    pr.add_argument(
+        "--batch-size", type=int, help="questions generated at once (default: the run's eval.batch_size)"
+    )
     pr.add_argument("--device")
     pr.set_defaults(func=cmd_predict)
 
@@ -444,51 +497,109 @@ def make_parser() -> argparse.ArgumentParser:
     a.add_argument("--device")
     a.set_defaults(func=cmd_ask)
 
-    x = sub.add_parser("export", help="merge a run's adapter into its base: a plain transformers model folder")
+    x = sub.add_parser(
+        "export", help="merge a run's adapter into its base: a plain transformers model folder"
+    )
     x.add_argument("run_dir", help="a run folder made by `loraqa train`")
     x.add_argument("--out", required=True, help="the folder to write (safetensors, config, tokenizer)")
     x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     x.set_defaults(func=cmd_export)
+    _add_serve_command(sub)
 
-    sv = sub.add_parser("serve", help="a web page and a JSON API answering questions with a run (or --model)",
-                        description="Serves GET / (a page), POST /v1/answer, GET /health and /docs. Binds to "
-                        "127.0.0.1: only this machine can reach it. --host 0.0.0.0 lets anyone who can reach the "
-                        "port query the model; there is no authentication.")  # fmt: skip
-    sv.add_argument("run_dir", nargs="?", help="a run folder made by `loraqa train` (e.g. examples/smollm2-squad)")
+
+def _add_serve_command(sub) -> None:
+    sv = sub.add_parser(
+        "serve",
+        help="a web page and a JSON API answering questions with a run (or --model)",
+        description="Serves GET / (a page), POST /v1/answer, GET /health and /docs. Binds to 127.0.0.1: only "
+        "this machine can reach it. --host 0.0.0.0 lets anyone who can reach the port query the model; there "
+        "is no authentication.",
+    )
+    sv.add_argument(
+        "run_dir", nargs="?", help="a run folder made by `loraqa train` (e.g. examples/smollm2-squad)"
+    )
     sv.add_argument("--model", help="no run: serve this base model zero-shot")
-    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    sv.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)"
+    )
     sv.add_argument("--port", type=int, default=8000, help="default 8000")
-    sv.add_argument("--queue-size", type=int, default=128,
-                    help="requests that may wait; one more gets 503 with Retry-After (default 128)")  # fmt: skip
-    sv.add_argument("--max-batch", type=int,
-                    help="questions answered together, from any requests (default: the run's eval.batch_size)")  # fmt: skip
+    sv.add_argument(
+        "--queue-size",
+        type=int,
+        default=128,
+        help="requests that may wait; one more gets 503 with Retry-After (default 128)",
+    )
+    sv.add_argument(
+        "--max-batch",
+        type=int,
+        help="questions answered together, from any requests (default: the run's eval.batch_size)",
+    )
     sv.add_argument("--max-questions", type=int, default=32, help="questions in one request (default 32)")
-    sv.add_argument("--gather-ms", type=float, default=200.0,
-                    help="the most a batch waits for the clients of the last batch to ask again (default 200; "
-                    "it waits an eighth of the last batch's time at most)")  # fmt: skip
-    sv.add_argument("--batched", action="store_true",
-                    help="decode a micro-batch's questions together (eval.batch_invariant=false): more answers a "
-                    "second under load, but in bf16 an answer can then change with the questions beside it")  # fmt: skip
+    sv.add_argument(
+        "--gather-ms",
+        type=float,
+        default=200.0,
+        help="the most a batch waits for the clients of the last batch to ask again (default 200; it waits an "
+        "eighth of the last batch's time at most)",
+    )
+    sv.add_argument(
+        "--batched",
+        action="store_true",
+        help="decode a micro-batch's questions together (eval.batch_invariant=false): more answers a second "
+        "under load, but in bf16 an answer can then change with the questions beside it",
+    )
     sv.add_argument("--device")
     sv.set_defaults(func=cmd_serve)
 
+
+def _add_folder_commands(sub) -> None:
+    """report and sync: run and sweep folders read, without a model."""
     r = sub.add_parser("report", help="tables, figures and verdicts from one or more sweep folders")
     r.add_argument("sweep_dir", nargs="+", help="sweep folders; several make one study report (needs --out)")
     r.add_argument("--compare", help="an earlier report.md whose verdicts the new ones are set against")
     r.add_argument("--out", help="folder for report.md, results.csv and figures (default: the sweep folder)")
     r.set_defaults(func=cmd_report)
 
-    y = sub.add_parser("sync", help="copy a run or sweep folder elsewhere so that it resumes there (newest wins)",
-                       description="Copies each run's files and its newest complete checkpoint; a run that DST "
-                       "has further along is left as it is. Rerun the same train/sweep command on the copy to "
-                       "resume.")  # fmt: skip
+    y = sub.add_parser(
+        "sync",
+        help="copy a run or sweep folder elsewhere so that it resumes there (newest wins)",
+        description="Copies each run's files and its newest complete checkpoint; a run that DST has further "
+        "along is left as it is. Rerun the same train/sweep command on the copy to resume.",
+    )
     y.add_argument("src", help="a run folder (loraqa train -o) or a sweep folder (loraqa sweep -o)")
     y.add_argument("dst", help="the copy (created if missing)")
-    y.add_argument("--results-only", action="store_true",
-                   help="leave out process logs, TensorBoard events and finished runs' weights: what a report "
-                   "reads and a resume needs")  # fmt: skip
+    y.add_argument(
+        "--results-only",
+        action="store_true",
+        help="leave out process logs, TensorBoard events and finished runs' weights: what a report reads and a "
+        "resume needs",
+    )
     y.set_defaults(func=cmd_sync)
-    return p
+
+
+def _add_info_commands(sub) -> None:
+    """params, data stats and config schema: facts that need no training."""
+    pa = sub.add_parser("params", help="trainable-parameter table (no weights needed)")
+    pa.add_argument("--model", default="gpt2")
+    pa.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32])
+    pa.add_argument("--targets", nargs="+", default=["attn", "attn+proj"])
+    pa.set_defaults(func=cmd_params)
+
+    d = sub.add_parser("data", help="dataset commands")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    ds = dsub.add_parser("stats", help="Table 1: questions, articles, paragraphs, lengths, question types")
+    ds.add_argument("--data-dir")
+    ds.set_defaults(func=cmd_data_stats)
+
+    c = sub.add_parser("config", help="experiment-file commands")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    cs = csub.add_parser(
+        "schema",
+        help="print the JSON schema of an experiment file (every field: type, default, bounds, help)",
+        description="For editors: save it (loraqa config schema > loraqa.schema.json) and start an experiment "
+        "file with `# yaml-language-server: $schema=loraqa.schema.json`.",
+    )
+    cs.set_defaults(func=cmd_config_schema)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -525,8 +636,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelLoadError, ValueError) as e:
         return _error(e, 2, known=True)
     except KeyboardInterrupt as e:  # Interrupted (a checkpoint was saved) says which signal and step
-        print(f"loraqa: interrupted: {e}" if str(e) else "loraqa: interrupted; rerun the same command to resume",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"loraqa: interrupted: {e}"
+            if str(e)
+            else "loraqa: interrupted; rerun the same command to resume",
+            file=sys.stderr,
+        )
         return exit_status(getattr(e, "signum", signal.SIGINT))
     except Exception as e:  # one line, never a traceback (-v shows it)
         if args.verbose:
@@ -555,8 +670,10 @@ def _describe_error(e: BaseException) -> str:
     full = full or any(s in text for s in ("No space left on device", "StorageFull", "Disk quota exceeded"))
     if full:
         where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
-        return (f"{where}no space left on device; free some space and rerun the same command (it resumes from "
-                "the last complete checkpoint)")  # fmt: skip
+        return (
+            f"{where}no space left on device; free some space and rerun the same command (it resumes from "
+            "the last complete checkpoint)"
+        )
     if isinstance(e, OSError):
         where = f"{e.filename}: " if e.filename else ""
         return f"{where}{e.strerror or text}"

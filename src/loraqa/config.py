@@ -1,157 +1,407 @@
-"""Experiment configuration: typed dataclasses, loaded from YAML, overridden with dotted keys.
+"""Experiment configuration: validated dataclasses, loaded from YAML, overridden with dotted keys.
 
 An experiment file has the sections ``model``, ``data``, ``prompt``, ``lora``, ``train``, ``eval`` and, for a
 study, ``sweep``; every field has the reference study's default, so an empty file is a valid experiment.
 Any field can be overridden from the command line as ``section.field=value`` (``train.lr=5e-4``).
-Unknown keys and bad values raise :class:`ConfigError`, which names the key and the file.
+
+Each field is declared once, below: its type, default, choices (``Literal``), bounds (``gt``/``ge``/``lt``), help
+text (``description``) and, for the common ones, its command-line shorthand (``Flag``). pydantic checks the
+values, :func:`json_schema` describes them for editors, and ``loraqa.cli`` builds its shorthand flags from them.
+A bad file or override raises :class:`ConfigError`: one line naming the file, the key, the bad value and what
+is allowed.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
     """A bad experiment file or override; the message names the file and the key."""
 
 
-@dataclass
+# ---------------------------------------------------------------------------------------------- choices
+# Each set of choices is defined here once; the tuples are for code that lists or checks them.
+
+Precision = Literal["auto", "bf16", "fp32"]
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+DataFormat = Literal["squad", "squad_v2", "jsonl", "csv", "hf"]  # the readers of loraqa.data
+LossOn = Literal["answer", "all"]
+TargetPreset = Literal[
+    "attn", "attn+proj", "all-linear"
+]  # loraqa.model maps each to modules per model family
+Method = Literal["lora", "full"]
+SweepMode = Literal["grid", "one-at-a-time", "search"]
+SearchSampler = Literal["tpe", "random", "grid"]  # Optuna's TPESampler, RandomSampler, GridSampler
+SearchPruner = Literal["asha", "median", "none"]  # successive halving, the median rule, never
+Direction = Literal["maximize", "minimize"]
+
+DATA_FORMATS: tuple[str, ...] = typing.get_args(DataFormat)
+PRESET_NAMES: tuple[str, ...] = typing.get_args(TargetPreset)
+SWEEP_MODES: tuple[str, ...] = typing.get_args(SweepMode)
+SEARCH_SAMPLERS: tuple[str, ...] = typing.get_args(SearchSampler)
+SEARCH_PRUNERS: tuple[str, ...] = typing.get_args(SearchPruner)
+
+TRIAL_RESOURCES = {"cpus": 1.0, "gpus": 0.0}  # what one trial holds on Ray (--backend ray), by default
+
+
+# ---------------------------------------------------------------------------------------------- value types
+# YAML and the command line give numbers as strings at times (PyYAML reads 5e-4 as "5e-4"): those become
+# numbers. A bool is never a number here, though Python counts it as an int; a float is never an integer.
+
+
+def _invalid(what: str, value: Any) -> PydanticCustomError:
+    """The error of a value that is not ``what``; its message is the one ConfigError prints after the key."""
+    return PydanticCustomError("loraqa", "expected {what}, got {value}", {"what": what, "value": repr(value)})
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise _invalid("an integer", value)
+    try:
+        return int(value)
+    except ValueError:
+        raise _invalid("an integer", value) from None
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _invalid("a number", value)
+    try:
+        return float(value)
+    except ValueError:
+        raise _invalid("a number", value) from None
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise _invalid("true or false", value)
+    return value
+
+
+def _names(value: Any) -> str | list[str]:
+    if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return value
+    raise _invalid("a name or a list of names", value)
+
+
+def _targets(value: Any) -> str | list[str]:
+    value = _names(value)
+    if isinstance(value, str) and value not in PRESET_NAMES:
+        raise PydanticCustomError(
+            "loraqa",
+            "{value} is not a preset ({presets}); give module names as a list, e.g. lora.targets=[{name}]",
+            {"value": repr(value), "presets": ", ".join(PRESET_NAMES), "name": value},
+        )
+    return value
+
+
+def _trial_resources(given: dict[str, float]) -> dict[str, float]:
+    unknown = sorted(set(given) - set(TRIAL_RESOURCES))
+    if unknown:
+        raise PydanticCustomError(
+            "loraqa",
+            "unknown resource '{name}' (known: {known})",
+            {"name": unknown[0], "known": ", ".join(TRIAL_RESOURCES)},
+        )
+    if not any(given.get(name, default) for name, default in TRIAL_RESOURCES.items()):
+        raise PydanticCustomError(
+            "loraqa", "a trial must hold some CPUs or GPUs, got {value}", {"value": repr(given)}
+        )
+    return {**TRIAL_RESOURCES, **given}
+
+
+Int = Annotated[int, BeforeValidator(_to_int)]
+Float = Annotated[float, BeforeValidator(_to_float)]
+Bool = Annotated[bool, BeforeValidator(_to_bool)]
+Str = Annotated[str, Strict()]
+Names = Annotated[str | list[str], BeforeValidator(_names)]
+Targets = Annotated[TargetPreset | list[str], BeforeValidator(_targets)]
+# A bound that must sit inside an Optional or a dict comes before the conversion, so that the JSON schema
+# states it as a bound (after it, the schema would show pydantic's own "ge").
+Count = Annotated[int, Field(ge=0), BeforeValidator(_to_int)]
+Resources = Annotated[
+    dict[str, Annotated[float, Field(ge=0), BeforeValidator(_to_float)]], AfterValidator(_trial_resources)
+]
+
+
+class Flag:
+    """A field's command-line shorthand(s), e.g. ``lr: Annotated[Float, Flag("--lr")]``: ``loraqa train``,
+    ``eval`` and ``sweep`` take ``--lr X`` for ``train.lr=X``, with the field's description as its help."""
+
+    def __init__(self, *names: str) -> None:
+        self.names = names
+
+    def __repr__(self) -> str:
+        return f"Flag{self.names!r}"
+
+
+# a section takes its own fields only
+_SECTION = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------- sections
+
+
+@dataclass(config=_SECTION)
 class ModelConfig:
-    name: str = (
-        "gpt2"  # hub id, local folder, .gguf file, or a built-in name (smollm2-135m, tiny-random-gpt2, ...)
+    """The base model."""
+
+    name: Annotated[Str, Flag("--model")] = Field(
+        "gpt2",
+        description="hub id, local folder, .gguf file, or a built-in name (smollm2-135m, tiny-random-gpt2, "
+        "random-gpt2-124m)",
     )
-    precision: str = "auto"  # auto (bf16 where the hardware has it, else fp32) | bf16 | fp32
-    attn_implementation: str = "sdpa"  # sdpa | eager (| flash_attention_2 on GPUs that have it)
+    precision: Annotated[Precision, Flag("--precision")] = Field(
+        "auto", description="auto: bf16 where the hardware has it, else fp32"
+    )
+    attn_implementation: AttnImplementation = Field(
+        "sdpa", description="the attention kernel (flash_attention_2 on GPUs that have it)"
+    )
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class DataConfig:
-    data_dir: str | None = (
-        None  # folder with train-v1.1.json / dev-v1.1.json; else $LORAQA_DATA_DIR, else download
+    """The questions: where they are read from and how many are used."""
+
+    data_dir: Annotated[Str | None, Flag("--data-dir")] = Field(
+        None,
+        description="folder with train-v1.1.json and dev-v1.1.json (or the format's files); "
+        "else $LORAQA_DATA_DIR, else SQuAD is downloaded",
     )
-    train_limit: int | None = None  # first N train questions (None: all 87,599)
-    eval_limit: int | None = None  # first K dev questions scored by EM/F1 (None: all 10,570)
-    # dev questions passed over before those K: a final evaluation held out from what data.score_limit scores
-    # during training (e.g. eval_skip 2000, eval_limit 2000: questions 2,001-4,000)
-    eval_skip: int = 0
-    loss_eval_limit: int = 200  # dev questions whose answer-token loss is logged as eval_loss during training
-    format: str = "squad"  # squad (v1.1) | squad_v2 | jsonl | csv | hf (a datasets folder or hub id); see loraqa.data
-    train_file: str | None = None  # the train split's file (or datasets folder); else the format's file in data_dir
-    dev_file: str | None = None  # the dev split's file (or datasets folder); else the format's file in data_dir
-    unanswerable_answer: str = "unanswerable"  # squad_v2: the answer taught and expected for unanswerable questions
-    score_limit: int = 200  # the first N dev questions whose generated answers are scored during training
+    train_limit: Annotated[Count | None, Flag("--train-limit")] = Field(
+        None, description="the first N train questions (null: all 87,599)"
+    )
+    eval_limit: Annotated[Count | None, Flag("--eval-limit")] = Field(
+        None, description="the first K dev questions scored by EM/F1 (null: all 10,570)"
+    )
+    eval_skip: Int = Field(
+        0,
+        ge=0,
+        description="dev questions passed over before the data.eval_limit ones: a final evaluation held out from what "
+        "data.score_limit scores during training (eval_skip 2000, eval_limit 2000: questions 2,001-4,000)",
+    )
+    loss_eval_limit: Int = Field(
+        200, ge=0, description="dev questions whose answer-token loss is logged as eval_loss during training"
+    )
+    format: DataFormat = Field(
+        "squad",
+        description="squad (v1.1) | squad_v2 | jsonl | csv | hf (a datasets folder or hub id); see loraqa.data",
+    )
+    train_file: Str | None = Field(
+        None, description="the train split's file (or datasets folder); else the format's file in data_dir"
+    )
+    dev_file: Str | None = Field(
+        None, description="the dev split's file (or datasets folder); else the format's file in data_dir"
+    )
+    unanswerable_answer: Str = Field(
+        "unanswerable", description="squad_v2: the answer taught and expected for unanswerable questions"
+    )
+    score_limit: Int = Field(
+        200, ge=0, description="the first N dev questions whose generated answers are scored during training"
+    )
 
     def no_answer_text(self) -> str | None:
         """What the model answers an unanswerable question with, for formats that have them (else None)."""
         return self.unanswerable_answer if self.format == "squad_v2" else None
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class PromptConfig:
-    max_length: int = 512  # tokens, EOS included
-    loss_on: str = "answer"  # answer (labels on answer + EOS only) | all (every real token; the ablation)
+    """The prompt and which of its tokens the loss sees."""
+
+    max_length: Annotated[Int, Flag("--max-length")] = Field(
+        512, gt=0, description="tokens per example, EOS included"
+    )
+    loss_on: Annotated[LossOn, Flag("--loss-on")] = Field(
+        "answer", description="answer: labels on the answer + EOS only; all: every real token (the ablation)"
+    )
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class LoraConfig:
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.1
-    targets: str | list[str] = "attn"  # attn | attn+proj | all-linear | explicit list of module names
+    """The LoRA adapter (loraqa's settings; peft's own class is peft.LoraConfig)."""
+
+    r: Annotated[Int, Flag("--rank", "-r")] = Field(8, gt=0, description="the adapter's rank")
+    # alpha 0 scales the adapter to nothing: no gradient, nothing learned
+    alpha: Annotated[Float, Flag("--alpha")] = Field(
+        16, gt=0, description="scaling: the update is alpha / r x BA"
+    )
+    dropout: Annotated[Float, Flag("--dropout")] = Field(
+        0.1, ge=0, lt=1, description="dropout on the adapter's input"
+    )
+    targets: Annotated[Targets, Flag("--targets")] = Field(
+        "attn",
+        description="attn | attn+proj | all-linear (presets, mapped per model family), or a list of module "
+        "names (comma-separated on the command line)",
+    )
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class TrainConfig:
-    method: str = "lora"  # lora | full (full fine-tuning, the ablation)
-    epochs: float = 3
-    max_steps: int = -1  # > 0 overrides epochs
-    # questions per forward-backward pass summed over all processes (torchrun/accelerate: each of N processes
-    # takes batch_size / N; it must divide); with grad_accum 1, the questions per optimizer step under any N
-    batch_size: int = 8
-    grad_accum: int = 1  # passes per optimizer step: batch_size x grad_accum questions per step
-    lr: float = 2e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    seed: int = 42
-    eval_steps: int = 50  # eval loss every N optimizer steps (0: never during training)
-    logging_steps: int = 10
-    save_steps: int = 50  # checkpoint every N steps so an interrupted run resumes (0: no checkpoints)
-    fast_loss: bool = True  # logits and cross-entropy only at labelled positions (False: full-vocab loss)
-    group_by_length: bool = True  # batches of similar lengths, so little compute goes to padding
-    report_to: str | list[str] = "tensorboard"  # tensorboard (event files in RUN/tensorboard) | wandb | mlflow | none | a list
-    share_contexts: bool = True  # a paragraph's context computed once per batch for all its questions
-    # (loraqa.packing; same loss per question; prompt.loss_on=all falls back to stand-alone examples)
-    compile: bool = False  # torch.compile the model
-    # recompute each decoder layer's activations in the backward pass instead of keeping them: less memory,
-    # one more forward's worth of compute per step (docs/performance.md has the measured cost)
-    gradient_checkpointing: bool = False
-    keep_best: bool = False  # keep the adapter of the best in-training F1 (eval.score_steps) and evaluate that one
-    early_stopping_patience: int = 0  # stop after this many scorings without a better F1 (0: never)
+    """The optimisation."""
+
+    method: Annotated[Method, Flag("--method")] = Field(
+        "lora", description="lora, or full (full fine-tuning, the ablation)"
+    )
+    epochs: Annotated[Float, Flag("--epochs")] = Field(3, gt=0, description="passes over the train questions")
+    max_steps: Annotated[Int, Flag("--max-steps")] = Field(
+        -1, description="optimizer steps; > 0 overrides epochs"
+    )
+    batch_size: Annotated[Int, Flag("--batch-size")] = Field(
+        8,
+        gt=0,
+        description="questions per forward-backward pass summed over all processes (under torchrun each of "
+        "N processes takes batch_size / N; it must divide)",
+    )
+    grad_accum: Int = Field(
+        1, gt=0, description="passes per optimizer step: batch_size x grad_accum questions a step"
+    )
+    lr: Annotated[Float, Flag("--lr")] = Field(2e-4, ge=0, description="peak learning rate (AdamW)")
+    weight_decay: Annotated[Float, Flag("--weight-decay")] = Field(
+        0.01, ge=0, description="AdamW weight decay"
+    )
+    warmup_steps: Annotated[Int, Flag("--warmup-steps")] = Field(
+        100, ge=0, description="steps of linear warm-up"
+    )
+    seed: Annotated[Int, Flag("--seed")] = Field(
+        42, description="the seed of the adapter's initialisation and of the data order"
+    )
+    eval_steps: Annotated[Int, Flag("--eval-steps")] = Field(
+        50, ge=0, description="eval loss every N optimizer steps (0: never during training)"
+    )
+    # the Trainer refuses 0
+    logging_steps: Int = Field(10, gt=0, description="train loss logged every N optimizer steps")
+    save_steps: Annotated[Int, Flag("--save-steps")] = Field(
+        50, ge=0, description="checkpoint every N steps, so an interrupted run resumes (0: no checkpoints)"
+    )
+    fast_loss: Bool = Field(
+        True, description="logits and cross-entropy only at labelled positions (false: full-vocabulary loss)"
+    )
+    group_by_length: Bool = Field(
+        True, description="batches of similar lengths, so little compute goes to padding"
+    )
+    report_to: Names = Field(
+        "tensorboard",
+        description="tensorboard (event files in RUN/tensorboard) | wandb | mlflow | none | a list of them",
+    )
+    share_contexts: Bool = Field(
+        True,
+        description="a paragraph's context computed once per batch for all its questions (same loss per "
+        "question; prompt.loss_on=all trains on stand-alone examples)",
+    )
+    compile: Bool = Field(False, description="torch.compile the model")
+    gradient_checkpointing: Bool = Field(
+        False,
+        description="recompute each decoder layer's activations in the backward pass instead of keeping them: "
+        "less memory, one more forward's worth of compute a step",
+    )
+    keep_best: Bool = Field(
+        False,
+        description="keep the adapter of the best in-training F1 and evaluate that one (needs eval.score_steps)",
+    )
+    early_stopping_patience: Int = Field(
+        0, ge=0, description="stop after this many scorings without a better F1 (0: never)"
+    )
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class EvalConfig:
-    batch_size: int = 32
-    max_new_tokens: int = 32
-    sort_by_length: bool = True
-    share_prefixes: bool = True  # run a paragraph's shared context once and reuse its KV cache per question
-    prune_finished: bool = True  # drop answered sequences from the decoding batch
-    merge_adapter: bool = True  # merge LoRA into the weights before generating
-    # each answer computed from its own question alone (paragraph once, then the question and its decoding
-    # unbatched), so it is the same asked alone, in a file or in an evaluation; false: batched decoding,
-    # faster, but in bf16 an answer can change with the questions batched beside it
-    batch_invariant: bool = True
-    # extractive decoding: each greedy step may only pick a token that continues the answer as a token span of
-    # the paragraph (or, after one token, a stop token), so every answer is a piece of the context
-    extractive: bool = False
-    # every N optimizer steps: generate answers to data.score_limit dev questions and log eval_exact_match and
-    # eval_f1 (0: only the final evaluation)
-    score_steps: int = 0
+    """How answers are generated."""
+
+    batch_size: Annotated[Int, Flag("--eval-batch-size")] = Field(
+        32, gt=0, description="questions generated at once"
+    )
+    max_new_tokens: Annotated[Int, Flag("--max-new-tokens")] = Field(
+        32, gt=0, description="the longest answer, in tokens"
+    )
+    sort_by_length: Bool = Field(True, description="batch questions of similar lengths together")
+    share_prefixes: Bool = Field(
+        True, description="run a paragraph's shared context once and reuse its KV cache per question"
+    )
+    prune_finished: Bool = Field(True, description="drop answered sequences from the decoding batch")
+    merge_adapter: Bool = Field(True, description="merge LoRA into the weights before generating")
+    batch_invariant: Bool = Field(
+        True,
+        description="each answer computed from its own question alone (paragraph once, then the question and "
+        "its decoding unbatched), so it is the same asked alone, in a file or in an evaluation; false: "
+        "batched decoding, faster, but in bf16 an answer can change with the questions batched beside it",
+    )
+    extractive: Bool = Field(
+        False,
+        description="each greedy step may only pick a token that continues the answer as a token span of the "
+        "paragraph (or, after one token, a stop token), so every answer is a piece of the context",
+    )
+    score_steps: Int = Field(
+        0,
+        ge=0,
+        description="every N optimizer steps, answer data.score_limit dev questions and log eval_exact_match "
+        "and eval_f1 (0: only the final evaluation)",
+    )
 
 
-SWEEP_MODES = ("grid", "one-at-a-time", "search")
-SEARCH_SAMPLERS = ("tpe", "random", "grid")  # sweep.sampler (Optuna's TPESampler, RandomSampler, GridSampler)
-SEARCH_PRUNERS = ("asha", "median", "none")  # sweep.pruner (successive halving, the median rule, never)
-
-
-TRIAL_RESOURCES = {"cpus": 1.0, "gpus": 0.0}  # what one trial holds on Ray (--backend ray), by default
-
-
-@dataclass
+@dataclass(config=_SECTION)
 class SweepConfig:
-    mode: str = "grid"
-    axes: dict[str, list] = field(default_factory=dict)  # dotted key -> values
-    # CPUs and GPUs a trial holds under --backend ray (fractions allowed, as Ray allows); missing keys default
-    # to TRIAL_RESOURCES. The local runner shares the machine by --parallel instead.
-    resources_per_trial: dict[str, float] = field(default_factory=lambda: dict(TRIAL_RESOURCES))
-    # mode: search (an Optuna study in the sweep folder; see loraqa.sweep.search)
-    metric: str = "eval_f1"  # what the search optimises: a score the trials log (eval.score_steps), or "loss"
-    direction: str = "maximize"  # maximize (scores) | minimize (a loss)
-    n_trials: int = 24  # trials in the study, finished, pruned and failed ones included
-    sampler: str = "tpe"
-    pruner: str = "asha"
-    # dotted key -> a list of choices, or {low, high, log} for a number range (an int range if both are ints)
-    space: dict[str, Any] = field(default_factory=dict)
-    seed: int | None = None  # the sampler's seed: a fresh study suggests the same parameters again
+    """A study: many trials of the experiment above (loraqa sweep)."""
+
+    mode: SweepMode = Field(
+        "grid",
+        description="grid: every combination of the axes; one-at-a-time: each axis value changed alone from "
+        "the base; search: an Optuna study over sweep.space",
+    )
+    axes: dict[str, list[Any]] = Field(
+        default_factory=dict, description="grid and one-at-a-time: dotted key -> its values"
+    )
+    resources_per_trial: Resources = Field(
+        default_factory=lambda: dict(TRIAL_RESOURCES),
+        description="CPUs and GPUs a trial holds under --backend ray (fractions allowed); a missing key keeps "
+        "its default. The local runner shares the machine by --parallel instead",
+    )
+    metric: Str = Field(
+        "eval_f1", description="what a search optimises: a score the trials log (eval.score_steps), or loss"
+    )
+    direction: Direction = Field("maximize", description="maximize (scores) | minimize (a loss)")
+    n_trials: Int = Field(
+        24, gt=0, description="trials in the study, finished, pruned and failed ones included"
+    )
+    sampler: SearchSampler = Field("tpe", description="tpe | random | grid (grid: lists of choices only)")
+    pruner: SearchPruner = Field(
+        "asha", description="asha (successive halving) | median | none: judged at every scoring"
+    )
+    space: dict[str, Any] = Field(
+        default_factory=dict,
+        description="search: dotted key -> a list of choices, or {low, high, log} for a number range (an "
+        "integer range if both bounds are integers)",
+    )
+    seed: Int | None = Field(
+        None, description="the sampler's seed: a fresh study suggests the same parameters"
+    )
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class ExperimentConfig:
-    name: str = "loraqa"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    sweep: SweepConfig | None = None
+    """A loraqa experiment: a YAML file for loraqa train (or loraqa sweep with a sweep section)."""
+
+    name: Str = Field("loraqa", description="the run's name (its folder is runs/<name> by default)")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    sweep: SweepConfig | None = Field(None, description="a study's trials (loraqa sweep only)")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -173,108 +423,83 @@ SECTIONS = {
     "sweep": SweepConfig,
 }
 
-CHOICES = {
-    "model.precision": ("auto", "bf16", "fp32"),
-    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
-    "prompt.loss_on": ("answer", "all"),
-    "data.format": ("squad", "squad_v2", "jsonl", "csv", "hf"),  # loraqa.data.FORMATS
-    "train.method": ("lora", "full"),
-    "sweep.mode": SWEEP_MODES,
-    "sweep.sampler": SEARCH_SAMPLERS,
-    "sweep.pruner": SEARCH_PRUNERS,
-    "sweep.direction": ("maximize", "minimize"),
+# dotted key -> the field's declaration, in file order
+FIELDS: dict[str, FieldInfo] = {
+    f"{section}.{name}": info
+    for section, cls in SECTIONS.items()
+    for name, info in cls.__pydantic_fields__.items()
 }
-PRESET_NAMES = ("attn", "attn+proj", "all-linear")  # lora.targets presets (loraqa.model maps them per family)
-# lora.alpha 0 scales the adapter to nothing (no gradient, nothing learned); logging_steps 0 the Trainer refuses
-POSITIVE = {"prompt.max_length", "lora.r", "lora.alpha", "train.batch_size", "train.grad_accum",
-            "eval.batch_size", "eval.max_new_tokens", "train.epochs", "train.logging_steps",
-            "sweep.n_trials"}  # fmt: skip
-# None where allowed (the limits: every question) is not checked
-NON_NEGATIVE = {"lora.dropout", "train.lr", "train.weight_decay", "train.warmup_steps", "train.eval_steps",
-                "train.save_steps", "data.loss_eval_limit", "data.train_limit", "data.eval_limit",
-                "data.score_limit", "eval.score_steps", "train.early_stopping_patience", "data.eval_skip"}  # fmt: skip
+
+_EXPERIMENT = TypeAdapter(ExperimentConfig)
 
 
-# A number field: how an error names it, and the YAML/CLI types it may be given as (bools are ints to Python
-# but never a number here).
-_NUMBERS = {int: ("an integer", (int, str)), float: ("a number", (int, float, str))}
+def value_type(info: FieldInfo) -> Any:
+    """A field's type without ``None`` and annotations: ``int``, ``float``, ``str``, ``bool``, a ``Literal``, a
+    union (``lora.targets``), a ``dict``."""
+    tp = info.annotation
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = rest[0] if len(rest) == 1 else tp  # X | None is X
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
 
 
-def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; numbers written as strings (``5e-4``, which YAML 1.1
-    reads as a string) become numbers."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[-1] if len(errors) == 1 else f"{where}: {key}: {value!r} fits none of {tp}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: {key}: expected a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: {key}: expected a mapping, got {value!r}")
-        _, item_tp = typing.get_args(tp) or (str, Any)
-        item_tp = {list: list[Any], dict: dict[str, Any]}.get(item_tp, item_tp)
-        return {str(k): _coerce(v, item_tp, f"{key}.{k}", where) for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise ConfigError(f"{where}: {key}: expected true or false, got {value!r}")
-    if tp in _NUMBERS:
-        what, accepted = _NUMBERS[tp]
-        if isinstance(value, bool) or not isinstance(value, accepted):
-            raise ConfigError(f"{where}: {key}: expected {what}, got {value!r}")
-        try:
-            return tp(value)
-        except ValueError:
-            raise ConfigError(f"{where}: {key}: expected {what}, got {value!r}") from None
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: {key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: {key}: unsupported type {tp}")
+def choices(key: str) -> tuple[str, ...]:
+    """The values a dotted key may take, if it is a choice (else ())."""
+    tp = value_type(FIELDS[key]) if key in FIELDS else None
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
 
 
-def _build_section(cls, raw: Any, section: str, where: str):
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: section '{section}' must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        dotted = f"{section}.{key}"
-        if key not in names:
-            raise ConfigError(f"{where}: unknown key '{dotted}' (known: {', '.join(sorted(names))})")
-        value = _coerce(value, hints[key], dotted, where)
-        if dotted in CHOICES and value not in CHOICES[dotted]:
-            raise ConfigError(f"{where}: {dotted}: {value!r} is not one of {', '.join(CHOICES[dotted])}")
-        if dotted in POSITIVE and value is not None and value <= 0:
-            raise ConfigError(f"{where}: {dotted}: must be > 0, got {value!r}")
-        if dotted in NON_NEGATIVE and value is not None and value < 0:
-            raise ConfigError(f"{where}: {dotted}: must be >= 0, got {value!r}")
-        if dotted == "lora.targets" and isinstance(value, str) and value not in PRESET_NAMES:
-            raise ConfigError(f"{where}: lora.targets: {value!r} is not a preset ({', '.join(PRESET_NAMES)}); "
-                              f"give module names as a list, e.g. lora.targets=[{value}]")  # fmt: skip
-        kwargs[key] = value
-    return cls(**kwargs)
+def shorthands() -> list[tuple[str, tuple[str, ...], FieldInfo]]:
+    """(dotted key, flags, field) of every field that has a command-line shorthand, in file order."""
+    out = []
+    for key, info in FIELDS.items():
+        out += [(key, m.names, info) for m in info.metadata if isinstance(m, Flag)]
+    return out
+
+
+def json_schema() -> dict:
+    """The JSON schema of an experiment file, for editors (yaml-language-server) and other tools."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **_EXPERIMENT.json_schema()}
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def _key(loc: tuple) -> str:
+    """``("lora", "targets", 0)`` -> ``lora.targets[0]``."""
+    out = ""
+    for part in loc:
+        if part != "[key]":  # pydantic's mark of a mapping's bad key, which the part before names
+            out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out
+
+
+def _describe(err: dict) -> str:
+    """One pydantic error as loraqa states it: the key, the bad value and what is allowed."""
+    loc, kind, value, ctx = err["loc"], err["type"], err.get("input"), err.get("ctx") or {}
+    key = _key(loc)
+    if kind == "unexpected_keyword_argument" and len(loc) == 1:
+        return f"unknown section '{key}' (known: name, {', '.join(SECTIONS)})"
+    if kind == "unexpected_keyword_argument":
+        known = sorted(SECTIONS[loc[0]].__pydantic_fields__)
+        return f"unknown key '{key}' (known: {', '.join(known)})"
+    if kind == "dataclass_type":
+        return f"section '{key}' must be a mapping, got {value!r}"
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        bound = next(iter(ctx.values()))
+        return f"{key}: must be {bounds[kind]} {bound:g}, got {value!r}"
+    if kind == "literal_error":
+        return f"{key}: {value!r} is not one of {', '.join(choices(key)) or ctx.get('expected')}"
+    wanted = {"string_type": "a string", "list_type": "a list", "dict_type": "a mapping"}
+    if kind in wanted:
+        return f"{key}: expected {wanted[kind]}, got {value!r}"
+    return f"{key}: {err['msg']}" if kind == "loraqa" else f"{key}: {err['msg']}, got {value!r}"
+
+
+# ---------------------------------------------------------------------------------------------- loading
 
 
 def from_dict(raw: dict, where: str = "<config>") -> ExperimentConfig:
@@ -283,19 +508,15 @@ def from_dict(raw: dict, where: str = "<config>") -> ExperimentConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: an experiment must be a mapping of sections, got {type(raw).__name__}")
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key == "name":
-            kwargs["name"] = _coerce(value, str, "name", where)
-        elif key in SECTIONS:
-            kwargs[key] = _build_section(SECTIONS[key], value, key, where)
-        else:
-            raise ConfigError(f"{where}: unknown section '{key}' (known: name, {', '.join(SECTIONS)})")
-    cfg = ExperimentConfig(**kwargs)
+    # an empty section (`sweep:`) is the section's defaults
+    raw = {k: {} if v is None and k in SECTIONS else v for k, v in raw.items()}
+    try:
+        cfg = _EXPERIMENT.validate_python(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: " + "; ".join(_describe(err) for err in e.errors())) from None
     if cfg.sweep is not None:
-        cfg.sweep.resources_per_trial = _trial_resources(cfg.sweep.resources_per_trial, where)
         for axis, values in cfg.sweep.axes.items():
-            if not isinstance(values, list) or not values:
+            if not values:
                 raise ConfigError(f"{where}: sweep.axes.{axis}: expected a non-empty list of values")
             for v in values:  # every value must be valid where it lands
                 apply_overrides(cfg, [(axis, v)], where=f"{where}: sweep.axes")
@@ -317,58 +538,53 @@ def _check_search(cfg: ExperimentConfig, where: str) -> None:
     a log range with a bound <= 0, a value the key does not take; what the trials must log to be judged."""
     sweep = cfg.sweep
     if not sweep.space:
-        raise ConfigError(f"{where}: sweep.space: a search needs at least one key to search, e.g. "
-                          "train.lr: {low: 1.0e-5, high: 2.0e-3, log: true}")  # fmt: skip
+        raise ConfigError(
+            f"{where}: sweep.space: a search needs at least one key to search, e.g. "
+            "train.lr: {low: 1.0e-5, high: 2.0e-3, log: true}"
+        )
     if not (cfg.eval.score_steps and cfg.data.score_limit):
-        raise ConfigError(f"{where}: sweep.mode: search judges trials by their in-training {sweep.metric}; "
-                          "set eval.score_steps=N")  # fmt: skip
+        raise ConfigError(
+            f"{where}: sweep.mode: search judges trials by their in-training {sweep.metric}; "
+            "set eval.score_steps=N"
+        )
     for key, value in sweep.space.items():
         at = f"{where}: sweep.space.{key}"
-        rng = search_range(value)
-        if rng is None:
-            if not isinstance(value, list) or not value:
-                raise ConfigError(f"{at}: expected a non-empty list of choices or {{low, high, log}}")
-            samples = value
-        else:
-            low, high, log = rng
-            extra = sorted(set(value) - {"low", "high", "log"})
-            if extra or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in (low, high)):
-                raise ConfigError(f"{at}: a range is {{low: NUMBER, high: NUMBER, log: true|false}}, got {value!r}")
-            if low > high:
-                raise ConfigError(f"{at}: low {low} is above high {high}")
-            if log and low <= 0:
-                raise ConfigError(f"{at}: log: true needs low > 0, got low {low}")
-            if sweep.sampler == "grid":
-                raise ConfigError(f"{at}: sweep.sampler grid takes lists of choices, not ranges")
-            samples = [low, high]
+        samples = _space_samples(value, sweep.sampler, at)
         for v in samples:  # every value must be valid where it lands (an unknown key fails here too)
             apply_overrides(cfg, [(key, v)], where=f"{where}: sweep.space")
 
 
-def _trial_resources(given: dict[str, float], where: str) -> dict[str, float]:
-    key = "sweep.resources_per_trial"
-    unknown = sorted(set(given) - set(TRIAL_RESOURCES))
-    if unknown:
-        raise ConfigError(
-            f"{where}: {key}: unknown resource '{unknown[0]}' (known: {', '.join(TRIAL_RESOURCES)})"
-        )
-    out = {**TRIAL_RESOURCES, **given}
-    for name, amount in out.items():
-        if amount < 0:
-            raise ConfigError(f"{where}: {key}.{name}: must be >= 0, got {amount!r}")
-    if not any(out.values()):
-        raise ConfigError(f"{where}: {key}: a trial must hold some CPUs or GPUs, got {given!r}")
-    return out
+def _space_samples(value: Any, sampler: str, at: str) -> list:
+    """The values of a search space entry to check where they land: its choices, or its range's bounds."""
+    rng = search_range(value)
+    if rng is None:
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{at}: expected a non-empty list of choices or {{low, high, log}}")
+        return value
+    low, high, log = rng
+    extra = sorted(set(value) - {"low", "high", "log"})
+    if extra or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in (low, high)):
+        raise ConfigError(f"{at}: a range is {{low: NUMBER, high: NUMBER, log: true|false}}, got {value!r}")
+    if low > high:
+        raise ConfigError(f"{at}: low {low} is above high {high}")
+    if log and low <= 0:
+        raise ConfigError(f"{at}: log: true needs low > 0, got low {low}")
+    if sampler == "grid":
+        raise ConfigError(f"{at}: sweep.sampler grid takes lists of choices, not ranges")
+    return [low, high]
 
 
 def _check_consistency(cfg: ExperimentConfig, where: str) -> None:
-    if cfg.lora.dropout >= 1:
-        raise ConfigError(f"{where}: lora.dropout: must be < 1, got {cfg.lora.dropout}")
-    for key, on in (("train.keep_best", cfg.train.keep_best),
-                    ("train.early_stopping_patience", cfg.train.early_stopping_patience)):  # fmt: skip
+    """What holds across sections: judging a run by its F1 needs scores during training."""
+    for key, on in (
+        ("train.keep_best", cfg.train.keep_best),
+        ("train.early_stopping_patience", cfg.train.early_stopping_patience),
+    ):
         if on and not (cfg.eval.score_steps and cfg.data.score_limit):
-            raise ConfigError(f"{where}: {key}: needs scores during training; set eval.score_steps=N (and "
-                              "data.score_limit > 0)")  # fmt: skip
+            raise ConfigError(
+                f"{where}: {key}: needs scores during training; set eval.score_steps=N (and "
+                "data.score_limit > 0)"
+            )
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -379,7 +595,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+        raise ConfigError(
+            f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+        ) from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
     except yaml.YAMLError as e:
@@ -389,7 +607,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
-    """``["train.lr=5e-4", "lora.targets=[c_attn]"]`` -> ``[("train.lr", 0.0005), ...]`` (values read as YAML)."""
+    """``["train.lr=5e-4", "lora.targets=[c_attn]"]`` -> ``[("train.lr", "5e-4"), ...]`` (values read as YAML;
+    validation makes "5e-4" a number)."""
     out = []
     for item in items:
         key, sep, text = item.partition("=")
@@ -406,7 +625,8 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
 def apply_overrides(
     cfg: ExperimentConfig, overrides: list[tuple[str, Any]], where: str = "override"
 ) -> ExperimentConfig:
-    """Return a copy of ``cfg`` with dotted keys set (validated like the file)."""
+    """Return a copy of ``cfg`` with dotted keys set (validated like the file); the sweep section is kept as it
+    is and cannot be overridden."""
     raw = cfg.to_dict()
     for key, value in overrides:
         section, _, name = key.partition(".")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..config import DATA_FORMATS
 from .squad import (
     DEFAULT_CACHE_DIR,
     QUESTION_TYPES,
@@ -62,7 +63,7 @@ __all__ = [
     "synthetic_data_dir",
 ]
 
-FORMATS = ("squad", "squad_v2", "jsonl", "csv", "hf")
+FORMATS = DATA_FORMATS  # data.format's choices, defined with the field
 # the file a format reads from a data folder, per split
 _FILE_NAMES = {
     "squad_v2": {"train": "train-v2.0.json", "dev": "dev-v2.0.json"},
