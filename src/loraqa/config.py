@@ -341,8 +341,8 @@ class EvalConfig:
     )
     extractive: Bool = Field(
         False,
-        description="each greedy step may only pick a token that continues the answer as a token span of the "
-        "paragraph (or, after one token, a stop token), so every answer is a piece of the context",
+        description="each greedy step picks the best token that keeps the answer's text a substring of the "
+        "paragraph (a stop token once it has text), so every answer is a piece of the context",
     )
     score_steps: Int = Field(
         0,
