@@ -19,7 +19,7 @@ collator padding to the longest example of each batch, the model's own loss over
 position), then ``model.generate`` one question at a time (greedy, at most 32 new tokens, stopping at a newline
 or EOS via the same stop-token ids). It uses loraqa's prompt encoder, so both sides see identical tokens.
 
-loraqa's side is ``loraqa.train.run_experiment`` (what ``loraqa train`` runs) with its defaults; only the
+loraqa's side is ``loraqa.pipeline.run_experiment`` (what ``loraqa train`` runs) with its defaults; only the
 run length (steps, dev questions), the LoRA targets (q/v, as in the reference) and a short warm-up (the same in
 both) are set. Its speeds are read from the run's ``metrics.json``, so they are the numbers ``loraqa train``
 reports. ``--variant KEY=VALUE[,KEY=VALUE]`` adds a loraqa run with config overrides (to measure one speed
@@ -306,7 +306,7 @@ def loraqa_run(name, device, data_dir, steps, warmup, n_questions, out_dir, over
     -1: one epoch of ``train_limit`` questions (-1: ``steps`` x 8; None: the whole train file)."""
     from loraqa.config import ExperimentConfig, apply_overrides, parse_overrides
     from loraqa.model import load_config
-    from loraqa.train import run_experiment
+    from loraqa.pipeline import run_experiment
 
     model_type = load_config(name).model_type
     cfg = apply_overrides(

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from loraqa.model import apply_lora, load_model_and_tokenizer
     from loraqa.packing import SharedContextCollator
     from loraqa.prompt import PromptEncoder, encode_train_set
-    from loraqa.train import shares_contexts
+    from loraqa.pipeline import shares_contexts
     from loraqa.trainer import QACollator, enable_checkpointing, make_trainer_class, training_arguments
 
     base = [("model.name", args.model), ("lora.targets", ["q_proj", "v_proj"]), ("train.eval_steps", 0),

@@ -24,7 +24,7 @@ import pytest
 from loraqa.config import ConfigError, ExperimentConfig, apply_overrides
 from loraqa.data import load_squad
 from loraqa.layout import LOCK_FILE
-from loraqa.train import run_experiment
+from loraqa.pipeline import run_experiment
 
 pytestmark = pytest.mark.slow  # each torchrun starts two Python processes that import torch (~5 s each)
 

@@ -27,7 +27,7 @@ from loraqa.data import load_squad, make_synthetic_squad
 from loraqa.generate import first_line, generate_answers, plan_batches, stop_token_ids
 from loraqa.model import apply_lora, load_base_model, prepare_for_generation
 from loraqa.prompt import IGNORE_INDEX, PromptEncoder, encode_train_set
-from loraqa.train import run_experiment
+from loraqa.pipeline import run_experiment
 from loraqa.trainer import LengthGroupedBatches, QACollator, labelled_positions_loss, make_trainer_class
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from loraqa.config import ConfigError, ExperimentConfig, apply_overrides
 from loraqa.metrics import best_scoring, scorings_since_best
 from loraqa.scoring import ScoreCallback
-from loraqa.train import run_experiment
+from loraqa.pipeline import run_experiment
 
 
 def tiny_config(data_dir, **overrides) -> ExperimentConfig:

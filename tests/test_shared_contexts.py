@@ -291,7 +291,7 @@ def test_training_shares_contexts_only_where_the_attention_takes_the_mask(gpt2_t
     # flash attention takes a padding mask only: transformers would hand it the shared-context B x 1 x L x L mask
     from loraqa.config import ExperimentConfig, apply_overrides
     from loraqa.data import load_squad
-    from loraqa.train import _encode
+    from loraqa.pipeline import _encode
 
     cfg = apply_overrides(ExperimentConfig(), [("model.attn_implementation", attn), ("prompt.loss_on", loss_on)])
     train, _ = load_squad(synthetic_dir, split="train", limit=6)

@@ -12,7 +12,7 @@ from loraqa.config import ExperimentConfig, apply_overrides
 from loraqa.data import make_synthetic_squad
 from loraqa.evaluate import eval_run_dir, eval_zero_shot
 from loraqa.prompt import IGNORE_INDEX
-from loraqa.train import run_experiment
+from loraqa.pipeline import run_experiment
 from loraqa.trainer import QACollator
 
 
@@ -116,7 +116,7 @@ def test_a_run_resumed_between_training_and_evaluation_scores_the_trained_adapte
     """Killed after train_metrics.json, before metrics.json: the rerun must load the trained adapter, not score
     the fresh (untrained) one. A high learning rate makes the trained answers differ from the untrained ones,
     and the same rerun with the reload taken out (a planted bug) is shown to give other answers."""
-    from loraqa import train
+    from loraqa import pipeline
 
     cfg = tiny_config(synthetic_dir, **{"train.lr": 0.05, "train.eval_steps": 0})
     first = run_experiment(cfg, tmp_path / "run", progress=False)
@@ -132,7 +132,7 @@ def test_a_run_resumed_between_training_and_evaluation_scores_the_trained_adapte
     assert (tmp_path / "resumed" / "predictions.json").read_text() == answers
     assert (again["exact_match"], again["f1"]) == (first["exact_match"], first["f1"])
 
-    monkeypatch.setattr(train, "load_trained", lambda model, *args, **kwargs: model)  # the reload removed
+    monkeypatch.setattr(pipeline, "load_trained", lambda model, *args, **kwargs: model)  # the reload removed
     run_experiment(cfg, killed_during_evaluation(tmp_path / "planted"), progress=False)
     assert (tmp_path / "planted" / "predictions.json").read_text() != answers
 
@@ -553,20 +553,20 @@ def test_saving_the_adapter_leaves_no_template_card(tmp_path):
 def test_no_checkpoint_names_the_path_its_base_was_loaded_from(tmp_path, synthetic_dir, monkeypatch):
     """Checkpoints travel (``loraqa sync`` carries them to other machines and into git): PEFT writes the base's
     load path into each one's adapter_config.json and template README.md, and loraqa must take it out."""
-    from loraqa import train
+    from loraqa import pipeline
     from loraqa.model import load_base_model, load_gpt2_tokenizer
 
     model_dir = tmp_path / "my-base"
     load_base_model("tiny-random-gpt2").save_pretrained(model_dir)
     load_gpt2_tokenizer().save_pretrained(model_dir)
     kept = tmp_path / "checkpoints-as-saved"
-    save_training = train._save_training
+    save_training = pipeline._save_training
 
     def keep_checkpoints(cfg, model, tok, run_dir, train_metrics):  # they are removed once the adapter is saved
         shutil.copytree(run_dir / "checkpoints", kept)
         save_training(cfg, model, tok, run_dir, train_metrics)
 
-    monkeypatch.setattr(train, "_save_training", keep_checkpoints)
+    monkeypatch.setattr(pipeline, "_save_training", keep_checkpoints)
     run_experiment(tiny_config(synthetic_dir, **{"model.name": str(model_dir)}), tmp_path / "run", progress=False)
     checkpoints = sorted(kept.glob("checkpoint-*"))
     assert [c.name for c in checkpoints] == ["checkpoint-4"]  # the newest only (save_total_limit)

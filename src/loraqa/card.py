@@ -151,7 +151,7 @@ def model_card(
         "## How it was made",
         "",
         "```bash",
-        command or "(through the Python API: loraqa.train.run_experiment)",
+        command or "(through the Python API: loraqa.pipeline.run_experiment)",
         "```",
         "",
         "The resolved experiment is `config.yaml` beside this card; "

@@ -156,7 +156,7 @@ def _print_metrics(metrics: dict, title: str) -> None:
 def cmd_train(args) -> int:
     from . import dist, signals
     from .card import current_command
-    from .train import run_experiment
+    from .pipeline import run_experiment
 
     signals.watch_parent()  # a sweep's trial stops (resumably) when its sweep dies
     cfg = build_config(args)

@@ -1,4 +1,5 @@
-"""Fine-tune with LoRA (or fully) on SQuAD and evaluate: the whole run, resumable.
+"""The training pipeline (`loraqa train`): fine-tune with LoRA (or fully) on SQuAD and evaluate, the whole run,
+resumable.
 
 The run folder's layout is in :mod:`loraqa.rundir`; the Trainer and what loraqa adds to it in
 :mod:`loraqa.trainer`. Rerunning an interrupted run resumes from its last checkpoint; a finished run is not
