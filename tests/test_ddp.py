@@ -237,9 +237,9 @@ def test_a_batch_that_does_not_split_over_the_processes_is_one_clear_error(monke
     cfg = apply_overrides(ExperimentConfig(), [("train.batch_size", 8)])
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError, match=r"train\.batch_size=8 .* 3 processes"):
-        per_process_batch(cfg)
+        per_process_batch(cfg.train)
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert per_process_batch(cfg) == 2
+    assert per_process_batch(cfg.train) == 2
 
 
 def test_shares_cover_every_item_once_in_order(monkeypatch):

@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 
 from loraqa.config import ConfigError
-from loraqa.trainer import reporters
+from loraqa.tracking import reporters
 
 
 def scalars(folder) -> dict[str, list[tuple[int, float]]]:

@@ -8,12 +8,12 @@ import signal
 import pytest
 import torch
 
+from loraqa.batching import QACollator
 from loraqa.config import ExperimentConfig, apply_overrides
 from loraqa.data import make_synthetic_squad
 from loraqa.evaluate import eval_run_dir, eval_zero_shot
-from loraqa.prompt import IGNORE_INDEX
 from loraqa.pipeline import run_experiment
-from loraqa.trainer import QACollator
+from loraqa.prompt import IGNORE_INDEX
 
 
 def tiny_config(data_dir, **overrides) -> ExperimentConfig:
@@ -32,7 +32,7 @@ def step_probe():
     autocast was on. What a run's metrics cannot show: that a switch really reached the Trainer."""
     from transformers import TrainerCallback
 
-    from loraqa.trainer import decoder_layers
+    from loraqa.loss import decoder_layers
 
     class StepProbe(TrainerCallback):
         def __init__(self):
@@ -285,7 +285,7 @@ def test_a_stop_signal_saves_a_checkpoint_at_the_step_reached_and_the_rerun_resu
 ):
     from transformers import TrainerCallback
 
-    from loraqa.trainer import Interrupted
+    from loraqa.callbacks import Interrupted
 
     class Signal(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -320,10 +320,10 @@ def test_train_time_stops_when_training_does(tmp_path, synthetic_dir, monkeypatc
 
     import transformers
 
-    from loraqa import trainer as trainer_mod
+    from loraqa import callbacks
 
     offset = [0.0]
-    monkeypatch.setattr(trainer_mod, "time", types.SimpleNamespace(
+    monkeypatch.setattr(callbacks, "time", types.SimpleNamespace(
         perf_counter=lambda: time.perf_counter() + offset[0], monotonic=time.monotonic))  # fmt: skip
     evaluate = transformers.Trainer.evaluate
 
@@ -338,15 +338,15 @@ def test_train_time_stops_when_training_does(tmp_path, synthetic_dir, monkeypatc
 
 
 def test_a_second_stop_signal_stops_at_once_unless_it_is_the_first_delivered_twice(monkeypatch):
-    from loraqa import trainer
+    from loraqa import callbacks
 
-    callback, now = trainer.make_interrupt_callback(), [100.0]
-    monkeypatch.setattr(trainer.time, "monotonic", lambda: now[0])
+    callback, now = callbacks.InterruptCallback(), [100.0]
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: now[0])
     callback.handle(signal.SIGINT, None)
-    now[0] += trainer.REPEAT_WINDOW_SECONDS / 2
+    now[0] += callbacks.REPEAT_WINDOW_SECONDS / 2
     callback.handle(signal.SIGINT, None)  # the same Ctrl-C, passed on by a launcher: still a graceful stop
     assert callback.signum == signal.SIGINT
-    now[0] += trainer.REPEAT_WINDOW_SECONDS
+    now[0] += callbacks.REPEAT_WINDOW_SECONDS
     with pytest.raises(KeyboardInterrupt):
         callback.handle(signal.SIGTERM, None)
 
@@ -377,7 +377,7 @@ def test_stop_signal_handlers_hold_for_the_block_in_the_main_thread_only():
 
 
 def test_length_grouped_batches_depend_on_seed_and_epoch_only():
-    from loraqa.trainer import LengthGroupedBatches
+    from loraqa.batching import LengthGroupedBatches
 
     lengths = [(7 * i) % 23 + 1 for i in range(40)]
     sampler = LengthGroupedBatches(lengths, group=4, seed=42)
@@ -562,9 +562,9 @@ def test_no_checkpoint_names_the_path_its_base_was_loaded_from(tmp_path, synthet
     kept = tmp_path / "checkpoints-as-saved"
     save_training = pipeline._save_training
 
-    def keep_checkpoints(cfg, model, tok, run_dir, train_metrics):  # they are removed once the adapter is saved
+    def keep_checkpoints(model, tok, run_dir, *args, **kwargs):  # they are removed once the adapter is saved
         shutil.copytree(run_dir / "checkpoints", kept)
-        save_training(cfg, model, tok, run_dir, train_metrics)
+        save_training(model, tok, run_dir, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "_save_training", keep_checkpoints)
     run_experiment(tiny_config(synthetic_dir, **{"model.name": str(model_dir)}), tmp_path / "run", progress=False)

@@ -545,7 +545,7 @@ def _error(e: BaseException, status: int, known: bool = False) -> int:
 def _describe_error(e: BaseException) -> str:
     import errno
 
-    from .trainer import TrainingDiverged
+    from .callbacks import TrainingDiverged
 
     text = " ".join(str(e).split())  # one line
     if isinstance(e, (TrainingDiverged, ValueError)):

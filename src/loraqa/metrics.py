@@ -190,5 +190,11 @@ def scorings_since_best(log_history: list[dict], metric: str = METRIC) -> int:
     return 0 if best is None else sum(step > best[0] for step, _ in seen)
 
 
+def patience_ran_out(log_history: list[dict], patience: int, metric: str = METRIC) -> bool:
+    """Early stopping's rule (``train.early_stopping_patience``, 0: never): ``patience`` scorings since the best
+    have not beaten it."""
+    return bool(patience) and scorings_since_best(log_history, metric) >= patience
+
+
 def score_seconds(log_history: list[dict]) -> float:
     return round(sum(h.get(SCORE_SECONDS_KEY, 0.0) for h in log_history), 3)
