@@ -220,14 +220,15 @@ def reference_run(
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
+    from loraqa.config import ModelConfig
     from loraqa.generate import first_line, stop_token_ids
     from loraqa.metrics import score_predictions
-    from loraqa.model import load_model_and_tokenizer
+    from loraqa.model import load_model
 
     set_seed(SEED)
     from loraqa.evaluate import peak_memory_mb, reset_peak_memory
 
-    lm = load_model_and_tokenizer(name, "fp32", "sdpa", str(device), seed=SEED)
+    lm = load_model(ModelConfig(name=name, precision="fp32", attn_implementation="sdpa"), device, seed=SEED)
     model, tok = lm.model, lm.tokenizer
     model_type = model.config.model_type
     lora = LoraConfig(
@@ -363,15 +364,16 @@ def generation_switches(name, device, run_dir, prompts, batch_size: int = 32) ->
     (one at a time); the run's own evaluation used the defaults."""
     from peft import PeftModel
 
+    from loraqa.config import ModelConfig
     from loraqa.generate import generate_answers
-    from loraqa.model import load_model_and_tokenizer, prepare_for_generation
+    from loraqa.model import load_model, prepare_for_generation
 
     bases = {}
     rows, reference = [], None
     for label, merge, precision, kwargs in GENERATION_SWITCHES:
         key = precision or "auto"
         if key not in bases:
-            bases[key] = load_model_and_tokenizer(name, key, "sdpa", str(device), seed=SEED)
+            bases[key] = load_model(ModelConfig(name=name, precision=key, attn_implementation="sdpa"), device, seed=SEED)
         lm = bases[key]
         model = PeftModel.from_pretrained(copy.deepcopy(lm.model), run_dir)
         model = prepare_for_generation(model, merge=merge, precision=lm.precision)

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from loraqa.batching import QACollator
     from loraqa.config import ExperimentConfig, apply_overrides, parse_overrides
     from loraqa.data import load_squad, squad_path
-    from loraqa.model import apply_lora, load_model_and_tokenizer
+    from loraqa.model import apply_lora, load_model
     from loraqa.packing import SharedContextCollator
     from loraqa.pipeline import resolve
     from loraqa.prompt import PromptEncoder, encode_train_set
@@ -61,14 +61,13 @@ def main(argv: list[str] | None = None) -> int:
             ("train.save_steps", 0)]  # fmt: skip
     cfg = apply_overrides(ExperimentConfig(), base + parse_overrides(args.overrides))
     set_seed(cfg.train.seed)
-    full = cfg.train.method == "full"  # as run_experiment loads it: fp32 master weights, no adapters
-    lm = load_model_and_tokenizer(cfg.model.name, cfg.model.precision, cfg.model.attn_implementation, "cpu",
-                                  trainable_base=full)  # fmt: skip
-    model = lm.model if full else apply_lora(lm.model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
-    examples, _ = load_squad(squad_path("train", args.data_dir), split="train", limit=args.questions)
-    encoder = PromptEncoder(lm.tokenizer, cfg.prompt.max_length, loss_on=cfg.prompt.loss_on)
-    features, _ = encode_train_set(encoder, examples)
     resolved = resolve(cfg)  # as loraqa train decides
+    # as run_experiment loads it: full fine-tuning keeps fp32 master weights and has no adapters
+    lm = load_model(cfg.model, "cpu", trainable_base=resolved.full)
+    model = lm.model if resolved.full else apply_lora(lm.model, cfg.lora)
+    examples, _ = load_squad(squad_path("train", args.data_dir), split="train", limit=args.questions)
+    encoder = PromptEncoder(lm.tokenizer, cfg.prompt)
+    features, _ = encode_train_set(encoder, examples)
     shared = resolved.share_contexts
     if cfg.train.gradient_checkpointing:  # what Trainer.train would do first; the steps below call the loss
         enable_checkpointing(model)

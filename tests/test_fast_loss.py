@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from helpers import nonzero_lora_b
+from loraqa.config import LoraConfig
 from loraqa.generate import first_line, generate_answers, stop_token_ids
 from loraqa.loss import decoder_layers, fast_loss_blocker, labelled_positions_loss
 from loraqa.model import apply_lora
@@ -64,7 +65,7 @@ TARGETS = {"gpt2": ["c_attn", "c_proj"]}
 def lora(model, seed: int = 1, dropout: float = 0.0):
     """A LoRA adapter whose B matrices are non-zero (PEFT starts them at zero), so adapters matter."""
     targets = TARGETS.get(model.config.model_type, ["q_proj", "v_proj", "o_proj", "down_proj"])
-    return nonzero_lora_b(apply_lora(model, r=4, alpha=8, dropout=dropout, targets=targets), seed)
+    return nonzero_lora_b(apply_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout, targets=targets)), seed)
 
 
 def make_batch(seed: int = 0) -> dict:

@@ -23,9 +23,10 @@ class Stop(Exception):
 
 @pytest.fixture
 def lm():
-    from loraqa.model import load_model_and_tokenizer
+    from loraqa.config import ModelConfig
+    from loraqa.model import load_model
 
-    return load_model_and_tokenizer("tiny-random-gpt2", precision="fp32", device="cpu")
+    return load_model(ModelConfig(name="tiny-random-gpt2", precision="fp32"), "cpu")
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import torch
 
 from helpers import nonzero_lora_b
 from loraqa.batching import LengthGroupedBatches, QACollator
-from loraqa.config import ExperimentConfig, apply_overrides
+from loraqa.config import ExperimentConfig, LoraConfig, apply_overrides
 from loraqa.data import load_squad, make_synthetic_squad
 from loraqa.generate import first_line, generate_answers, plan_batches, stop_token_ids
 from loraqa.loss import labelled_positions_loss
@@ -57,8 +57,8 @@ def batch(data_dir, gpt2_tokenizer):
 
 def lora_model(seed: int = 0, dropout: float = 0.1):
     """Tiny GPT-2 with a LoRA adapter whose B matrices are non-zero (PEFT starts them at zero)."""
-    model = apply_lora(load_base_model("tiny-random-gpt2", seed=seed), r=4, alpha=8, dropout=dropout,
-                       targets="attn+proj")  # fmt: skip
+    lora = LoraConfig(r=4, alpha=8, dropout=dropout, targets="attn+proj")
+    model = apply_lora(load_base_model("tiny-random-gpt2", seed=seed), lora)
     return nonzero_lora_b(model, seed + 1)
 
 

@@ -19,6 +19,7 @@ import torch
 
 from helpers import nonzero_lora_b
 from loraqa.batching import QACollator
+from loraqa.config import LoraConfig
 from loraqa.loss import labelled_positions_loss
 from loraqa.model import apply_lora, load_base_model
 from loraqa.packing import SharedContextBatches, SharedContextCollator, build_blocks, context_key
@@ -67,7 +68,7 @@ def base_model(family: str, attn: str = "sdpa", seed: int = 0):
 
 def with_lora(model, seed: int = 0):
     """LoRA on every linear layer, B matrices non-zero (PEFT starts them at zero), dropout 0."""
-    return nonzero_lora_b(apply_lora(model, r=4, alpha=8, dropout=0.0, targets="all-linear"), seed + 1)
+    return nonzero_lora_b(apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, targets="all-linear")), seed + 1)
 
 
 def model_inputs(batch: dict) -> dict:

@@ -493,17 +493,17 @@ def test_generation_speed_switches_do_not_change_the_answers(synthetic_dir):
     (fp32, tiny model; several questions share each context so prefixes are really shared)."""
     import dataclasses
 
-    from loraqa.config import EvalConfig
+    from loraqa.config import EvalConfig, ModelConfig
     from loraqa.data import load_squad
     from loraqa.evaluate import evaluate_model
-    from loraqa.model import load_model_and_tokenizer
+    from loraqa.model import load_model
 
     dev, _ = load_squad(synthetic_dir, split="dev", limit=6)
     examples = [
         dataclasses.replace(ex, id=f"{ex.id}-{k}", context=dev[0].context) for k, ex in enumerate(dev)
     ]
     examples += dev
-    lm = load_model_and_tokenizer("tiny-random-gpt2", precision="fp32", device="cpu")
+    lm = load_model(ModelConfig(name="tiny-random-gpt2", precision="fp32"), "cpu")
     fast, _ = evaluate_model(
         lm.model, lm.tokenizer, examples, eval_cfg=EvalConfig(batch_size=4), progress=False
     )
@@ -517,14 +517,14 @@ def test_a_prompt_as_long_as_the_model_takes_leaves_room_for_the_answer(syntheti
     keeps the prompt to 1024 - eval.max_new_tokens (before, a long context ran past the position table)."""
     import dataclasses
 
-    from loraqa.config import EvalConfig
+    from loraqa.config import EvalConfig, ModelConfig
     from loraqa.data import load_squad
     from loraqa.evaluate import evaluate_model
-    from loraqa.model import load_model_and_tokenizer
+    from loraqa.model import load_model
 
     (ex,) = load_squad(synthetic_dir, split="dev", limit=1)[0]
     long = dataclasses.replace(ex, context=" ".join([ex.context] * 200))
-    lm = load_model_and_tokenizer("tiny-random-gpt2", precision="fp32", device="cpu")
+    lm = load_model(ModelConfig(name="tiny-random-gpt2", precision="fp32"), "cpu")
     assert lm.model.config.n_positions == 1024
     cfg = EvalConfig(batch_size=1, max_new_tokens=8)
     records, summary = evaluate_model(lm.model, lm.tokenizer, [long], max_length=1024, eval_cfg=cfg, progress=False)
@@ -542,10 +542,11 @@ def test_no_questions_for_the_eval_loss_turns_its_pass_off(tmp_path, synthetic_d
 def test_saving_the_adapter_leaves_no_template_card(tmp_path):
     # PEFT's save writes a template README.md naming the base by its load path; none may stay in the folder,
     # not even in a run interrupted before its own card is written
+    from loraqa.config import LoraConfig
     from loraqa.model import apply_lora, load_base_model
     from loraqa.rundir import save_trained
 
-    model = apply_lora(load_base_model("tiny-random-gpt2"), 4, 8, 0.0, "attn")
+    model = apply_lora(load_base_model("tiny-random-gpt2"), LoraConfig(r=4, alpha=8, dropout=0.0, targets="attn"))
     save_trained(model, None, tmp_path, full=False, base_name="tiny-random-gpt2")
     assert (tmp_path / "adapter_model.safetensors").exists() and not (tmp_path / "README.md").exists()
 

@@ -126,7 +126,7 @@ def eval_zero_shot(cfg, out_dir, *, device: str | None = None, progress: bool = 
     """Score the base model (no fine-tuning) with the same prompt; writes predictions.jsonl and metrics.json."""
     from .data import evaluated, evaluated_read_limit, load_split
     from .io import write_json_atomic, write_text_atomic
-    from .model import count_parameters, load_model_and_tokenizer
+    from .model import count_parameters, load_model
     from .rundir import make_run_folder, write_predictions
 
     out_dir = Path(out_dir)
@@ -135,7 +135,7 @@ def eval_zero_shot(cfg, out_dir, *, device: str | None = None, progress: bool = 
     dist.on_main(make_run_folder, out_dir)  # a file or an impossible path as --output-dir: one line, before any work
     dev, _, _ = load_split(cfg.data, "dev", limit=evaluated_read_limit(cfg.data))
     dev = evaluated(cfg.data, dev)
-    lm = load_model_and_tokenizer(cfg.model.name, cfg.model.precision, cfg.model.attn_implementation, device)
+    lm = load_model(cfg.model, device)
     records, summary = evaluate_model(
         lm.model, lm.tokenizer, dev, max_length=cfg.prompt.max_length, eval_cfg=cfg.eval, progress=progress,
         unanswerable_answer=cfg.data.no_answer_text(), journal_dir=out_dir,

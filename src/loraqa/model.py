@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESET_NAMES
+from .config import PRESET_NAMES, LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -281,20 +281,23 @@ class LoadedModel:
     device: torch.device
 
 
-def load_model_and_tokenizer(
-    name: str,
-    precision: str = "auto",
-    attn_implementation: str = "sdpa",
-    device: str | None = None,
+def load_model(
+    model_cfg: ModelConfig,
+    device: str | torch.device | None = None,
+    *,
     seed: int = 0,
     trainable_base: bool = False,
 ) -> LoadedModel:
-    """Base model + tokenizer on ``device``. With bf16, a frozen base (LoRA, evaluation) is stored in bf16 so no
-    time goes to re-casting it every step; a trainable base (full fine-tuning) keeps fp32 master weights."""
+    """The ``model`` section's base model and its tokenizer on ``device`` (default: a GPU where there is one).
+    ``seed`` makes a random built-in's weights (tiny-random-gpt2). With bf16, a frozen base (LoRA, evaluation)
+    is stored in bf16 so no time goes to re-casting it every step; a trainable base (full fine-tuning) keeps
+    fp32 master weights."""
     dev = torch.device(device) if device else default_device()
-    prec = resolve_precision(precision, dev)
+    prec = resolve_precision(model_cfg.precision, dev)
     dtype = torch.bfloat16 if prec == "bf16" and not trainable_base else torch.float32
-    model = load_base_model(name, dtype=dtype, attn_implementation=attn_implementation, seed=seed).to(dev)
+    name = model_cfg.name
+    model = load_base_model(name, dtype=dtype, attn_implementation=model_cfg.attn_implementation, seed=seed)
+    model = model.to(dev)
     tok = load_tokenizer(name)
     model.config.pad_token_id = tok.pad_token_id
     return LoadedModel(model=model, tokenizer=tok, precision=prec, device=dev)
@@ -321,26 +324,27 @@ def resolve_targets(targets: str | list[str], model_type: str) -> str | list[str
     )
 
 
-def make_lora_config(model_type: str, r: int = 8, alpha: float = 16, dropout: float = 0.1, targets="attn"):
-    from peft import LoraConfig, TaskType
+def peft_lora_config(model_type: str, lora: LoraConfig):
+    """The ``lora`` section as PEFT's own ``peft.LoraConfig`` for a model family (``config.model_type``)."""
+    import peft
 
-    return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=resolve_targets(targets, model_type),
+    return peft.LoraConfig(
+        task_type=peft.TaskType.CAUSAL_LM,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=resolve_targets(lora.targets, model_type),
         fan_in_fan_out=model_type == "gpt2",  # GPT-2's Conv1D stores weights transposed
         bias="none",
     )
 
 
-def apply_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.1, targets="attn"):
-    """Wrap ``model`` in a PEFT LoRA model; adapter weights are kept in fp32 even over a bf16 base."""
+def apply_lora(model, lora: LoraConfig):
+    """Wrap ``model`` in a PEFT LoRA model as the ``lora`` section asks; adapter weights are kept in fp32 even
+    over a bf16 base."""
     from peft import get_peft_model
 
-    cfg = make_lora_config(model.config.model_type, r, alpha, dropout, targets)
-    return get_peft_model(model, cfg, autocast_adapter_dtype=True)
+    return get_peft_model(model, peft_lora_config(model.config.model_type, lora), autocast_adapter_dtype=True)
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -361,7 +365,7 @@ def parameter_table(name: str, ranks=(4, 8, 16, 32), presets=("attn", "attn+proj
             with torch.device("meta"):
                 base = AutoModelForCausalLM.from_config(cfg)
             base_total = sum(p.numel() for p in base.parameters())
-            peft_model = apply_lora(base, r=r, alpha=2 * r, dropout=0.0, targets=preset)
+            peft_model = apply_lora(base, LoraConfig(r=r, alpha=2 * r, dropout=0.0, targets=preset))
             trainable, total = count_parameters(peft_model)
             rows.append(
                 {"targets": preset, "r": r, "trainable": trainable, "total": total, "base_total": base_total,

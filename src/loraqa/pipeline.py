@@ -32,7 +32,7 @@ from .metrics import best_scoring, patience_ran_out, score_seconds, scorings
 from .model import (
     apply_lora,
     count_parameters,
-    load_model_and_tokenizer,
+    load_model,
     position_limit,
     prepare_for_generation,
 )
@@ -198,14 +198,7 @@ def _dev_limit(cfg: ExperimentConfig) -> int | None:
 def _load_model(cfg: ExperimentConfig, resolved: Resolved, device):
     """The loaded base (tokenizer, device, precision) and the model to train: the base itself, or wrapped in a
     LoRA adapter."""
-    lm = load_model_and_tokenizer(
-        cfg.model.name,
-        cfg.model.precision,
-        cfg.model.attn_implementation,
-        str(device),
-        seed=cfg.train.seed,
-        trainable_base=resolved.full,
-    )
+    lm = load_model(cfg.model, device, seed=cfg.train.seed, trainable_base=resolved.full)
     limit = position_limit(lm.model)
     if limit is not None and cfg.prompt.max_length > limit:  # a long example would index past the positions
         raise ConfigError(
@@ -214,7 +207,7 @@ def _load_model(cfg: ExperimentConfig, resolved: Resolved, device):
         )
     if resolved.full:
         return lm, lm.model
-    return lm, apply_lora(lm.model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+    return lm, apply_lora(lm.model, cfg.lora)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -279,18 +272,14 @@ def _train(cfg, resolved: Resolved, run_dir: Path, model, lm, questions: Questio
 
 def _encode(cfg: ExperimentConfig, tok, questions: Questions, shared: bool):
     """The training features and their statistics, and the features of the logged eval loss."""
-    encoder = PromptEncoder(tok, max_length=cfg.prompt.max_length, loss_on=cfg.prompt.loss_on)
+    encoder = PromptEncoder(tok, cfg.prompt)
     no_answer = cfg.data.no_answer_text()
     train_features, train_stats = encode_train_set(encoder, questions.train, no_answer)
     if not train_features:
         raise ConfigError(f"no training examples left after encoding ({train_stats.summary()})")
     # The logged eval loss is always the loss on the answer tokens (+ EOS), whatever prompt.loss_on trains on:
     # it is what the generated answers depend on, and it keeps the loss_on=answer and =all runs comparable.
-    answer_encoder = (
-        encoder
-        if encoder.loss_on == "answer"
-        else PromptEncoder(tok, max_length=cfg.prompt.max_length, loss_on="answer")
-    )
+    answer_encoder = encoder if encoder.loss_on == "answer" else PromptEncoder(tok, cfg.prompt, loss_on="answer")
     loss_eval_features, _ = encode_train_set(answer_encoder, questions.dev[: cfg.data.loss_eval_limit], no_answer)
     log.info("train prompts: %s", train_stats.summary())
     if cfg.train.share_contexts and not shared:

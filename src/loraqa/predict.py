@@ -46,10 +46,10 @@ def load_answerer(run_dir: str | None = None, *, model: str | None = None, devic
         raise ConfigError(
             "give a run folder made by `loraqa train`, or --model NAME to ask a base model zero-shot"
         )
-    from .model import load_model_and_tokenizer, prepare_for_generation
+    from .model import load_model, prepare_for_generation
 
     cfg = apply_overrides(ExperimentConfig(), [("model.name", model), *overrides])
-    lm = load_model_and_tokenizer(cfg.model.name, cfg.model.precision, cfg.model.attn_implementation, device)
+    lm = load_model(cfg.model, device)
     return Answerer(cfg, prepare_for_generation(lm.model, precision=lm.precision), lm.tokenizer)
 
 

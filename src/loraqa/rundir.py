@@ -16,7 +16,7 @@ import torch
 
 from .config import ConfigError, ExperimentConfig, apply_overrides, load_config
 from .layout import CONFIG_FILE
-from .model import LoadedModel, load_model_and_tokenizer, prepare_for_generation
+from .model import LoadedModel, load_model, prepare_for_generation
 from .runfolder import (
     RunFolder,
     RunFolderError,
@@ -121,10 +121,7 @@ def load_run(
     check_weights(run_dir, full)
     # the seed the run's base was made with: a random built-in (tiny-random-gpt2) is made from it, and the
     # adapter was trained on exactly those weights
-    m = cfg.model
-    lm = load_model_and_tokenizer(
-        m.name, m.precision, m.attn_implementation, device, seed=cfg.train.seed, trainable_base=full
-    )
+    lm = load_model(cfg.model, device, seed=cfg.train.seed, trainable_base=full)
     if full:
         model = load_trained(lm.model, run_dir, True, lm.device)
     else:
