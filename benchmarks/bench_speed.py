@@ -306,10 +306,10 @@ def loraqa_run(name, device, data_dir, steps, warmup, n_questions, out_dir, over
     """``run_experiment`` with loraqa's defaults (plus ``overrides``); speeds from its metrics.json. ``steps``
     -1: one epoch of ``train_limit`` questions (-1: ``steps`` x 8; None: the whole train file)."""
     from loraqa.config import ExperimentConfig, apply_overrides, parse_overrides
-    from loraqa.model import load_config
+    from loraqa.model import load_hf_config
     from loraqa.pipeline import run_experiment
 
-    model_type = load_config(name).model_type
+    model_type = load_hf_config(name).model_type
     cfg = apply_overrides(
         ExperimentConfig(name=f"bench-{label}"),
         [("model.name", name), ("data.data_dir", str(data_dir)),
@@ -595,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     from loraqa.data import load_squad, squad_path
-    from loraqa.model import load_config, load_tokenizer
+    from loraqa.model import load_hf_config, load_tokenizer
     from loraqa.prompt import PromptEncoder, encode_train_set
 
     device = torch.device(args.device)
@@ -622,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         enc = PromptEncoder(load_tokenizer(name), max_length=512)
         features, _ = encode_train_set(enc, train_ex)
         prompts = [enc.encode_prompt(ex.context, ex.question) for ex in dev_ex]
-        config = load_config(name)
+        config = load_hf_config(name)
         with torch.device("meta"):
             shape = Shape.of(AutoModelForCausalLM.from_config(config), TARGETS[config.model_type])
         results: list[Result] = []

@@ -543,8 +543,7 @@ def test_saving_the_adapter_leaves_no_template_card(tmp_path):
     # PEFT's save writes a template README.md naming the base by its load path; none may stay in the folder,
     # not even in a run interrupted before its own card is written
     from loraqa.config import LoraConfig
-    from loraqa.model import apply_lora, load_base_model
-    from loraqa.rundir import save_trained
+    from loraqa.model import apply_lora, load_base_model, save_trained
 
     model = apply_lora(load_base_model("tiny-random-gpt2"), LoraConfig(r=4, alpha=8, dropout=0.0, targets="attn"))
     save_trained(model, None, tmp_path, full=False, base_name="tiny-random-gpt2")

@@ -127,7 +127,7 @@ def eval_zero_shot(cfg, out_dir, *, device: str | None = None, progress: bool = 
     from .data import evaluated, evaluated_read_limit, load_split
     from .io import write_json_atomic, write_text_atomic
     from .model import count_parameters, load_model
-    from .rundir import make_run_folder, write_predictions
+    from .runfolder import make_run_folder, write_predictions
 
     out_dir = Path(out_dir)
     if any((out_dir / f).exists() for f in (LOG_FILE, TRAIN_METRICS_FILE)):  # a trained run's own results
@@ -157,7 +157,8 @@ def eval_run_dir(run_dir, *, overrides: list[tuple[str, object]] | None = None, 
     ``metrics.json`` into ``out_dir`` (default: ``eval-<n>`` inside the run folder) and returns the metrics."""
     from .data import evaluated, evaluated_read_limit, load_split
     from .io import write_json_atomic
-    from .rundir import load_run, make_run_folder, write_predictions
+    from .model import load_run
+    from .runfolder import make_run_folder, write_predictions
 
     run_dir = Path(run_dir)
     if out_dir is not None:  # checked before any loading; the run's own metrics.json is never replaced

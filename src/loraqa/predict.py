@@ -38,7 +38,7 @@ def load_answerer(run_dir: str | None = None, *, model: str | None = None, devic
     if run_dir:
         if model:
             raise ConfigError("give a run folder or --model (zero-shot), not both")
-        from .rundir import load_run
+        from .model import load_run
 
         run = load_run(run_dir, overrides=list(overrides), device=device)
         return Answerer(run.cfg, run.model, run.lm.tokenizer)
