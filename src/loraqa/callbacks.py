@@ -147,7 +147,9 @@ class ClockCallback(TrainerCallback):
             self.prior = {k: v for k, v in read_json(pending).items() if k != "step"}
         else:  # a checkpoint saved without a clock: the time before it is unknown
             log.warning(
-                "%s has no %s: train time and tokens/s will cover only the resumed part", checkpoint, CLOCK_FILE
+                "%s has no %s: train time and tokens/s will cover only the resumed part",
+                checkpoint,
+                CLOCK_FILE,
             )
             self.prior = dict(self.prior, incomplete=True)
 

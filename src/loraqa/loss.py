@@ -31,7 +31,9 @@ def labelled_positions_loss(model, batch: dict, num_items: int | torch.Tensor | 
     tokens / ``num_items``, or their mean) where :func:`fast_loss_blocker` finds nothing against it."""
     lm = _base(model)
     hidden = lm.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch.get("position_ids")
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch.get("position_ids"),
     ).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX

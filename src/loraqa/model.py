@@ -120,10 +120,12 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     a CPU without it still gives bf16, with a warning: it is correct there, only very slow."""
     device = torch.device(device)
     if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
-        # measured on a 2-core AVX2-only EPYC (2026-12-04): a 616x576 @ 576x1536 matmul took 1,175 ms in bf16
-        # and 26.5 ms in fp32, so a run asked for in bf16 there trains many times slower than one in fp32
-        log.warning("model.precision=bf16 on a CPU without native bf16 (no AMX or AVX512-BF16 in its flags): "
-                    "its matmuls are emulated, far slower than fp32; use model.precision=auto or fp32")  # fmt: skip
+        # there a run in bf16 trains many times slower than one in fp32: on a 2-core AVX2-only EPYC a
+        # 616x576 @ 576x1536 matmul takes 1,175 ms in bf16 and 26.5 ms in fp32
+        log.warning(
+            "model.precision=bf16 on a CPU without native bf16 (no AMX or AVX512-BF16 in its flags): "
+            "its matmuls are emulated, far slower than fp32; use model.precision=auto or fp32"
+        )
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -382,9 +384,15 @@ def parameter_table(name: str, ranks=(4, 8, 16, 32), presets=("attn", "attn+proj
             peft_model = apply_lora(base, LoraConfig(r=r, alpha=2 * r, dropout=0.0, targets=preset))
             trainable, total = count_parameters(peft_model)
             rows.append(
-                {"targets": preset, "r": r, "trainable": trainable, "total": total, "base_total": base_total,
-                 "percent": 100.0 * trainable / total}
-            )  # fmt: skip
+                {
+                    "targets": preset,
+                    "r": r,
+                    "trainable": trainable,
+                    "total": total,
+                    "base_total": base_total,
+                    "percent": 100.0 * trainable / total,
+                }
+            )
     return rows
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import set_seed
+from transformers.trainer_callback import TrainerState
 
 from . import data as data_mod
 from . import dist, signals
@@ -114,7 +116,8 @@ def run_experiment(
     resolved = resolve(cfg)  # a bad batch or report target stops here, before any folder or loading
     lock = dist.on_main(lock_run_folder, run_dir)  # refused (on every process) if another run holds it
     try:
-        dist.on_main(prepare_run_dir, run_dir, cfg, overwrite)  # the others wait: none reads a half-made folder
+        # the others wait: none reads a half-made folder
+        dist.on_main(prepare_run_dir, run_dir, cfg, overwrite)
         try:
             command = current_command() if command is None else command
             return _run(cfg, resolved, run_dir, device, callbacks, progress, command, on_score)
@@ -132,8 +135,6 @@ def run_experiment(
 
 def _run(cfg, resolved: Resolved, run_dir: Path, device, callbacks, progress, command: str, on_score) -> dict:
     """The stages, in order: questions, model, training (or its saved result), evaluation, card, results."""
-    from transformers import set_seed
-
     if (run_dir / METRICS_FILE).exists():
         log.info("%s: finished already (metrics.json); pass --overwrite to run it again", run_dir)
         return read_json(run_dir / METRICS_FILE)
@@ -150,7 +151,8 @@ def _run(cfg, resolved: Resolved, run_dir: Path, device, callbacks, progress, co
     card = model_card(cfg, metrics, data=questions.info, command=command, model_type=model_type)
     if resolved.tensorboard:
         dist.on_main(log_final_scores, run_dir, metrics, metrics.get("train_steps") or 0)
-    return dist.on_main(_save_results, run_dir, records, metrics, card)  # the main process's figures, everywhere
+    # the main process's figures, on every process
+    return dist.on_main(_save_results, run_dir, records, metrics, card)
 
 
 # ---------------------------------------------------------------------------------------------- questions
@@ -228,23 +230,42 @@ def _trained(cfg, resolved: Resolved, run_dir: Path, model, lm, questions: Quest
     trainable, total = count_parameters(model)
     train_metrics = _train(cfg, resolved, run_dir, model, lm, questions, callbacks, on_score)
     train_metrics.update(trainable_params=trainable, total_params=total)
-    dist.on_main(_save_training, model, lm.tokenizer, run_dir, train_metrics, full=resolved.full,
-                 base_name=cfg.model.name)  # fmt: skip
+    dist.on_main(
+        _save_training,
+        model,
+        lm.tokenizer,
+        run_dir,
+        train_metrics,
+        full=resolved.full,
+        base_name=cfg.model.name,
+    )
     return model, train_metrics
 
 
-def _train(cfg, resolved: Resolved, run_dir: Path, model, lm, questions: Questions, callbacks, on_score) -> dict:
+def _train(
+    cfg, resolved: Resolved, run_dir: Path, model, lm, questions: Questions, callbacks, on_score
+) -> dict:
     """Train (from the last checkpoint, if any); the training's figures for metrics.json."""
-    train_features, train_stats, loss_eval_features = _encode(cfg, lm.tokenizer, questions, resolved.share_contexts)
+    train_features, train_stats, loss_eval_features = _encode(
+        cfg, lm.tokenizer, questions, resolved.share_contexts
+    )
     clock, interrupt = ClockCallback(lm.device), InterruptCallback()
     scorer = ScoreCallback(lm.tokenizer, list(questions.score), cfg, on_score=on_score)
     # the clock last: at a step's end it sees every save asked for, the interrupt callback's included
     tensorboard = [tensorboard_callback(run_dir)] if resolved.tensorboard else []
-    loop = [JsonlLogCallback(run_dir / LOG_FILE), FiniteLossCallback(), scorer, *(callbacks or []), *tensorboard,
-            interrupt, clock]  # fmt: skip
+    loop = [
+        JsonlLogCallback(run_dir / LOG_FILE),
+        FiniteLossCallback(),
+        scorer,
+        *(callbacks or []),
+        *tensorboard,
+        interrupt,
+        clock,
+    ]
     trainer = _make_trainer(cfg, resolved, run_dir, model, lm, train_features, loss_eval_features, loop)
     clock.trainer = scorer.trainer = trainer
-    resume = dist.on_main(last_checkpoint, run_dir / CHECKPOINTS_DIR)  # it removes half-written ones: one answer
+    # on the main process: it removes half-written checkpoints, and every process must resume from the same
+    resume = dist.on_main(last_checkpoint, run_dir / CHECKPOINTS_DIR)
     if resume:
         log.info("resuming from %s", resume)
     clock.resume_from(resume)
@@ -281,8 +302,12 @@ def _encode(cfg: ExperimentConfig, tok, questions: Questions, shared: bool):
         raise ConfigError(f"no training examples left after encoding ({train_stats.summary()})")
     # The logged eval loss is always the loss on the answer tokens (+ EOS), whatever prompt.loss_on trains on:
     # it is what the generated answers depend on, and it keeps the loss_on=answer and =all runs comparable.
-    answer_encoder = encoder if encoder.loss_on == "answer" else PromptEncoder(tok, cfg.prompt, loss_on="answer")
-    loss_eval_features, _ = encode_train_set(answer_encoder, questions.dev[: cfg.data.loss_eval_limit], no_answer)
+    answer_encoder = (
+        encoder if encoder.loss_on == "answer" else PromptEncoder(tok, cfg.prompt, loss_on="answer")
+    )
+    loss_eval_features, _ = encode_train_set(
+        answer_encoder, questions.dev[: cfg.data.loss_eval_limit], no_answer
+    )
     log.info("train prompts: %s", train_stats.summary())
     if cfg.train.share_contexts and not shared:
         why = "prompt.loss_on=all" if cfg.prompt.loss_on != "answer" else "flash_attention_2"
@@ -290,8 +315,9 @@ def _encode(cfg: ExperimentConfig, tok, questions: Questions, shared: bool):
     return train_features, train_stats, loss_eval_features
 
 
-def _make_trainer(cfg, resolved: Resolved, run_dir: Path, model, lm, train_features, loss_eval_features,
-                  callbacks: list) -> QATrainer:  # fmt: skip
+def _make_trainer(
+    cfg, resolved: Resolved, run_dir: Path, model, lm, train_features, loss_eval_features, callbacks: list
+) -> QATrainer:
     args = training_arguments(
         cfg.train,
         run_dir / CHECKPOINTS_DIR,
@@ -325,8 +351,6 @@ def _fit(trainer, resume: str | None, clock, interrupt, *, full: bool, patience:
     if finished and _training_ended(finished, patience):
         # a checkpoint at the end of training (killed before the trained weights were saved) is taken as it
         # is: resumed from, the Trainer (transformers 5.24) would run one step more than an uninterrupted run
-        from transformers.trainer_callback import TrainerState
-
         load_checkpoint_weights(dist.unwrap(trainer.model), Path(resume), full)
         trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
         clock.start_step = trainer.state.global_step
@@ -347,7 +371,9 @@ def _training_ended(state: dict, patience: int) -> bool:
     return planned or patience_ran_out(state.get("log_history", []), patience)
 
 
-def _scoring_summary(trainer, cfg: ExperimentConfig, full: bool, n_questions: int, pruned_at: int | None) -> dict:
+def _scoring_summary(
+    trainer, cfg: ExperimentConfig, full: bool, n_questions: int, pruned_at: int | None
+) -> dict:
     """What the in-training scores decided, for metrics.json, read from the Trainer's log history alone (so a
     resumed run reaches the same): with ``train.keep_best`` the model gets the best scoring's weights back
     from its checkpoint (the final evaluation and the saved adapter are that one)."""
@@ -371,8 +397,12 @@ def _scoring_summary(trainer, cfg: ExperimentConfig, full: bool, n_questions: in
         if best[0] != step:
             checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{best[0]}"
             load_checkpoint_weights(dist.unwrap(trainer.model), checkpoint, full)
-            log.info("keep_best: the adapter of step %d (eval_f1 %.2f on %d questions) is the run's", best[0],
-                     best[1], n_questions)  # fmt: skip
+            log.info(
+                "keep_best: the adapter of step %d (eval_f1 %.2f on %d questions) is the run's",
+                best[0],
+                best[1],
+                n_questions,
+            )
     return out
 
 
@@ -404,7 +434,10 @@ def _final_losses(history: list[dict], final_eval: dict) -> dict:
     """The last logged train loss, and the eval loss of the final pass (else the last logged one)."""
     train = [h["loss"] for h in history if "loss" in h]
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-    losses = {"final_train_loss": train[-1] if train else None, "final_eval_loss": evals[-1] if evals else None}
+    losses = {
+        "final_train_loss": train[-1] if train else None,
+        "final_eval_loss": evals[-1] if evals else None,
+    }
     if final_eval:
         losses["final_eval_loss"] = final_eval["eval_loss"]
         losses["eval_loss_on"] = "answer"  # see _encode; runs without this key logged prompt.loss_on's loss
@@ -420,7 +453,9 @@ def _save_training(model, tok, run_dir: Path, train_metrics: dict, *, full: bool
 # ---------------------------------------------------------------------------------------------- results
 
 
-def _evaluate(cfg: ExperimentConfig, run_dir: Path, model, lm, dev: list, train_metrics: dict, progress: bool):
+def _evaluate(
+    cfg: ExperimentConfig, run_dir: Path, model, lm, dev: list, train_metrics: dict, progress: bool
+):
     """The final evaluation's per-question records and metrics.json's content."""
     records, summary = evaluate_model(
         model,
@@ -453,10 +488,20 @@ def _evaluate(cfg: ExperimentConfig, run_dir: Path, model, lm, dev: list, train_
     return records, metrics
 
 
-def _save_pruned(cfg: ExperimentConfig, run_dir: Path, lm, train_metrics: dict, data_info: dict, command: str):
+def _save_pruned(
+    cfg: ExperimentConfig, run_dir: Path, lm, train_metrics: dict, data_info: dict, command: str
+):
     """A trial a search stopped: no final evaluation; its in-training scores are its record."""
-    pruned = {**train_metrics, "pruned": True, "exact_match": None, "f1": None, "n_questions": 0,
-              "model": cfg.model.name, "method": cfg.train.method, "precision": lm.precision}  # fmt: skip
+    pruned = {
+        **train_metrics,
+        "pruned": True,
+        "exact_match": None,
+        "f1": None,
+        "n_questions": 0,
+        "model": cfg.model.name,
+        "method": cfg.train.method,
+        "precision": lm.precision,
+    }
     card = model_card(cfg, pruned, data=data_info, command=command)
     return dist.on_main(_save_results, run_dir, [], pruned, card)
 

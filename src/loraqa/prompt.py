@@ -170,8 +170,12 @@ class PromptEncoder:
         else:
             labels = list(input_ids)
         stats.encoded += 1
-        return {"input_ids": input_ids, "labels": labels, "prompt_length": len(prompt),
-                "context_length": len(self._prefix_ids) + len(ctx_ids)}  # fmt: skip
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "prompt_length": len(prompt),
+            "context_length": len(self._prefix_ids) + len(ctx_ids),
+        }
 
 
 def _answer_window(
@@ -203,8 +207,9 @@ def encode_train_set(
     features = []
     for ex in examples:
         if getattr(ex, "is_impossible", False) and unanswerable_answer is not None:
-            feat = encoder.encode_train(ex.context, ex.question, unanswerable_answer, None, stats,
-                                        answer_in_context=False)  # fmt: skip
+            feat = encoder.encode_train(
+                ex.context, ex.question, unanswerable_answer, None, stats, answer_in_context=False
+            )
         elif not ex.answers:
             stats.skipped["no gold answer"] += 1
             continue

@@ -45,7 +45,9 @@ def log_final_scores(run_dir: Path, metrics: dict, step: int) -> None:
     last training step, beside the training curves."""
     from torch.utils.tensorboard import SummaryWriter
 
-    keys = ["exact_match", "f1"] + [k for k in metrics if k.startswith(("HasAns_", "NoAns_")) and "total" not in k]
+    keys = ["exact_match", "f1"] + [
+        k for k in metrics if k.startswith(("HasAns_", "NoAns_")) and "total" not in k
+    ]
     with SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR)) as writer:
         for key in keys:
             if metrics.get(key) is not None:

@@ -58,7 +58,12 @@ class QATrainer(Trainer):
     """
 
     def __init__(
-        self, *args, fast_loss: bool = True, share_contexts: bool = False, base_name: str | None = None, **kwargs
+        self,
+        *args,
+        fast_loss: bool = True,
+        share_contexts: bool = False,
+        base_name: str | None = None,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.base_name = base_name  # the config's model name, for the checkpoints' adapter_config.json
@@ -125,7 +130,9 @@ class QATrainer(Trainer):
         # the global batch: accelerate deals each process its share of it
         group = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         if self.share_contexts and isinstance(dataset, list):
-            self.epoch_sampler = SharedContextBatches(dataset, group, by_length=by_length, seed=self.args.seed)
+            self.epoch_sampler = SharedContextBatches(
+                dataset, group, by_length=by_length, seed=self.args.seed
+            )
         elif by_length and isinstance(dataset, list):
             lengths = [len(f["input_ids"]) for f in dataset]
             self.epoch_sampler = LengthGroupedBatches(lengths, group, seed=self.args.seed)
@@ -166,9 +173,14 @@ def per_process_batch(train: TrainConfig) -> int:
 def checkpointing_arguments(on: bool) -> dict:
     """TrainingArguments for activation checkpointing, under the name this transformers knows (5.24 renamed
     ``gradient_checkpointing`` to ``activation_checkpointing`` and warns on the old name)."""
-    name = "activation" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient"
+    name = (
+        "activation" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient"
+    )
     # non-reentrant: needs no input that requires grad (the embeddings are frozen) and restores autocast
-    return {f"{name}_checkpointing": on, f"{name}_checkpointing_kwargs": {"use_reentrant": False} if on else None}
+    return {
+        f"{name}_checkpointing": on,
+        f"{name}_checkpointing_kwargs": {"use_reentrant": False} if on else None,
+    }
 
 
 def enable_checkpointing(model) -> None:
