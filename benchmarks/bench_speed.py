@@ -19,7 +19,7 @@ collator padding to the longest example of each batch, the model's own loss over
 position), then ``model.generate`` one question at a time (greedy, at most 32 new tokens, stopping at a newline
 or EOS via the same stop-token ids). It uses loraqa's prompt encoder, so both sides see identical tokens.
 
-loraqa's side is ``loraqa.train.run_experiment`` (what ``loraqa train`` runs) with its defaults; only the
+loraqa's side is ``loraqa.pipeline.run_experiment`` (what ``loraqa train`` runs) with its defaults; only the
 run length (steps, dev questions), the LoRA targets (q/v, as in the reference) and a short warm-up (the same in
 both) are set. Its speeds are read from the run's ``metrics.json``, so they are the numbers ``loraqa train``
 reports. ``--variant KEY=VALUE[,KEY=VALUE]`` adds a loraqa run with config overrides (to measure one speed
@@ -220,14 +220,15 @@ def reference_run(
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
+    from loraqa.config import ModelConfig
     from loraqa.generate import first_line, stop_token_ids
     from loraqa.metrics import score_predictions
-    from loraqa.model import load_model_and_tokenizer
+    from loraqa.model import load_model
 
     set_seed(SEED)
     from loraqa.evaluate import peak_memory_mb, reset_peak_memory
 
-    lm = load_model_and_tokenizer(name, "fp32", "sdpa", str(device), seed=SEED)
+    lm = load_model(ModelConfig(name=name, precision="fp32", attn_implementation="sdpa"), device, seed=SEED)
     model, tok = lm.model, lm.tokenizer
     model_type = model.config.model_type
     lora = LoraConfig(
@@ -305,10 +306,10 @@ def loraqa_run(name, device, data_dir, steps, warmup, n_questions, out_dir, over
     """``run_experiment`` with loraqa's defaults (plus ``overrides``); speeds from its metrics.json. ``steps``
     -1: one epoch of ``train_limit`` questions (-1: ``steps`` x 8; None: the whole train file)."""
     from loraqa.config import ExperimentConfig, apply_overrides, parse_overrides
-    from loraqa.model import load_config
-    from loraqa.train import run_experiment
+    from loraqa.model import load_hf_config
+    from loraqa.pipeline import run_experiment
 
-    model_type = load_config(name).model_type
+    model_type = load_hf_config(name).model_type
     cfg = apply_overrides(
         ExperimentConfig(name=f"bench-{label}"),
         [("model.name", name), ("data.data_dir", str(data_dir)),
@@ -363,15 +364,16 @@ def generation_switches(name, device, run_dir, prompts, batch_size: int = 32) ->
     (one at a time); the run's own evaluation used the defaults."""
     from peft import PeftModel
 
+    from loraqa.config import ModelConfig
     from loraqa.generate import generate_answers
-    from loraqa.model import load_model_and_tokenizer, prepare_for_generation
+    from loraqa.model import load_model, prepare_for_generation
 
     bases = {}
     rows, reference = [], None
     for label, merge, precision, kwargs in GENERATION_SWITCHES:
         key = precision or "auto"
         if key not in bases:
-            bases[key] = load_model_and_tokenizer(name, key, "sdpa", str(device), seed=SEED)
+            bases[key] = load_model(ModelConfig(name=name, precision=key, attn_implementation="sdpa"), device, seed=SEED)
         lm = bases[key]
         model = PeftModel.from_pretrained(copy.deepcopy(lm.model), run_dir)
         model = prepare_for_generation(model, merge=merge, precision=lm.precision)
@@ -593,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     from loraqa.data import load_squad, squad_path
-    from loraqa.model import load_config, load_tokenizer
+    from loraqa.model import load_hf_config, load_tokenizer
     from loraqa.prompt import PromptEncoder, encode_train_set
 
     device = torch.device(args.device)
@@ -620,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         enc = PromptEncoder(load_tokenizer(name), max_length=512)
         features, _ = encode_train_set(enc, train_ex)
         prompts = [enc.encode_prompt(ex.context, ex.question) for ex in dev_ex]
-        config = load_config(name)
+        config = load_hf_config(name)
         with torch.device("meta"):
             shape = Shape.of(AutoModelForCausalLM.from_config(config), TARGETS[config.model_type])
         results: list[Result] = []

@@ -16,7 +16,7 @@ import sys
 from transformers import TrainerCallback
 
 from loraqa.config import load_config
-from loraqa.train import run_experiment
+from loraqa.pipeline import run_experiment
 
 
 def status(field: str) -> float:

@@ -48,31 +48,33 @@ def main(argv: list[str] | None = None) -> int:
     from torch.profiler import ProfilerActivity, profile
     from transformers import set_seed
 
+    from loraqa.batching import QACollator
     from loraqa.config import ExperimentConfig, apply_overrides, parse_overrides
     from loraqa.data import load_squad, squad_path
-    from loraqa.model import apply_lora, load_model_and_tokenizer
+    from loraqa.model import apply_lora, load_model
     from loraqa.packing import SharedContextCollator
+    from loraqa.pipeline import resolve
     from loraqa.prompt import PromptEncoder, encode_train_set
-    from loraqa.train import shares_contexts
-    from loraqa.trainer import QACollator, enable_checkpointing, make_trainer_class, training_arguments
+    from loraqa.trainer import QATrainer, enable_checkpointing, training_arguments
 
     base = [("model.name", args.model), ("lora.targets", ["q_proj", "v_proj"]), ("train.eval_steps", 0),
             ("train.save_steps", 0)]  # fmt: skip
     cfg = apply_overrides(ExperimentConfig(), base + parse_overrides(args.overrides))
     set_seed(cfg.train.seed)
-    full = cfg.train.method == "full"  # as run_experiment loads it: fp32 master weights, no adapters
-    lm = load_model_and_tokenizer(cfg.model.name, cfg.model.precision, cfg.model.attn_implementation, "cpu",
-                                  trainable_base=full)  # fmt: skip
-    model = lm.model if full else apply_lora(lm.model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+    resolved = resolve(cfg)  # as loraqa train decides
+    # as run_experiment loads it: full fine-tuning keeps fp32 master weights and has no adapters
+    lm = load_model(cfg.model, "cpu", trainable_base=resolved.full)
+    model = lm.model if resolved.full else apply_lora(lm.model, cfg.lora)
     examples, _ = load_squad(squad_path("train", args.data_dir), split="train", limit=args.questions)
-    encoder = PromptEncoder(lm.tokenizer, cfg.prompt.max_length, loss_on=cfg.prompt.loss_on)
+    encoder = PromptEncoder(lm.tokenizer, cfg.prompt)
     features, _ = encode_train_set(encoder, examples)
-    shared = shares_contexts(cfg)  # as loraqa train decides
+    shared = resolved.share_contexts
     if cfg.train.gradient_checkpointing:  # what Trainer.train would do first; the steps below call the loss
         enable_checkpointing(model)
     collator = (SharedContextCollator if shared else QACollator)(lm.tokenizer.pad_token_id)
-    targs = training_arguments(cfg, Path("/tmp/loraqa-profile"), lm.precision, lm.device)
-    trainer = make_trainer_class()(model=model, args=targs, train_dataset=features, data_collator=collator,
+    targs = training_arguments(cfg.train, Path("/tmp/loraqa-profile"), per_process_batch=resolved.per_process_batch,
+                               reporters=list(resolved.reporters), precision=lm.precision, device=lm.device)
+    trainer = QATrainer(model=model, args=targs, train_dataset=features, data_collator=collator,
                                    fast_loss=cfg.train.fast_loss, share_contexts=shared)  # fmt: skip
     torch.manual_seed(0)
     order = list(trainer._get_train_sampler())

@@ -28,7 +28,7 @@ import transformers.trainer  # noqa: E402, F401
 from transformers.trainer_callback import TrainerState  # noqa: E402
 
 import loraqa.io  # noqa: E402
-import loraqa.train  # noqa: E402
+import loraqa.pipeline  # noqa: E402
 from loraqa.cli import main  # noqa: E402
 
 EVENTS: list[list[str]] = []
@@ -60,7 +60,6 @@ def install_events() -> None:
     orig_torch_save, orig_save_file = torch.save, safetensors.torch.save_file
     orig_state_save, orig_atomic = TrainerState.save_to_json, loraqa.io.write_text_atomic
     orig_replace, orig_rmtree = os.replace, shutil.rmtree
-    orig_trainer_class = loraqa.train.make_trainer_class
 
     def torch_save(obj, f, *args, **kwargs):
         if isinstance(f, (str, os.PathLike)):
@@ -96,14 +95,11 @@ def install_events() -> None:
         event("rmtree", path, remove_one)
         return orig_rmtree(path, *args, **kwargs)
 
-    def make_trainer_class():
-        class Counted(orig_trainer_class()):
-            def training_step(self, *args, **kwargs):
-                loss = super().training_step(*args, **kwargs)
-                event("step", self.state.global_step + 1)
-                return loss
-
-        return Counted
+    class Counted(loraqa.pipeline.QATrainer):
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            event("step", self.state.global_step + 1)
+            return loss
 
     _replace_everywhere(orig_torch_save, torch_save)
     _replace_everywhere(orig_save_file, save_file)
@@ -112,7 +108,7 @@ def install_events() -> None:
     _replace_everywhere(orig_atomic, write_text_atomic)
     os.replace = replace
     _replace_everywhere(orig_rmtree, rmtree)
-    loraqa.train.make_trainer_class = make_trainer_class
+    loraqa.pipeline.QATrainer = Counted
 
 
 def command(data_dir: str, out: Path) -> list[str]:

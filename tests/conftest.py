@@ -31,7 +31,7 @@ def answering_run(tmp_path_factory):
     Its metrics.json holds EM/F1 on 8 dev questions. The serve tests' model."""
     from loraqa.config import ExperimentConfig, apply_overrides
     from loraqa.data import make_synthetic_squad
-    from loraqa.train import run_experiment
+    from loraqa.pipeline import run_experiment
 
     root = tmp_path_factory.mktemp("answering")
     data = make_synthetic_squad(root / "data", n_train=64, n_dev=8)

@@ -24,7 +24,7 @@ import pytest
 from loraqa.config import ConfigError, ExperimentConfig, apply_overrides
 from loraqa.data import load_squad
 from loraqa.layout import LOCK_FILE
-from loraqa.train import run_experiment
+from loraqa.pipeline import run_experiment
 
 pytestmark = pytest.mark.slow  # each torchrun starts two Python processes that import torch (~5 s each)
 
@@ -237,9 +237,9 @@ def test_a_batch_that_does_not_split_over_the_processes_is_one_clear_error(monke
     cfg = apply_overrides(ExperimentConfig(), [("train.batch_size", 8)])
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError, match=r"train\.batch_size=8 .* 3 processes"):
-        per_process_batch(cfg)
+        per_process_batch(cfg.train)
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert per_process_batch(cfg) == 2
+    assert per_process_batch(cfg.train) == 2
 
 
 def test_shares_cover_every_item_once_in_order(monkeypatch):

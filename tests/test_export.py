@@ -102,7 +102,7 @@ def test_export_of_a_smollm2_run_keeps_its_gguf_tokenizer(tmp_path, synthetic_di
     from loraqa.data import load_squad
     from loraqa.export import export_run
     from loraqa.model import load_tokenizer
-    from loraqa.train import run_experiment
+    from loraqa.pipeline import run_experiment
 
     cfg = apply_overrides(ExperimentConfig(), [
         ("model.name", "smollm2-135m"), ("model.precision", "fp32"), ("data.data_dir", str(synthetic_dir)),

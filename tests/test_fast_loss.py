@@ -17,18 +17,12 @@ import pytest
 import torch
 
 from helpers import nonzero_lora_b
+from loraqa.config import LoraConfig
 from loraqa.generate import first_line, generate_answers, stop_token_ids
+from loraqa.loss import decoder_layers, fast_loss_blocker, labelled_positions_loss
 from loraqa.model import apply_lora
 from loraqa.prompt import IGNORE_INDEX
-from loraqa.trainer import (
-    checkpointing_arguments,
-    decoder_layers,
-    enable_checkpointing,
-    fast_loss_blocker,
-    fast_loss_supported,
-    labelled_positions_loss,
-    make_trainer_class,
-)
+from loraqa.trainer import QATrainer, checkpointing_arguments, enable_checkpointing
 
 VOCAB = 50257  # the GPT-2 tokenizer's, so the generation test can use the real tokenizer
 
@@ -71,7 +65,7 @@ TARGETS = {"gpt2": ["c_attn", "c_proj"]}
 def lora(model, seed: int = 1, dropout: float = 0.0):
     """A LoRA adapter whose B matrices are non-zero (PEFT starts them at zero), so adapters matter."""
     targets = TARGETS.get(model.config.model_type, ["q_proj", "v_proj", "o_proj", "down_proj"])
-    return nonzero_lora_b(apply_lora(model, r=4, alpha=8, dropout=dropout, targets=targets), seed)
+    return nonzero_lora_b(apply_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout, targets=targets)), seed)
 
 
 def make_batch(seed: int = 0) -> dict:
@@ -97,7 +91,7 @@ def trainer_for(model, tmp_path, fast_loss: bool = True):
 
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=3,
                              remove_unused_columns=False)  # fmt: skip
-    return make_trainer_class()(model=model, args=args, fast_loss=fast_loss)
+    return QATrainer(model=model, args=args, fast_loss=fast_loss)
 
 
 def grads(model) -> dict[str, torch.Tensor]:
@@ -109,7 +103,7 @@ def test_allowed_families_fast_loss_and_gradients_equal_the_models_own(family, t
     model = lora(tiny_model(family))
     model.eval()
     batch = make_batch()
-    assert fast_loss_supported(model), fast_loss_blocker(model)
+    assert fast_loss_blocker(model) is None, fast_loss_blocker(model)
     reference = model(**batch).loss
     reference.backward()
     ref_grads = grads(model)
@@ -134,7 +128,7 @@ def test_logit_processing_families_fall_back_to_the_models_own_loss(family, sett
     reference = model(**batch).loss
     # the danger: the fast path skips the family's logit processing and computes another loss
     assert rel(labelled_positions_loss(model, batch), reference) > 1e-2
-    assert not fast_loss_supported(model)
+    assert fast_loss_blocker(model) is not None
     assert repr(family) in fast_loss_blocker(model)
     with caplog.at_level(logging.WARNING, logger="loraqa.trainer"):
         trainer = trainer_for(model, tmp_path, fast_loss=True)
@@ -150,7 +144,7 @@ def test_a_listed_family_with_a_logit_modifier_in_its_config_falls_back():
     model.config.logits_scaling = 2.0
     assert "logits_scaling=2.0" in fast_loss_blocker(model)
     model.config.logits_scaling = 1.0
-    assert fast_loss_supported(model)
+    assert fast_loss_blocker(model) is None
 
 
 def test_fast_loss_off_in_the_config_is_not_logged(tmp_path, caplog):
@@ -215,7 +209,7 @@ def test_gradient_checkpointing_recomputes_layers_and_keeps_loss_and_gradients_i
         args = TrainingArguments(output_dir=str(tmp_path / str(checkpointing)), use_cpu=True, bf16=True,
                                  report_to=[], per_device_train_batch_size=3, remove_unused_columns=False,
                                  **checkpointing_arguments(checkpointing))  # fmt: skip
-        trainer = make_trainer_class()(model=model, args=args)
+        trainer = QATrainer(model=model, args=args)
         trainer.create_optimizer_and_scheduler(num_training_steps=1)
         if checkpointing:  # what Trainer.train does first
             enable_checkpointing(trainer.model)

@@ -160,7 +160,7 @@ def test_a_really_full_disk_mid_run(data_dir, small_filesystem, monkeypatch):
     """On a real small filesystem, filled once checkpoint-2 is saved: the next write meets ENOSPC."""
     from transformers import TrainerCallback
 
-    from loraqa import cli, train
+    from loraqa import cli, pipeline
 
     out = small_filesystem / "run"
     filler = small_filesystem / "filler"
@@ -176,7 +176,7 @@ def test_a_really_full_disk_mid_run(data_dir, small_filesystem, monkeypatch):
                     except OSError:
                         pass
 
-    monkeypatch.setattr(train, "make_finite_loss_callback", FillTheDisk)  # in its place among the callbacks
+    monkeypatch.setattr(pipeline, "FiniteLossCallback", FillTheDisk)  # in its place among the callbacks
     rc, err = run_cli(train_args(data_dir.resolve(), out))
     assert rc == 1 and "no space left on device" in one_error_line(err)
     good = out / "checkpoints" / "checkpoint-2"

@@ -176,7 +176,7 @@ def tiny(data_dir, fmt, **extra):
 
 
 def test_a_run_on_jsonl_data(tmp_path, synthetic_dir):
-    from loraqa.train import run_experiment
+    from loraqa.pipeline import run_experiment
 
     # the synthetic SQuAD questions as JSONL files
     for split in ("train", "dev"):
@@ -190,7 +190,7 @@ def test_a_run_on_jsonl_data(tmp_path, synthetic_dir):
 
 
 def test_a_run_on_squad_v2_scores_hasans_and_noans(tmp_path):
-    from loraqa.train import run_experiment
+    from loraqa.pipeline import run_experiment
     from test_squad_v2 import v2_dev
 
     for split in ("train", "dev"):

@@ -23,9 +23,10 @@ class Stop(Exception):
 
 @pytest.fixture
 def lm():
-    from loraqa.model import load_model_and_tokenizer
+    from loraqa.config import ModelConfig
+    from loraqa.model import load_model
 
-    return load_model_and_tokenizer("tiny-random-gpt2", precision="fp32", device="cpu")
+    return load_model(ModelConfig(name="tiny-random-gpt2", precision="fp32"), "cpu")
 
 
 @pytest.fixture
@@ -126,7 +127,7 @@ def test_a_journal_of_another_model_or_settings_is_answered_again(lm, dev, tmp_p
 def test_a_run_stopped_while_answering_resumes_its_answers(tmp_path, synthetic_dir, monkeypatch, batches):
     """``loraqa train`` keeps its answers in the run folder: stopped during its final evaluation, the rerun
     loads the trained adapter, answers only the batches not kept, and writes what an uninterrupted run does."""
-    from loraqa.train import run_experiment
+    from loraqa.pipeline import run_experiment
     from test_train import tiny_config
 
     cfg = tiny_config(synthetic_dir, **{"train.lr": 0.05, "eval.batch_size": 2, "eval.batch_invariant": False})

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from loraqa import model as model_mod
+from loraqa.config import LoraConfig, ModelConfig
 from loraqa.model import (
     ModelLoadError,
     apply_lora,
     count_parameters,
-    load_model_and_tokenizer,
+    load_model,
     parameter_table,
     resolve_targets,
 )
@@ -50,22 +51,22 @@ def test_presets_per_architecture():
 def test_unreachable_hub_gives_a_clear_error(monkeypatch):
     monkeypatch.setattr(model_mod, "_HUB_REACHABLE", False)
     with pytest.raises(ModelLoadError, match="smollm2-135m"):
-        load_model_and_tokenizer("no-such-org/no-such-model", device="cpu")
+        load_model(ModelConfig(name="no-such-org/no-such-model"), "cpu")
     with pytest.raises(ModelLoadError, match="no such GGUF"):
-        load_model_and_tokenizer("/nonexistent/model.gguf", device="cpu")
+        load_model(ModelConfig(name="/nonexistent/model.gguf"), "cpu")
 
 
 def test_tiny_random_gpt2_uses_the_real_tokenizer():
-    lm = load_model_and_tokenizer("tiny-random-gpt2", precision="fp32", device="cpu")
+    lm = load_model(ModelConfig(name="tiny-random-gpt2", precision="fp32"), "cpu")
     assert lm.tokenizer("Hello world")["input_ids"] == [15496, 995]  # GPT-2 BPE ids
     assert lm.model.config.n_layer == 2 and lm.model.dtype == torch.float32
     assert lm.tokenizer.pad_token_id == lm.tokenizer.eos_token_id == 50256
 
 
 def test_bf16_stores_a_frozen_base_in_bf16_and_adapters_in_fp32():
-    lm = load_model_and_tokenizer("tiny-random-gpt2", precision="bf16", device="cpu")
+    lm = load_model(ModelConfig(name="tiny-random-gpt2", precision="bf16"), "cpu")
     assert lm.model.dtype == torch.bfloat16
-    peft_model = apply_lora(lm.model, r=4, targets="attn")
+    peft_model = apply_lora(lm.model, LoraConfig(r=4, targets="attn"))
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
     assert all("lora_" in n for n in trainable)
@@ -125,9 +126,9 @@ def test_lora_mathematics_on_one_layer():
 
 
 def test_count_parameters_on_a_lora_model():
-    lm = load_model_and_tokenizer("tiny-random-gpt2", precision="fp32", device="cpu")
+    lm = load_model(ModelConfig(name="tiny-random-gpt2", precision="fp32"), "cpu")
     _, base_total = count_parameters(lm.model)
-    peft_model = apply_lora(lm.model, r=4, targets="attn+proj")
+    peft_model = apply_lora(lm.model, LoraConfig(r=4, targets="attn+proj"))
     trainable, total = count_parameters(peft_model)
     # per layer: c_attn 64->192, attn.c_proj 64->64, mlp.c_proj 256->64
     assert trainable == 2 * 4 * ((64 + 192) + (64 + 64) + (256 + 64))
@@ -136,7 +137,7 @@ def test_count_parameters_on_a_lora_model():
 
 @pytest.mark.slow
 def test_packaged_smollm2_loads_from_gguf_as_a_plain_trainable_model():
-    lm = load_model_and_tokenizer("smollm2-135m", precision="fp32", device="cpu")
+    lm = load_model(ModelConfig(name="smollm2-135m", precision="fp32"), "cpu")
     m = lm.model
     assert type(m).__name__ == "LlamaForCausalLM"
     assert getattr(m, "hf_quantizer", None) is None and not getattr(m, "is_quantized", False)
@@ -154,6 +155,6 @@ def test_packaged_smollm2_loads_from_gguf_as_a_plain_trainable_model():
     from transformers import Trainer, TrainingArguments
 
     Trainer(
-        model=apply_lora(m, r=4),
+        model=apply_lora(m, LoraConfig(r=4)),
         args=TrainingArguments(output_dir="/tmp/loraqa-t", use_cpu=True, report_to=[]),
     )

@@ -22,13 +22,15 @@ import pytest
 import torch
 
 from helpers import nonzero_lora_b
-from loraqa.config import ExperimentConfig, apply_overrides
+from loraqa.batching import LengthGroupedBatches, QACollator
+from loraqa.config import ExperimentConfig, LoraConfig, apply_overrides
 from loraqa.data import load_squad, make_synthetic_squad
 from loraqa.generate import first_line, generate_answers, plan_batches, stop_token_ids
+from loraqa.loss import labelled_positions_loss
 from loraqa.model import apply_lora, load_base_model, prepare_for_generation
+from loraqa.pipeline import run_experiment
 from loraqa.prompt import IGNORE_INDEX, PromptEncoder, encode_train_set
-from loraqa.train import run_experiment
-from loraqa.trainer import LengthGroupedBatches, QACollator, labelled_positions_loss, make_trainer_class
+from loraqa.trainer import QATrainer
 
 
 def rel(a: torch.Tensor | float, b: torch.Tensor | float) -> float:
@@ -55,8 +57,8 @@ def batch(data_dir, gpt2_tokenizer):
 
 def lora_model(seed: int = 0, dropout: float = 0.1):
     """Tiny GPT-2 with a LoRA adapter whose B matrices are non-zero (PEFT starts them at zero)."""
-    model = apply_lora(load_base_model("tiny-random-gpt2", seed=seed), r=4, alpha=8, dropout=dropout,
-                       targets="attn+proj")  # fmt: skip
+    lora = LoraConfig(r=4, alpha=8, dropout=dropout, targets="attn+proj")
+    model = apply_lora(load_base_model("tiny-random-gpt2", seed=seed), lora)
     return nonzero_lora_b(model, seed + 1)
 
 
@@ -86,7 +88,7 @@ def trainer_for(model, tmp_path, *, bf16: bool, fast_loss: bool):
 
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=bf16, report_to=[],
                              per_device_train_batch_size=8, remove_unused_columns=False)  # fmt: skip
-    return make_trainer_class()(model=model, args=args, fast_loss=fast_loss)
+    return QATrainer(model=model, args=args, fast_loss=fast_loss)
 
 
 def test_fp32_trainer_loss_equals_the_reference_trainers(batch, tmp_path, monkeypatch):
@@ -320,11 +322,10 @@ def test_length_grouped_batches_are_full_similar_and_seeded():
 def test_the_trainer_uses_length_grouped_batches(tmp_path, batch):
     from transformers import TrainingArguments
 
-    trainer_cls = make_trainer_class()
     features = [{"input_ids": [1] * n, "labels": [1] * n} for n in (5, 50, 6, 51, 7, 52, 8, 53)]
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=2,
                              train_sampling_strategy="group_by_length", remove_unused_columns=False)  # fmt: skip
-    trainer = trainer_cls(model=lora_model(), args=args, train_dataset=features)
+    trainer = QATrainer(model=lora_model(), args=args, train_dataset=features)
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, LengthGroupedBatches)
     order = list(sampler)

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from loraqa.config import ConfigError, ExperimentConfig, apply_overrides
 from loraqa.metrics import best_scoring, scorings_since_best
+from loraqa.pipeline import run_experiment
 from loraqa.scoring import ScoreCallback
-from loraqa.train import run_experiment
 
 
 def tiny_config(data_dir, **overrides) -> ExperimentConfig:
@@ -110,7 +110,7 @@ def test_early_stopping_stops_after_patience_scorings_without_a_better_f1(tmp_pa
 def test_keep_best_and_early_stopping_resume_after_an_interruption(tmp_path, synthetic_dir, monkeypatch):
     from transformers import TrainerCallback
 
-    from loraqa.trainer import Interrupted
+    from loraqa.callbacks import Interrupted
 
     f1 = {2: 10.0, 4: 30.0, 6: 20.0, 8: 25.0, 10: 28.0, 12: 99.0}
     scripted(monkeypatch, f1)

@@ -18,10 +18,13 @@ import pytest
 import torch
 
 from helpers import nonzero_lora_b
+from loraqa.batching import QACollator
+from loraqa.config import LoraConfig
+from loraqa.loss import labelled_positions_loss
 from loraqa.model import apply_lora, load_base_model
 from loraqa.packing import SharedContextBatches, SharedContextCollator, build_blocks, context_key
 from loraqa.prompt import IGNORE_INDEX, PromptEncoder
-from loraqa.trainer import QACollator, labelled_positions_loss, make_trainer_class
+from loraqa.trainer import QATrainer
 
 FACTS = [("box", "garden", "red"), ("lamp", "library", "blue"), ("kite", "harbor", "green"),
          ("coin", "kitchen", "yellow"), ("hat", "museum", "black"), ("cup", "forest", "white")]  # fmt: skip
@@ -65,7 +68,7 @@ def base_model(family: str, attn: str = "sdpa", seed: int = 0):
 
 def with_lora(model, seed: int = 0):
     """LoRA on every linear layer, B matrices non-zero (PEFT starts them at zero), dropout 0."""
-    return nonzero_lora_b(apply_lora(model, r=4, alpha=8, dropout=0.0, targets="all-linear"), seed + 1)
+    return nonzero_lora_b(apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, targets="all-linear")), seed + 1)
 
 
 def model_inputs(batch: dict) -> dict:
@@ -253,7 +256,7 @@ def test_the_trainer_samples_paragraphs_together_when_sharing(tmp_path, features
 
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4,
                              remove_unused_columns=False)  # fmt: skip
-    trainer = make_trainer_class()(model=with_lora(base_model("gpt2")), args=args, train_dataset=features,
+    trainer = QATrainer(model=with_lora(base_model("gpt2")), args=args, train_dataset=features,
                                    share_contexts=True)  # fmt: skip
     assert isinstance(trainer._get_train_sampler(), SharedContextBatches)
 
@@ -273,7 +276,7 @@ def test_trainer_losses_and_eval_loss_equal_stand_alone(tmp_path, features, coll
     results = {}
     for name, collator in (("shared", shared), ("alone", alone)):
         for fast in (True, False):
-            trainer = make_trainer_class()(model=model, args=args, data_collator=collator, eval_dataset=features,
+            trainer = QATrainer(model=model, args=args, data_collator=collator, eval_dataset=features,
                                            fast_loss=fast, share_contexts=name == "shared")  # fmt: skip
             n = torch.tensor(int((alone(features)["labels"][:, 1:] != IGNORE_INDEX).sum()) * 2)
             loss = trainer.compute_loss(model, collator(copy.deepcopy(features)), num_items_in_batch=n)
@@ -286,13 +289,10 @@ def test_trainer_losses_and_eval_loss_equal_stand_alone(tmp_path, features, coll
 @pytest.mark.parametrize(("attn", "loss_on", "shared"), [("sdpa", "answer", True), ("eager", "answer", True),
                                                           ("flash_attention_2", "answer", False),
                                                           ("sdpa", "all", False)])  # fmt: skip
-def test_training_shares_contexts_only_where_the_attention_takes_the_mask(gpt2_tokenizer, synthetic_dir, attn,
-                                                                         loss_on, shared):  # fmt: skip
+def test_training_shares_contexts_only_where_the_attention_takes_the_mask(attn, loss_on, shared):
     # flash attention takes a padding mask only: transformers would hand it the shared-context B x 1 x L x L mask
     from loraqa.config import ExperimentConfig, apply_overrides
-    from loraqa.data import load_squad
-    from loraqa.train import _encode
+    from loraqa.pipeline import resolve
 
     cfg = apply_overrides(ExperimentConfig(), [("model.attn_implementation", attn), ("prompt.loss_on", loss_on)])
-    train, _ = load_squad(synthetic_dir, split="train", limit=6)
-    assert _encode(cfg, gpt2_tokenizer, train, train[:2])[3] is shared
+    assert resolve(cfg).share_contexts is shared

@@ -8,9 +8,9 @@ import pytest
 
 from loraqa import sync as sync_mod
 from loraqa.cli import main
+from loraqa.pipeline import run_experiment
 from loraqa.sweep.state import try_lock
 from loraqa.sync import SyncError, progress, sync
-from loraqa.train import run_experiment
 from test_train import tiny_config
 
 

@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 
 from loraqa.config import ConfigError
-from loraqa.trainer import reporters
+from loraqa.tracking import reporters
 
 
 def scalars(folder) -> dict[str, list[tuple[int, float]]]:
@@ -24,7 +24,7 @@ def scalars(folder) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_tensorboard_by_default_with_the_final_scores(tmp_path, synthetic_dir):
-    from loraqa.train import run_experiment
+    from loraqa.pipeline import run_experiment
     from test_train import tiny_config
 
     metrics = run_experiment(tiny_config(synthetic_dir), tmp_path / "run", progress=False)
@@ -35,7 +35,7 @@ def test_tensorboard_by_default_with_the_final_scores(tmp_path, synthetic_dir):
 
 
 def test_report_to_none_writes_no_events(tmp_path, synthetic_dir):
-    from loraqa.train import run_experiment
+    from loraqa.pipeline import run_experiment
     from test_train import tiny_config
 
     cfg = tiny_config(synthetic_dir, **{"train.report_to": "none", "train.max_steps": 1, "train.eval_steps": 0,

@@ -8,12 +8,12 @@ import signal
 import pytest
 import torch
 
+from loraqa.batching import QACollator
 from loraqa.config import ExperimentConfig, apply_overrides
 from loraqa.data import make_synthetic_squad
 from loraqa.evaluate import eval_run_dir, eval_zero_shot
+from loraqa.pipeline import run_experiment
 from loraqa.prompt import IGNORE_INDEX
-from loraqa.train import run_experiment
-from loraqa.trainer import QACollator
 
 
 def tiny_config(data_dir, **overrides) -> ExperimentConfig:
@@ -32,7 +32,7 @@ def step_probe():
     autocast was on. What a run's metrics cannot show: that a switch really reached the Trainer."""
     from transformers import TrainerCallback
 
-    from loraqa.trainer import decoder_layers
+    from loraqa.loss import decoder_layers
 
     class StepProbe(TrainerCallback):
         def __init__(self):
@@ -116,7 +116,7 @@ def test_a_run_resumed_between_training_and_evaluation_scores_the_trained_adapte
     """Killed after train_metrics.json, before metrics.json: the rerun must load the trained adapter, not score
     the fresh (untrained) one. A high learning rate makes the trained answers differ from the untrained ones,
     and the same rerun with the reload taken out (a planted bug) is shown to give other answers."""
-    from loraqa import train
+    from loraqa import pipeline
 
     cfg = tiny_config(synthetic_dir, **{"train.lr": 0.05, "train.eval_steps": 0})
     first = run_experiment(cfg, tmp_path / "run", progress=False)
@@ -132,7 +132,7 @@ def test_a_run_resumed_between_training_and_evaluation_scores_the_trained_adapte
     assert (tmp_path / "resumed" / "predictions.json").read_text() == answers
     assert (again["exact_match"], again["f1"]) == (first["exact_match"], first["f1"])
 
-    monkeypatch.setattr(train, "load_trained", lambda model, *args, **kwargs: model)  # the reload removed
+    monkeypatch.setattr(pipeline, "load_trained", lambda model, *args, **kwargs: model)  # the reload removed
     run_experiment(cfg, killed_during_evaluation(tmp_path / "planted"), progress=False)
     assert (tmp_path / "planted" / "predictions.json").read_text() != answers
 
@@ -285,7 +285,7 @@ def test_a_stop_signal_saves_a_checkpoint_at_the_step_reached_and_the_rerun_resu
 ):
     from transformers import TrainerCallback
 
-    from loraqa.trainer import Interrupted
+    from loraqa.callbacks import Interrupted
 
     class Signal(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -320,10 +320,10 @@ def test_train_time_stops_when_training_does(tmp_path, synthetic_dir, monkeypatc
 
     import transformers
 
-    from loraqa import trainer as trainer_mod
+    from loraqa import callbacks
 
     offset = [0.0]
-    monkeypatch.setattr(trainer_mod, "time", types.SimpleNamespace(
+    monkeypatch.setattr(callbacks, "time", types.SimpleNamespace(
         perf_counter=lambda: time.perf_counter() + offset[0], monotonic=time.monotonic))  # fmt: skip
     evaluate = transformers.Trainer.evaluate
 
@@ -338,15 +338,15 @@ def test_train_time_stops_when_training_does(tmp_path, synthetic_dir, monkeypatc
 
 
 def test_a_second_stop_signal_stops_at_once_unless_it_is_the_first_delivered_twice(monkeypatch):
-    from loraqa import trainer
+    from loraqa import callbacks
 
-    callback, now = trainer.make_interrupt_callback(), [100.0]
-    monkeypatch.setattr(trainer.time, "monotonic", lambda: now[0])
+    callback, now = callbacks.InterruptCallback(), [100.0]
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: now[0])
     callback.handle(signal.SIGINT, None)
-    now[0] += trainer.REPEAT_WINDOW_SECONDS / 2
+    now[0] += callbacks.REPEAT_WINDOW_SECONDS / 2
     callback.handle(signal.SIGINT, None)  # the same Ctrl-C, passed on by a launcher: still a graceful stop
     assert callback.signum == signal.SIGINT
-    now[0] += trainer.REPEAT_WINDOW_SECONDS
+    now[0] += callbacks.REPEAT_WINDOW_SECONDS
     with pytest.raises(KeyboardInterrupt):
         callback.handle(signal.SIGTERM, None)
 
@@ -377,7 +377,7 @@ def test_stop_signal_handlers_hold_for_the_block_in_the_main_thread_only():
 
 
 def test_length_grouped_batches_depend_on_seed_and_epoch_only():
-    from loraqa.trainer import LengthGroupedBatches
+    from loraqa.batching import LengthGroupedBatches
 
     lengths = [(7 * i) % 23 + 1 for i in range(40)]
     sampler = LengthGroupedBatches(lengths, group=4, seed=42)
@@ -493,17 +493,17 @@ def test_generation_speed_switches_do_not_change_the_answers(synthetic_dir):
     (fp32, tiny model; several questions share each context so prefixes are really shared)."""
     import dataclasses
 
-    from loraqa.config import EvalConfig
+    from loraqa.config import EvalConfig, ModelConfig
     from loraqa.data import load_squad
     from loraqa.evaluate import evaluate_model
-    from loraqa.model import load_model_and_tokenizer
+    from loraqa.model import load_model
 
     dev, _ = load_squad(synthetic_dir, split="dev", limit=6)
     examples = [
         dataclasses.replace(ex, id=f"{ex.id}-{k}", context=dev[0].context) for k, ex in enumerate(dev)
     ]
     examples += dev
-    lm = load_model_and_tokenizer("tiny-random-gpt2", precision="fp32", device="cpu")
+    lm = load_model(ModelConfig(name="tiny-random-gpt2", precision="fp32"), "cpu")
     fast, _ = evaluate_model(
         lm.model, lm.tokenizer, examples, eval_cfg=EvalConfig(batch_size=4), progress=False
     )
@@ -517,14 +517,14 @@ def test_a_prompt_as_long_as_the_model_takes_leaves_room_for_the_answer(syntheti
     keeps the prompt to 1024 - eval.max_new_tokens (before, a long context ran past the position table)."""
     import dataclasses
 
-    from loraqa.config import EvalConfig
+    from loraqa.config import EvalConfig, ModelConfig
     from loraqa.data import load_squad
     from loraqa.evaluate import evaluate_model
-    from loraqa.model import load_model_and_tokenizer
+    from loraqa.model import load_model
 
     (ex,) = load_squad(synthetic_dir, split="dev", limit=1)[0]
     long = dataclasses.replace(ex, context=" ".join([ex.context] * 200))
-    lm = load_model_and_tokenizer("tiny-random-gpt2", precision="fp32", device="cpu")
+    lm = load_model(ModelConfig(name="tiny-random-gpt2", precision="fp32"), "cpu")
     assert lm.model.config.n_positions == 1024
     cfg = EvalConfig(batch_size=1, max_new_tokens=8)
     records, summary = evaluate_model(lm.model, lm.tokenizer, [long], max_length=1024, eval_cfg=cfg, progress=False)
@@ -542,10 +542,10 @@ def test_no_questions_for_the_eval_loss_turns_its_pass_off(tmp_path, synthetic_d
 def test_saving_the_adapter_leaves_no_template_card(tmp_path):
     # PEFT's save writes a template README.md naming the base by its load path; none may stay in the folder,
     # not even in a run interrupted before its own card is written
-    from loraqa.model import apply_lora, load_base_model
-    from loraqa.rundir import save_trained
+    from loraqa.config import LoraConfig
+    from loraqa.model import apply_lora, load_base_model, save_trained
 
-    model = apply_lora(load_base_model("tiny-random-gpt2"), 4, 8, 0.0, "attn")
+    model = apply_lora(load_base_model("tiny-random-gpt2"), LoraConfig(r=4, alpha=8, dropout=0.0, targets="attn"))
     save_trained(model, None, tmp_path, full=False, base_name="tiny-random-gpt2")
     assert (tmp_path / "adapter_model.safetensors").exists() and not (tmp_path / "README.md").exists()
 
@@ -553,20 +553,20 @@ def test_saving_the_adapter_leaves_no_template_card(tmp_path):
 def test_no_checkpoint_names_the_path_its_base_was_loaded_from(tmp_path, synthetic_dir, monkeypatch):
     """Checkpoints travel (``loraqa sync`` carries them to other machines and into git): PEFT writes the base's
     load path into each one's adapter_config.json and template README.md, and loraqa must take it out."""
-    from loraqa import train
+    from loraqa import pipeline
     from loraqa.model import load_base_model, load_gpt2_tokenizer
 
     model_dir = tmp_path / "my-base"
     load_base_model("tiny-random-gpt2").save_pretrained(model_dir)
     load_gpt2_tokenizer().save_pretrained(model_dir)
     kept = tmp_path / "checkpoints-as-saved"
-    save_training = train._save_training
+    save_training = pipeline._save_training
 
-    def keep_checkpoints(cfg, model, tok, run_dir, train_metrics):  # they are removed once the adapter is saved
+    def keep_checkpoints(model, tok, run_dir, *args, **kwargs):  # they are removed once the adapter is saved
         shutil.copytree(run_dir / "checkpoints", kept)
-        save_training(cfg, model, tok, run_dir, train_metrics)
+        save_training(model, tok, run_dir, *args, **kwargs)
 
-    monkeypatch.setattr(train, "_save_training", keep_checkpoints)
+    monkeypatch.setattr(pipeline, "_save_training", keep_checkpoints)
     run_experiment(tiny_config(synthetic_dir, **{"model.name": str(model_dir)}), tmp_path / "run", progress=False)
     checkpoints = sorted(kept.glob("checkpoint-*"))
     assert [c.name for c in checkpoints] == ["checkpoint-4"]  # the newest only (save_total_limit)

@@ -47,7 +47,9 @@ def portable_command(command: str) -> str:
         return command
     # quoted like shlex.join, except that the ellipsis of a shortened path needs no quotes
     out = [portable_arg(a) for a in args]
-    return " ".join(a if shlex.quote(a.replace("…", "x")) == a.replace("…", "x") else shlex.quote(a) for a in out)
+    return " ".join(
+        a if shlex.quote(a.replace("…", "x")) == a.replace("…", "x") else shlex.quote(a) for a in out
+    )
 
 
 def portable_model_name(name: str) -> str:
@@ -93,13 +95,25 @@ def model_card(
 ) -> str:
     """The card's Markdown. ``data`` describes the data: ``format``, ``train`` / ``dev`` (file or data set
     names), ``train_questions`` (loaded for training), ``dev_questions`` (scored)."""
-    from . import __version__
     base = portable_model_name(cfg.model.name)
-    t = cfg.train
-    steps = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epochs"
-    lines = [
+    parts = (
+        _title_lines(cfg, base),
+        _base_and_data_lines(cfg, metrics, data, base),
+        _prompt_lines(cfg),
+        _training_lines(cfg, model_type),
+        _results_lines(metrics),
+        _usage_lines(command),
+    )
+    return "\n".join(line for part in parts for line in part)
+
+
+def _title_lines(cfg: ExperimentConfig, base: str) -> list[str]:
+    from . import __version__
+
+    library = "peft" if cfg.train.method == "lora" else "transformers"
+    return [
         "---",
-        "library_name: peft" if t.method == "lora" else "library_name: transformers",
+        f"library_name: {library}",
         "tags: [loraqa, lora, extractive-qa]",
         "---",
         "",
@@ -107,6 +121,11 @@ def model_card(
         "",
         f"Made with loraqa {__version__}.",
         "",
+    ]
+
+
+def _base_and_data_lines(cfg: ExperimentConfig, metrics: dict, data: dict, base: str) -> list[str]:
+    return [
         "## Base model",
         "",
         f"`{base}` ({cfg.model.precision} precision requested, {metrics.get('precision', '?')} used)",
@@ -118,40 +137,54 @@ def model_card(
         f"({metrics.get('train_examples', '?')} training examples after encoding)",
         f"- scored on {metrics.get('n_questions', '?')} questions from `{data.get('dev', '?')}`",
         "",
+    ]
+
+
+def _prompt_lines(cfg: ExperimentConfig) -> list[str]:
+    loss = "the answer tokens and EOS only." if cfg.prompt.loss_on == "answer" else "every token."
+    return [
         "## Prompt",
         "",
         "```",
         format_example("{context}", "{question}", "{answer}") + "<eos>",
         "```",
         "",
-        f"At most {cfg.prompt.max_length} tokens; the loss is on "
-        + ("the answer tokens and EOS only." if cfg.prompt.loss_on == "answer" else "every token.")
-        + " Answers are generated greedily and end at the first newline or EOS.",
+        f"At most {cfg.prompt.max_length} tokens; the loss is on {loss}"
+        " Answers are generated greedily and end at the first newline or EOS.",
         "",
+    ]
+
+
+def _training_lines(cfg: ExperimentConfig, model_type: str | None) -> list[str]:
+    t = cfg.train
+    steps = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epochs"
+    return [
         "## Training",
         "",
         *_lora_lines(cfg, model_type),
         f"- {steps}, batch size {t.batch_size} x {t.grad_accum} accumulation, lr {t.lr:g}, "
         f"weight decay {t.weight_decay:g}, {t.warmup_steps} warmup steps, seed {t.seed}",
         "",
-        "## Results",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        *_score_lines(metrics),
     ]
+
+
+def _results_lines(metrics: dict) -> list[str]:
+    lines = ["## Results", "", "| metric | value |", "|---|---|", *_score_lines(metrics)]
     for part in ("HasAns", "NoAns"):
         if f"{part}_total" in metrics:
             lines.append(
                 f"| {part} exact / F1 (questions) | {metrics[f'{part}_exact']:.2f} / "
                 f"{metrics[f'{part}_f1']:.2f} ({metrics[f'{part}_total']}) |"
             )
-    lines += [
-        "",
+    return [*lines, ""]
+
+
+def _usage_lines(command: str) -> list[str]:
+    return [
         "## How it was made",
         "",
         "```bash",
-        command or "(through the Python API: loraqa.train.run_experiment)",
+        command or "(through the Python API: loraqa.pipeline.run_experiment)",
         "```",
         "",
         "The resolved experiment is `config.yaml` beside this card; "
@@ -166,11 +199,15 @@ def model_card(
         "```",
         "",
     ]
-    return "\n".join(lines)
 
 
 def _score_lines(metrics: dict) -> list[str]:
     if metrics.get("pruned"):  # a search stopped it: no final evaluation
-        return [f"| pruned at step | {metrics['pruned_at']} (best in-training F1 {metrics.get('best_eval_f1', 0):.2f}) |"]
-    return [f"| exact match | {metrics['exact_match']:.2f} |", f"| F1 | {metrics['f1']:.2f} |",
-            f"| questions scored | {metrics['n_questions']} |"]  # fmt: skip
+        return [
+            f"| pruned at step | {metrics['pruned_at']} (best in-training F1 {metrics.get('best_eval_f1', 0):.2f}) |"
+        ]
+    return [
+        f"| exact match | {metrics['exact_match']:.2f} |",
+        f"| F1 | {metrics['f1']:.2f} |",
+        f"| questions scored | {metrics['n_questions']} |",
+    ]

@@ -152,7 +152,7 @@ def _print_metrics(metrics: dict, title: str) -> None:
 def cmd_train(args) -> int:
     from . import dist, signals
     from .card import current_command
-    from .train import run_experiment
+    from .pipeline import run_experiment
 
     signals.watch_parent()  # a sweep's trial stops (resumably) when its sweep dies
     cfg = build_config(args)
@@ -660,7 +660,7 @@ def _error(e: BaseException, status: int, known: bool = False) -> int:
 def _describe_error(e: BaseException) -> str:
     import errno
 
-    from .trainer import TrainingDiverged
+    from .callbacks import TrainingDiverged
 
     text = " ".join(str(e).split())  # one line
     if isinstance(e, (TrainingDiverged, ValueError)):

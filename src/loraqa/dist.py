@@ -64,9 +64,9 @@ def close() -> None:
 @contextlib.contextmanager
 def session():
     """Leave the process group when the block ends: after a :func:`barrier` when it ended well, at once when it
-    raised. Without the barrier the main process, done first, tears its gloo sockets down while the others may
-    still be reading its last broadcast: once in CI a finished run failed so, its other process aborting (SIGABRT).
-    No barrier after an error: a process that raised alone would wait there for the others until the timeout."""
+    raised. The barrier keeps the main process, done first, from tearing its gloo sockets down while the others
+    may still be reading its last broadcast, which aborts them (SIGABRT) at the end of a finished run. No barrier
+    after an error: a process that raised alone would wait there for the others until the timeout."""
     try:
         yield
     except BaseException:

@@ -127,8 +127,8 @@ def eval_zero_shot(cfg, out_dir, *, device: str | None = None, progress: bool = 
     """Score the base model (no fine-tuning) with the same prompt; writes predictions.jsonl and metrics.json."""
     from .data import evaluated, evaluated_read_limit, load_split
     from .io import write_json_atomic, write_text_atomic
-    from .model import count_parameters, load_model_and_tokenizer
-    from .rundir import make_run_folder, write_predictions
+    from .model import count_parameters, load_model
+    from .runfolder import make_run_folder, write_predictions
 
     out_dir = Path(out_dir)
     if any((out_dir / f).exists() for f in (LOG_FILE, TRAIN_METRICS_FILE)):  # a trained run's own results
@@ -136,7 +136,7 @@ def eval_zero_shot(cfg, out_dir, *, device: str | None = None, progress: bool = 
     dist.on_main(make_run_folder, out_dir)  # a file or an impossible path as --output-dir: one line, before any work
     dev, _, _ = load_split(cfg.data, "dev", limit=evaluated_read_limit(cfg.data))
     dev = evaluated(cfg.data, dev)
-    lm = load_model_and_tokenizer(cfg.model.name, cfg.model.precision, cfg.model.attn_implementation, device)
+    lm = load_model(cfg.model, device)
     records, summary = evaluate_model(
         lm.model, lm.tokenizer, dev, max_length=cfg.prompt.max_length, eval_cfg=cfg.eval, progress=progress,
         unanswerable_answer=cfg.data.no_answer_text(), journal_dir=out_dir,
@@ -158,7 +158,8 @@ def eval_run_dir(run_dir, *, overrides: list[tuple[str, object]] | None = None, 
     ``metrics.json`` into ``out_dir`` (default: ``eval-<n>`` inside the run folder) and returns the metrics."""
     from .data import evaluated, evaluated_read_limit, load_split
     from .io import write_json_atomic
-    from .rundir import load_run, make_run_folder, write_predictions
+    from .model import load_run
+    from .runfolder import make_run_folder, write_predictions
 
     run_dir = Path(run_dir)
     if out_dir is not None:  # checked before any loading; the run's own metrics.json is never replaced

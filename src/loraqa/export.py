@@ -23,7 +23,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fa
     """Merge ``run_dir``'s adapter (or take its fully fine-tuned model) and save it to ``out_dir``."""
     from .card import portable_model_name
     from .layout import MODEL_CARD_FILE
-    from .rundir import load_run
+    from .model import load_run
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     _check_out_dir(run_dir, out_dir, overwrite)

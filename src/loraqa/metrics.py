@@ -22,9 +22,23 @@ from collections.abc import Iterable, Mapping, Sequence
 
 # The figures of a finished run (metrics.json) that a sweep's index (sweep.json) and its results.csv carry,
 # in this order: one list for both
-RUN_FIGURES = ("exact_match", "f1", "final_train_loss", "final_eval_loss", "trainable_params", "total_params",
-               "train_seconds", "train_tokens_per_second", "train_questions_per_second", "peak_memory_mb",
-               "eval_seconds", "train_steps", "train_examples", "n_questions", "device")  # fmt: skip
+RUN_FIGURES = (
+    "exact_match",
+    "f1",
+    "final_train_loss",
+    "final_eval_loss",
+    "trainable_params",
+    "total_params",
+    "train_seconds",
+    "train_tokens_per_second",
+    "train_questions_per_second",
+    "peak_memory_mb",
+    "eval_seconds",
+    "train_steps",
+    "train_examples",
+    "n_questions",
+    "device",
+)
 
 _PUNCT = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -142,8 +156,14 @@ def score_predictions_v2(examples, predictions: Sequence[str], unanswerable_answ
     records, has, no = [], [], []
     for ex, generated in zip(examples, predictions, strict=True):
         pred = official_answer(generated, unanswerable_answer)
-        record = {"id": ex.id, "question": ex.question, "prediction": pred, "generated": generated,
-                  "answers": list(ex.answers), "is_impossible": ex.is_impossible}  # fmt: skip
+        record = {
+            "id": ex.id,
+            "question": ex.question,
+            "prediction": pred,
+            "generated": generated,
+            "answers": list(ex.answers),
+            "is_impossible": ex.is_impossible,
+        }
         if ex.answers or ex.is_impossible:
             em, f1 = score_one_v2(pred, ex.answers)
             record.update(exact_match=em, f1=f1)
@@ -188,6 +208,12 @@ def scorings_since_best(log_history: list[dict], metric: str = METRIC) -> int:
     seen = scorings(log_history, metric)
     best = best_scoring(log_history, metric)
     return 0 if best is None else sum(step > best[0] for step, _ in seen)
+
+
+def patience_ran_out(log_history: list[dict], patience: int, metric: str = METRIC) -> bool:
+    """Early stopping's rule (``train.early_stopping_patience``, 0: never): ``patience`` scorings since the best
+    have not beaten it."""
+    return bool(patience) and scorings_since_best(log_history, metric) >= patience
 
 
 def score_seconds(log_history: list[dict]) -> float:

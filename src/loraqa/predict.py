@@ -38,7 +38,7 @@ def load_answerer(run_dir: str | None = None, *, model: str | None = None, devic
     if run_dir:
         if model:
             raise ConfigError("give a run folder or --model (zero-shot), not both")
-        from .rundir import load_run
+        from .model import load_run
 
         run = load_run(run_dir, overrides=list(overrides), device=device)
         return Answerer(run.cfg, run.model, run.lm.tokenizer)
@@ -46,10 +46,10 @@ def load_answerer(run_dir: str | None = None, *, model: str | None = None, devic
         raise ConfigError(
             "give a run folder made by `loraqa train`, or --model NAME to ask a base model zero-shot"
         )
-    from .model import load_model_and_tokenizer, prepare_for_generation
+    from .model import load_model, prepare_for_generation
 
     cfg = apply_overrides(ExperimentConfig(), [("model.name", model), *overrides])
-    lm = load_model_and_tokenizer(cfg.model.name, cfg.model.precision, cfg.model.attn_implementation, device)
+    lm = load_model(cfg.model, device)
     return Answerer(cfg, prepare_for_generation(lm.model, precision=lm.precision), lm.tokenizer)
 
 

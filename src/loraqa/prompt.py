@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .config import PromptConfig
+
 IGNORE_INDEX = -100
 CONTEXT_PREFIX = "Context:"
 QUESTION_PART = "\nQuestion: {question}\nAnswer:"
@@ -54,9 +56,21 @@ class PromptStats:
 
 
 class PromptEncoder:
-    """Encodes examples for one tokenizer and one maximum length (in tokens, EOS included)."""
+    """Encodes examples for one tokenizer as the ``prompt`` section asks: ``max_length`` (tokens, EOS included)
+    and ``loss_on``. Either can be given as a keyword instead, over the section's (or, without one, the default
+    section's) value: ``PromptEncoder(tok, max_length=96)``."""
 
-    def __init__(self, tokenizer, max_length: int = 512, loss_on: str = "answer"):
+    def __init__(
+        self,
+        tokenizer,
+        prompt: PromptConfig | None = None,
+        *,
+        max_length: int | None = None,
+        loss_on: str | None = None,
+    ):
+        prompt = prompt if prompt is not None else PromptConfig()
+        max_length = prompt.max_length if max_length is None else max_length
+        loss_on = prompt.loss_on if loss_on is None else loss_on
         if loss_on not in ("answer", "all"):
             raise ValueError(f"prompt.loss_on must be 'answer' or 'all', got {loss_on!r}")
         if tokenizer.eos_token_id is None:
@@ -156,8 +170,12 @@ class PromptEncoder:
         else:
             labels = list(input_ids)
         stats.encoded += 1
-        return {"input_ids": input_ids, "labels": labels, "prompt_length": len(prompt),
-                "context_length": len(self._prefix_ids) + len(ctx_ids)}  # fmt: skip
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "prompt_length": len(prompt),
+            "context_length": len(self._prefix_ids) + len(ctx_ids),
+        }
 
 
 def _answer_window(
@@ -189,8 +207,9 @@ def encode_train_set(
     features = []
     for ex in examples:
         if getattr(ex, "is_impossible", False) and unanswerable_answer is not None:
-            feat = encoder.encode_train(ex.context, ex.question, unanswerable_answer, None, stats,
-                                        answer_in_context=False)  # fmt: skip
+            feat = encoder.encode_train(
+                ex.context, ex.question, unanswerable_answer, None, stats, answer_in_context=False
+            )
         elif not ex.answers:
             stats.skipped["no gold answer"] += 1
             continue

@@ -17,7 +17,7 @@ A run folder holds::
 
 The names are defined once, in :mod:`loraqa.layout`. This module imports neither torch nor the sweep scheduler,
 so that ``loraqa sync``, ``loraqa report`` and a sweep's status probes read run folders without loading either;
-saving and loading the trained model is :mod:`loraqa.rundir`.
+saving and loading the trained model is :mod:`loraqa.model`'s.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 from . import dist
 from .evaluate import evaluate_model
-from .metrics import METRIC, SCORE_SECONDS_KEY, best_scoring, scorings_since_best
+from .metrics import METRIC, SCORE_SECONDS_KEY, best_scoring, patience_ran_out
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ class ScoreCallback(TrainerCallback):
         self.patience = cfg.train.early_stopping_patience
         self.on_score = on_score
         self.trainer = None  # set once the trainer exists: scores are logged through it
-        self.stopped_early_at: int | None = None
         self.pruned_at: int | None = None
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -47,12 +46,19 @@ class ScoreCallback(TrainerCallback):
         if self.keep_best and best and best[0] == state.global_step:
             state.best_global_step, state.best_metric = best
             control.should_save = True
-        if self.patience and scorings_since_best(state.log_history) >= self.patience:
-            self.stopped_early_at = state.global_step
-            control.should_training_stop = control.should_save = True  # a rerun finds the stop in this checkpoint
+        if patience_ran_out(state.log_history, self.patience):
+            control.should_training_stop = control.should_save = (
+                True  # a rerun finds the stop in this checkpoint
+            )
             if dist.is_main_process():
-                log.info("early stopping at step %d: no better %s in %d scorings (best %.2f at step %d)",
-                         state.global_step, METRIC, self.patience, best[1], best[0])  # fmt: skip
+                log.info(
+                    "early stopping at step %d: no better %s in %d scorings (best %.2f at step %d)",
+                    state.global_step,
+                    METRIC,
+                    self.patience,
+                    best[1],
+                    best[0],
+                )
         last_loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None)
         heard = {**scores, **({"loss": last_loss} if last_loss is not None else {})}
         if self.on_score is not None and self.on_score(state.global_step, heard):
@@ -68,10 +74,18 @@ class ScoreCallback(TrainerCallback):
         inner.eval()
         try:
             _, summary = evaluate_model(
-                inner, self.tokenizer, self.examples, max_length=self.cfg.prompt.max_length,
-                eval_cfg=self.cfg.eval, progress=False, unanswerable_answer=self.cfg.data.no_answer_text(),
-            )  # fmt: skip
+                inner,
+                self.tokenizer,
+                self.examples,
+                max_length=self.cfg.prompt.max_length,
+                eval_cfg=self.cfg.eval,
+                progress=False,
+                unanswerable_answer=self.cfg.data.no_answer_text(),
+            )
         finally:
             inner.train(was_training)
-        return {"eval_exact_match": summary["exact_match"], "eval_f1": summary["f1"],
-                SCORE_SECONDS_KEY: round(time.perf_counter() - start, 3)}  # fmt: skip
+        return {
+            "eval_exact_match": summary["exact_match"],
+            "eval_f1": summary["f1"],
+            SCORE_SECONDS_KEY: round(time.perf_counter() - start, 3),
+        }

@@ -19,8 +19,9 @@ SPLIT_NAMES = {"train": ("train",), "dev": ("validation", "dev", "test")}
 _INSTALL = "the hf data format needs the datasets package: pip install 'loraqa[hf]' (or pip install datasets)"
 
 
-def load_hf(source: str | os.PathLike, *, split: str = "dev", limit: int | None = None
-            ) -> tuple[list[Example], LoadReport]:  # fmt: skip
+def load_hf(
+    source: str | os.PathLike, *, split: str = "dev", limit: int | None = None
+) -> tuple[list[Example], LoadReport]:
     """Questions of one split (``train``, or ``dev``: the data set's ``validation``/``dev``/``test`` split)."""
     try:
         import datasets
@@ -34,8 +35,10 @@ def load_hf(source: str | os.PathLike, *, split: str = "dev", limit: int | None 
             from ..model import hub_reachable
 
             if not hub_reachable():
-                raise DataError(f"{source}: no such folder, and the Hugging Face hub cannot be reached to "
-                                "download it; pass a folder written by Dataset.save_to_disk")  # fmt: skip
+                raise DataError(
+                    f"{source}: no such folder, and the Hugging Face hub cannot be reached to "
+                    "download it; pass a folder written by Dataset.save_to_disk"
+                )
             loaded = datasets.load_dataset(str(source))
     except (FileNotFoundError, ValueError, OSError) as e:
         raise DataError(
@@ -44,8 +47,10 @@ def load_hf(source: str | os.PathLike, *, split: str = "dev", limit: int | None 
     if isinstance(loaded, datasets.DatasetDict):
         names = [n for n in SPLIT_NAMES.get(split, (split,)) if n in loaded]
         if not names:
-            raise DataError(f"{source}: no {' or '.join(SPLIT_NAMES.get(split, (split,)))} split "
-                            f"(splits: {', '.join(loaded)})")  # fmt: skip
+            raise DataError(
+                f"{source}: no {' or '.join(SPLIT_NAMES.get(split, (split,)))} split "
+                f"(splits: {', '.join(loaded)})"
+            )
         table = loaded[names[0]]
         where_split = f"split {names[0]!r}"
     else:
@@ -53,7 +58,9 @@ def load_hf(source: str | os.PathLike, *, split: str = "dev", limit: int | None 
         where_split = "data set"
     missing = [c for c in ("id", "context", "question") if c not in table.column_names]
     if missing:
-        raise DataError(f"{source}: {where_split} has no {', '.join(map(repr, missing))} column "
-                        f"(columns: {', '.join(table.column_names)}); expected SQuAD's columns")  # fmt: skip
+        raise DataError(
+            f"{source}: {where_split} has no {', '.join(map(repr, missing))} column "
+            f"(columns: {', '.join(table.column_names)}); expected SQuAD's columns"
+        )
     records = ((f"{where_split}, row {i}", row) for i, row in enumerate(table))
     return load_records(records, Path(str(source)), split=split, limit=limit)

@@ -285,25 +285,38 @@ def load_squad(
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
-    path = Path(source).expanduser()
-    if path.is_dir():
-        found = _find_split_file(path, split)
-        if found is None:
-            name = _split_file_name(split)
-            raise DataError(f"{path}: no {name} (or {name}.gz) in this folder; {_WHERE_TO_GET}")
-        path = found
-
+    path = _squad_file(Path(source).expanduser(), split)
     top = _read_json(path)
     if not isinstance(top, dict) or not isinstance(top.get("data"), list):
         raise DataError(f"{path}: top level must be an object with a 'data' list; {_FORMAT_HINT}")
-
     report = LoadReport(path=path)
+    examples = _parse_articles(top["data"], path, report, unanswerable, need_spans=split == "train")
+    if limit is not None:
+        examples = examples[:limit]
+    report.n_loaded = len(examples)
+    return examples, report
+
+
+def _squad_file(path: Path, split: str) -> Path:
+    """``path`` itself, or the file of ``split`` in the folder ``path``."""
+    if not path.is_dir():
+        return path
+    found = _find_split_file(path, split)
+    if found is None:
+        name = _split_file_name(split)
+        raise DataError(f"{path}: no {name} (or {name}.gz) in this folder; {_WHERE_TO_GET}")
+    return found
+
+
+def _parse_articles(
+    articles: list, path: Path, report: LoadReport, unanswerable: bool, need_spans: bool
+) -> list[Example]:
+    """The questions of SQuAD's ``data`` list, in file order; counted in ``report``."""
     examples: list[Example] = []
     seen_ids: set[str] = set()
-    for a_index, article in enumerate(top["data"]):
-        where = f"article {a_index}"
-        _check_object(article, path, where)
-        title = _get(article, "title", str, path, where) if "title" in article else ""
+    for a_index, article in enumerate(articles):
+        _check_object(article, path, f"article {a_index}")
+        title = _get(article, "title", str, path, f"article {a_index}") if "title" in article else ""
         where = f"article {a_index} ({title!r})"
         paragraphs = _get(article, "paragraphs", list, path, where)
         report.n_articles += 1
@@ -314,23 +327,22 @@ def load_squad(
             qas = _get(paragraph, "qas", list, path, where)
             report.n_paragraphs += 1
             for q_index, qa in enumerate(qas):
-                _check_object(qa, path, f"{where}, question {q_index}")
-                qid = _get(qa, "id", str, path, f"{where}, question {q_index}")
-                if qid in seen_ids:
-                    raise DataError(
-                        f"{path}: question {qid!r}: id appears more than once; ids must be unique"
-                    )
-                seen_ids.add(qid)
+                qid = _question_id(qa, path, f"{where}, question {q_index}", seen_ids)
                 report.n_questions_in_file += 1
-                example = _parse_question(qa, qid, title, context, path, report, unanswerable,
-                                          need_spans=split == "train")  # fmt: skip
+                example = _parse_question(qa, qid, title, context, path, report, unanswerable, need_spans)
                 if example is not None:
                     examples.append(example)
+    return examples
 
-    if limit is not None:
-        examples = examples[:limit]
-    report.n_loaded = len(examples)
-    return examples, report
+
+def _question_id(qa: Any, path: Path, where: str, seen_ids: set[str]) -> str:
+    """The question's id, checked to be a string not seen before in the file (``seen_ids``, which it joins)."""
+    _check_object(qa, path, where)
+    qid = _get(qa, "id", str, path, where)
+    if qid in seen_ids:
+        raise DataError(f"{path}: question {qid!r}: id appears more than once; ids must be unique")
+    seen_ids.add(qid)
+    return qid
 
 
 def read_data_file(path: Path, hint: str) -> bytes:
@@ -405,7 +417,13 @@ def _type_name(value: Any) -> str:
 
 
 def _parse_question(
-    qa: dict, qid: str, title: str, context: str, path: Path, report: LoadReport, unanswerable: bool = False,
+    qa: dict,
+    qid: str,
+    title: str,
+    context: str,
+    path: Path,
+    report: LoadReport,
+    unanswerable: bool = False,
     need_spans: bool = False,
 ) -> Example | None:
     """One question as an Example, or None (counted in `report`) when no usable answer is left."""
@@ -417,14 +435,15 @@ def _parse_question(
     for i, answer in enumerate(_get(qa, "answers", list, path, where)):
         answer_where = f"{where}, answer {i}"
         _check_object(answer, path, answer_where)
-        given.append((_get(answer, "text", str, path, answer_where),
-                      _get(answer, "answer_start", int, path, answer_where)))  # fmt: skip
+        text = _get(answer, "text", str, path, answer_where)
+        given.append((text, _get(answer, "answer_start", int, path, answer_where)))
     texts, starts = keep_answers(context, given, qid, report, need_spans)
     return Example(qid, title, context, question, texts, starts) if texts else None
 
 
-def keep_answers(context: str, given: list[tuple[str, int | None]], qid: str, report: LoadReport,
-                 need_spans: bool) -> tuple[tuple[str, ...], tuple[int | None, ...]]:  # fmt: skip
+def keep_answers(
+    context: str, given: list[tuple[str, int | None]], qid: str, report: LoadReport, need_spans: bool
+) -> tuple[tuple[str, ...], tuple[int | None, ...]]:
     """The usable answers among ``given`` (text, answer_start or None) and their starts, for both readers.
     Empty answers are dropped. A start that misses its text moves to the text's nearest occurrence
     (``fixed_offsets``). A text that does not occur in the context is dropped where training needs spans
@@ -446,8 +465,12 @@ def keep_answers(context: str, given: list[tuple[str, int | None]], qid: str, re
         texts.append(text)
         starts.append(start)
     if not texts:
-        reason = "no answers" if not given else "answer not in context" if "answer not in context" in problems \
-            else "empty answer"  # fmt: skip
+        if not given:
+            reason = "no answers"
+        elif "answer not in context" in problems:
+            reason = "answer not in context"
+        else:
+            reason = "empty answer"
         report.skip(reason, qid)
     else:
         report.dropped_answers += len(problems)
@@ -504,8 +527,11 @@ def make_synthetic_squad(
             k = rng.randrange(3)
             obj, place, color = facts[k]
             start = len(" ".join(sentences[:k])) + (1 if k else 0) + len(sentences[k]) - len(color) - 1
-            qa = {"id": f"{split}-{i:05d}", "question": f"What color is the {obj} in the {place}?",
-                  "answers": [{"text": color, "answer_start": start}]}  # fmt: skip
+            qa = {
+                "id": f"{split}-{i:05d}",
+                "question": f"What color is the {obj} in the {place}?",
+                "answers": [{"text": color, "answer_start": start}],
+            }
             paragraphs.append({"context": context, "qas": [qa]})
         doc = {"version": "1.1", "data": [{"title": f"Synthetic_{split}", "paragraphs": paragraphs}]}
         tmp = folder / f".{split}.{os.getpid()}.tmp"  # unique: two processes may build it at once

@@ -27,8 +27,9 @@ from .squad import DataError, Example, LoadReport, _type_name, keep_answers, rea
 FIELDS_HINT = "expected records with id, context, question and answers (a list; optional for prediction)"
 
 
-def load_jsonl(source: str | os.PathLike, *, split: str = "dev", limit: int | None = None
-               ) -> tuple[list[Example], LoadReport]:  # fmt: skip
+def load_jsonl(
+    source: str | os.PathLike, *, split: str = "dev", limit: int | None = None
+) -> tuple[list[Example], LoadReport]:
     """Questions from a JSONL file, in file order (``limit``: the first N usable ones; ``split`` as in
     :func:`load_records`)."""
     path = Path(source).expanduser()
@@ -46,8 +47,9 @@ def load_jsonl(source: str | os.PathLike, *, split: str = "dev", limit: int | No
     return load_records(records, path, split=split, limit=limit)
 
 
-def load_csv(source: str | os.PathLike, *, split: str = "dev", limit: int | None = None
-             ) -> tuple[list[Example], LoadReport]:  # fmt: skip
+def load_csv(
+    source: str | os.PathLike, *, split: str = "dev", limit: int | None = None
+) -> tuple[list[Example], LoadReport]:
     """Questions from a CSV file with a header row naming the columns (``limit``: the first N usable ones;
     ``split`` as in :func:`load_records`)."""
     path = Path(source).expanduser()
@@ -131,8 +133,9 @@ def _field(record: dict, key: str, path: Path, where: str, *, required: bool = T
     return value
 
 
-def _parse_record(record: Any, path: Path, where: str, report: LoadReport, seen: set[str], need_spans: bool
-                  ) -> Example | None:  # fmt: skip
+def _parse_record(
+    record: Any, path: Path, where: str, report: LoadReport, seen: set[str], need_spans: bool
+) -> Example | None:
     if not isinstance(record, dict):
         raise DataError(f"{path}: {where}: should be an object, got {_type_name(record)}; {FIELDS_HINT}")
     qid = _field(record, "id", path, where)
@@ -146,8 +149,9 @@ def _parse_record(record: Any, path: Path, where: str, report: LoadReport, seen:
     report.n_questions_in_file += 1
     if record.get("answers") is None:  # prediction-only: no gold answers
         return Example(qid, title, context, question, (), ())
-    texts, starts = keep_answers(context, list(zip(*_answers(record["answers"], path, where), strict=True)), qid,
-                                 report, need_spans)  # fmt: skip
+    texts, starts = keep_answers(
+        context, list(zip(*_answers(record["answers"], path, where), strict=True)), qid, report, need_spans
+    )
     return Example(qid, title, context, question, texts, starts) if texts else None
 
 

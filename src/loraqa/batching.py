@@ -1,0 +1,71 @@
+"""Batches of stand-alone examples: :class:`QACollator` pads them, :class:`LengthGroupedBatches` orders them.
+
+Shared-context batches (a paragraph's context once for all its questions) are :mod:`loraqa.packing`'s.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Sampler
+
+from .prompt import IGNORE_INDEX
+
+
+class QACollator:
+    """Pads a batch to its longest example (right padding); padded positions get label -100."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            input_ids[row, :n] = torch.tensor(f["input_ids"])
+            labels[row, :n] = torch.tensor(f["labels"])
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class LengthGroupedBatches(Sampler):
+    """Batches of similar lengths in a random order (``train.group_by_length``).
+
+    Each epoch the examples are shuffled, cut into mega-batches of 50 batches, sorted by length
+    inside each and cut into batches of ``group`` (batch size x gradient accumulation); the full
+    batches are shuffled, the longest first (an out-of-memory error shows at once), a short last
+    batch last. On the first 240 SQuAD train examples ~98% of the computed tokens are real (random
+    batches: ~64%; the Trainer's ``LengthGroupedSampler``, whose mega-batches shrink to a quarter of
+    a small data set and whose batches run from longest to shortest: ~91%). Each epoch's permutation
+    comes from a generator seeded with (``seed``, epoch) -- the Trainer calls :meth:`set_epoch` -- not from
+    torch's global one: a run resumed in a later epoch then sees the batches an uninterrupted run saw (the
+    global generator, restored from the checkpoint, is past the permutation), and under DDP every process
+    draws the same permutation (``group`` is then the global batch; accelerate deals each its share).
+    """
+
+    def __init__(self, lengths: list[int], group: int, mega: int = 50, seed: int = 0):
+        self.lengths, self.group, self.mega, self.seed, self.epoch = list(lengths), group, mega, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        epoch_gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        perm = torch.randperm(len(self.lengths), generator=epoch_gen).tolist()
+        size = self.mega * self.group
+        batches = []
+        for start in range(0, len(perm), size):
+            mega = sorted(perm[start : start + size], key=lambda i: -self.lengths[i])
+            batches += [mega[j : j + self.group] for j in range(0, len(mega), self.group)]
+        tail = [batches.pop()] if batches and len(batches[-1]) < self.group else []
+        gen = torch.Generator().manual_seed(sum(i * p for i, p in enumerate(perm[:64], 1)))
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+        if batches:
+            longest = max(range(len(batches)), key=lambda b: max(self.lengths[i] for i in batches[b]))
+            batches[0], batches[longest] = batches[longest], batches[0]
+        return iter([i for batch in batches + tail for i in batch])
