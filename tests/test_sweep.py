@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from loraqa import sweep
+from loraqa import locks, sweep
 from loraqa.config import ConfigError, ExperimentConfig, from_dict, load_config
 from loraqa.io import read_json
 
@@ -391,7 +391,7 @@ def test_a_status_probe_never_makes_a_trial_look_taken(tmp_path, monkeypatch):
     import fcntl
     import threading
 
-    monkeypatch.setattr(sweep.state, "LOCK_RETRY_SECONDS", (0.02, 0.5, 2.0))  # slack for a loaded machine
+    monkeypatch.setattr(locks, "RETRY_SECONDS", (0.02, 0.5, 2.0))  # slack for a loaded machine
     d = tmp_path / "t"
     os.close(sweep.state.try_lock(d))
     probe = os.open(d / ".lock", os.O_RDONLY)

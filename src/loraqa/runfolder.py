@@ -31,6 +31,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from . import locks
 from .card import portable_model_name
 from .config import ConfigError, ExperimentConfig, load_config
 from .io import (
@@ -205,36 +206,21 @@ def make_run_folder(run_dir: Path) -> None:
 
 
 def lock_run_folder(run_dir: Path) -> int:
-    """Take ``run_dir``'s lock (``fcntl.flock`` on ``.loraqa.lock``) for this process and return the file
-    descriptor that holds it (closing it releases the lock); a :class:`RunFolderError` if another process holds
-    it. The kernel drops the lock when the process dies, however it dies, so a killed run never leaves the
-    folder locked.
-
-    A plain flock rather than the ``filelock`` library, because three things must hold that it does not
-    promise: the holder's pid stays in the file, for the refusal to name (filelock truncates the file when it
-    opens it, holder or not); the lock is exactly a ``flock`` on this file, which a sweep's status probe
-    (:func:`loraqa.sweep.state.is_locked`) tests with a shared flock; and ``loraqa sync`` and ``loraqa report``
-    need no package beyond the declared dependencies."""
-    import fcntl
-
+    """Take ``run_dir``'s lock (:mod:`loraqa.locks`, on ``.loraqa.lock``) for this process and return the file
+    descriptor that holds it (closing it releases the lock); a :class:`RunFolderError` naming the holder's pid
+    if another process holds it."""
     make_run_folder(run_dir)
     path = run_dir / LOCK_FILE
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = locks.try_hold(path)
     except OSError as e:
         raise RunFolderError(f"{run_dir}: cannot write in the run folder ({e.strerror or e})") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
+    if fd is None:
         raise RunFolderError(
-            f"{run_dir}: another loraqa process (pid {holder}) is working in this run folder; wait for it to "
-            "finish, or pick another --output-dir"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    # the file stays when the lock is released: unlinking it would let two processes lock two files
+            f"{run_dir}: another loraqa process (pid {locks.holder(path)}) is working in this run folder; wait "
+            "for it to finish, or pick another --output-dir"
+        )
+    locks.write_holder(fd)
     return fd
 
 

@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .. import signals
+from .. import locks, signals
 from ..io import write_json_atomic, write_text_atomic
 from ..layout import (
     ERROR_FILE,
@@ -39,7 +39,7 @@ from ..layout import (
     TRIAL_RUN_FILE,
 )
 from .machine import machine_info, now
-from .state import fcntl, read_json_or, try_lock
+from .state import read_json_or, try_lock
 from .view import fmt_score, hms
 
 log = logging.getLogger(__name__)
@@ -276,7 +276,7 @@ def _attempt(job: Job, tdir: Path, lock_fd: int, children: Children, view, on_ch
         log_file.flush()
         # the child inherits the lock, so the trial stays locked while an orphaned child still runs
         proc = children.spawn(job.name, cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.PIPE,
-                              env=env, pass_fds=(lock_fd,) if fcntl else ())  # fmt: skip
+                              env=env, pass_fds=(lock_fd,) if locks.SUPPORTED else ())  # fmt: skip
         if proc is None:  # the sweep began stopping meanwhile: this attempt never started
             _undo_begin(tdir, run)
             on_change()

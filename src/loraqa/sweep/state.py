@@ -8,15 +8,13 @@ machine that sees the folder can tell what is done: ``metrics.json`` = done, a h
 from __future__ import annotations
 
 import collections
-import contextlib
-import os
 import shlex
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import locks
 from ..config import ExperimentConfig
 from ..io import read_json, write_json_atomic
 from ..layout import (
@@ -36,73 +34,19 @@ from ..metrics import RUN_FIGURES
 from .machine import now
 from .trials import Trial, axis_values, reference_values
 
-try:  # advisory locks so two processes never run the same trial at once
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
-
 STATUSES = ("done", "failed", "running", "unfinished", "pending")
 
 
-# A status probe (is_locked) holds a shared lock for a moment; an exclusive try that meets one tries again
-LOCK_RETRY_SECONDS = (0.02, 0.05, 0.1)
-
-
 def try_lock(trial_dir: Path) -> int | None:
-    """An open, exclusively flock-ed file descriptor, or None if another process holds the trial."""
+    """An open file descriptor holding the trial's lock (:func:`loraqa.locks.try_hold`), or None if another
+    process holds the trial."""
     trial_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(trial_dir / TRIAL_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    if fcntl is None:
-        return fd
-    for pause in (*LOCK_RETRY_SECONDS, None):
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except OSError:
-            if pause is None:
-                os.close(fd)
-                return None
-            time.sleep(pause)
-    raise AssertionError("unreachable")
+    return locks.try_hold(trial_dir / TRIAL_LOCK_FILE)
 
 
 def is_locked(trial_dir: Path, lock_file: str = TRIAL_LOCK_FILE) -> bool:
-    """Whether a process holds the trial (or, with ``lock_file=layout.LOCK_FILE``, the run folder). The probe
-    takes a shared lock for a moment: probes never block each other, and a read-only lock file (another user's
-    sweep) can still be probed."""
-    path = Path(trial_dir) / lock_file
-    if fcntl is None or not path.exists():
-        return False
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # unreadable: nobody can tell
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)  # closing releases a lock taken here
-    return False
-
-
-@contextlib.contextmanager
-def _index_lock(sweep_dir: Path):
-    """Held while sweep.json is read, merged and rewritten, so that shards writing at once keep each other's
-    entries. Without one (a read-only folder, no fcntl) the write goes ahead unguarded."""
-    fd = None
-    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):  # read-only: another user's lock file still locks
-        with contextlib.suppress(OSError):
-            fd = os.open(sweep_dir / SWEEP_INDEX_LOCK_FILE, flags, 0o666)
-            break
-    try:
-        if fd is not None and fcntl is not None:
-            with contextlib.suppress(OSError):  # no locks on this filesystem (ENOLCK): unguarded, as documented
-                fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)
+    """Whether a process holds the trial (or, with ``lock_file=layout.LOCK_FILE``, the run folder)."""
+    return locks.held(Path(trial_dir) / lock_file)
 
 
 def trial_status(trial_dir: Path) -> str:
@@ -165,7 +109,7 @@ class SweepIndex:
 
     def write(self) -> None:
         assert self.cfg.sweep is not None
-        with self.lock, _index_lock(self.dir):
+        with self.lock, locks.exclusive(self.dir / SWEEP_INDEX_LOCK_FILE):  # shards merge their entries
             path = self.dir / SWEEP_INDEX_FILE
             old = read_json_or(path, {}) or {}
             invocations = [i for i in old.get("invocations", []) if i.get("id") != self.invocation["id"]]
