@@ -55,7 +55,7 @@ def _reference(answerer, examples, extractive: bool) -> list[str]:
             logits = model(input_ids=torch.tensor([ids + new])).logits[0, -1]
             if extractive:
                 answer = (span_text(first_line(tok.decode(new, skip_special_tokens=True))) or "").strip()
-                for t in logits.argsort(descending=True).tolist():
+                for t in logits.argsort(descending=True, stable=True).tolist():
                     text = span_text(first_line(tok.decode(new + [t], skip_special_tokens=True)))
                     if (t in stops and answer) or (t not in stops and text is not None and text in ctx):
                         break
@@ -110,6 +110,9 @@ def test_span_constraint_picks_the_best_token_that_keeps_a_piece_of_the_context(
     span.keep([1])  # row 0 stopped and left the batch: row 1 keeps its own answer
     assert span.pick(_scores("x", "9")[None]).tolist() == [ord("9")]
     assert span.pick(_scores("<stop>", "9")[None]).tolist() == [0]  # an answer may end once it has text
+    tied = torch.zeros(128)
+    tied[[ord("s"), ord("S")]] = 1.0  # a tie (frequent in bf16): the lower id, as argmax picks it
+    assert SpanConstraint(_CharTokenizer(), ["Stress, stress"], stop_ids=[0]).pick(tied[None]).tolist() == [ord("S")]
     span = SpanConstraint(_CharTokenizer(), ["ab"], stop_ids=[0])
     span.pick(_scores("a")[None]), span.pick(_scores("b")[None])
     assert span.pick(_scores("c", "d")[None]).tolist() == [0]  # no continuation left: stop

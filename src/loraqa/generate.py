@@ -219,7 +219,8 @@ class SpanConstraint:
     def _pick(self, row: int, scores: torch.Tensor) -> int:
         ids, context = self.generated[row], self.contexts[row]
         has_answer = bool((self._text(ids) or "").strip())
-        order = scores.argsort(descending=True)
+        # stable: among tied scores (frequent in bf16) the lowest id first, the one argmax picks in free decoding
+        order = scores.argsort(descending=True, stable=True)
         for start in range(0, order.numel(), self.chunk):
             for t in order[start : start + self.chunk].tolist():
                 if t in self.stop_ids:
