@@ -225,7 +225,7 @@ def reference_run(
     from loraqa.model import load_model_and_tokenizer
 
     set_seed(SEED)
-    from loraqa.evaluate import peak_memory_mb, reset_peak_memory
+    from loraqa.devices import peak_memory_mb, reset_peak_memory
 
     lm = load_model_and_tokenizer(name, "fp32", "sdpa", str(device), seed=SEED)
     model, tok = lm.model, lm.tokenizer

@@ -3,53 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import resource
-import sys
 import time
 from pathlib import Path
 
-import torch
-
 from . import dist
 from .config import ConfigError, EvalConfig
+from .devices import peak_memory_mb
 from .generate import generate_answers, generate_answers_invariant
 from .journal import AnswerJournal, fingerprint
 from .layout import CONFIG_FILE, LOG_FILE, METRICS_FILE, TRAIN_METRICS_FILE, answer_journal_file
 from .metrics import score_predictions
 from .prompt import PromptEncoder, PromptStats
-
-
-def peak_memory_mb(device: torch.device | str = "cpu") -> float:
-    """Peak memory since the last :func:`reset_peak_memory`: max allocated on a GPU, peak resident set size
-    (VmHWM) on a CPU (the process-lifetime peak where the kernel cannot reset it)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**10  # kB
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
-
-
-def reset_peak_memory(device: torch.device | str = "cpu") -> None:
-    """Start a new peak-memory window (so loading a model, e.g. de-quantizing a GGUF file, is not counted)."""
-    import gc
-
-    gc.collect()
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def evaluate_model(

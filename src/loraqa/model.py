@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .config import PRESET_NAMES
+from .devices import default_device
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +116,6 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ---------------------------------------------------------------------------------------------- models

@@ -25,7 +25,7 @@ from torch.utils.data import Sampler
 
 from . import dist, signals
 from .config import ConfigError, ExperimentConfig
-from .evaluate import peak_memory_mb
+from .devices import peak_memory_mb
 from .io import read_json, write_json_atomic, write_jsonl_atomic
 from .layout import CLOCK_FILE, TENSORBOARD_DIR
 from .packing import SharedContextBatches
