@@ -363,7 +363,7 @@ def generation_switches(name, device, run_dir, prompts, batch_size: int = 32) ->
     (one at a time); the run's own evaluation used the defaults."""
     from peft import PeftModel
 
-    from loraqa.generate import generate_answers
+    from loraqa.generate import Decoding, generate_answers
     from loraqa.model import load_model_and_tokenizer, prepare_for_generation
 
     bases = {}
@@ -375,11 +375,11 @@ def generation_switches(name, device, run_dir, prompts, batch_size: int = 32) ->
         lm = bases[key]
         model = PeftModel.from_pretrained(copy.deepcopy(lm.model), run_dir)
         model = prepare_for_generation(model, merge=merge, precision=lm.precision)
-        generate_answers(model, lm.tokenizer, prompts[:2], progress=False, max_new_tokens=2)  # warm-up
+        generate_answers(model, lm.tokenizer, prompts[:2], Decoding(2, progress=False))  # warm-up
         sync(device)
         start = time.perf_counter()
         answers = generate_answers(
-            model, lm.tokenizer, prompts, progress=False, **{"batch_size": batch_size, **kwargs}
+            model, lm.tokenizer, prompts, Decoding(progress=False), **{"batch_size": batch_size, **kwargs}
         )
         sync(device)
         seconds = time.perf_counter() - start

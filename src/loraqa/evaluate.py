@@ -9,7 +9,7 @@ from pathlib import Path
 from . import dist
 from .config import ConfigError, EvalConfig
 from .devices import peak_memory_mb
-from .generate import generate_answers, generate_answers_invariant
+from .generate import Decoding, generate_answers, generate_answers_invariant
 from .journal import AnswerJournal, fingerprint
 from .layout import CONFIG_FILE, LOG_FILE, METRICS_FILE, TRAIN_METRICS_FILE, answer_journal_file
 from .metrics import score_predictions
@@ -48,22 +48,18 @@ def evaluate_model(
     parts = [encoder.encode_prompt_parts(ex.context, ex.question, stats) for ex in examples][dist.shard(len(examples))]
     share = [c + q for c, q in parts]
     journal = _open_journal(journal_dir, model, tokenizer, share, eval_cfg) if journal_dir else None
-    resume = {"done": journal.done, "on_batch": journal.record} if journal else {}
     # extractive: every answer a piece of its paragraph as written (a decoded context can differ from it in
     # spaces the tokenizer cleans up)
     contexts = [ex.context for ex in examples][dist.shard(len(examples))] if eval_cfg.extractive else None
+    resume = {"done": journal.done, "on_batch": journal.record} if journal else {}
+    decoding = Decoding(eval_cfg.max_new_tokens, contexts, progress=progress, **resume)
     start = time.perf_counter()
     if eval_cfg.batch_invariant:
-        answers = generate_answers_invariant(
-            model, tokenizer, share, [len(c) for c, _ in parts], max_new_tokens=eval_cfg.max_new_tokens,
-            progress=progress, contexts=contexts, **resume,
-        )  # fmt: skip
+        answers = generate_answers_invariant(model, tokenizer, share, [len(c) for c, _ in parts], decoding)
     else:
         answers = generate_answers(
-            model, tokenizer, share, batch_size=eval_cfg.batch_size,
-            max_new_tokens=eval_cfg.max_new_tokens, sort_by_length=eval_cfg.sort_by_length,
-            share_prefixes=eval_cfg.share_prefixes, prune_finished=eval_cfg.prune_finished, progress=progress,
-            contexts=contexts, **resume,
+            model, tokenizer, share, decoding, batch_size=eval_cfg.batch_size, sort_by_length=eval_cfg.sort_by_length,
+            share_prefixes=eval_cfg.share_prefixes, prune_finished=eval_cfg.prune_finished,
         )  # fmt: skip
     answers = dist.gather_lists(answers)
     seconds = time.perf_counter() - start + (journal.seconds_before if journal else 0.0)
