@@ -16,9 +16,9 @@ import json
 import time
 from pathlib import Path
 
+from loraqa.answering import evaluate_model
 from loraqa.config import apply_overrides
 from loraqa.data import load_split
-from loraqa.evaluate import evaluate_model
 from loraqa.predict import ask, load_answerer
 
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 
+from loraqa.answering import evaluate_model
 from loraqa.cli import main
 from loraqa.data import load_squad
-from loraqa.evaluate import evaluate_model
 from loraqa.generate import SpanConstraint, first_line, span_text, stop_token_ids
 from loraqa.predict import ask, load_answerer
 from loraqa.prompt import PromptEncoder

@@ -37,7 +37,7 @@ def test_ask_predict_and_the_run_agree_question_for_question(bf16_run, synthetic
 
 def test_the_same_question_in_any_company_gets_the_same_answer(bf16_run, synthetic_dir):
     """Questions answered in other groupings and orders: every answer as when asked alone."""
-    from loraqa.evaluate import evaluate_model
+    from loraqa.answering import evaluate_model
 
     answerer = load_answerer(str(bf16_run))
     examples, _ = load_squad(synthetic_dir / "dev-v1.1.json", split="dev")
@@ -59,7 +59,7 @@ def test_the_same_question_in_any_company_gets_the_same_answer(bf16_run, synthet
 
 def test_an_interrupted_invariant_evaluation_resumes_with_the_same_answers(bf16_run, synthetic_dir, tmp_path,
                                                                             monkeypatch):  # fmt: skip
-    from loraqa.evaluate import evaluate_model
+    from loraqa.answering import evaluate_model
     from loraqa.journal import AnswerJournal
 
     answerer = load_answerer(str(bf16_run))

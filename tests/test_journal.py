@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from loraqa import generate
+from loraqa.answering import evaluate_model
 from loraqa.config import EvalConfig
-from loraqa.evaluate import evaluate_model
 from loraqa.journal import AnswerJournal
 from loraqa.layout import ANSWER_JOURNAL_FILE
 

@@ -8,9 +8,9 @@ import signal
 import pytest
 import torch
 
+from loraqa.answering import eval_run_dir, eval_zero_shot
 from loraqa.config import ExperimentConfig, apply_overrides
 from loraqa.data import make_synthetic_squad
-from loraqa.evaluate import eval_run_dir, eval_zero_shot
 from loraqa.prompt import IGNORE_INDEX
 from loraqa.train import run_experiment
 from loraqa.trainer import QACollator
@@ -493,9 +493,9 @@ def test_generation_speed_switches_do_not_change_the_answers(synthetic_dir):
     (fp32, tiny model; several questions share each context so prefixes are really shared)."""
     import dataclasses
 
+    from loraqa.answering import evaluate_model
     from loraqa.config import EvalConfig
     from loraqa.data import load_squad
-    from loraqa.evaluate import evaluate_model
     from loraqa.model import load_model_and_tokenizer
 
     dev, _ = load_squad(synthetic_dir, split="dev", limit=6)
@@ -517,9 +517,9 @@ def test_a_prompt_as_long_as_the_model_takes_leaves_room_for_the_answer(syntheti
     keeps the prompt to 1024 - eval.max_new_tokens (before, a long context ran past the position table)."""
     import dataclasses
 
+    from loraqa.answering import evaluate_model
     from loraqa.config import EvalConfig
     from loraqa.data import load_squad
-    from loraqa.evaluate import evaluate_model
     from loraqa.model import load_model_and_tokenizer
 
     (ex,) = load_squad(synthetic_dir, split="dev", limit=1)[0]

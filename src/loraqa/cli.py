@@ -196,7 +196,7 @@ def split_run_dir(first: str | None, items: list[str]) -> tuple[str | None, list
 
 def cmd_eval(args) -> int:
     from . import dist
-    from .evaluate import eval_run_dir, eval_zero_shot
+    from .answering import eval_run_dir, eval_zero_shot
 
     args.run_dir, args.items = split_run_dir(args.run_dir, args.items)
     overrides = run_eval_overrides(args) if args.run_dir else None  # bad ones stop here, before any loading

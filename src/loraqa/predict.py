@@ -1,6 +1,6 @@
 """Use a trained run (or a base model, zero-shot): answer the questions of a file, or questions typed in.
 
-Both go through :func:`loraqa.evaluate.evaluate_model`, the batched generation path evaluation uses (shared
+Both go through :func:`loraqa.answering.evaluate_model`, the batched generation path evaluation uses (shared
 paragraphs run once, KV cache, sorted batches), with the run's own prompt length and evaluation settings.
 """
 
@@ -10,9 +10,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from .answering import evaluate_model
 from .config import ConfigError, ExperimentConfig, apply_overrides
 from .data import Example, detect_format, load_file
-from .evaluate import evaluate_model
 from .io import write_jsonl_atomic
 
 log = logging.getLogger(__name__)

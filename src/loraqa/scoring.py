@@ -16,7 +16,7 @@ import time
 from transformers import TrainerCallback
 
 from . import dist
-from .evaluate import evaluate_model
+from .answering import evaluate_model
 from .metrics import METRIC, SCORE_SECONDS_KEY, best_scoring, scorings_since_best
 
 log = logging.getLogger(__name__)

@@ -16,10 +16,10 @@ import torch
 
 from . import data as data_mod
 from . import dist, signals
+from .answering import evaluate_model
 from .card import current_command, model_card
 from .config import ConfigError, ExperimentConfig
 from .devices import peak_memory_mb, reset_peak_memory
-from .evaluate import evaluate_model
 from .io import read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from .layout import CHECKPOINTS_DIR, LOG_FILE, METRICS_FILE, MODEL_CARD_FILE, TRAIN_METRICS_FILE
 from .model import (

@@ -22,7 +22,7 @@ class InputError(Exception):
 
 def prompt_length_limit(answerer) -> int:
     """The prompt tokens the answerer generates from: the run's ``prompt.max_length``, less the room for the
-    answer where the model's positions would not hold both (as :func:`loraqa.evaluate.evaluate_model` cuts)."""
+    answer where the model's positions would not hold both (as :func:`loraqa.answering.evaluate_model` cuts)."""
     from ..model import position_limit
 
     max_length = answerer.cfg.prompt.max_length
