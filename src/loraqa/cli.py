@@ -221,7 +221,7 @@ def cmd_eval(args) -> int:
 
 
 def _answerer(args):
-    from .predict import load_answerer
+    from .answering import load_answerer
 
     overrides = [("eval.batch_size", args.batch_size)] if getattr(args, "batch_size", None) else []
     return load_answerer(args.run_dir, model=args.model, device=args.device, overrides=overrides)
@@ -279,7 +279,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .predict import load_answerer
+    from .answering import load_answerer
     from .serve import ServeSettings, create_app, serve_forever
 
     settings = ServeSettings(

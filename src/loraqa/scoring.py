@@ -16,7 +16,7 @@ import time
 from transformers import TrainerCallback
 
 from . import dist
-from .answering import evaluate_model
+from .answering import Answerer
 from .metrics import METRIC, SCORE_SECONDS_KEY, best_scoring, scorings_since_best
 
 log = logging.getLogger(__name__)
@@ -67,10 +67,7 @@ class ScoreCallback(TrainerCallback):
         was_training = inner.training
         inner.eval()
         try:
-            _, summary = evaluate_model(
-                inner, self.tokenizer, self.examples, max_length=self.cfg.prompt.max_length,
-                eval_cfg=self.cfg.eval, progress=False, unanswerable_answer=self.cfg.data.no_answer_text(),
-            )  # fmt: skip
+            _, summary = Answerer(self.cfg, inner, self.tokenizer).answer(self.examples)
         finally:
             inner.train(was_training)
         return {"eval_exact_match": summary["exact_match"], "eval_f1": summary["f1"],

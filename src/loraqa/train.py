@@ -16,7 +16,7 @@ import torch
 
 from . import data as data_mod
 from . import dist, signals
-from .answering import evaluate_model
+from .answering import Answerer
 from .card import current_command, model_card
 from .config import ConfigError, ExperimentConfig
 from .devices import peak_memory_mb, reset_peak_memory
@@ -176,11 +176,9 @@ def _run(cfg, run_dir: Path, device, callbacks, progress, command, on_score=None
         card = model_card(cfg, pruned, data=data_info, command=current_command() if command is None else command)
         return dist.on_main(_save_results, run_dir, [], pruned, card)
     model = prepare_for_generation(model, merge=cfg.eval.merge_adapter, precision=lm.precision)
-    records, summary = evaluate_model(
-        model, tok, dev_examples, max_length=cfg.prompt.max_length, eval_cfg=cfg.eval,
-        progress=progress and dist.is_main_process(), unanswerable_answer=cfg.data.no_answer_text(),
-        journal_dir=run_dir,
-    )  # fmt: skip
+    records, summary = Answerer(cfg, model, tok).answer(
+        dev_examples, progress=progress and dist.is_main_process(), journal_dir=run_dir
+    )
     metrics = {
         "exact_match": summary["exact_match"],
         "f1": summary["f1"],

@@ -70,7 +70,7 @@ def describe_run(answerer, run_dir: str | Path | None) -> dict:
 
 
 def create_app(answerer, *, run_dir: str | Path | None = None, settings: ServeSettings | None = None) -> FastAPI:
-    """The app serving ``answerer`` (:func:`loraqa.predict.load_answerer`): one worker thread holds the model
+    """The app serving ``answerer`` (:func:`loraqa.answering.load_answerer`): one worker thread holds the model
     from the app's start to its end (run it with uvicorn, or :class:`loraqa.serve.BackgroundServer`)."""
     settings = settings or ServeSettings()
     settings.check()
@@ -172,6 +172,8 @@ _ERRORS = {status: {"model": ErrorResponse, "description": text} for status, tex
 
 
 def _add_routes(app: FastAPI) -> None:
+    from ..answering import generated_text  # imported with the model, not with the app
+
     batcher: Batcher = app.state.batcher
 
     @app.get("/", include_in_schema=False)
@@ -194,7 +196,7 @@ def _add_routes(app: FastAPI) -> None:
         seconds = round(result["seconds"], 3)
         answers = []
         for record in result["records"]:
-            text = record.get("generated", record["prediction"])  # a SQuAD 2.0 run's own text, as `ask` gives
+            text = generated_text(record)  # a SQuAD 2.0 run's own text, as `ask` gives
             answers.append(Answer(question=record["question"], answer=text, span=find_span(body.context, text),
                                   seconds=seconds))  # fmt: skip
         return AnswerResponse(answers=answers, batch_questions=result["batch_questions"])

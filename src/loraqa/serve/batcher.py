@@ -27,8 +27,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..data import Example
-
 log = logging.getLogger(__name__)
 
 
@@ -219,8 +217,9 @@ class Batcher:
 
     def _answer(self, jobs: list[Job]) -> None:
         """Answer the jobs' questions together and settle each job with its own answers."""
-        examples = [Example(f"{job.id}:{i}", "", job.context, q, (), ())
-                    for job in jobs for i, q in enumerate(job.questions)]  # fmt: skip
+        from ..answering import asked  # imported with the model, not with the app
+
+        examples = [ex for job in jobs for ex in asked(job.context, job.questions, prefix=f"{job.id}:")]
         start = time.perf_counter()
         try:
             records, _ = self.answerer.answer(examples)

@@ -21,16 +21,11 @@ class InputError(Exception):
 
 
 def prompt_length_limit(answerer) -> int:
-    """The prompt tokens the answerer generates from: the run's ``prompt.max_length``, less the room for the
-    answer where the model's positions would not hold both (as :func:`loraqa.answering.evaluate_model` cuts)."""
-    from ..model import position_limit
+    """The prompt tokens the answerer generates from (:func:`loraqa.answering.prompt_length`): the run's
+    ``prompt.max_length``, less the room for the answer where the model's positions would not hold both."""
+    from ..answering import prompt_length
 
-    max_length = answerer.cfg.prompt.max_length
-    limit = position_limit(answerer.model)
-    new_tokens = answerer.cfg.eval.max_new_tokens
-    if limit is not None and max_length + new_tokens > limit:
-        max_length = max(limit - new_tokens, 1)
-    return max_length
+    return prompt_length(answerer.model, answerer.cfg.prompt.max_length, answerer.cfg.eval.max_new_tokens)
 
 
 class InputLimits:
