@@ -84,7 +84,9 @@ def answer(
     resume = {"done": journal.done, "on_batch": journal.record} if journal else {}
     decoding = Decoding(eval_cfg.max_new_tokens, contexts, progress=progress, **resume)
     start = time.perf_counter()
-    answers = dist.gather_lists(_generate(model, tokenizer, prompts, [len(c) for c, _ in parts], eval_cfg, decoding))
+    answers = dist.gather_lists(
+        _generate(model, tokenizer, prompts, [len(c) for c, _ in parts], eval_cfg, decoding)
+    )
     seconds = time.perf_counter() - start + (journal.seconds_before if journal else 0.0)
     if journal:
         journal.discard()
@@ -113,7 +115,9 @@ def _generate(model, tokenizer, prompts, context_ends: list[int], eval_cfg: Eval
     )
 
 
-def _open_journal(folder: Path, model, tokenizer, prompts: list[list[int]], eval_cfg: EvalConfig) -> AnswerJournal:
+def _open_journal(
+    folder: Path, model, tokenizer, prompts: list[list[int]], eval_cfg: EvalConfig
+) -> AnswerJournal:
     """This process's journal in ``folder``, keyed by the model, the prompts and every generation setting."""
     settings = {
         **dataclasses.asdict(eval_cfg),
@@ -187,7 +191,9 @@ def load_answerer(
         run = load_run(run_dir, overrides=list(overrides), device=device)
         return Answerer(run.cfg, run.model, run.lm.tokenizer, run.lm.precision, run.lm.device)
     if not model:
-        raise ConfigError("give a run folder made by `loraqa train`, or --model NAME to ask a base model zero-shot")
+        raise ConfigError(
+            "give a run folder made by `loraqa train`, or --model NAME to ask a base model zero-shot"
+        )
     return load_base(apply_overrides(ExperimentConfig(), [("model.name", model), *overrides]), device)
 
 
@@ -196,14 +202,17 @@ def load_base(cfg: ExperimentConfig, device: str | None = None) -> Answerer:
     from .model import load_model_and_tokenizer, prepare_for_generation
 
     lm = load_model_and_tokenizer(cfg.model.name, cfg.model.precision, cfg.model.attn_implementation, device)
-    return Answerer(cfg, prepare_for_generation(lm.model, precision=lm.precision), lm.tokenizer, lm.precision,
-                    lm.device)  # fmt: skip
+    return Answerer(
+        cfg, prepare_for_generation(lm.model, precision=lm.precision), lm.tokenizer, lm.precision, lm.device
+    )
 
 
 # ---------------------------------------------------------------------------------------------- write
 
 
-def write_results(folder: Path, records: list[dict], metrics: dict, cfg: ExperimentConfig | None = None) -> None:
+def write_results(
+    folder: Path, records: list[dict], metrics: dict, cfg: ExperimentConfig | None = None
+) -> None:
     """From the main process: ``cfg`` as ``config.yaml`` when given (an evaluation that is no trained run's),
     ``predictions.jsonl`` and ``predictions.json``, then ``metrics.json``, last: its presence means the
     evaluation is done."""
@@ -230,7 +239,9 @@ def dev_questions(cfg: ExperimentConfig) -> list[Example]:
     return evaluated(cfg.data, dev)
 
 
-def eval_zero_shot(cfg: ExperimentConfig, out_dir, *, device: str | None = None, progress: bool = True) -> dict:
+def eval_zero_shot(
+    cfg: ExperimentConfig, out_dir, *, device: str | None = None, progress: bool = True
+) -> dict:
     """Score the base model (no fine-tuning) with the same prompt; writes ``config.yaml``, the predictions and
     ``metrics.json`` into ``out_dir`` and returns the metrics."""
     from .model import count_parameters
@@ -238,8 +249,11 @@ def eval_zero_shot(cfg: ExperimentConfig, out_dir, *, device: str | None = None,
 
     out_dir = Path(out_dir)
     if any((out_dir / f).exists() for f in (LOG_FILE, TRAIN_METRICS_FILE)):  # a trained run's own results
-        raise ConfigError(f"{out_dir}: holds a trained run; pick another --output-dir for the zero-shot results")
-    dist.on_main(make_run_folder, out_dir)  # a file or an impossible path as --output-dir: one line, before any work
+        raise ConfigError(
+            f"{out_dir}: holds a trained run; pick another --output-dir for the zero-shot results"
+        )
+    # a file or an impossible path as --output-dir: one line, before any work
+    dist.on_main(make_run_folder, out_dir)
     dev = dev_questions(cfg)
     answerer = load_base(cfg, device)
     records, summary = answerer.answer(dev, progress=progress, journal_dir=out_dir)
@@ -281,7 +295,12 @@ def eval_run_dir(
     out = Path(out_dir) if out_dir else run_dir / f"eval-{len(dev)}"
     dist.on_main(make_run_folder, out)
     records, summary = answerer.answer(dev, progress=progress, journal_dir=out)
-    metrics = {**summary, "model": cfg.model.name, "precision": answerer.precision, "device": str(answerer.device)}
+    metrics = {
+        **summary,
+        "model": cfg.model.name,
+        "precision": answerer.precision,
+        "device": str(answerer.device),
+    }
     write_results(out, records, metrics)
     return metrics
 
@@ -291,4 +310,6 @@ def _check_eval_out(run_dir: Path, out_dir: Path) -> None:
     if out_dir.resolve() == run_dir.resolve():
         raise ConfigError(f"{out_dir}: is the run folder itself; pick another -o (default: RUN_DIR/eval-N)")
     if (out_dir / CONFIG_FILE).is_file():  # a run's or a zero-shot evaluation's own results
-        raise ConfigError(f"{out_dir}: holds a run ({CONFIG_FILE}); pick another -o (default: RUN_DIR/eval-N)")
+        raise ConfigError(
+            f"{out_dir}: holds a run ({CONFIG_FILE}); pick another -o (default: RUN_DIR/eval-N)"
+        )

@@ -91,5 +91,7 @@ def _check_out_dir(run_dir: Path, out_dir: Path, overwrite: bool) -> None:
     if not overwrite:
         raise ConfigError(f"{out_dir}: exists and is not empty; pick another --out, or pass --overwrite")
     if not (out_dir / "config.json").is_file() or (out_dir / CONFIG_FILE).is_file():  # a full fine-tuning run
-        raise ConfigError(f"{out_dir}: not an exported model folder (a run, or no config.json), so --overwrite "
-                          "will not replace it; pick another --out")  # fmt: skip
+        raise ConfigError(
+            f"{out_dir}: not an exported model folder (a run, or no config.json), so --overwrite "
+            "will not replace it; pick another --out"
+        )

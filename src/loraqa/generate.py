@@ -101,8 +101,10 @@ def plan_batches(
             if len(members) < 2 or shared < min_shared:
                 groups.extend(PromptGroup(0, [m]) for m in members)
             else:
-                groups.extend(PromptGroup(shared, members[s : s + batch_size])
-                              for s in range(0, len(members), batch_size))  # fmt: skip
+                groups.extend(
+                    PromptGroup(shared, members[s : s + batch_size])
+                    for s in range(0, len(members), batch_size)
+                )
     else:
         groups = [PromptGroup(0, [i]) for i in range(len(prompts))]
     if sort_by_length:  # longest first (stable: ties keep their order)
@@ -159,8 +161,14 @@ class _Forward:
             # of its weight for every row (seconds for a 49k vocabulary); indexing gives a contiguous input
             last = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
             extra["logits_to_keep"] = last
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, **{self.cache_arg: self.cache}, **extra)  # fmt: skip
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self.cache_arg: self.cache},
+            **extra,
+        )
         return out.logits[:, -1]
 
 
@@ -324,8 +332,9 @@ class _Generation:
         self.stops = stop_token_ids(tokenizer)
         self.stop_ids = torch.tensor(self.stops, device=self.device)
         self.answers: list[str] = [""] * n_prompts
-        self.bar = tqdm(total=n_prompts, desc=decoding.desc, unit="q", disable=not decoding.progress,
-                        dynamic_ncols=True)  # fmt: skip
+        self.bar = tqdm(
+            total=n_prompts, desc=decoding.desc, unit="q", disable=not decoding.progress, dynamic_ncols=True
+        )
 
     def resumed(self, members: list[int]) -> bool:
         """Whether ``done`` answers every one of ``members``: then those answers are theirs, none generated."""
@@ -339,10 +348,19 @@ class _Generation:
 
     def decode(self, fwd: _Forward, logits, mask, next_position, idx: list[int], *, prune_finished=True):
         """The greedy continuation of the rows (prompts ``idx``) whose cache ``fwd`` holds: their new tokens."""
-        contexts = self.decoding.contexts
-        span = None if contexts is None else SpanConstraint(self.tokenizer, [contexts[i] for i in idx], self.stops)
-        return greedy_continue(fwd, logits, mask, next_position, self.stop_ids, self.decoding.max_new_tokens,
-                               prune_finished=prune_finished, constraint=span)  # fmt: skip
+        contexts, span = self.decoding.contexts, None
+        if contexts is not None:
+            span = SpanConstraint(self.tokenizer, [contexts[i] for i in idx], self.stops)
+        return greedy_continue(
+            fwd,
+            logits,
+            mask,
+            next_position,
+            self.stop_ids,
+            self.decoding.max_new_tokens,
+            prune_finished=prune_finished,
+            constraint=span,
+        )
 
     def generated(self, idx: list[int], new: list[list[int]]) -> None:
         """Prompts ``idx`` got the new tokens ``new``: their answers, which ``on_batch`` hears."""
@@ -392,8 +410,9 @@ def generate_answers(
             idx, new = _decode_batch(run, prompts, batch, prune_finished)
         else:
             idx = members
-            new = _hf_generate(model, [prompts[i] for i in idx], run.pad_id, run.stops, decoding.max_new_tokens,
-                               run.device)  # fmt: skip
+            new = _hf_generate(
+                model, [prompts[i] for i in idx], run.pad_id, run.stops, decoding.max_new_tokens, run.device
+            )
         run.generated(idx, new)
     return run.finish()
 
@@ -456,7 +475,8 @@ def _hf_generate(model, seqs, pad_id, stops, max_new_tokens, device) -> list[lis
     from transformers import GenerationConfig
 
     input_ids, attention = _left_padded(seqs, pad_id, device)
-    gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops,
-                               pad_token_id=pad_id)  # fmt: skip
+    gen_cfg = GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad_id
+    )
     out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=gen_cfg)
     return out[:, input_ids.shape[1] :].tolist()

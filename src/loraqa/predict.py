@@ -20,7 +20,12 @@ log = logging.getLogger(__name__)
 
 
 def predict_file(
-    answerer: Answerer, source: str | Path, output: str | Path, *, fmt: str | None = None, progress: bool = True
+    answerer: Answerer,
+    source: str | Path,
+    output: str | Path,
+    *,
+    fmt: str | None = None,
+    progress: bool = True,
 ) -> dict:
     """Answer every question of ``source`` (any data format; detected from the name when ``fmt`` is None)
     and write ``output``: JSONL, one ``{"id", "answer"}`` a line, in input order (for a SQuAD 2.0 run the
