@@ -37,6 +37,72 @@ from .layout import CONFIG_FILE, LOG_FILE, METRICS_FILE, TRAIN_METRICS_FILE, ans
 from .metrics import score_predictions
 from .prompt import PromptEncoder, PromptStats
 
+# ---------------------------------------------------------------------------------------------- load
+
+
+@dataclass
+class Answerer:
+    """A model ready to generate, with the config it answers under (a trained run's own, or the defaults with
+    ``model.name``, zero-shot); :func:`load_answerer` adds the precision and device it loaded it in."""
+
+    cfg: ExperimentConfig
+    model: object
+    tokenizer: object
+    precision: str | None = None  # "bf16" or "fp32"; None: a model loaded elsewhere (training's)
+    device: object = None
+
+    def answer(self, examples: Sequence[Example], progress: bool = False, journal_dir: Path | None = None):
+        """Per-question records and the EM/F1 summary over the questions that have gold answers (:func:`answer`
+        under the config's ``eval`` section, its prompt length and its no-answer text)."""
+        return answer(
+            self.model,
+            self.tokenizer,
+            examples,
+            self.cfg.eval,
+            max_length=self.cfg.prompt.max_length,
+            progress=progress,
+            unanswerable_answer=self.cfg.data.no_answer_text(),
+            journal_dir=journal_dir,
+        )
+
+    def prompt_length(self) -> int:
+        """The prompt tokens it answers from (:func:`prompt_length`)."""
+        return prompt_length(self.model, self.cfg.prompt.max_length, self.cfg.eval.max_new_tokens)
+
+
+def load_answerer(
+    run_dir: str | Path | None = None,
+    *,
+    model: str | None = None,
+    device: str | None = None,
+    overrides: Sequence[tuple[str, object]] = (),
+) -> Answerer:
+    """A trained run folder (its config changed by ``overrides``), or with ``model`` and no run the base model
+    zero-shot under the default config (changed by ``overrides``)."""
+    if run_dir:
+        if model:
+            raise ConfigError("give a run folder or --model (zero-shot), not both")
+        from .rundir import load_run
+
+        run = load_run(run_dir, overrides=list(overrides), device=device)
+        return Answerer(run.cfg, run.model, run.lm.tokenizer, run.lm.precision, run.lm.device)
+    if not model:
+        raise ConfigError(
+            "give a run folder made by `loraqa train`, or --model NAME to ask a base model zero-shot"
+        )
+    return load_base(apply_overrides(ExperimentConfig(), [("model.name", model), *overrides]), device)
+
+
+def load_base(cfg: ExperimentConfig, device: str | None = None) -> Answerer:
+    """``cfg``'s base model, not fine-tuned (zero-shot), ready to generate."""
+    from .model import load_model_and_tokenizer, prepare_for_generation
+
+    lm = load_model_and_tokenizer(cfg.model.name, cfg.model.precision, cfg.model.attn_implementation, device)
+    return Answerer(
+        cfg, prepare_for_generation(lm.model, precision=lm.precision), lm.tokenizer, lm.precision, lm.device
+    )
+
+
 # ---------------------------------------------------------------------------------------------- answer
 
 
@@ -139,72 +205,6 @@ def generated_text(record: dict) -> str:
     """The text the model gave for one question: a SQuAD 2.0 run's no-answer text as it is, not the official
     ``""`` its ``prediction`` holds."""
     return record.get("generated", record["prediction"])
-
-
-# ---------------------------------------------------------------------------------------------- load
-
-
-@dataclass
-class Answerer:
-    """A model ready to generate, with the config it answers under (a trained run's own, or the defaults with
-    ``model.name``, zero-shot); :func:`load_answerer` adds the precision and device it loaded it in."""
-
-    cfg: ExperimentConfig
-    model: object
-    tokenizer: object
-    precision: str | None = None  # "bf16" or "fp32"; None: a model loaded elsewhere (training's)
-    device: object = None
-
-    def answer(self, examples: Sequence[Example], progress: bool = False, journal_dir: Path | None = None):
-        """Per-question records and the EM/F1 summary over the questions that have gold answers (:func:`answer`
-        under the config's ``eval`` section, its prompt length and its no-answer text)."""
-        return answer(
-            self.model,
-            self.tokenizer,
-            examples,
-            self.cfg.eval,
-            max_length=self.cfg.prompt.max_length,
-            progress=progress,
-            unanswerable_answer=self.cfg.data.no_answer_text(),
-            journal_dir=journal_dir,
-        )
-
-    def prompt_length(self) -> int:
-        """The prompt tokens it answers from (:func:`prompt_length`)."""
-        return prompt_length(self.model, self.cfg.prompt.max_length, self.cfg.eval.max_new_tokens)
-
-
-def load_answerer(
-    run_dir: str | Path | None = None,
-    *,
-    model: str | None = None,
-    device: str | None = None,
-    overrides: Sequence[tuple[str, object]] = (),
-) -> Answerer:
-    """A trained run folder (its config changed by ``overrides``), or with ``model`` and no run the base model
-    zero-shot under the default config (changed by ``overrides``)."""
-    if run_dir:
-        if model:
-            raise ConfigError("give a run folder or --model (zero-shot), not both")
-        from .rundir import load_run
-
-        run = load_run(run_dir, overrides=list(overrides), device=device)
-        return Answerer(run.cfg, run.model, run.lm.tokenizer, run.lm.precision, run.lm.device)
-    if not model:
-        raise ConfigError(
-            "give a run folder made by `loraqa train`, or --model NAME to ask a base model zero-shot"
-        )
-    return load_base(apply_overrides(ExperimentConfig(), [("model.name", model), *overrides]), device)
-
-
-def load_base(cfg: ExperimentConfig, device: str | None = None) -> Answerer:
-    """``cfg``'s base model, not fine-tuned (zero-shot), ready to generate."""
-    from .model import load_model_and_tokenizer, prepare_for_generation
-
-    lm = load_model_and_tokenizer(cfg.model.name, cfg.model.precision, cfg.model.attn_implementation, device)
-    return Answerer(
-        cfg, prepare_for_generation(lm.model, precision=lm.precision), lm.tokenizer, lm.precision, lm.device
-    )
 
 
 # ---------------------------------------------------------------------------------------------- write
