@@ -16,17 +16,17 @@ import json
 import time
 from pathlib import Path
 
+from loraqa.answering import answer, load_answerer
 from loraqa.config import apply_overrides
 from loraqa.data import load_split
-from loraqa.evaluate import evaluate_model
-from loraqa.predict import ask, load_answerer
+from loraqa.predict import ask
 
 
 def answers_of(answerer, examples, **eval_overrides) -> tuple[dict[str, str], float]:
     cfg = apply_overrides(answerer.cfg, [(f"eval.{k}", v) for k, v in eval_overrides.items()])
     start = time.perf_counter()
-    records, _ = evaluate_model(answerer.model, answerer.tokenizer, examples, max_length=cfg.prompt.max_length,
-                                eval_cfg=cfg.eval, progress=False)  # fmt: skip
+    model, tok = answerer.model, answerer.tokenizer
+    records, _ = answer(model, tok, examples, cfg.eval, max_length=cfg.prompt.max_length, progress=False)
     return {r["id"]: r["prediction"] for r in records}, time.perf_counter() - start
 
 

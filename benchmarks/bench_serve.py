@@ -193,7 +193,7 @@ def main() -> int:
     p.add_argument("--batched", action="store_true", help="loraqa serve --batched (eval.batch_invariant=false)")
     args = p.parse_args()
 
-    from loraqa.predict import load_answerer
+    from loraqa.answering import load_answerer
     from loraqa.serve.limits import InputLimits
 
     model = None if args.run else (args.model or "random-gpt2-124m")

@@ -226,7 +226,7 @@ def reference_run(
     from loraqa.model import load_model
 
     set_seed(SEED)
-    from loraqa.evaluate import peak_memory_mb, reset_peak_memory
+    from loraqa.devices import peak_memory_mb, reset_peak_memory
 
     lm = load_model(ModelConfig(name=name, precision="fp32", attn_implementation="sdpa"), device, seed=SEED)
     model, tok = lm.model, lm.tokenizer
@@ -365,7 +365,7 @@ def generation_switches(name, device, run_dir, prompts, batch_size: int = 32) ->
     from peft import PeftModel
 
     from loraqa.config import ModelConfig
-    from loraqa.generate import generate_answers
+    from loraqa.generate import Decoding, generate_answers
     from loraqa.model import load_model, prepare_for_generation
 
     bases = {}
@@ -377,11 +377,11 @@ def generation_switches(name, device, run_dir, prompts, batch_size: int = 32) ->
         lm = bases[key]
         model = PeftModel.from_pretrained(copy.deepcopy(lm.model), run_dir)
         model = prepare_for_generation(model, merge=merge, precision=lm.precision)
-        generate_answers(model, lm.tokenizer, prompts[:2], progress=False, max_new_tokens=2)  # warm-up
+        generate_answers(model, lm.tokenizer, prompts[:2], Decoding(2, progress=False))  # warm-up
         sync(device)
         start = time.perf_counter()
         answers = generate_answers(
-            model, lm.tokenizer, prompts, progress=False, **{"batch_size": batch_size, **kwargs}
+            model, lm.tokenizer, prompts, Decoding(progress=False), **{"batch_size": batch_size, **kwargs}
         )
         sync(device)
         seconds = time.perf_counter() - start

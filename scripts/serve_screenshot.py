@@ -53,7 +53,7 @@ def main() -> int:
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from loraqa.predict import load_answerer
+    from loraqa.answering import load_answerer
     from loraqa.serve import BackgroundServer, create_app
 
     app = create_app(load_answerer(args.run_dir), run_dir=args.run_dir)

@@ -175,12 +175,12 @@ def test_config_items_after_an_option_are_not_lost(monkeypatch):
 
 
 def test_eval_of_a_run_takes_what_re_scoring_may_change_and_refuses_the_rest(monkeypatch, tmp_path, capsys):
-    import loraqa.evaluate
+    import loraqa.answering
 
     calls = []
-    monkeypatch.setattr(loraqa.evaluate, "eval_run_dir", lambda run, **kw: calls.append((run, kw)) or
+    monkeypatch.setattr(loraqa.answering, "eval_run_dir", lambda run, **kw: calls.append((run, kw)) or
                         {"exact_match": 1.0, "f1": 2.0, "n_questions": 3})  # fmt: skip
-    monkeypatch.setattr(loraqa.evaluate, "eval_zero_shot", lambda cfg, out, **kw: calls.append((cfg, out)) or
+    monkeypatch.setattr(loraqa.answering, "eval_zero_shot", lambda cfg, out, **kw: calls.append((cfg, out)) or
                         {"exact_match": 1.0, "f1": 2.0, "n_questions": 3})  # fmt: skip
     out = str(tmp_path / "rescored")
     assert main(["eval", "runs/r16", "--max-new-tokens", "8", "eval.batch_size=2", "--precision", "fp32",

@@ -143,7 +143,7 @@ def test_two_processes_train_and_score_like_one(tmp_path, synthetic_dir, no_drop
 def test_eval_under_torchrun_answers_each_question_once(tmp_path, synthetic_dir, no_dropout_model):
     """`loraqa eval RUN` under torchrun: each process answers its share, the main one writes what one process
     would (before, each process answered half and then failed: its share did not match the dev set)."""
-    from loraqa.evaluate import eval_run_dir
+    from loraqa.answering import eval_run_dir
 
     run = tmp_path / "run"
     one_process(settings(no_dropout_model, synthetic_dir), run)

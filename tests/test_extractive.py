@@ -14,11 +14,11 @@ import pytest
 import torch
 import yaml
 
+from loraqa.answering import answer, load_answerer
 from loraqa.cli import main
 from loraqa.data import load_squad
-from loraqa.evaluate import evaluate_model
 from loraqa.generate import SpanConstraint, first_line, span_text, stop_token_ids
-from loraqa.predict import ask, load_answerer
+from loraqa.predict import ask
 from loraqa.prompt import PromptEncoder
 
 MAX_NEW = 6
@@ -35,8 +35,8 @@ def tiny(synthetic_dir):
 
 def _answers(answerer, examples, **eval_changes) -> list[str]:
     cfg = dataclasses.replace(answerer.cfg.eval, **eval_changes)
-    records, _ = evaluate_model(answerer.model, answerer.tokenizer, examples, eval_cfg=cfg, progress=False,
-                                max_length=answerer.cfg.prompt.max_length)  # fmt: skip
+    max_length = answerer.cfg.prompt.max_length
+    records, _ = answer(answerer.model, answerer.tokenizer, examples, cfg, max_length=max_length, progress=False)
     return [r.get("generated", r["prediction"]) for r in records]
 
 

@@ -18,7 +18,7 @@ import torch
 
 from helpers import nonzero_lora_b
 from loraqa.config import LoraConfig
-from loraqa.generate import first_line, generate_answers, stop_token_ids
+from loraqa.generate import Decoding, first_line, generate_answers, stop_token_ids
 from loraqa.loss import decoder_layers, fast_loss_blocker, labelled_positions_loss
 from loraqa.model import apply_lora
 from loraqa.prompt import IGNORE_INDEX
@@ -184,8 +184,7 @@ def test_llama_style_batched_generation_gives_one_at_a_time_answers(gpt2_tokeniz
             expected.append(first_line(tok.decode(out[0, len(p) :], skip_special_tokens=True)))
     assert len(set(expected)) > 1, "a degenerate model answering the same to everything proves little"
     for kwargs in ({}, {"share_prefixes": False}, {"prune_finished": False}, {"batch_size": 2}):
-        got = generate_answers(model, tok, prompts, **{"batch_size": 5, **kwargs}, max_new_tokens=6,
-                               progress=False)  # fmt: skip
+        got = generate_answers(model, tok, prompts, Decoding(6, progress=False), **{"batch_size": 5, **kwargs})
         assert got == expected, kwargs
 
 

@@ -9,9 +9,10 @@ import random
 import pytest
 
 from helpers import train_tiny_run
+from loraqa.answering import load_answerer
 from loraqa.cli import main
 from loraqa.data import load_squad
-from loraqa.predict import ask, load_answerer
+from loraqa.predict import ask
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def test_ask_predict_and_the_run_agree_question_for_question(bf16_run, synthetic
 
 def test_the_same_question_in_any_company_gets_the_same_answer(bf16_run, synthetic_dir):
     """Questions answered in other groupings and orders: every answer as when asked alone."""
-    from loraqa.evaluate import evaluate_model
+    from loraqa.answering import answer
 
     answerer = load_answerer(str(bf16_run))
     examples, _ = load_squad(synthetic_dir / "dev-v1.1.json", split="dev")
@@ -45,8 +46,8 @@ def test_the_same_question_in_any_company_gets_the_same_answer(bf16_run, synthet
     cfg = answerer.cfg.eval
 
     def answers(subset):
-        records, _ = evaluate_model(answerer.model, answerer.tokenizer, subset, eval_cfg=cfg, progress=False,
-                                    max_length=answerer.cfg.prompt.max_length)  # fmt: skip
+        max_length = answerer.cfg.prompt.max_length
+        records, _ = answer(answerer.model, answerer.tokenizer, subset, cfg, max_length=max_length, progress=False)
         return {r["id"]: r["prediction"] for r in records}
 
     together = answers(examples)
@@ -59,13 +60,13 @@ def test_the_same_question_in_any_company_gets_the_same_answer(bf16_run, synthet
 
 def test_an_interrupted_invariant_evaluation_resumes_with_the_same_answers(bf16_run, synthetic_dir, tmp_path,
                                                                             monkeypatch):  # fmt: skip
-    from loraqa.evaluate import evaluate_model
+    from loraqa.answering import answer
     from loraqa.journal import AnswerJournal
 
     answerer = load_answerer(str(bf16_run))
     examples, _ = load_squad(synthetic_dir / "dev-v1.1.json", split="dev")
     kwargs = dict(eval_cfg=answerer.cfg.eval, progress=False, max_length=answerer.cfg.prompt.max_length)
-    whole, _ = evaluate_model(answerer.model, answerer.tokenizer, examples, **kwargs)
+    whole, _ = answer(answerer.model, answerer.tokenizer, examples, **kwargs)
 
     class Stop(Exception):
         pass
@@ -80,7 +81,7 @@ def test_an_interrupted_invariant_evaluation_resumes_with_the_same_answers(bf16_
 
     monkeypatch.setattr(AnswerJournal, "record", record)
     with pytest.raises(Stop):
-        evaluate_model(answerer.model, answerer.tokenizer, examples, journal_dir=tmp_path, **kwargs)
+        answer(answerer.model, answerer.tokenizer, examples, journal_dir=tmp_path, **kwargs)
     monkeypatch.setattr(AnswerJournal, "record", real)
-    resumed, _ = evaluate_model(answerer.model, answerer.tokenizer, examples, journal_dir=tmp_path, **kwargs)
+    resumed, _ = answer(answerer.model, answerer.tokenizer, examples, journal_dir=tmp_path, **kwargs)
     assert [r["prediction"] for r in resumed] == [r["prediction"] for r in whole]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from loraqa import generate
+from loraqa.answering import answer
 from loraqa.config import EvalConfig
-from loraqa.evaluate import evaluate_model
 from loraqa.journal import AnswerJournal
 from loraqa.layout import ANSWER_JOURNAL_FILE
 
@@ -66,20 +66,20 @@ def answers(records):
 def interrupted(lm, dev, folder, monkeypatch, n=3):
     undo = interrupt_after(monkeypatch, n)
     with pytest.raises(Stop):
-        evaluate_model(lm.model, lm.tokenizer, dev, eval_cfg=EVAL, progress=False, journal_dir=folder)
+        answer(lm.model, lm.tokenizer, dev, eval_cfg=EVAL, progress=False, journal_dir=folder)
     undo()
     return folder / ANSWER_JOURNAL_FILE
 
 
 def test_an_interrupted_evaluation_answers_only_the_rest_and_the_same(lm, dev, tmp_path, monkeypatch, batches):
-    whole, summary = evaluate_model(lm.model, lm.tokenizer, dev, eval_cfg=EVAL, progress=False)
+    whole, summary = answer(lm.model, lm.tokenizer, dev, eval_cfg=EVAL, progress=False)
     total = len(batches)
     assert total == 6 and len(set(answers(whole))) > 1  # answers that can tell a mix-up
     journal = interrupted(lm, dev, tmp_path, monkeypatch)
     kept = journal.read_text().splitlines()
     assert len(kept) == 1 + 3 and sum(len(json.loads(line)["i"]) for line in kept[1:]) == 6
     batches.clear()
-    resumed, again = evaluate_model(lm.model, lm.tokenizer, dev, eval_cfg=EVAL, progress=False, journal_dir=tmp_path)
+    resumed, again = answer(lm.model, lm.tokenizer, dev, eval_cfg=EVAL, progress=False, journal_dir=tmp_path)
     assert len(batches) == total - 3
     assert answers(resumed) == answers(whole) and again["f1"] == summary["f1"]
     assert again["eval_seconds"] >= sum(json.loads(line)["s"] for line in kept[1:])
@@ -92,17 +92,17 @@ def test_kept_answers_are_read_back_not_generated_again(lm, dev, tmp_path, monke
     first = json.loads(lines[1])
     first["a"][0] = "kept answer"
     journal.write_text("\n".join([lines[0], json.dumps(first), *lines[2:]]) + "\n")
-    resumed, _ = evaluate_model(lm.model, lm.tokenizer, dev, eval_cfg=EVAL, progress=False, journal_dir=tmp_path)
+    resumed, _ = answer(lm.model, lm.tokenizer, dev, eval_cfg=EVAL, progress=False, journal_dir=tmp_path)
     assert answers(resumed)[first["i"][0]] == "kept answer"
 
 
 def test_a_line_cut_short_is_dropped_and_the_rest_resumes(lm, dev, tmp_path, monkeypatch, batches):
-    whole, _ = evaluate_model(lm.model, lm.tokenizer, dev, eval_cfg=EVAL, progress=False)
+    whole, _ = answer(lm.model, lm.tokenizer, dev, eval_cfg=EVAL, progress=False)
     journal = interrupted(lm, dev, tmp_path, monkeypatch)
     with journal.open("a") as f:
         f.write('{"i": [7, 8], "a": ["cut')  # killed while writing
     batches.clear()
-    resumed, _ = evaluate_model(lm.model, lm.tokenizer, dev, eval_cfg=EVAL, progress=False, journal_dir=tmp_path)
+    resumed, _ = answer(lm.model, lm.tokenizer, dev, eval_cfg=EVAL, progress=False, journal_dir=tmp_path)
     assert answers(resumed) == answers(whole) and len(batches) == 6 - 3
 
 
@@ -120,7 +120,7 @@ def test_a_journal_of_another_model_or_settings_is_answered_again(lm, dev, tmp_p
     else:
         cfg = EvalConfig(batch_size=2, max_new_tokens=5, batch_invariant=False)  # another answer length
     batches.clear()
-    resumed, _ = evaluate_model(lm.model, lm.tokenizer, dev, eval_cfg=cfg, progress=False, journal_dir=tmp_path)
+    resumed, _ = answer(lm.model, lm.tokenizer, dev, eval_cfg=cfg, progress=False, journal_dir=tmp_path)
     assert len(batches) == 6 and "kept answer" not in answers(resumed)
 
 

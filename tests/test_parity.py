@@ -25,7 +25,7 @@ from helpers import nonzero_lora_b
 from loraqa.batching import LengthGroupedBatches, QACollator
 from loraqa.config import ExperimentConfig, LoraConfig, apply_overrides
 from loraqa.data import load_squad, make_synthetic_squad
-from loraqa.generate import first_line, generate_answers, plan_batches, stop_token_ids
+from loraqa.generate import Decoding, first_line, generate_answers, plan_batches, stop_token_ids
 from loraqa.loss import labelled_positions_loss
 from loraqa.model import apply_lora, load_base_model, prepare_for_generation
 from loraqa.pipeline import run_experiment
@@ -238,16 +238,14 @@ def test_batched_generation_gives_the_answers_of_one_at_a_time_generation(traine
     plan = plan_batches(prompts, 5)
     assert any(g.shared for b in plan for g in b) and any(not g.shared for b in plan for g in b)
 
-    unmerged = generate_answers(
-        model, gpt2_tokenizer, prompts, batch_size=5, max_new_tokens=8, progress=False
-    )
+    quiet = Decoding(max_new_tokens=8, progress=False)
+    unmerged = generate_answers(model, gpt2_tokenizer, prompts, quiet, batch_size=5)
     assert unmerged == one_at_a_time
     merged_model = prepare_for_generation(copy.deepcopy(model), merge=True, precision="fp32")
     switches = ({}, {"batch_size": 64}, {"share_prefixes": False}, {"prune_finished": False},
                 {"sort_by_length": False}, {"engine": "hf"})  # fmt: skip
     for kwargs in switches:
-        merged = generate_answers(merged_model, gpt2_tokenizer, prompts, **{"batch_size": 5, **kwargs},
-                                  max_new_tokens=8, progress=False)  # fmt: skip
+        merged = generate_answers(merged_model, gpt2_tokenizer, prompts, quiet, **{"batch_size": 5, **kwargs})
         assert merged == one_at_a_time, kwargs
 
 
@@ -283,8 +281,7 @@ def test_bf16_generation_of_an_fp32_adapter_scores_like_fp32(trained, gpt2_token
     scores = {}
     for precision in ("fp32", "bf16"):
         model = prepare_for_generation(trained_fp32_model(trained), merge=True, precision=precision)
-        answers = generate_answers(model, gpt2_tokenizer, prompts, batch_size=4, max_new_tokens=8,
-                                   progress=False)  # fmt: skip
+        answers = generate_answers(model, gpt2_tokenizer, prompts, Decoding(8, progress=False), batch_size=4)
         scores[precision] = score_predictions(dev, answers)[1]
     assert abs(scores["bf16"]["exact_match"] - scores["fp32"]["exact_match"]) <= 12.5  # one question of eight
     assert abs(scores["bf16"]["f1"] - scores["fp32"]["f1"]) <= 12.5
@@ -296,7 +293,7 @@ def test_predictions_file_matches_a_fresh_evaluation(trained, gpt2_tokenizer):
     run_dir = runs["fp32"][0]
     model = trained_fp32_model(trained)
     _, prompts = dev_prompts(trained, gpt2_tokenizer)
-    fresh = generate_answers(model, gpt2_tokenizer, prompts, batch_size=1, max_new_tokens=8, progress=False)
+    fresh = generate_answers(model, gpt2_tokenizer, prompts, Decoding(8, progress=False), batch_size=1)
     written = [json.loads(line)["prediction"] for line in (run_dir / "predictions.jsonl").open()]
     assert written == fresh
 

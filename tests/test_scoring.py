@@ -153,7 +153,7 @@ def test_keep_best_without_scores_is_a_config_error(synthetic_dir):
 def test_the_final_evaluation_can_be_held_out_from_the_scored_slice(tmp_path, synthetic_dir):
     """data.eval_skip: in-training scores on the first data.score_limit dev questions, the final evaluation on
     data.eval_limit questions after the first data.eval_skip (none of which a decision saw)."""
-    from loraqa.evaluate import eval_run_dir
+    from loraqa.answering import eval_run_dir
 
     cfg = tiny_config(synthetic_dir, **{"train.max_steps": 2, "data.eval_skip": 6, "data.eval_limit": 5})
     metrics = run_experiment(cfg, tmp_path / "run", progress=False)

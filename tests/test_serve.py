@@ -20,8 +20,9 @@ import httpx
 import pytest
 
 from helpers import ALL_COLOURS, wait_until
+from loraqa.answering import load_answerer
 from loraqa.cli import main
-from loraqa.predict import ask, load_answerer
+from loraqa.predict import ask
 from loraqa.serve import BackgroundServer, ServeSettings, create_app
 from loraqa.serve.limits import find_span
 

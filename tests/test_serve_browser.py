@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from helpers import ALL_COLOURS
-from loraqa.predict import load_answerer
+from loraqa.answering import load_answerer
 from loraqa.serve import BackgroundServer, create_app
 
 WAIT = 60  # seconds for anything the page does

@@ -8,10 +8,10 @@ import signal
 import pytest
 import torch
 
+from loraqa.answering import eval_run_dir, eval_zero_shot
 from loraqa.batching import QACollator
 from loraqa.config import ExperimentConfig, apply_overrides
 from loraqa.data import make_synthetic_squad
-from loraqa.evaluate import eval_run_dir, eval_zero_shot
 from loraqa.pipeline import run_experiment
 from loraqa.prompt import IGNORE_INDEX
 
@@ -493,9 +493,9 @@ def test_generation_speed_switches_do_not_change_the_answers(synthetic_dir):
     (fp32, tiny model; several questions share each context so prefixes are really shared)."""
     import dataclasses
 
+    from loraqa.answering import answer
     from loraqa.config import EvalConfig, ModelConfig
     from loraqa.data import load_squad
-    from loraqa.evaluate import evaluate_model
     from loraqa.model import load_model
 
     dev, _ = load_squad(synthetic_dir, split="dev", limit=6)
@@ -504,11 +504,11 @@ def test_generation_speed_switches_do_not_change_the_answers(synthetic_dir):
     ]
     examples += dev
     lm = load_model(ModelConfig(name="tiny-random-gpt2", precision="fp32"), "cpu")
-    fast, _ = evaluate_model(
+    fast, _ = answer(
         lm.model, lm.tokenizer, examples, eval_cfg=EvalConfig(batch_size=4), progress=False
     )
     plain_cfg = EvalConfig(batch_size=1, sort_by_length=False, share_prefixes=False, prune_finished=False)
-    plain, _ = evaluate_model(lm.model, lm.tokenizer, examples, eval_cfg=plain_cfg, progress=False)
+    plain, _ = answer(lm.model, lm.tokenizer, examples, eval_cfg=plain_cfg, progress=False)
     assert [r["prediction"] for r in fast] == [r["prediction"] for r in plain]
 
 
@@ -517,9 +517,9 @@ def test_a_prompt_as_long_as_the_model_takes_leaves_room_for_the_answer(syntheti
     keeps the prompt to 1024 - eval.max_new_tokens (before, a long context ran past the position table)."""
     import dataclasses
 
+    from loraqa.answering import answer
     from loraqa.config import EvalConfig, ModelConfig
     from loraqa.data import load_squad
-    from loraqa.evaluate import evaluate_model
     from loraqa.model import load_model
 
     (ex,) = load_squad(synthetic_dir, split="dev", limit=1)[0]
@@ -527,7 +527,7 @@ def test_a_prompt_as_long_as_the_model_takes_leaves_room_for_the_answer(syntheti
     lm = load_model(ModelConfig(name="tiny-random-gpt2", precision="fp32"), "cpu")
     assert lm.model.config.n_positions == 1024
     cfg = EvalConfig(batch_size=1, max_new_tokens=8)
-    records, summary = evaluate_model(lm.model, lm.tokenizer, [long], max_length=1024, eval_cfg=cfg, progress=False)
+    records, summary = answer(lm.model, lm.tokenizer, [long], max_length=1024, eval_cfg=cfg, progress=False)
     assert summary["eval_prompts_truncated"] == 1 and len(records) == 1
 
 

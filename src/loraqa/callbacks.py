@@ -17,7 +17,7 @@ import torch
 from transformers import TrainerCallback
 
 from . import dist, signals
-from .evaluate import peak_memory_mb
+from .devices import peak_memory_mb
 from .io import read_json, write_json_atomic, write_jsonl_atomic
 from .layout import CLOCK_FILE
 

@@ -196,7 +196,7 @@ def split_run_dir(first: str | None, items: list[str]) -> tuple[str | None, list
 
 def cmd_eval(args) -> int:
     from . import dist
-    from .evaluate import eval_run_dir, eval_zero_shot
+    from .answering import eval_run_dir, eval_zero_shot
 
     args.run_dir, args.items = split_run_dir(args.run_dir, args.items)
     overrides = run_eval_overrides(args) if args.run_dir else None  # bad ones stop here, before any loading
@@ -221,7 +221,7 @@ def cmd_eval(args) -> int:
 
 
 def _answerer(args):
-    from .predict import load_answerer
+    from .answering import load_answerer
 
     overrides = [("eval.batch_size", args.batch_size)] if getattr(args, "batch_size", None) else []
     return load_answerer(args.run_dir, model=args.model, device=args.device, overrides=overrides)
@@ -279,7 +279,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .predict import load_answerer
+    from .answering import load_answerer
     from .serve import ServeSettings, create_app, serve_forever
 
     settings = ServeSettings(

@@ -16,6 +16,8 @@ import os
 import torch
 import torch.distributed as tdist
 
+from .devices import default_device
+
 
 def _joined() -> bool:
     return tdist.is_available() and tdist.is_initialized()
@@ -43,7 +45,7 @@ def init(device: str | None = None) -> torch.device:
     On GPUs each process takes ``cuda:LOCAL_RANK`` (``--device cuda`` means that too) and NCCL; on CPUs gloo.
     The Trainer (through accelerate) finds the group already joined and uses it.
     """
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device) if device else default_device()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return dev
     if dev.type == "cuda" and dev.index is None:

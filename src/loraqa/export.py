@@ -21,49 +21,64 @@ from .prompt import format_prompt
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Merge ``run_dir``'s adapter (or take its fully fine-tuned model) and save it to ``out_dir``."""
-    from .card import portable_model_name
-    from .layout import MODEL_CARD_FILE
-    from .model import load_run
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     _check_out_dir(run_dir, out_dir, overwrite)
-    overrides: list[tuple[str, object]] = [("eval.merge_adapter", True)]
-    used = (read_json(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).is_file() else {}).get("precision")
-    if used in ("bf16", "fp32"):  # the precision the run generated with, not what this machine picks
-        overrides.append(("model.precision", used))
-    run = load_run(run_dir, overrides=overrides, device="cpu")
-    model, tok = run.model, run.lm.tokenizer
-    if hasattr(model, "merge_and_unload"):  # eval.merge_adapter was set, so this only guards odd wrappers
-        model = model.merge_and_unload()
-    model.config.name_or_path = portable_model_name(run.cfg.model.name)
-    # the answer ends at EOS (loraqa also stops at a newline, which plain generate() does not know)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
+    run = _merged_run(run_dir)
     # save_pretrained writes file by file: save into a sibling folder, then swap it in
     tmp = out_dir.with_name(f".{out_dir.name}.exporting-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        card = run_dir / MODEL_CARD_FILE
-        what = "the LoRA adapter merged into" if run.cfg.train.method == "lora" else "fully fine-tuned weights of"
-        intro = (f"Exported with `loraqa export` from the run `{run_dir.name}`: {what} "
-                 f"`{portable_model_name(run.cfg.model.name)}`. The prompt is\n\n```\n"
-                 f"{format_prompt('{context}', '{question}')}\n```\n\nand the answer is the first line "
-                 "of the greedy continuation.\n\n")  # fmt: skip
-        text = card.read_text() if card.is_file() else ""
-        if text.startswith("---\n"):  # keep the YAML front matter first; the folder is a transformers model
-            end = text.index("---\n", 4) + 4
-            front, text = text[:end].replace("library_name: peft", "library_name: transformers"), text[end:]
-        else:
-            front = ""
-        write_text_atomic(tmp / "README.md", front + "\n" + intro + text.lstrip("\n"))
+        run.model.save_pretrained(tmp, safe_serialization=True)
+        run.tokenizer.save_pretrained(tmp)
+        write_text_atomic(tmp / "README.md", _model_card(run_dir, run.cfg))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _merged_run(run_dir: Path):
+    """The run loaded as it answers (:func:`loraqa.answering.load_answerer`) on the CPU, in the precision it
+    generated with, its adapter merged, its generation config made for plain ``generate()``."""
+    from .answering import load_answerer
+    from .card import portable_model_name
+
+    overrides: list[tuple[str, object]] = [("eval.merge_adapter", True)]
+    used = (read_json(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).is_file() else {}).get("precision")
+    if used in ("bf16", "fp32"):  # the precision the run generated with, not what this machine picks
+        overrides.append(("model.precision", used))
+    run = load_answerer(run_dir, overrides=overrides, device="cpu")
+    if hasattr(run.model, "merge_and_unload"):  # eval.merge_adapter merged it already: this guards wrappers
+        run.model = run.model.merge_and_unload()
+    run.model.config.name_or_path = portable_model_name(run.cfg.model.name)
+    # the answer ends at EOS (loraqa also stops at a newline, which plain generate() does not know)
+    run.model.generation_config.eos_token_id = run.tokenizer.eos_token_id
+    run.model.generation_config.pad_token_id = run.tokenizer.pad_token_id
+    return run
+
+
+def _model_card(run_dir: Path, cfg) -> str:
+    """The exported folder's README.md: the run's model card, its YAML front matter first and naming a
+    transformers model, after a paragraph on what was exported and the prompt it answers."""
+    from .card import portable_model_name
+    from .layout import MODEL_CARD_FILE
+
+    what = "the LoRA adapter merged into" if cfg.train.method == "lora" else "fully fine-tuned weights of"
+    intro = (
+        f"Exported with `loraqa export` from the run `{run_dir.name}`: {what} "
+        f"`{portable_model_name(cfg.model.name)}`. The prompt is\n\n```\n"
+        f"{format_prompt('{context}', '{question}')}\n```\n\nand the answer is the first line "
+        "of the greedy continuation.\n\n"
+    )
+    card = run_dir / MODEL_CARD_FILE
+    text = card.read_text() if card.is_file() else ""
+    front = ""
+    if text.startswith("---\n"):
+        end = text.index("---\n", 4) + 4
+        front, text = text[:end].replace("library_name: peft", "library_name: transformers"), text[end:]
+    return front + "\n" + intro + text.lstrip("\n")
 
 
 def _check_out_dir(run_dir: Path, out_dir: Path, overwrite: bool) -> None:
@@ -76,5 +91,7 @@ def _check_out_dir(run_dir: Path, out_dir: Path, overwrite: bool) -> None:
     if not overwrite:
         raise ConfigError(f"{out_dir}: exists and is not empty; pick another --out, or pass --overwrite")
     if not (out_dir / "config.json").is_file() or (out_dir / CONFIG_FILE).is_file():  # a full fine-tuning run
-        raise ConfigError(f"{out_dir}: not an exported model folder (a run, or no config.json), so --overwrite "
-                          "will not replace it; pick another --out")  # fmt: skip
+        raise ConfigError(
+            f"{out_dir}: not an exported model folder (a run, or no config.json), so --overwrite "
+            "will not replace it; pick another --out"
+        )

@@ -20,8 +20,9 @@ with left padding, for comparison).
 
 from __future__ import annotations
 
+import copy
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -100,8 +101,10 @@ def plan_batches(
             if len(members) < 2 or shared < min_shared:
                 groups.extend(PromptGroup(0, [m]) for m in members)
             else:
-                groups.extend(PromptGroup(shared, members[s : s + batch_size])
-                              for s in range(0, len(members), batch_size))  # fmt: skip
+                groups.extend(
+                    PromptGroup(shared, members[s : s + batch_size])
+                    for s in range(0, len(members), batch_size)
+                )
     else:
         groups = [PromptGroup(0, [i]) for i in range(len(prompts))]
     if sort_by_length:  # longest first (stable: ties keep their order)
@@ -138,7 +141,8 @@ def _positions(attention: torch.Tensor) -> torch.Tensor:
 
 
 class _Forward:
-    """The model's forward pass with a KV cache (the argument was renamed past_key_values -> cache)."""
+    """The model's forward pass with a KV cache, passed under the name its forward takes (``cache`` or
+    ``past_key_values``, by transformers version)."""
 
     def __init__(self, model):
         from transformers import DynamicCache
@@ -157,8 +161,14 @@ class _Forward:
             # of its weight for every row (seconds for a 49k vocabulary); indexing gives a contiguous input
             last = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
             extra["logits_to_keep"] = last
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, **{self.cache_arg: self.cache}, **extra)  # fmt: skip
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self.cache_arg: self.cache},
+            **extra,
+        )
         return out.logits[:, -1]
 
 
@@ -291,87 +301,133 @@ def greedy_continue(
     return new_tokens
 
 
+# ---------------------------------------------------------------------------------------------- generators
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """What both generators take besides the prompts: the longest answer, the extractive constraint's texts,
+    the answers already kept and who hears each new batch, and the progress bar.
+
+    ``contexts`` (one text a prompt) makes every answer a piece of its prompt's context
+    (:class:`SpanConstraint`). ``done`` (prompt index -> answer) skips the batches it answers whole, and
+    ``on_batch(indices, answers)`` hears each batch generated: together, an interrupted evaluation resumed in
+    the same batches (:mod:`loraqa.journal`)."""
+
+    max_new_tokens: int = 32
+    contexts: Sequence[str] | None = None
+    done: Mapping[int, str] | None = None
+    on_batch: Callable[[list[int], list[str]], None] | None = None
+    progress: bool = True
+    desc: str = "generate"
+
+
+class _Generation:
+    """One call of a generator: the model's device and stop tokens, the answers so far, the progress bar."""
+
+    def __init__(self, model, tokenizer, n_prompts: int, decoding: Decoding):
+        model.eval()
+        self.model, self.tokenizer, self.decoding = model, tokenizer, decoding
+        self.device = next(model.parameters()).device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.stops = stop_token_ids(tokenizer)
+        self.stop_ids = torch.tensor(self.stops, device=self.device)
+        self.answers: list[str] = [""] * n_prompts
+        self.bar = tqdm(
+            total=n_prompts, desc=decoding.desc, unit="q", disable=not decoding.progress, dynamic_ncols=True
+        )
+
+    def resumed(self, members: list[int]) -> bool:
+        """Whether ``done`` answers every one of ``members``: then those answers are theirs, none generated."""
+        done = self.decoding.done
+        if not done or not all(m in done for m in members):
+            return False
+        for m in members:
+            self.answers[m] = done[m]
+        self.bar.update(len(members))
+        return True
+
+    def decode(self, fwd: _Forward, logits, mask, next_position, idx: list[int], *, prune_finished=True):
+        """The greedy continuation of the rows (prompts ``idx``) whose cache ``fwd`` holds: their new tokens."""
+        contexts, span = self.decoding.contexts, None
+        if contexts is not None:
+            span = SpanConstraint(self.tokenizer, [contexts[i] for i in idx], self.stops)
+        return greedy_continue(
+            fwd,
+            logits,
+            mask,
+            next_position,
+            self.stop_ids,
+            self.decoding.max_new_tokens,
+            prune_finished=prune_finished,
+            constraint=span,
+        )
+
+    def generated(self, idx: list[int], new: list[list[int]]) -> None:
+        """Prompts ``idx`` got the new tokens ``new``: their answers, which ``on_batch`` hears."""
+        texts = _answer_texts(self.tokenizer, new, extractive=self.decoding.contexts is not None)
+        for i, text in zip(idx, texts, strict=True):
+            self.answers[i] = text
+        if self.decoding.on_batch is not None:
+            self.decoding.on_batch(idx, texts)
+        self.bar.update(len(idx))
+
+    def finish(self) -> list[str]:
+        self.bar.close()
+        return self.answers
+
+
 @torch.inference_mode()
 def generate_answers(
     model,
     tokenizer,
     prompts: list[list[int]],
+    decoding: Decoding = Decoding(),
     *,
     batch_size: int = 32,
-    max_new_tokens: int = 32,
     sort_by_length: bool = True,
     share_prefixes: bool = True,
     prune_finished: bool = True,
     engine: str = "loop",
-    progress: bool = True,
-    desc: str = "generate",
-    done: Mapping[int, str] | None = None,
-    on_batch: Callable[[list[int], list[str]], None] | None = None,
-    contexts: list[str] | None = None,
 ) -> list[str]:
-    """Greedy answers for token-id prompts, in the order given.
+    """Greedy answers for token-id prompts, in the order given, in batches of ``batch_size``.
 
     ``sort_by_length=False`` batches the prompts in the order given; ``share_prefixes=False`` runs every
     prompt through the model whole; ``prune_finished=False`` keeps stopped sequences in the batch until the
-    last one stops; ``engine="hf"`` decodes left-padded batches with ``model.generate`` (no prefix sharing).
-    ``done`` (prompt index -> answer) skips the batches it answers whole, and ``on_batch(indices, answers)``
-    hears each batch generated: together, an interrupted evaluation resumed in the same batches
-    (:mod:`loraqa.journal`). ``contexts`` (one text a prompt) makes every answer a piece of its prompt's
-    context (:class:`SpanConstraint`, ``engine="loop"`` only).
+    last one stops; ``engine="hf"`` decodes left-padded batches with ``model.generate`` (no prefix sharing, no
+    ``decoding.contexts``). ``done`` and ``on_batch`` (:class:`Decoding`) work per batch.
     """
     if engine not in ("loop", "hf"):
         raise ValueError(f"engine must be 'loop' or 'hf', got {engine!r}")
-    if contexts is not None and engine != "loop":
+    if decoding.contexts is not None and engine != "loop":
         raise ValueError("extractive decoding (contexts) needs engine='loop'")
-    model.eval()
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stops = stop_token_ids(tokenizer)
-    stop_ids = torch.tensor(stops, device=device)
-    batches = plan_batches(prompts, batch_size, sort_by_length=sort_by_length,
-                           share_prefixes=share_prefixes and engine == "loop")  # fmt: skip
-    answers: list[str] = [""] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=desc, unit="q", disable=not progress, dynamic_ncols=True)
-    for batch in batches:
+    run = _Generation(model, tokenizer, len(prompts), decoding)
+    share = share_prefixes and engine == "loop"
+    for batch in plan_batches(prompts, batch_size, sort_by_length=sort_by_length, share_prefixes=share):
         members = [m for g in batch for m in g.members]
-        if done and all(m in done for m in members):
-            for m in members:
-                answers[m] = done[m]
-            bar.update(len(members))
+        if run.resumed(members):
             continue
         if engine == "loop":
-            fwd = _Forward(model)
-            idx, logits, mask, next_position = _prefill(fwd, prompts, batch, pad_id, device)
-            span = SpanConstraint(tokenizer, [contexts[i] for i in idx], stops) if contexts is not None else None
-            new = greedy_continue(fwd, logits, mask, next_position, stop_ids, max_new_tokens,
-                                  prune_finished=prune_finished, constraint=span)  # fmt: skip
-            del fwd
+            idx, new = _decode_batch(run, prompts, batch, prune_finished)
         else:
             idx = members
-            new = _hf_generate(model, [prompts[i] for i in idx], pad_id, stops, max_new_tokens, device)
-        texts = _answer_texts(tokenizer, new, extractive=contexts is not None)
-        for i, text in zip(idx, texts, strict=True):
-            answers[i] = text
-        if on_batch is not None:
-            on_batch(idx, texts)
-        bar.update(len(idx))
-    bar.close()
-    return answers
+            new = _hf_generate(
+                model, [prompts[i] for i in idx], run.pad_id, run.stops, decoding.max_new_tokens, run.device
+            )
+        run.generated(idx, new)
+    return run.finish()
+
+
+def _decode_batch(run: _Generation, prompts, batch: list[PromptGroup], prune_finished: bool):
+    """One planned batch through a fresh cache: (prompt indices by row, their new tokens)."""
+    fwd = _Forward(run.model)
+    idx, logits, mask, next_position = _prefill(fwd, prompts, batch, run.pad_id, run.device)
+    return idx, run.decode(fwd, logits, mask, next_position, idx, prune_finished=prune_finished)
 
 
 @torch.inference_mode()
 def generate_answers_invariant(
-    model,
-    tokenizer,
-    prompts: list[list[int]],
-    context_ends: list[int],
-    *,
-    max_new_tokens: int = 32,
-    progress: bool = True,
-    desc: str = "generate",
-    done: Mapping[int, str] | None = None,
-    on_batch: Callable[[list[int], list[str]], None] | None = None,
-    contexts: list[str] | None = None,
+    model, tokenizer, prompts: list[list[int]], context_ends: list[int], decoding: Decoding = Decoding()
 ) -> list[str]:
     """Greedy answers whose every computation depends on the question's own prompt alone, never on the other
     questions asked with it: the same answer alone (``ask``), in a file (``predict``) or in an evaluation.
@@ -380,54 +436,48 @@ def generate_answers_invariant(
     the same question asked alone. Here each paragraph's ``Context: ...`` part (``prompt[:context_ends[i]]``)
     runs through the model once, alone, and each question then runs its own part and decodes alone on a copy
     of that cache: every shape is a function of the paragraph and the question. Prompts that share their
-    context part form one group; ``done`` and ``on_batch`` work per group, as in :func:`generate_answers`.
-    ``contexts`` (one text a prompt) makes every answer a piece of its context (:class:`SpanConstraint`)."""
-    import copy
+    context part form one group; ``done`` and ``on_batch`` (:class:`Decoding`) work per group."""
+    run = _Generation(model, tokenizer, len(prompts), decoding)
+    for prefix, members in _context_groups(prompts, context_ends).items():
+        if not run.resumed(members):
+            run.generated(members, _decode_group(run, prompts, prefix, members))
+    return run.finish()
 
-    model.eval()
-    device = next(model.parameters()).device
-    stops = stop_token_ids(tokenizer)
-    stop_ids = torch.tensor(stops, device=device)
+
+def _context_groups(prompts: list[list[int]], context_ends: list[int]) -> dict[tuple, list[int]]:
+    """Prompt indices by their context part, in the order of each part's first prompt."""
     groups: dict[tuple, list[int]] = {}
     for i, (p, end) in enumerate(zip(prompts, context_ends, strict=True)):
         end = min(end, len(p) - 1)  # every question keeps at least one token of its own
         groups.setdefault(tuple(p[:end]), []).append(i)
-    answers: list[str] = [""] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=desc, unit="q", disable=not progress, dynamic_ncols=True)
-    for prefix, members in groups.items():
-        if done and all(m in done for m in members):
-            texts = [done[m] for m in members]
-        else:
-            prefix_fwd = _Forward(model)
-            if prefix:
-                ids = torch.tensor([list(prefix)], device=device)
-                prefix_fwd(ids, torch.ones_like(ids), torch.arange(len(prefix), device=device)[None])
-            new = []
-            for m in members:
-                fwd = _Forward(model)
-                fwd.cache = copy.deepcopy(prefix_fwd.cache)
-                rest = torch.tensor([prompts[m][len(prefix) :]], device=device)
-                mask = torch.ones((1, len(prompts[m])), dtype=torch.long, device=device)
-                pos = torch.arange(len(prefix), len(prompts[m]), device=device)[None]
-                logits = fwd(rest, mask, pos)
-                span = SpanConstraint(tokenizer, [contexts[m]], stops) if contexts is not None else None
-                new += greedy_continue(fwd, logits, mask, pos[:, -1:] + 1, stop_ids, max_new_tokens,
-                                       constraint=span)  # fmt: skip
-            texts = _answer_texts(tokenizer, new, extractive=contexts is not None)
-            if on_batch is not None:
-                on_batch(members, texts)
-        for m, text in zip(members, texts, strict=True):
-            answers[m] = text
-        bar.update(len(members))
-    bar.close()
-    return answers
+    return groups
+
+
+def _decode_group(run: _Generation, prompts, prefix: tuple, members: list[int]) -> list[list[int]]:
+    """The context part through the model once, alone; then each member's question alone on a copy of that
+    cache: the members' new tokens."""
+    device = run.device
+    prefix_fwd = _Forward(run.model)
+    if prefix:
+        ids = torch.tensor([list(prefix)], device=device)
+        prefix_fwd(ids, torch.ones_like(ids), torch.arange(len(prefix), device=device)[None])
+    new = []
+    for m in members:
+        fwd = _Forward(run.model)
+        fwd.cache = copy.deepcopy(prefix_fwd.cache)
+        rest = torch.tensor([prompts[m][len(prefix) :]], device=device)
+        mask = torch.ones((1, len(prompts[m])), dtype=torch.long, device=device)
+        pos = torch.arange(len(prefix), len(prompts[m]), device=device)[None]
+        new += run.decode(fwd, fwd(rest, mask, pos), mask, pos[:, -1:] + 1, [m])
+    return new
 
 
 def _hf_generate(model, seqs, pad_id, stops, max_new_tokens, device) -> list[list[int]]:
     from transformers import GenerationConfig
 
     input_ids, attention = _left_padded(seqs, pad_id, device)
-    gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops,
-                               pad_token_id=pad_id)  # fmt: skip
+    gen_cfg = GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad_id
+    )
     out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=gen_cfg)
     return out[:, input_ids.shape[1] :].tolist()

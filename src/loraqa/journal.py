@@ -49,7 +49,9 @@ class AnswerJournal:
         self.seconds_before = 0.0
         kept = self._read()
         if self.done:
-            log.info("%s: %d answers from an interrupted evaluation; answering the rest", self.path, len(self.done))
+            log.info(
+                "%s: %d answers from an interrupted evaluation; answering the rest", self.path, len(self.done)
+            )
         self._file = open(self.path, "r+" if kept else "w", encoding="utf-8")  # noqa: SIM115 (closed by discard)
         if kept:
             self._file.seek(kept)

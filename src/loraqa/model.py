@@ -37,6 +37,7 @@ from .config import (
     apply_overrides,
     load_config,
 )
+from .devices import default_device
 from .layout import CONFIG_FILE
 from .runfolder import check_weights, make_portable, weights_file
 
@@ -131,10 +132,6 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ---------------------------------------------------------------------------------------------- models

@@ -3,10 +3,10 @@ resumable.
 
 :func:`run_experiment` takes the stages in order: the questions (:mod:`loraqa.data`), the model
 (:mod:`loraqa.model`), the prompts (:mod:`loraqa.prompt`), training (:mod:`loraqa.trainer` and its callbacks),
-the final evaluation, the model card, and the run folder's files (:mod:`loraqa.runfolder`). What the config
-implies (full fine-tuning or not, each process's batch, the report targets, shared contexts) is worked out once,
-by :func:`resolve`, before anything is loaded. Rerunning an interrupted run resumes from its last checkpoint; a
-finished run is not redone.
+the final evaluation and the results written into the run folder (:mod:`loraqa.answering`, the answering path
+every command shares), with the model card. What the config implies (full fine-tuning or not, each process's
+batch, the report targets, shared contexts) is worked out once, by :func:`resolve`, before anything is loaded.
+Rerunning an interrupted run resumes from its last checkpoint; a finished run is not redone.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ from transformers.trainer_callback import TrainerState
 
 from . import data as data_mod
 from . import dist, signals
+from .answering import Answerer, write_results
 from .batching import QACollator
 from .callbacks import ClockCallback, FiniteLossCallback, InterruptCallback, Interrupted, JsonlLogCallback
 from .card import current_command, model_card
 from .config import ConfigError, ExperimentConfig
-from .evaluate import evaluate_model, peak_memory_mb, reset_peak_memory
-from .io import read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
-from .layout import CHECKPOINTS_DIR, LOG_FILE, METRICS_FILE, MODEL_CARD_FILE, TRAIN_METRICS_FILE
+from .devices import peak_memory_mb, reset_peak_memory
+from .io import read_json, write_json_atomic, write_jsonl_atomic
+from .layout import CHECKPOINTS_DIR, LOG_FILE, METRICS_FILE, TRAIN_METRICS_FILE
 from .metrics import best_scoring, patience_ran_out, score_seconds, scorings
 from .model import (
     apply_lora,
@@ -43,7 +44,7 @@ from .model import (
 )
 from .packing import SharedContextCollator
 from .prompt import PromptEncoder, encode_train_set
-from .runfolder import last_checkpoint, lock_run_folder, prepare_run_dir, record_failure, write_predictions
+from .runfolder import last_checkpoint, lock_run_folder, prepare_run_dir, record_failure
 from .scoring import ScoreCallback
 from .tracking import TENSORBOARD, log_final_scores, report_names, reporters, tensorboard_callback
 from .trainer import QATrainer, per_process_batch, training_arguments
@@ -152,7 +153,7 @@ def _run(cfg, resolved: Resolved, run_dir: Path, device, callbacks, progress, co
     if resolved.tensorboard:
         dist.on_main(log_final_scores, run_dir, metrics, metrics.get("train_steps") or 0)
     # the main process's figures, on every process
-    return dist.on_main(_save_results, run_dir, records, metrics, card)
+    return write_results(run_dir, records, metrics, card=card)
 
 
 # ---------------------------------------------------------------------------------------------- questions
@@ -457,16 +458,8 @@ def _evaluate(
     cfg: ExperimentConfig, run_dir: Path, model, lm, dev: list, train_metrics: dict, progress: bool
 ):
     """The final evaluation's per-question records and metrics.json's content."""
-    records, summary = evaluate_model(
-        model,
-        lm.tokenizer,
-        dev,
-        max_length=cfg.prompt.max_length,
-        eval_cfg=cfg.eval,
-        progress=progress and dist.is_main_process(),
-        unanswerable_answer=cfg.data.no_answer_text(),
-        journal_dir=run_dir,
-    )
+    answerer = Answerer(cfg, model, lm.tokenizer, lm.precision, lm.device)
+    records, summary = answerer.answer(dev, progress=progress and dist.is_main_process(), journal_dir=run_dir)
     peak = max(dist.max_across(peak_memory_mb(lm.device)), train_metrics.get("peak_memory_mb", 0))
     metrics = {
         "exact_match": summary["exact_match"],
@@ -503,11 +496,4 @@ def _save_pruned(
         "precision": lm.precision,
     }
     card = model_card(cfg, pruned, data=data_info, command=command)
-    return dist.on_main(_save_results, run_dir, [], pruned, card)
-
-
-def _save_results(run_dir: Path, records: list[dict], metrics: dict, card: str) -> dict:
-    write_predictions(run_dir, records)
-    write_text_atomic(run_dir / MODEL_CARD_FILE, card)
-    write_json_atomic(run_dir / METRICS_FILE, metrics)  # last: its presence means the run is done
-    return metrics
+    return write_results(run_dir, [], pruned, card=card)

@@ -16,7 +16,7 @@ import time
 from transformers import TrainerCallback
 
 from . import dist
-from .evaluate import evaluate_model
+from .answering import Answerer
 from .metrics import METRIC, SCORE_SECONDS_KEY, best_scoring, patience_ran_out
 
 log = logging.getLogger(__name__)
@@ -73,15 +73,7 @@ class ScoreCallback(TrainerCallback):
         was_training = inner.training
         inner.eval()
         try:
-            _, summary = evaluate_model(
-                inner,
-                self.tokenizer,
-                self.examples,
-                max_length=self.cfg.prompt.max_length,
-                eval_cfg=self.cfg.eval,
-                progress=False,
-                unanswerable_answer=self.cfg.data.no_answer_text(),
-            )
+            _, summary = Answerer(self.cfg, inner, self.tokenizer).answer(self.examples)
         finally:
             inner.train(was_training)
         return {

@@ -9,7 +9,7 @@
 
 From Python::
 
-    from loraqa.predict import load_answerer
+    from loraqa.answering import load_answerer
     from loraqa.serve import BackgroundServer, create_app
 
     app = create_app(load_answerer("examples/smollm2-squad"), run_dir="examples/smollm2-squad")

@@ -56,9 +56,14 @@ def describe_run(answerer, run_dir: str | Path | None) -> dict:
 
     param = next(answerer.model.parameters(), torch.zeros(()))
     # a local base model by its file name: the page is for others, and this machine's paths are not theirs
-    info = {"base_model": portable_model_name(answerer.cfg.model.name), "adapter": Path(run_dir).resolve().name if run_dir else None,
-            "method": "zero-shot" if not run_dir else answerer.cfg.train.method,
-            "precision": str(param.dtype).removeprefix("torch."), "device": str(param.device), "metrics": None}  # fmt: skip
+    info = {
+        "base_model": portable_model_name(answerer.cfg.model.name),
+        "adapter": Path(run_dir).resolve().name if run_dir else None,
+        "method": "zero-shot" if not run_dir else answerer.cfg.train.method,
+        "precision": str(param.dtype).removeprefix("torch."),
+        "device": str(param.device),
+        "metrics": None,
+    }
     metrics_file = Path(run_dir) / METRICS_FILE if run_dir else None
     if metrics_file and metrics_file.is_file():
         try:
@@ -69,16 +74,26 @@ def describe_run(answerer, run_dir: str | Path | None) -> dict:
     return info
 
 
-def create_app(answerer, *, run_dir: str | Path | None = None, settings: ServeSettings | None = None) -> FastAPI:
-    """The app serving ``answerer`` (:func:`loraqa.predict.load_answerer`): one worker thread holds the model
+def create_app(
+    answerer, *, run_dir: str | Path | None = None, settings: ServeSettings | None = None
+) -> FastAPI:
+    """The app serving ``answerer`` (:func:`loraqa.answering.load_answerer`): one worker thread holds the model
     from the app's start to its end (run it with uvicorn, or :class:`loraqa.serve.BackgroundServer`)."""
     settings = settings or ServeSettings()
     settings.check()
     limits = InputLimits(answerer, settings.max_questions, settings.question_tokens)
-    batcher = Batcher(answerer, queue_size=settings.queue_size, gather=settings.gather_ms / 1000,
-                      max_batch=settings.max_batch or answerer.cfg.eval.batch_size)  # fmt: skip
-    info = {**describe_run(answerer, run_dir), **limits.describe(), "max_batch": batcher.max_batch,
-            "queue_size": settings.queue_size}  # fmt: skip
+    batcher = Batcher(
+        answerer,
+        queue_size=settings.queue_size,
+        gather=settings.gather_ms / 1000,
+        max_batch=settings.max_batch or answerer.cfg.eval.batch_size,
+    )
+    info = {
+        **describe_run(answerer, run_dir),
+        **limits.describe(),
+        "max_batch": batcher.max_batch,
+        "queue_size": settings.queue_size,
+    }
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -86,8 +101,12 @@ def create_app(answerer, *, run_dir: str | Path | None = None, settings: ServeSe
         yield
         await asyncio.to_thread(batcher.stop)
 
-    app = FastAPI(title="loraqa serve", version="1", lifespan=lifespan,
-                  description="Extractive question answering with a LoRA-tuned causal LM (loraqa).")  # fmt: skip
+    app = FastAPI(
+        title="loraqa serve",
+        version="1",
+        lifespan=lifespan,
+        description="Extractive question answering with a LoRA-tuned causal LM (loraqa).",
+    )
     app.state.batcher, app.state.limits, app.state.info = batcher, limits, info
     _add_error_handlers(app)
     _add_routes(app)
@@ -122,7 +141,10 @@ def _problem(error: dict) -> tuple[str, str]:
     """(field, message) of one pydantic error."""
     kind, field = error.get("type", ""), _field_name(error.get("loc", ()))
     if field == "body":  # the body is missing, or is not an object, or was not sent as JSON
-        return field, 'must be a JSON object {"context": "...", "questions": ["..."]} sent as application/json'
+        return (
+            field,
+            'must be a JSON object {"context": "...", "questions": ["..."]} sent as application/json',
+        )
     return field, _MESSAGES.get(kind) or str(error.get("msg", "is invalid")).removeprefix("Value error, ")
 
 
@@ -156,22 +178,36 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def on_http(request: Request, exc: StarletteHTTPException):
         return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
-    async def on_anything(request: Request, exc: Exception):  # logged with its traceback; the client gets none
+    async def on_anything(request: Request, exc: Exception):
+        # logged with its traceback; the client gets none
         log.error("loraqa serve: %s %s failed", request.method, request.url.path, exc_info=exc)
         return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
-    for kind, handler in ((RequestValidationError, on_validation), (InputError, on_input),
-                          (QueueFull, on_queue_full), (WorkerFailed, on_worker),
-                          (StarletteHTTPException, on_http), (Exception, on_anything)):  # fmt: skip
+    for kind, handler in (
+        (RequestValidationError, on_validation),
+        (InputError, on_input),
+        (QueueFull, on_queue_full),
+        (WorkerFailed, on_worker),
+        (StarletteHTTPException, on_http),
+        (Exception, on_anything),
+    ):
         app.add_exception_handler(kind, handler)
 
 
-_ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in (
-    (400, "malformed JSON"), (422, "a field is missing, empty or over a limit (named in `field`)"),
-    (500, "the model failed"), (503, "the queue is full (see Retry-After) or the server is stopping"))}  # fmt: skip
+_ERRORS = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in (
+        (400, "malformed JSON"),
+        (422, "a field is missing, empty or over a limit (named in `field`)"),
+        (500, "the model failed"),
+        (503, "the queue is full (see Retry-After) or the server is stopping"),
+    )
+}
 
 
 def _add_routes(app: FastAPI) -> None:
+    from ..answering import generated_text  # imported with the model, not with the app
+
     batcher: Batcher = app.state.batcher
 
     @app.get("/", include_in_schema=False)
@@ -181,10 +217,16 @@ def _add_routes(app: FastAPI) -> None:
     @app.get("/health", summary="whether the server answers, and the model it serves")
     async def health():
         ok = batcher.alive()
-        return JSONResponse({"ok": ok, **app.state.info, "queue": batcher.snapshot()}, status_code=200 if ok else 503)
+        return JSONResponse(
+            {"ok": ok, **app.state.info, "queue": batcher.snapshot()}, status_code=200 if ok else 503
+        )
 
-    @app.post("/v1/answer", response_model=AnswerResponse, responses=_ERRORS,
-              summary="answer questions about a paragraph")  # fmt: skip
+    @app.post(
+        "/v1/answer",
+        response_model=AnswerResponse,
+        responses=_ERRORS,
+        summary="answer questions about a paragraph",
+    )
     async def answer(body: AnswerRequest, request: Request):
         app.state.limits.check(body)
         job = batcher.submit(body.context, body.questions)
@@ -194,9 +236,15 @@ def _add_routes(app: FastAPI) -> None:
         seconds = round(result["seconds"], 3)
         answers = []
         for record in result["records"]:
-            text = record.get("generated", record["prediction"])  # a SQuAD 2.0 run's own text, as `ask` gives
-            answers.append(Answer(question=record["question"], answer=text, span=find_span(body.context, text),
-                                  seconds=seconds))  # fmt: skip
+            text = generated_text(record)  # a SQuAD 2.0 run's own text, as `ask` gives
+            answers.append(
+                Answer(
+                    question=record["question"],
+                    answer=text,
+                    span=find_span(body.context, text),
+                    seconds=seconds,
+                )
+            )
         return AnswerResponse(answers=answers, batch_questions=result["batch_questions"])
 
 

@@ -8,8 +8,8 @@ What must hold:
 * every queued request is answered exactly once, with exactly its own answers, or failed with a reason: the
   worker answers its questions in one call with the questions of the other requests taken with it, and hands
   each request back its own slice of the answers;
-* the questions of one micro-batch go through :meth:`Answerer.answer`, the batched generation path evaluation
-  uses, so questions on the same paragraph, whichever requests they came in, share its KV cache;
+* the questions of one micro-batch go through :meth:`loraqa.answering.Answerer.answer`, the path evaluation
+  takes, so questions on the same paragraph, whichever requests they came in, share its KV cache;
 * a request whose client has gone (:meth:`Job.cancel`) is skipped if the worker has not taken it yet, and an
   answer for a request nobody awaits any more is dropped: neither disturbs the others.
 """
@@ -26,8 +26,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-
-from ..data import Example
 
 log = logging.getLogger(__name__)
 
@@ -219,14 +217,17 @@ class Batcher:
 
     def _answer(self, jobs: list[Job]) -> None:
         """Answer the jobs' questions together and settle each job with its own answers."""
-        examples = [Example(f"{job.id}:{i}", "", job.context, q, (), ())
-                    for job in jobs for i, q in enumerate(job.questions)]  # fmt: skip
+        from ..answering import asked  # imported with the model, not with the app
+
+        examples = [ex for job in jobs for ex in asked(job.context, job.questions, prefix=f"{job.id}:")]
         start = time.perf_counter()
         try:
             records, _ = self.answerer.answer(examples)
-            if [r["id"] for r in records] != [ex.id for ex in examples]:  # each answer must go to its question
+            if [r["id"] for r in records] != [ex.id for ex in examples]:
+                # each answer must go to its own question: a mismatch fails the batch, never misroutes
                 raise RuntimeError("the answers came back out of order")
-        except Exception as e:  # the model failed on this batch: its requests get the error, the worker goes on
+        except Exception as e:
+            # the model failed on this batch: its requests get the error, the worker goes on
             log.exception("loraqa serve: a batch of %d questions failed", len(examples))
             self._count(failed_batches=1, busy_seconds=time.perf_counter() - start)
             for job in jobs:
@@ -241,4 +242,6 @@ class Batcher:
         for job in jobs:
             mine = records[at : at + len(job.questions)]
             at += len(job.questions)
-            job.settle(result={"records": mine, "seconds": done - job.arrived, "batch_questions": len(examples)})
+            job.settle(
+                result={"records": mine, "seconds": done - job.arrived, "batch_questions": len(examples)}
+            )

@@ -21,16 +21,11 @@ class InputError(Exception):
 
 
 def prompt_length_limit(answerer) -> int:
-    """The prompt tokens the answerer generates from: the run's ``prompt.max_length``, less the room for the
-    answer where the model's positions would not hold both (as :func:`loraqa.evaluate.evaluate_model` cuts)."""
-    from ..model import position_limit
+    """The prompt tokens the answerer generates from (:func:`loraqa.answering.prompt_length`): the run's
+    ``prompt.max_length``, less the room for the answer where the model's positions would not hold both."""
+    from ..answering import prompt_length
 
-    max_length = answerer.cfg.prompt.max_length
-    limit = position_limit(answerer.model)
-    new_tokens = answerer.cfg.eval.max_new_tokens
-    if limit is not None and max_length + new_tokens > limit:
-        max_length = max(limit - new_tokens, 1)
-    return max_length
+    return prompt_length(answerer.model, answerer.cfg.prompt.max_length, answerer.cfg.eval.max_new_tokens)
 
 
 class InputLimits:
@@ -47,8 +42,10 @@ class InputLimits:
         # what encode_prompt keeps of a context: the rest of max_length after "Context:" and the question part
         self.context_tokens = prompt_length_limit(answerer) - prefix - question_tokens
         if self.context_tokens < 1:
-            raise ValueError(f"prompt.max_length {answerer.cfg.prompt.max_length} leaves no room for a context "
-                             f"after {question_tokens} tokens for the question")  # fmt: skip
+            raise ValueError(
+                f"prompt.max_length {answerer.cfg.prompt.max_length} leaves no room for a context "
+                f"after {question_tokens} tokens for the question"
+            )
 
     def _count(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -56,13 +53,17 @@ class InputLimits:
     def check(self, request: AnswerRequest) -> None:
         """Raise :class:`InputError` (422) naming the first field over a limit."""
         if len(request.questions) > self.max_questions:
-            raise InputError(422, "questions", f"{len(request.questions)} questions; at most {self.max_questions} "
-                             "in one request")  # fmt: skip
+            raise InputError(
+                422,
+                "questions",
+                f"{len(request.questions)} questions; at most {self.max_questions} in one request",
+            )
         for i, question in enumerate(request.questions):
             n = self._count(QUESTION_PART.format(question=question))
             if n > self.question_tokens:
-                raise InputError(422, f"questions[{i}]", f"is {n} tokens with its prompt; at most "
-                                 f"{self.question_tokens}")  # fmt: skip
+                raise InputError(
+                    422, f"questions[{i}]", f"is {n} tokens with its prompt; at most {self.question_tokens}"
+                )
         too_long = f"is over the model's length: at most {self.context_tokens} tokens"
         if len(request.context) > CHARS_PER_TOKEN_CAP * self.context_tokens:
             raise InputError(422, "context", f"{too_long} ({len(request.context):,} characters)")
@@ -71,8 +72,11 @@ class InputLimits:
             raise InputError(422, "context", f"{too_long}, got {n}")
 
     def describe(self) -> dict:
-        return {"max_questions": self.max_questions, "context_tokens": self.context_tokens,
-                "question_tokens": self.question_tokens}  # fmt: skip
+        return {
+            "max_questions": self.max_questions,
+            "context_tokens": self.context_tokens,
+            "question_tokens": self.question_tokens,
+        }
 
 
 def find_span(context: str, answer: str) -> tuple[int, int] | None:
@@ -85,8 +89,12 @@ def find_span(context: str, answer: str) -> tuple[int, int] | None:
     before = r"(?<!\w)" if re.match(r"\w", answer[0]) else ""
     after = r"(?!\w)" if re.match(r"\w", answer[-1]) else ""
     text = re.escape(answer)
-    for pattern, flags in ((before + text + after, 0), (text, 0), (before + text + after, re.IGNORECASE),
-                           (text, re.IGNORECASE)):  # fmt: skip
+    for pattern, flags in (
+        (before + text + after, 0),
+        (text, 0),
+        (before + text + after, re.IGNORECASE),
+        (text, re.IGNORECASE),
+    ):
         match = re.search(pattern, context, flags)
         if match:
             return match.span()

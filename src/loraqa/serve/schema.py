@@ -18,17 +18,22 @@ class AnswerRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",  # a misspelt field ("question") is an error naming it, not silently ignored
-        json_schema_extra={"examples": [{
-            "context": "The Denver Broncos defeated the Carolina Panthers 24-10 at Levi's Stadium in Santa Clara.",
-            "questions": ["Who won?", "Where was the game played?"],
-        }]},  # fmt: skip
+        json_schema_extra={
+            "examples": [
+                {
+                    "context": "The Denver Broncos defeated the Carolina Panthers 24-10 at Levi's Stadium in Santa Clara.",
+                    "questions": ["Who won?", "Where was the game played?"],
+                }
+            ]
+        },
     )
 
     context: Annotated[str, AfterValidator(_not_blank)] = Field(
         description="the paragraph the answers are in (its length is limited in tokens: see GET /health)"
     )
     questions: list[Annotated[str, AfterValidator(_not_blank)]] = Field(
-        min_length=1, description="questions about the paragraph, answered in order (at most: see GET /health)"
+        min_length=1,
+        description="questions about the paragraph, answered in order (at most: see GET /health)",
     )
 
 
@@ -44,9 +49,13 @@ class Answer(BaseModel):
 
 class AnswerResponse(BaseModel):
     answers: list[Answer] = Field(description="one per question, in the order asked")
-    batch_questions: int = Field(description="questions answered together with these (this request's included)")
+    batch_questions: int = Field(
+        description="questions answered together with these (this request's included)"
+    )
 
 
 class ErrorResponse(BaseModel):
     error: str = Field(description="what is wrong, for a person to read")
-    field: str | None = Field(description="the request field at fault (questions[2], context, body), if one is")
+    field: str | None = Field(
+        description="the request field at fault (questions[2], context, body), if one is"
+    )

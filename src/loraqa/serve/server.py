@@ -29,8 +29,15 @@ class BackgroundServer:
     def __init__(self, app, host: str = LOOPBACK, port: int = 0, start_timeout: float = 60.0):
         import uvicorn
 
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                lifespan="on", timeout_graceful_shutdown=10)  # fmt: skip
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=10,
+        )
         self.server = uvicorn.Server(config)
         self.start_timeout = start_timeout
         self.thread = threading.Thread(target=self.server.run, name="loraqa-serve-uvicorn", daemon=True)
@@ -58,9 +65,14 @@ def serve_forever(app, host: str, port: int) -> None:
     import uvicorn
 
     where = f"http://{host if ':' not in host else f'[{host}]'}:{port}/"
-    print(f"loraqa serve: the page at {where}, the API at {where}v1/answer, its docs at {where}docs",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"loraqa serve: the page at {where}, the API at {where}v1/answer, its docs at {where}docs",
+        file=sys.stderr,
+    )
     if not is_loopback(host):
-        print(f"loraqa serve: listening on {host}, not only this machine: anyone who can reach port {port} can "
-              "query the model (there is no authentication)", file=sys.stderr)  # fmt: skip
+        print(
+            f"loraqa serve: listening on {host}, not only this machine: anyone who can reach port {port} can "
+            "query the model (there is no authentication)",
+            file=sys.stderr,
+        )
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
