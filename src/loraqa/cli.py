@@ -571,8 +571,8 @@ def _add_folder_commands(sub) -> None:
     y.add_argument(
         "--results-only",
         action="store_true",
-        help="leave out process logs, TensorBoard events and finished runs' weights: what a report reads and a "
-        "resume needs",
+        help="the records alone (no checkpoint, weights, process log or TensorBoard event), for version control; "
+        "unfinished runs resumed from this copy start again",
     )
     y.set_defaults(func=cmd_sync)
 
