@@ -13,6 +13,7 @@ seen before is cheaper than one that is new; the table gives the median forward+
     .venv/bin/python benchmarks/profile_loop.py                                  # loraqa's defaults
     .venv/bin/python benchmarks/profile_loop.py train.pad_to_multiple=1          # no width buckets
     .venv/bin/python benchmarks/profile_loop.py --questions 960 lora.dropout=0  # any config override
+    .venv/bin/python benchmarks/profile_loop.py --torch-dropout                 # PEFT's own nn.Dropout
 
 Prints a Markdown table (seconds a step, share of the step) and a JSON line with the same figures.
 """
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--questions", type=int, default=240, help="first N train questions (one epoch of them)")
     p.add_argument("--skip", type=int, default=2, help="optimizer steps left out at the start")
+    p.add_argument("--ops", type=int, default=0, help="also profile the timed steps' operations: the top N")
+    p.add_argument("--torch-dropout", action="store_true", help="keep PEFT's nn.Dropout (no fast CPU mask)")
     p.add_argument("--data-dir", default=os.environ.get("LORAQA_DATA_DIR") or str(DEFAULT_DATA_DIR))
     args = p.parse_args(argv)
     os.environ["LORAQA_NO_PROGRESS"] = "1"
@@ -121,24 +124,43 @@ def main(argv: list[str] | None = None) -> int:
     base = [("model.name", args.model), ("data.data_dir", args.data_dir), ("data.train_limit", args.questions),
             ("data.eval_limit", 8), ("train.epochs", 1), ("train.eval_steps", 0)]  # fmt: skip
     cfg = apply_overrides(ExperimentConfig(), base + parse_overrides(args.overrides))
+    if args.torch_dropout:
+        import loraqa.lora_dropout
+
+        loraqa.lora_dropout.use_cpu_dropout = lambda model: 0
     clock, shapes = Clock(), []
     instrument(clock, shapes)
     steps = {"n": 0, "start": None, "end": None}
+    from torch.profiler import ProfilerActivity, profile
+
+    ops = profile(activities=[ProfilerActivity.CPU]) if args.ops else None
 
     class StartAfterSkip(TrainerCallback):
         def on_step_end(self, a, state, control, **kwargs):
             if state.global_step == args.skip:
+                if ops is not None:
+                    ops.start()
                 clock.start()
                 steps["start"] = time.perf_counter()
             steps["n"] = state.global_step - args.skip
 
         def on_train_end(self, a, state, control, **kwargs):
             steps["end"] = time.perf_counter()
+            if ops is not None:
+                ops.stop()
 
     with tempfile.TemporaryDirectory() as out:
         metrics = run_experiment(cfg, Path(out) / "run", callbacks=[StartAfterSkip()], progress=False)
     clock.counting = False
     report(args, cfg, clock, shapes, steps, metrics, torch.get_num_threads())
+    if ops is not None:
+        events = sorted(ops.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        every = sum(e.self_cpu_time_total for e in events)
+        print(f"\n| op (profiled, {steps['n']} steps) | self CPU s a step | share |\n|---|---:|---:|")
+        for e in events[: args.ops]:
+            print(
+                f"| {e.key} | {e.self_cpu_time_total / 1e6 / steps['n']:.3f} | {e.self_cpu_time_total / every:.1%} |"
+            )
     return 0
 
 
@@ -146,7 +168,8 @@ def report(args, cfg, clock: Clock, shapes: list, steps: dict, metrics: dict, th
     n = steps["n"]
     wall = steps["end"] - steps["start"]
     per_step = {part: t / n for part, t in sorted(clock.totals.items(), key=lambda kv: -kv[1])}
-    print(f"{args.model} {' '.join(args.overrides) or '(defaults)'}: {n} optimizer steps timed (after {args.skip}), "
+    label = " ".join(args.overrides + (["--torch-dropout"] if args.torch_dropout else [])) or "(defaults)"
+    print(f"{args.model} {label}: {n} optimizer steps timed (after {args.skip}), "
           f"{wall / n:.3f} s a step, {n * cfg.train.batch_size / wall:.2f} questions/s, torch threads {threads}")  # fmt: skip
     print("\n| part | s a step | share |\n|---|---:|---:|")
     for part, t in per_step.items():
