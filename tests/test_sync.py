@@ -245,7 +245,7 @@ def test_a_results_only_copy_has_no_weights_and_its_unfinished_run_starts_again(
 def test_a_sqlite_study_is_copied_as_a_consistent_database(tmp_path):
     import sqlite3
 
-    src = tmp_path / "sweep"
+    src = tmp_path / "a sweep #1?"  # a path that is no plain URI
     src.mkdir()
     (src / "sweep.yaml").write_text("name: s\n")
     db = sqlite3.connect(src / "search.db")

@@ -210,7 +210,7 @@ def _copy_file(src: Path, dst: str) -> None:
         shutil.copy2(src, dst)
         return
     stat = src.stat()
-    source, target = sqlite3.connect(f"file:{src}?mode=ro", uri=True), sqlite3.connect(dst)
+    source, target = sqlite3.connect(f"{src.resolve().as_uri()}?mode=ro", uri=True), sqlite3.connect(dst)
     try:
         source.backup(target)
     except sqlite3.DatabaseError:  # named like a database, but not one: its bytes as they are
