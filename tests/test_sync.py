@@ -233,6 +233,10 @@ def test_a_results_only_copy_has_no_weights_and_its_unfinished_run_starts_again(
     assert r.action.endswith("at checkpoint 2 (records only: resumed from this copy, it starts again)")
     assert "log_history.jsonl" in stored
     assert not any(f.endswith(sync_mod.WEIGHT_SUFFIXES) or "checkpoint" in f for f in stored)
+    # trained but not yet scored when copied: the copy must not claim a training whose weights it lacks
+    (first / "train_metrics.json").write_text("{}")
+    sync(first, tmp_path / "repo" / "run", results_only=True)
+    assert "train_metrics.json" not in files(tmp_path / "repo" / "run")
     sync(tmp_path / "repo" / "run", tmp_path / "machine-b" / "run")
     metrics = run_experiment(cfg, tmp_path / "machine-b" / "run", progress=False)
     straight = run_experiment(cfg, tmp_path / "straight", progress=False)

@@ -33,6 +33,7 @@ from .layout import (
     SWEEP_CONFIG_FILE,
     SWEEP_INDEX_LOCK_FILE,
     TENSORBOARD_DIR,
+    TRAIN_METRICS_FILE,
     TRIAL_CONFIG_FILE,
     TRIAL_LOCK_FILE,
     TRIAL_LOG_FILE,
@@ -109,19 +110,22 @@ def _sync_run(src: Path, dst: Path, name: str, results_only: bool) -> Synced:
     if had > have:
         return Synced(name, f"left as it is: {describe(had)} there, {describe(have)} here")
     try:
-        changed = _copy_tree(src, dst, skip=lambda rel: _left_out(rel, results_only))
+        # a results-only copy of an unfinished run has no weights to resume from: nothing in it may say that
+        # training has finished, or a resume would go on to evaluate weights that are not there
+        unfinished = results_only and have[0] < 3
+        changed = _copy_tree(src, dst, skip=lambda rel: _left_out(rel, results_only, unfinished))
         if not results_only or have[0] != 1:  # a results-only copy gets no checkpoint, but loses stale ones
             changed += _sync_checkpoint(src / CHECKPOINTS_DIR, dst / CHECKPOINTS_DIR, have)
     except FileNotFoundError as e:  # a live run rotated a checkpoint or replaced a file meanwhile
         return Synced(name, f"skipped: {e.filename} changed while it was copied; sync again", True)
     where = describe(have) + (
-        " (records only: resumed from this copy, it starts again)" if results_only and have[0] == 1 else ""
+        " (records only: resumed from this copy, it starts again)" if results_only and have[0] in (1, 2) else ""
     )
     return Synced(name, f"copied {changed} file(s); {where}" if changed else "up to date")
 
 
-def _left_out(rel: Path, results_only: bool) -> bool:
-    if rel.name in LOCKS or rel.parts[0] == CHECKPOINTS_DIR:
+def _left_out(rel: Path, results_only: bool, unfinished: bool = False) -> bool:
+    if rel.name in LOCKS or rel.parts[0] == CHECKPOINTS_DIR or (unfinished and rel.name == TRAIN_METRICS_FILE):
         return True
     if not results_only:
         return False
