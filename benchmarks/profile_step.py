@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     shared = resolved.share_contexts
     if cfg.train.gradient_checkpointing:  # what Trainer.train would do first; the steps below call the loss
         enable_checkpointing(model)
-    collator = (SharedContextCollator if shared else QACollator)(lm.tokenizer.pad_token_id)
+    collator = (SharedContextCollator if shared else QACollator)(lm.tokenizer.pad_token_id,
+                                                                 cfg.train.pad_to_multiple)  # fmt: skip
     targs = training_arguments(cfg.train, Path("/tmp/loraqa-profile"), per_process_batch=resolved.per_process_batch,
                                reporters=list(resolved.reporters), precision=lm.precision, device=lm.device)
     trainer = QATrainer(model=model, args=targs, train_dataset=features, data_collator=collator,

@@ -63,6 +63,30 @@ def check_intact(out: Path, n_trials: int) -> None:
         assert any("eval_f1" in r and "eval_exact_match" in r for r in rows), tdir.name
 
 
+def first_asked(cfg, sweep_dir: Path) -> dict:
+    from loraqa.sweep.search import open_study, suggest
+
+    sweep_dir.mkdir(exist_ok=True)
+    study = open_study(cfg, sweep_dir)
+    trial = study.ask()
+    params = suggest(trial, cfg.sweep.space)
+    study.tell(trial, 1.0)
+    return params
+
+
+def test_a_seeded_study_repeats_for_a_fresh_start_but_a_resumed_one_asks_anew(tmp_path):
+    """sweep.seed: two fresh studies suggest the same; a driver resuming a study must not replay the first
+    driver's draws (it would run the study's first trial again)."""
+    from loraqa.config import load_config
+
+    cfg = load_config(TINY)
+    first = first_asked(cfg, tmp_path / "a")
+    assert first_asked(cfg, tmp_path / "b") == first  # reproducible from the seed
+    resumed = first_asked(cfg, tmp_path / "a")  # a new driver on the same study
+    assert resumed != first
+    assert first_asked(cfg, tmp_path / "b") == resumed  # and still reproducible
+
+
 @pytest.mark.parametrize(
     ("space", "message"),
     [

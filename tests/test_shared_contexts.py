@@ -35,7 +35,9 @@ def paragraph(facts) -> tuple[str, list[tuple[str, str, int]]]:
     qas = []
     for o, p, c in facts:
         sentence = f"The {o} in the {p} is {c}."
-        qas.append((f"What color is the {o} in the {p}?", c, context.index(sentence) + len(sentence) - len(c) - 1))
+        qas.append(
+            (f"What color is the {o} in the {p}?", c, context.index(sentence) + len(sentence) - len(c) - 1)
+        )
     return context, qas
 
 
@@ -68,7 +70,9 @@ def base_model(family: str, attn: str = "sdpa", seed: int = 0):
 
 def with_lora(model, seed: int = 0):
     """LoRA on every linear layer, B matrices non-zero (PEFT starts them at zero), dropout 0."""
-    return nonzero_lora_b(apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, targets="all-linear")), seed + 1)
+    return nonzero_lora_b(
+        apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, targets="all-linear")), seed + 1
+    )
 
 
 def model_inputs(batch: dict) -> dict:
@@ -101,7 +105,9 @@ def grads_of_batch_loss(model, features, collator, fast: bool) -> tuple[float, d
     model.zero_grad()
     loss = batch_loss(model, collator(features), fast)
     loss.backward()
-    return float(loss.detach()), {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return float(loss.detach()), {
+        name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -150,6 +156,36 @@ def test_fp32_lora_losses_and_gradients_equal_stand_alone(features, collators, f
     assert ref and set(ref) == set(new)
     for name in ref:
         assert rel_err(new[name], ref[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("family,attn", [("gpt2", "sdpa"), ("llama", "sdpa"), ("llama", "eager")])
+def test_widths_padded_to_a_multiple_change_no_loss_or_gradient(
+    gpt2_tokenizer, features, collators, family, attn
+):
+    """train.pad_to_multiple: a few batch shapes instead of one a batch, the same losses and gradients."""
+    pad = gpt2_tokenizer.pad_token_id
+    model = with_lora(base_model(family, attn))
+    model.eval()
+    for tight, padded in zip(collators, (SharedContextCollator(pad, 64), QACollator(pad, 64)), strict=True):
+        batch = padded(features)
+        assert (
+            batch["input_ids"].shape[1] % 64 == 0
+            and batch["input_ids"].shape[1] > tight(features)["input_ids"].shape[1]
+        )
+        expected, got = (
+            per_question_losses(model, features, tight),
+            per_question_losses(model, features, padded),
+        )
+        for g, e in zip(got, expected, strict=True):
+            assert abs(g - e) <= 1e-5 * abs(e)
+        ref_loss, ref = grads_of_batch_loss(model, features, tight, True)
+        new_loss, new = grads_of_batch_loss(model, features, padded, True)
+        assert abs(new_loss - ref_loss) <= 1e-5 * ref_loss
+        for name in ref:
+            assert rel_err(new[name], ref[name]) < 1e-5, name
+    assert len(SharedContextCollator(pad, 64)(features)["input_ids"]) <= len(
+        collators[0](features)["input_ids"]
+    )
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -294,5 +330,7 @@ def test_training_shares_contexts_only_where_the_attention_takes_the_mask(attn, 
     from loraqa.config import ExperimentConfig, apply_overrides
     from loraqa.pipeline import resolve
 
-    cfg = apply_overrides(ExperimentConfig(), [("model.attn_implementation", attn), ("prompt.loss_on", loss_on)])
+    cfg = apply_overrides(
+        ExperimentConfig(), [("model.attn_implementation", attn), ("prompt.loss_on", loss_on)]
+    )
     assert resolve(cfg).share_contexts is shared

@@ -8,6 +8,7 @@ import pytest
 
 from loraqa import sync as sync_mod
 from loraqa.cli import main
+from loraqa.io import read_jsonl
 from loraqa.pipeline import run_experiment
 from loraqa.sweep.state import try_lock
 from loraqa.sync import SyncError, progress, sync
@@ -59,7 +60,7 @@ def test_a_run_interrupted_here_resumes_from_its_copy_elsewhere(tmp_path, synthe
     first = tmp_path / "machine-a" / "run"
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, first, callbacks=[Interrupt()], progress=False)
-    [r] = sync(first, tmp_path / "storage" / "run", results_only=True)
+    [r] = sync(first, tmp_path / "storage" / "run")
     assert r.action.startswith("copied") and r.action.endswith("at checkpoint 2") and not r.problem
     shutil.rmtree(tmp_path / "machine-a")
     [r] = sync(tmp_path / "storage" / "run", tmp_path / "machine-b" / "run")
@@ -70,8 +71,9 @@ def test_a_run_interrupted_here_resumes_from_its_copy_elsewhere(tmp_path, synthe
     assert metrics["train_tokens"] == straight["train_tokens"] and metrics["train_segments"] == 2
     # the finished run synced back: results only leaves its weights out, a full copy keeps them
     [r] = sync(tmp_path / "machine-b" / "run", tmp_path / "storage" / "run", results_only=True)
-    assert r.action.endswith("finished")
-    stored = files(tmp_path / "storage" / "run")
+    assert r.action.endswith("finished") and not (tmp_path / "storage" / "run" / "checkpoints").exists()
+    sync(tmp_path / "machine-b" / "run", tmp_path / "repo" / "run", results_only=True)
+    stored = files(tmp_path / "repo" / "run")
     assert "metrics.json" in stored and "predictions.jsonl" in stored and "checkpoints" not in "".join(stored)
     assert "adapter_model.safetensors" not in stored and not any("tensorboard" in f for f in stored)
     sync(tmp_path / "machine-b" / "run", tmp_path / "full-copy")
@@ -164,10 +166,18 @@ def test_a_sweep_folder_syncs_every_trial_and_leaves_the_copys_own_alone(tmp_pat
     fake_run(src / "b", step=3, trial=True)
     dst = tmp_path / "copy"
     results = sync(src, dst, results_only=True)
-    assert [(r.name, r.action.split("; ")[-1]) for r in results] == [("a", "finished"), ("b", "at checkpoint 3")]
-    assert (dst / "sweep.yaml").exists() and (dst / "sweep.json").exists() and not (dst / ".sweep.lock").exists()
+    assert [(r.name, r.action.split("; ")[-1].split(" (")[0]) for r in results] == [
+        ("a", "finished"),
+        ("b", "at checkpoint 3"),
+    ]
+    assert (
+        (dst / "sweep.yaml").exists() and (dst / "sweep.json").exists() and not (dst / ".sweep.lock").exists()
+    )
     assert not (dst / "a" / "trial.log").exists()  # process logs hold this machine's paths
-    assert (dst / "b" / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors").exists()  # resume needs it
+    assert not (
+        dst / "b" / "checkpoints"
+    ).exists()  # records only: nothing of a checkpoint in version control
+    assert (dst / "b" / "log_history.jsonl").exists()
     fake_run(dst / "c", step=1, trial=True)  # a trial another machine runs into the copy
     sync(src, dst, results_only=True)
     assert (dst / "c" / "checkpoints" / "checkpoint-1").is_dir()
@@ -202,3 +212,58 @@ def test_cli_sync_prints_a_line_a_run_and_refuses_what_is_no_run(tmp_path, capsy
     assert err.startswith("loraqa: error:") and "not a run folder" in err and "Traceback" not in err
     assert main(["sync", str(src), str(src / "inside")]) == 2
     assert "inside it" in capsys.readouterr().err
+
+
+def test_a_results_only_copy_has_no_weights_and_its_unfinished_run_starts_again(tmp_path, synthetic_dir):
+    """Version control gets records, never a checkpoint; a run resumed from such a copy trains from its first
+    step and ends as an uninterrupted run does, its stale log replaced."""
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    cfg = tiny_config(synthetic_dir)
+    first = tmp_path / "machine-a" / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, first, callbacks=[Interrupt()], progress=False)
+    [r] = sync(first, tmp_path / "repo" / "run", results_only=True)
+    stored = files(tmp_path / "repo" / "run")
+    assert r.action.endswith("at checkpoint 2 (records only: resumed from this copy, it starts again)")
+    assert "log_history.jsonl" in stored
+    assert not any(f.endswith(sync_mod.WEIGHT_SUFFIXES) or "checkpoint" in f for f in stored)
+    # trained but not yet scored when copied: the copy must not claim a training whose weights it lacks
+    (first / "train_metrics.json").write_text("{}")
+    sync(first, tmp_path / "repo" / "run", results_only=True)
+    assert "train_metrics.json" not in files(tmp_path / "repo" / "run")
+    sync(tmp_path / "repo" / "run", tmp_path / "machine-b" / "run")
+    metrics = run_experiment(cfg, tmp_path / "machine-b" / "run", progress=False)
+    straight = run_experiment(cfg, tmp_path / "straight", progress=False)
+    assert metrics.get("resumed_from") is None
+    assert metrics["final_train_loss"] == pytest.approx(straight["final_train_loss"], rel=1e-5)
+    steps = [h["step"] for h in read_jsonl(tmp_path / "machine-b" / "run" / "log_history.jsonl")]
+    assert steps == [h["step"] for h in read_jsonl(tmp_path / "straight" / "log_history.jsonl")]
+
+
+def test_a_sqlite_study_is_copied_as_a_consistent_database(tmp_path):
+    import sqlite3
+
+    src = tmp_path / "a sweep #1?"  # a path that is no plain URI
+    src.mkdir()
+    (src / "sweep.yaml").write_text("name: s\n")
+    db = sqlite3.connect(src / "search.db")
+    db.execute("create table t (x)")
+    db.executemany("insert into t values (?)", [(i,) for i in range(1000)])
+    db.commit()
+    writer = sqlite3.connect(src / "search.db")
+    writer.execute("begin immediate")  # a driver in the middle of a write: the copy sees the last commit
+    writer.execute("insert into t values (-1)")
+    sync(src, tmp_path / "copy", results_only=True)
+    writer.rollback()
+    copy = sqlite3.connect(tmp_path / "copy" / "search.db")
+    assert copy.execute("select count(*) from t").fetchone() == (1000,)
+    assert copy.execute("pragma integrity_check").fetchone() == ("ok",)
+    (src / "not-a.db").write_bytes(b"plain bytes")
+    sync(src, tmp_path / "copy", results_only=True)
+    assert (tmp_path / "copy" / "not-a.db").read_bytes() == b"plain bytes"

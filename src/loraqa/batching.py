@@ -11,14 +11,22 @@ from torch.utils.data import Sampler
 from .prompt import IGNORE_INDEX
 
 
-class QACollator:
-    """Pads a batch to its longest example (right padding); padded positions get label -100."""
+def padded_width(longest: int, multiple: int) -> int:
+    """``longest`` rounded up to a multiple of ``multiple`` (``train.pad_to_multiple``). A CPU backend (oneDNN)
+    builds a kernel for each new matmul shape, and shape-specialised kernels (torch.compile) recompile for
+    each: with a width per batch every batch is a new shape; rounded up, batches share a few."""
+    return -(-longest // multiple) * multiple
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+
+class QACollator:
+    """Pads a batch to its longest example rounded up to ``pad_to_multiple`` (right padding); padded positions
+    get label -100 and attention mask 0."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple: int = 1):
+        self.pad_token_id, self.pad_to_multiple = pad_token_id, pad_to_multiple
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
+        width = padded_width(max(len(f["input_ids"]) for f in features), self.pad_to_multiple)
         input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(features), width), dtype=torch.long)

@@ -333,27 +333,12 @@ def cmd_sweep(args) -> int:
     from .sweep import run_sweep
 
     cfg = build_config(args, allow_sweep=True)
+    runner = dict(parallel=args.parallel, device=args.device, backend=args.backend, address=args.address)
     if cfg.sweep is not None and cfg.sweep.mode == "search":
         from .sweep.search import run_search
 
-        return run_search(
-            cfg,
-            args.output_dir,
-            parallel=args.parallel,
-            device=args.device,
-            backend=args.backend,
-            address=args.address,
-        )
-    return run_sweep(
-        cfg,
-        args.output_dir,
-        shard=args.shard,
-        parallel=args.parallel,
-        device=args.device,
-        backend=args.backend,
-        address=args.address,
-        retry_failed=args.retry_failed,
-    )
+        return run_search(cfg, args.output_dir, **runner)
+    return run_sweep(cfg, args.output_dir, shard=args.shard, retry_failed=args.retry_failed, **runner)
 
 
 def cmd_report(args) -> int:
@@ -571,8 +556,8 @@ def _add_folder_commands(sub) -> None:
     y.add_argument(
         "--results-only",
         action="store_true",
-        help="leave out process logs, TensorBoard events and finished runs' weights: what a report reads and a "
-        "resume needs",
+        help="the records alone (no checkpoint, weights, process log or TensorBoard event), for version control; "
+        "unfinished runs resumed from this copy start again",
     )
     y.set_defaults(func=cmd_sync)
 

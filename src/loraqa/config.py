@@ -302,6 +302,12 @@ class TrainConfig:
         description="a paragraph's context computed once per batch for all its questions (same loss per "
         "question; prompt.loss_on=all trains on stand-alone examples)",
     )
+    pad_to_multiple: Int = Field(
+        64,
+        gt=0,
+        description="batch widths padded up to a multiple of this, so batches share a few shapes and the "
+        "kernels built for a shape are reused (1: the longest row's width)",
+    )
     compile: Bool = Field(False, description="torch.compile the model")
     gradient_checkpointing: Bool = Field(
         False,

@@ -354,10 +354,16 @@ def peft_lora_config(model_type: str, lora: LoraConfig):
 
 def apply_lora(model, lora: LoraConfig):
     """Wrap ``model`` in a PEFT LoRA model as the ``lora`` section asks; adapter weights are kept in fp32 even
-    over a bf16 base."""
+    over a bf16 base, and the dropout draws its masks fast on a CPU (:mod:`loraqa.lora_dropout`)."""
     from peft import get_peft_model
 
-    return get_peft_model(model, peft_lora_config(model.config.model_type, lora), autocast_adapter_dtype=True)
+    from .lora_dropout import use_cpu_dropout
+
+    peft_model = get_peft_model(
+        model, peft_lora_config(model.config.model_type, lora), autocast_adapter_dtype=True
+    )
+    use_cpu_dropout(peft_model)
+    return peft_model
 
 
 def count_parameters(model) -> tuple[int, int]:

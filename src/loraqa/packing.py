@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Sampler
 
+from .batching import padded_width
 from .prompt import IGNORE_INDEX
 
 
@@ -85,10 +86,11 @@ def build_blocks(features: list[dict]) -> list[Block]:
     return blocks
 
 
-def pack_rows(lengths: list[int]) -> list[list[int]]:
-    """First-fit decreasing: block indices per row, no row longer than the longest block."""
+def pack_rows(lengths: list[int], multiple: int = 1) -> list[list[int]]:
+    """First-fit decreasing: block indices per row, no row longer than the longest block rounded up to
+    ``multiple`` (the batch's padded width, whose room short blocks may as well fill)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    capacity = lengths[order[0]] if order else 0
+    capacity = padded_width(lengths[order[0]], multiple) if order else 0
     rows: list[list[int]] = []
     room: list[int] = []
     for i in order:
@@ -109,16 +111,18 @@ class SharedContextCollator:
     Returns ``input_ids``, ``labels`` (-100 off the answers), ``position_ids``, ``attention_mask`` (B x 1 x L x L,
     float32, 0 where a position may attend and the dtype's minimum where not; padding attends to itself only)
     and two counts the trainer reads and removes before the model sees the batch: ``num_questions`` and
-    ``real_tokens`` (non-padding positions computed).
+    ``real_tokens`` (non-padding positions computed). The width is the longest row's rounded up to
+    ``pad_to_multiple`` (see :func:`~loraqa.batching.padded_width`).
     """
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int, pad_to_multiple: int = 1):
+        self.pad_token_id, self.pad_to_multiple = pad_token_id, pad_to_multiple
 
     def __call__(self, features: list[dict]) -> dict:
         blocks = build_blocks(features)
-        rows = pack_rows([len(b.input_ids) for b in blocks])
-        width = max(sum(len(blocks[i].input_ids) for i in row) for row in rows)
+        rows = pack_rows([len(b.input_ids) for b in blocks], self.pad_to_multiple)
+        longest = max(sum(len(blocks[i].input_ids) for i in row) for row in rows)
+        width = padded_width(longest, self.pad_to_multiple)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)

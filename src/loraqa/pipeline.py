@@ -334,7 +334,7 @@ def _make_trainer(
         args=args,
         train_dataset=train_features,
         eval_dataset=loss_eval_features if cfg.train.eval_steps and loss_eval_features else None,
-        data_collator=collator(lm.tokenizer.pad_token_id),
+        data_collator=collator(lm.tokenizer.pad_token_id, cfg.train.pad_to_multiple),
         # no processing_class: a checkpoint must not hold the tokenizer, which loraqa reloads by name. The
         # Trainer would copy it (3.5 MB for GPT-2) into every checkpoint, and the tokenizers library writes
         # tokenizer.json without reporting a full disk: a truncated file in a checkpoint that looks complete.

@@ -5,9 +5,13 @@ goes: on a fresh machine, sync it back and rerun the same ``loraqa train`` or ``
 What goes, for each run folder (a run, or each trial of a sweep; a sweep's own files go too): every file but
 the locks and temporary files, and of the checkpoints only the newest complete one, the one a resume reads.
 A run that DST already has further along (finished there, or at a later checkpoint) is left as it is, so a
-stale copy never undoes newer work, and a run that a process holds in DST is skipped. ``results_only`` also
-leaves out process logs, TensorBoard events and finished runs' weights: what ``loraqa report`` reads and a
-resume needs, small enough to keep beside a report in version control.
+stale copy never undoes newer work, and a run that a process holds in DST is skipped. ``results_only`` keeps
+the records alone (configs, log history, metrics, predictions, a search's study), small enough for version
+control: no checkpoint, no weights, no process log, no TensorBoard event. A run resumed from such a copy
+starts again from its first step; a sweep resumed from it keeps every finished trial.
+
+SQLite files (a search's Optuna study) are copied through SQLite's own backup, so a copy taken while the driver
+writes is a consistent database, never a torn page.
 
 Written by hand rather than calling rsync: rsync copies files, not runs. It would copy a checkpoint while it is
 being saved or rotated away, the lock files, and an older copy of a run over a newer one.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +33,7 @@ from .layout import (
     SWEEP_CONFIG_FILE,
     SWEEP_INDEX_LOCK_FILE,
     TENSORBOARD_DIR,
+    TRAIN_METRICS_FILE,
     TRIAL_CONFIG_FILE,
     TRIAL_LOCK_FILE,
     TRIAL_LOG_FILE,
@@ -36,7 +42,8 @@ from .runfolder import RunFolder
 from .sweep.state import is_locked
 
 LOCKS = frozenset({LOCK_FILE, TRIAL_LOCK_FILE, SWEEP_INDEX_LOCK_FILE})
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # a finished run's trained weights (results_only)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # trained weights, never in a results-only copy
+SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
 
 class SyncError(ValueError):
@@ -66,7 +73,9 @@ def sync(src: str | os.PathLike, dst: str | os.PathLike, results_only: bool = Fa
     runs = _run_folders(src)
     a, b = src.resolve(), dst.resolve()
     if a == b or a in b.parents or b in a.parents:
-        raise SyncError(f"{dst}: is {src} or lies inside it (or it inside {dst}); sync into a folder of its own")
+        raise SyncError(
+            f"{dst}: is {src} or lies inside it (or it inside {dst}); sync into a folder of its own"
+        )
     if (src / SWEEP_CONFIG_FILE).is_file():
         theirs = dst / SWEEP_CONFIG_FILE
         if theirs.is_file() and theirs.read_bytes() != (src / SWEEP_CONFIG_FILE).read_bytes():
@@ -100,21 +109,27 @@ def _sync_run(src: Path, dst: Path, name: str, results_only: bool) -> Synced:
     have, had = progress(src), progress(dst)
     if had > have:
         return Synced(name, f"left as it is: {describe(had)} there, {describe(have)} here")
-    done = have[0] == 3
     try:
-        changed = _copy_tree(src, dst, skip=lambda rel: _left_out(rel, done, results_only))
-        changed += _sync_checkpoint(src / CHECKPOINTS_DIR, dst / CHECKPOINTS_DIR, have)
+        # a results-only copy of an unfinished run has no weights to resume from: nothing in it may say that
+        # training has finished, or a resume would go on to evaluate weights that are not there
+        unfinished = results_only and have[0] < 3
+        changed = _copy_tree(src, dst, skip=lambda rel: _left_out(rel, results_only, unfinished))
+        if not results_only or have[0] != 1:  # a results-only copy gets no checkpoint, but loses stale ones
+            changed += _sync_checkpoint(src / CHECKPOINTS_DIR, dst / CHECKPOINTS_DIR, have)
     except FileNotFoundError as e:  # a live run rotated a checkpoint or replaced a file meanwhile
         return Synced(name, f"skipped: {e.filename} changed while it was copied; sync again", True)
-    return Synced(name, f"copied {changed} file(s); {describe(have)}" if changed else "up to date")
+    where = describe(have) + (
+        " (records only: resumed from this copy, it starts again)" if results_only and have[0] in (1, 2) else ""
+    )
+    return Synced(name, f"copied {changed} file(s); {where}" if changed else "up to date")
 
 
-def _left_out(rel: Path, done: bool, results_only: bool) -> bool:
-    if rel.name in LOCKS or rel.parts[0] == CHECKPOINTS_DIR:
+def _left_out(rel: Path, results_only: bool, unfinished: bool = False) -> bool:
+    if rel.name in LOCKS or rel.parts[0] == CHECKPOINTS_DIR or (unfinished and rel.name == TRAIN_METRICS_FILE):
         return True
     if not results_only:
         return False
-    return rel.name == TRIAL_LOG_FILE or TENSORBOARD_DIR in rel.parts or (done and rel.suffix in WEIGHT_SUFFIXES)
+    return rel.name == TRIAL_LOG_FILE or TENSORBOARD_DIR in rel.parts or rel.suffix in WEIGHT_SUFFIXES
 
 
 def _sync_checkpoint(src: Path, dst: Path, have: tuple[int, int]) -> int:
@@ -180,7 +195,7 @@ def _copy_tree(src: Path, dst: Path, skip) -> int:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         os.close(fd)
         try:
-            shutil.copy2(path, tmp)  # contents, mode and mtime
+            _copy_file(path, tmp)
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -190,3 +205,22 @@ def _copy_tree(src: Path, dst: Path, skip) -> int:
         if rel not in ours:
             path.unlink()
     return changed
+
+
+def _copy_file(src: Path, dst: str) -> None:
+    """Contents, mode and mtime (what :func:`_same` compares); a SQLite database through its backup API, which
+    reads a consistent snapshot while another process writes."""
+    if src.suffix not in SQLITE_SUFFIXES:
+        shutil.copy2(src, dst)
+        return
+    stat = src.stat()
+    source, target = sqlite3.connect(f"{src.resolve().as_uri()}?mode=ro", uri=True), sqlite3.connect(dst)
+    try:
+        source.backup(target)
+    except sqlite3.DatabaseError:  # named like a database, but not one: its bytes as they are
+        shutil.copy2(src, dst)
+        return
+    finally:
+        source.close()
+        target.close()
+    os.utime(dst, ns=(stat.st_atime_ns, stat.st_mtime_ns))

@@ -51,13 +51,17 @@ def import_optuna():
     return optuna
 
 
-def make_sampler(sweep):
+def make_sampler(sweep, asked: int = 0):
+    """The sampler, seeded with ``sweep.seed`` + the trials the study already holds: a fresh study's suggestions
+    are reproducible, and a driver that resumes a study does not replay its predecessor's random draws (with the
+    seed alone, its first suggestion would repeat the study's first trial)."""
     optuna = import_optuna()
+    seed = None if sweep.seed is None else sweep.seed + asked
     if sweep.sampler == "grid":
-        return optuna.samplers.GridSampler(dict(sweep.space), seed=sweep.seed)
+        return optuna.samplers.GridSampler(dict(sweep.space), seed=seed)
     if sweep.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=sweep.seed)
-    return optuna.samplers.TPESampler(seed=sweep.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def make_pruner(sweep):
@@ -71,9 +75,13 @@ def make_pruner(sweep):
 
 def open_study(cfg: ExperimentConfig, sweep_dir: Path):
     optuna = import_optuna()
-    return optuna.create_study(study_name=cfg.name, storage=search_storage(sweep_dir), direction=cfg.sweep.direction,
-                               sampler=make_sampler(cfg.sweep), pruner=make_pruner(cfg.sweep),
-                               load_if_exists=True)  # fmt: skip
+    study = optuna.create_study(study_name=cfg.name, storage=search_storage(sweep_dir),
+                                direction=cfg.sweep.direction, sampler=make_sampler(cfg.sweep),
+                                pruner=make_pruner(cfg.sweep), load_if_exists=True)  # fmt: skip
+    asked = len(study.get_trials(deepcopy=False))
+    if asked:
+        study.sampler = make_sampler(cfg.sweep, asked)
+    return study
 
 
 def suggest(trial, space: dict[str, Any]) -> dict[str, Any]:

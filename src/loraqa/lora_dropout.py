@@ -1,0 +1,70 @@
+"""LoRA's dropout on a CPU, at the cost of a few elementwise operations instead of a serial random generator.
+
+PEFT applies ``nn.Dropout(p)`` to each adapted layer's input before ``lora_A``. On a CPU, torch draws that
+Bernoulli mask with one serial Mersenne-Twister call per element (no vectorised or parallel path; on AMD CPUs
+not even MKL's), and slowest of all for the bf16 activations loraqa trains with: on SmolLM2 with LoRA on the
+attention projections it was about a fifth of the whole training step (``benchmarks/profile_loop.py``,
+``lora.dropout=0``, docs/performance.md).
+
+:class:`CpuLoraDropout` keeps dropout's semantics, each module its own independent mask drawn afresh at every
+call, elements kept with probability ``1 - p`` and scaled by the inverse of that probability, but draws the
+mask as 16 random bits an element from NumPy's PCG64 (64 bits in about a nanosecond). Its seed is drawn from
+torch's default generator at each call, so ``torch.manual_seed`` (the Trainer's ``seed``) reproduces the masks
+and a checkpoint's saved RNG state resumes them. ``p`` is used to 1/65536 (``p=0.05`` keeps with probability
+62259/65536 = 0.94999695), and the scale is the inverse of that probability, rounded to the activations'
+dtype as ``nn.Dropout``'s is.
+
+Written here because torch offers no faster CPU Bernoulli draw; on other devices (CUDA's Philox is fast) and in
+eval mode it is ``torch.nn.functional.dropout``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from peft.tuners.lora import LoraLayer
+
+LEVELS = 1 << 16  # a 16-bit draw per element: p to 1/65536
+
+
+class CpuLoraDropout(torch.nn.Module):
+    """``nn.Dropout(p)`` with a fast mask on CPU tensors (see the module docstring)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 < p < 1.0:
+            raise ValueError(f"lora.dropout must lie in (0, 1) here, got {p}")
+        self.p = p
+        self.drop_levels = round(p * LEVELS)  # a 16-bit draw below this is dropped
+        self.scale = LEVELS / (LEVELS - self.drop_levels)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.device.type != "cpu":
+            return torch.nn.functional.dropout(x, self.p, self.training)
+        return x * self.mask(x.shape, x.dtype)
+
+    def mask(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """0 where dropped, ``scale`` where kept, drawn from a seed taken from torch's default generator."""
+        n = shape.numel()
+        seed = int(torch.randint(0, 2**63 - 1, ()))
+        raw = np.random.Generator(np.random.PCG64(seed)).bit_generator.random_raw((n + 3) // 4)
+        draws = torch.from_numpy(raw.view(np.int16)[:n]).view(shape)  # uniform over [-32768, 32767]
+        keep = draws >= self.drop_levels - LEVELS // 2
+        return keep.to(dtype).mul_(self.scale)
+
+
+def use_cpu_dropout(model) -> int:
+    """Replace every LoRA layer's ``nn.Dropout`` by a :class:`CpuLoraDropout` of the same ``p``; returns how many.
+    Dropout has no weights, so saved adapters and checkpoints are unchanged."""
+    replaced = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for name, dropout in module.lora_dropout.items():
+            if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+                module.lora_dropout[name] = CpuLoraDropout(dropout.p)
+                replaced += 1
+    return replaced
