@@ -46,9 +46,8 @@ def files(d):
     return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
 
 
-def test_a_run_interrupted_here_resumes_from_its_copy_elsewhere(tmp_path, synthetic_dir):
-    """The point of sync: the first machine is gone, its copy trains on from the checkpoint and ends where an
-    uninterrupted run ends."""
+def interrupted_run(cfg, run_dir):
+    """A run killed right after its checkpoint at step 2 was saved: what a lost machine leaves."""
     from transformers import TrainerCallback
 
     class Interrupt(TrainerCallback):
@@ -56,10 +55,16 @@ def test_a_run_interrupted_here_resumes_from_its_copy_elsewhere(tmp_path, synthe
             if state.global_step == 2:
                 raise KeyboardInterrupt
 
-    cfg = tiny_config(synthetic_dir)
-    first = tmp_path / "machine-a" / "run"
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, first, callbacks=[Interrupt()], progress=False)
+        run_experiment(cfg, run_dir, callbacks=[Interrupt()], progress=False)
+    return run_dir
+
+
+def test_a_run_interrupted_here_resumes_from_its_copy_elsewhere(tmp_path, synthetic_dir):
+    """The point of sync: the first machine is gone, its copy trains on from the checkpoint and ends where an
+    uninterrupted run ends."""
+    cfg = tiny_config(synthetic_dir)
+    first = interrupted_run(cfg, tmp_path / "machine-a" / "run")
     [r] = sync(first, tmp_path / "storage" / "run")
     assert r.action.startswith("copied") and r.action.endswith("at checkpoint 2") and not r.problem
     shutil.rmtree(tmp_path / "machine-a")
@@ -217,17 +222,8 @@ def test_cli_sync_prints_a_line_a_run_and_refuses_what_is_no_run(tmp_path, capsy
 def test_a_results_only_copy_has_no_weights_and_its_unfinished_run_starts_again(tmp_path, synthetic_dir):
     """Version control gets records, never a checkpoint; a run resumed from such a copy trains from its first
     step and ends as an uninterrupted run does, its stale log replaced."""
-    from transformers import TrainerCallback
-
-    class Interrupt(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step == 2:
-                raise KeyboardInterrupt
-
     cfg = tiny_config(synthetic_dir)
-    first = tmp_path / "machine-a" / "run"
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, first, callbacks=[Interrupt()], progress=False)
+    first = interrupted_run(cfg, tmp_path / "machine-a" / "run")
     [r] = sync(first, tmp_path / "repo" / "run", results_only=True)
     stored = files(tmp_path / "repo" / "run")
     assert r.action.endswith("at checkpoint 2 (records only: resumed from this copy, it starts again)")
