@@ -1,10 +1,9 @@
 """LoRA's dropout on a CPU, at the cost of a few elementwise operations instead of a serial random generator.
 
 PEFT applies ``nn.Dropout(p)`` to each adapted layer's input before ``lora_A``. On a CPU, torch draws that
-Bernoulli mask with one serial Mersenne-Twister call per element (no vectorised or parallel path; on AMD CPUs
-not even MKL's), and slowest of all for the bf16 activations loraqa trains with: on SmolLM2 with LoRA on the
-attention projections it was about a fifth of the whole training step (``benchmarks/profile_loop.py``,
-``lora.dropout=0``, docs/performance.md).
+Bernoulli mask element by element from its Mersenne Twister, slowest of all for the bf16 activations loraqa
+trains with: on SmolLM2 with LoRA on the attention projections ``aten::bernoulli_`` was 12% of the whole
+training step (``benchmarks/profile_loop.py --ops 14 --torch-dropout``, docs/performance.md).
 
 :class:`CpuLoraDropout` keeps dropout's semantics, each module its own independent mask drawn afresh at every
 call, elements kept with probability ``1 - p`` and scaled by the inverse of that probability, but draws the
