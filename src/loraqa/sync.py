@@ -124,7 +124,7 @@ def _sync_run(src: Path, dst: Path, name: str, results_only: bool) -> Synced:
     return Synced(name, f"copied {changed} file(s); {where}" if changed else "up to date")
 
 
-def _left_out(rel: Path, results_only: bool, unfinished: bool = False) -> bool:
+def _left_out(rel: Path, results_only: bool, unfinished: bool) -> bool:
     if rel.name in LOCKS or rel.parts[0] == CHECKPOINTS_DIR or (unfinished and rel.name == TRAIN_METRICS_FILE):
         return True
     if not results_only:
