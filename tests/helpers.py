@@ -33,6 +33,10 @@ def wait_until(predicate, timeout: float, what: str, every: float = 0.02):
 ALL_COLOURS = ("The box in the garden is red. The cup in the kitchen is blue. The kite in the harbor is green. "
                "The hat in the tower is yellow. The coat in the market is black. The bell in the school is white. "
                "The boat in the forest is orange. The lamp in the museum is purple.")  # fmt: skip
+# a question on each thing of ALL_COLOURS ("What color is the box in the garden?", ...)
+COLOUR_QUESTIONS = [
+    f"What color is the {s.split(' is ')[0].removeprefix('The ')}?" for s in ALL_COLOURS.split(". ")
+]
 
 
 def train_tiny_run(run, data_dir, *, precision: str = "fp32", eval_limit: int = 6):
