@@ -198,6 +198,9 @@ def report(args, cfg, clock: Clock, shapes: list, steps: dict, metrics: dict, th
                "questions_per_second": n * cfg.train.batch_size / wall, "parts": per_step,
                "outside_forward_backward": outside, "distinct_shapes": len(seen), "batches": len(shapes),
                "final_train_loss": metrics.get("final_train_loss")}  # fmt: skip
+    if "compile_seconds" in metrics:  # train.compile: inside the steps above, the skipped ones included
+        print(f"torch.compile: {metrics['compile_seconds']:.1f} s in all")
+        figures["compile_seconds"] = metrics["compile_seconds"]
     print(json.dumps(figures))
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from loraqa import devices
 from loraqa import model as model_mod
 from loraqa.config import LoraConfig, ModelConfig
 from loraqa.model import (
@@ -72,13 +73,25 @@ def test_bf16_stores_a_frozen_base_in_bf16_and_adapters_in_fp32():
     assert all("lora_" in n for n in trainable)
 
 
+def test_auto_attention_trains_with_the_math_path_on_a_cpu_and_answers_with_sdpa():
+    assert devices.resolve_attention("auto", "cpu", training=True) == "eager"
+    assert devices.resolve_attention("auto", "cpu") == "sdpa"
+    assert devices.resolve_attention("auto", "cuda", training=True) == "sdpa"
+    assert devices.resolve_attention("sdpa", "cpu", training=True) == "sdpa"  # asked for: kept
+    lm = model_mod.load_model(ModelConfig(name="tiny-random-gpt2"), "cpu", training=True)
+    model = model_mod.apply_lora(lm.model, LoraConfig())
+    assert model.config._attn_implementation == "eager"
+    answering = model_mod.prepare_for_generation(model, merge=False, attention="sdpa")
+    assert answering.config._attn_implementation == "sdpa"
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_on_a_cpu_without_native_bf16_is_kept_but_warned_about(monkeypatch, caplog, native):
-    monkeypatch.setattr(model_mod, "cpu_has_bf16", lambda: native)
-    with caplog.at_level("WARNING", logger="loraqa.model"):
-        assert model_mod.resolve_precision("bf16", "cpu") == "bf16"  # asked for: kept, it is only slow
-        assert model_mod.resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
-        assert model_mod.resolve_precision("fp32", "cpu") == "fp32"
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: native)
+    with caplog.at_level("WARNING", logger="loraqa.devices"):
+        assert devices.resolve_precision("bf16", "cpu") == "bf16"  # asked for: kept, it is only slow
+        assert devices.resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+        assert devices.resolve_precision("fp32", "cpu") == "fp32"
     warned = [r.getMessage() for r in caplog.records if "model.precision=bf16" in r.getMessage()]
     assert len(warned) == (0 if native else 1)
     assert native or "use model.precision=auto or fp32" in warned[0]

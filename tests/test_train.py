@@ -74,6 +74,7 @@ def test_run_folder_holds_everything_and_the_adapter_loads(tmp_path, synthetic_d
         assert (run / name).is_file(), name
     assert not (run / "checkpoints").exists()  # removed once the adapter is saved
     assert metrics["n_questions"] == 8 and metrics["train_steps"] == 4
+    assert metrics["train_attn_implementation"] == "eager"  # model.attn_implementation=auto, trained on a CPU
     # LoRA r=8 on GPT-2's c_attn (64 -> 192), 2 layers: r x (in + out) per layer
     assert metrics["trainable_params"] == 2 * 8 * (64 + 192)
     base = sum(p.numel() for p in load_base_model("tiny-random-gpt2").parameters())
@@ -475,7 +476,7 @@ def test_full_fine_tuning_trains_every_parameter(tmp_path, synthetic_dir):
 
 def test_bf16_run_trains_and_scores(tmp_path, synthetic_dir):
     if not torch.cuda.is_available():
-        from loraqa.model import cpu_has_bf16
+        from loraqa.devices import cpu_has_bf16
 
         if not cpu_has_bf16():
             pytest.skip("no native bf16 here")
@@ -579,3 +580,11 @@ def test_no_checkpoint_names_the_path_its_base_was_loaded_from(tmp_path, synthet
         assert not (ckpt / "README.md").exists()
         for f in ckpt.iterdir():
             assert str(tmp_path).encode() not in f.read_bytes(), f
+
+
+def test_compile_seconds_counts_this_process_compiling():
+    from loraqa.trainer import compile_seconds
+
+    before = compile_seconds()
+    torch.compile(lambda x: (x * 3).cos().sum())(torch.randn(5))
+    assert compile_seconds() > before

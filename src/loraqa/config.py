@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 # Each set of choices is defined here once; the tuples are for code that lists or checks them.
 
 Precision = Literal["auto", "bf16", "fp32"]
-AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 DataFormat = Literal["squad", "squad_v2", "jsonl", "csv", "hf"]  # the readers of loraqa.data
 LossOn = Literal["answer", "all"]
 TargetPreset = Literal[
@@ -168,7 +168,9 @@ class ModelConfig:
         "auto", description="auto: bf16 where the hardware has it, else fp32"
     )
     attn_implementation: AttnImplementation = Field(
-        "sdpa", description="the attention kernel (flash_attention_2 on GPUs that have it)"
+        "auto",
+        description="the attention kernel: auto is eager (the math path: faster, more memory) to train on a CPU "
+        "and sdpa to answer and on a GPU; flash_attention_2 on GPUs that have it",
     )
 
 
@@ -308,7 +310,10 @@ class TrainConfig:
         description="batch widths padded up to a multiple of this, so batches share a few shapes and the "
         "kernels built for a shape are reused (1: the longest row's width)",
     )
-    compile: Bool = Field(False, description="torch.compile the model")
+    compile: Bool = Field(
+        False,
+        description="torch.compile the decoder layers; metrics.json: compile_seconds (within train_seconds)",
+    )
     gradient_checkpointing: Bool = Field(
         False,
         description="recompute each decoder layer's activations in the backward pass instead of keeping them: "

@@ -1,4 +1,5 @@
-"""The device a process computes on and the memory it uses: the one home of loraqa's device and memory calls.
+"""The device a process computes on, what it computes in, and the memory it uses: the one home of loraqa's
+device, precision, attention-kernel and memory decisions.
 
 ``peak_memory_mb`` reads the same window on every device: from the last :func:`reset_peak_memory` (or the
 start of the process) to now. On a GPU that is torch's peak allocation; on a CPU the process's peak resident set
@@ -8,15 +9,62 @@ start of the process) to now. On a GPU that is torch's peak allocation; on a CPU
 from __future__ import annotations
 
 import gc
+import logging
 import resource
 import sys
+from functools import lru_cache
+from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def default_device() -> torch.device:
     """A GPU where there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """True where the CPU multiplies bf16 natively (AMX or AVX512-BF16); elsewhere bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("amx_bf16", "avx512_bf16"))
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``auto`` -> ``bf16`` on GPUs that support it and CPUs with native bf16, else ``fp32``. Asking for bf16 on
+    a CPU without it still gives bf16, with a warning: it is correct there, only very slow."""
+    device = torch.device(device)
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        # there a run in bf16 trains many times slower than one in fp32: on a 2-core AVX2-only EPYC a
+        # 616x576 @ 576x1536 matmul takes 1,175 ms in bf16 and 26.5 ms in fp32
+        log.warning(
+            "model.precision=bf16 on a CPU without native bf16 (no AMX or AVX512-BF16 in its flags): "
+            "its matmuls are emulated, far slower than fp32; use model.precision=auto or fp32"
+        )
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+
+
+def resolve_attention(attn_implementation: str, device: torch.device | str, *, training: bool = False) -> str:
+    """``auto`` -> ``eager`` to train on a CPU, ``sdpa`` to answer and on a GPU; any other value as asked.
+
+    Training on a CPU, SDPA runs its flash kernel for loraqa's masked shared-context rows, and that kernel is
+    slower there than the plain matmul-softmax-matmul path: 1.97x for one layer's forward and backward in bf16,
+    1.23x in fp32 (``benchmarks/bench_attention.py``, docs/performance.md). Answering shows no such gap, so it
+    keeps SDPA. The math path keeps the attention weights for the backward pass, so training takes more memory;
+    ``model.attn_implementation=sdpa`` is the switch where memory is short. On a GPU, SDPA's fused kernels
+    are the fast and lean path."""
+    if attn_implementation != "auto":
+        return attn_implementation
+    return "eager" if training and torch.device(device).type == "cpu" else "sdpa"
 
 
 def peak_memory_mb(device: torch.device | str = "cpu") -> float:

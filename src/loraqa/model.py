@@ -23,7 +23,6 @@ import os
 import shutil
 import socket
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -37,7 +36,7 @@ from .config import (
     apply_overrides,
     load_config,
 )
-from .devices import default_device
+from .devices import default_device, resolve_attention, resolve_precision
 from .layout import CONFIG_FILE
 from .runfolder import check_weights, make_portable, weights_file
 
@@ -101,37 +100,6 @@ def load_gpt2_tokenizer():
 
 def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "loraqa"
-
-
-# ---------------------------------------------------------------------------------------------- precision
-
-
-@lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """True where the CPU multiplies bf16 natively (AMX or AVX512-BF16); elsewhere bf16 is emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("amx_bf16", "avx512_bf16"))
-
-
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """``auto`` -> ``bf16`` on GPUs that support it and CPUs with native bf16, else ``fp32``. Asking for bf16 on
-    a CPU without it still gives bf16, with a warning: it is correct there, only very slow."""
-    device = torch.device(device)
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
-        # there a run in bf16 trains many times slower than one in fp32: on a 2-core AVX2-only EPYC a
-        # 616x576 @ 576x1536 matmul takes 1,175 ms in bf16 and 26.5 ms in fp32
-        log.warning(
-            "model.precision=bf16 on a CPU without native bf16 (no AMX or AVX512-BF16 in its flags): "
-            "its matmuls are emulated, far slower than fp32; use model.precision=auto or fp32"
-        )
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -300,16 +268,18 @@ def load_model(
     *,
     seed: int = 0,
     trainable_base: bool = False,
+    training: bool = False,
 ) -> LoadedModel:
     """The ``model`` section's base model and its tokenizer on ``device`` (default: a GPU where there is one).
     ``seed`` makes a random built-in's weights (tiny-random-gpt2). With bf16, a frozen base (LoRA, evaluation)
     is stored in bf16 so no time goes to re-casting it every step; a trainable base (full fine-tuning) keeps
-    fp32 master weights."""
+    fp32 master weights. ``training``: loaded to be trained, which decides ``model.attn_implementation=auto``."""
     dev = torch.device(device) if device else default_device()
     prec = resolve_precision(model_cfg.precision, dev)
+    attn = resolve_attention(model_cfg.attn_implementation, dev, training=training)
     dtype = torch.bfloat16 if prec == "bf16" and not trainable_base else torch.float32
     name = model_cfg.name
-    model = load_base_model(name, dtype=dtype, attn_implementation=model_cfg.attn_implementation, seed=seed)
+    model = load_base_model(name, dtype=dtype, attn_implementation=attn, seed=seed)
     model = model.to(dev)
     tok = load_tokenizer(name)
     model.config.pad_token_id = tok.pad_token_id
@@ -399,9 +369,13 @@ def parameter_table(name: str, ranks=(4, 8, 16, 32), presets=("attn", "attn+proj
     return rows
 
 
-def prepare_for_generation(model, *, merge: bool = True, precision: str = "fp32"):
+def prepare_for_generation(
+    model, *, merge: bool = True, precision: str = "fp32", attention: str | None = None
+):
     """Merge a LoRA adapter into the weights (one matmul per layer instead of three) and, for bf16, run in bf16.
-    Layers compiled for training (``train.compile``) go back to eager: generation's shapes would recompile them."""
+    Layers compiled for training (``train.compile``) go back to eager: generation's shapes would recompile them.
+    ``attention``: the kernel to answer with, where training ran another (see
+    :func:`~loraqa.devices.resolve_attention`)."""
     for module in model.modules():
         if getattr(module, "_compiled_call_impl", None) is not None:
             module._compiled_call_impl = None
@@ -409,6 +383,8 @@ def prepare_for_generation(model, *, merge: bool = True, precision: str = "fp32"
         model = model.merge_and_unload()
     if precision == "bf16":
         model = model.to(torch.bfloat16)
+    if attention is not None and model.config._attn_implementation != attention:
+        model.set_attn_implementation(attention)
     model.eval()
     return model
 

@@ -28,7 +28,7 @@ from .batching import QACollator
 from .callbacks import ClockCallback, FiniteLossCallback, InterruptCallback, Interrupted, JsonlLogCallback
 from .card import current_command, model_card
 from .config import ConfigError, ExperimentConfig
-from .devices import peak_memory_mb, reset_peak_memory
+from .devices import peak_memory_mb, reset_peak_memory, resolve_attention
 from .io import read_json, write_json_atomic, write_jsonl_atomic
 from .layout import CHECKPOINTS_DIR, LOG_FILE, METRICS_FILE, TRAIN_METRICS_FILE
 from .metrics import best_scoring, patience_ran_out, score_seconds, scorings
@@ -47,7 +47,7 @@ from .prompt import PromptEncoder, encode_train_set
 from .runfolder import last_checkpoint, lock_run_folder, prepare_run_dir, record_failure
 from .scoring import ScoreCallback
 from .tracking import TENSORBOARD, log_final_scores, report_names, reporters, tensorboard_callback
-from .trainer import QATrainer, per_process_batch, training_arguments
+from .trainer import QATrainer, compile_seconds, per_process_batch, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,10 @@ def _run(cfg, resolved: Resolved, run_dir: Path, device, callbacks, progress, co
     model, train_metrics = _trained(cfg, resolved, run_dir, model, lm, questions, callbacks, on_score)
     if train_metrics.get("pruned_at"):  # a search stopped this trial: its in-training scores are its record
         return _save_pruned(cfg, run_dir, lm, train_metrics, questions.info, command)
-    model = prepare_for_generation(model, merge=cfg.eval.merge_adapter, precision=lm.precision)
+    attention = resolve_attention(cfg.model.attn_implementation, lm.device)  # to answer with
+    model = prepare_for_generation(
+        model, merge=cfg.eval.merge_adapter, precision=lm.precision, attention=attention
+    )
     records, metrics = _evaluate(cfg, run_dir, model, lm, questions.dev, train_metrics, progress)
     model_type = getattr(lm.model.config, "model_type", None)
     card = model_card(cfg, metrics, data=questions.info, command=command, model_type=model_type)
@@ -203,7 +206,7 @@ def _dev_limit(cfg: ExperimentConfig) -> int | None:
 def _load_model(cfg: ExperimentConfig, resolved: Resolved, device):
     """The loaded base (tokenizer, device, precision) and the model to train: the base itself, or wrapped in a
     LoRA adapter."""
-    lm = load_model(cfg.model, device, seed=cfg.train.seed, trainable_base=resolved.full)
+    lm = load_model(cfg.model, device, seed=cfg.train.seed, trainable_base=resolved.full, training=True)
     limit = position_limit(lm.model)
     if limit is not None and cfg.prompt.max_length > limit:  # a long example would index past the positions
         raise ConfigError(
@@ -288,7 +291,10 @@ def _train(
         "resumed_from": os.path.basename(resume) if resume else None,
         "resumed_at_step": clock.start_step,  # the step the Trainer restored, read from the Trainer
         "fast_loss": trainer.fast_loss,  # False where the config or the model family ruled it out
+        "train_attn_implementation": dist.unwrap(trainer.model).config._attn_implementation,
         **_throughput(totals, resolved.share_contexts),
+        # part of train_seconds: this process's compilation (a resumed run compiles again)
+        **({"compile_seconds": compile_seconds()} if cfg.train.compile else {}),
         **_final_losses(trainer.state.log_history, final_eval),
         **scored,
     }

@@ -29,6 +29,14 @@ from .runfolder import make_portable
 log = logging.getLogger(__name__)
 
 
+def compile_seconds() -> float:
+    """Seconds this process has spent in ``torch.compile`` (tracing and code generation, forward and backward)
+    so far: dynamo's own cumulative timer, which no public API exposes."""
+    from torch._dynamo.utils import calculate_time_spent
+
+    return round(calculate_time_spent().get("total_wall_time", 0.0), 3)
+
+
 class SamplerEpoch(TrainerCallback):
     """Tells the trainer's epoch-seeded sampler which epoch begins. The Trainer's own ``set_epoch`` does not
     reach it in a run resumed under DDP: accelerate's skip-batches wrapper adds a level that neither the
