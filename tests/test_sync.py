@@ -193,8 +193,15 @@ def test_a_sweep_folder_syncs_every_trial_and_leaves_the_copys_own_alone(tmp_pat
     finally:
         os.close(fd)
     assert [r.name for r in results if r.problem] == ["b"] and "a process is working" in results[1].action
+    # the same sweep written by another loraqa (a default spelt out, a changed sweep section): synced
+    (dst / "sweep.yaml").write_text("name: s\ntrain:\n  pad_to_multiple: 64\nsweep:\n  axes: {lora.r: [4]}\n")
+    sync(src, dst)
+    assert (dst / "sweep.yaml").read_text() == "name: s\n"
     (dst / "sweep.yaml").write_text("name: another\n")
-    with pytest.raises(SyncError, match="holds another sweep"):
+    with pytest.raises(SyncError, match="holds another sweep .* in name"):
+        sync(src, dst)
+    (dst / "sweep.yaml").write_text("name: s\ntrain: {lr: fast}\n")
+    with pytest.raises(SyncError, match="cannot read"):
         sync(src, dst)
 
 

@@ -26,6 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import ConfigError, load_config
 from .layout import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
@@ -40,6 +41,7 @@ from .layout import (
 )
 from .runfolder import RunFolder
 from .sweep.state import is_locked
+from .sweep.trials import base_differences
 
 LOCKS = frozenset({LOCK_FILE, TRIAL_LOCK_FILE, SWEEP_INDEX_LOCK_FILE})
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # trained weights, never in a results-only copy
@@ -78,14 +80,24 @@ def sync(src: str | os.PathLike, dst: str | os.PathLike, results_only: bool = Fa
         )
     if (src / SWEEP_CONFIG_FILE).is_file():
         theirs = dst / SWEEP_CONFIG_FILE
-        if theirs.is_file() and theirs.read_bytes() != (src / SWEEP_CONFIG_FILE).read_bytes():
+        differs = _sweep_differences(theirs, src / SWEEP_CONFIG_FILE) if theirs.is_file() else []
+        if differs:
             raise SyncError(
-                f"{dst}: holds another sweep ({theirs} differs from {src / SWEEP_CONFIG_FILE}); "
-                "sync into an empty folder"
+                f"{dst}: holds another sweep ({theirs} differs from {src / SWEEP_CONFIG_FILE} in "
+                f"{', '.join(differs)}); sync into an empty folder"
             )
         trials = runs | (_run_folders(dst) if theirs.is_file() else set())  # DST's own trials stay untouched
         _copy_tree(src, dst, skip=lambda rel: rel.parts[0] in trials or rel.name in LOCKS)
     return [_sync_run(src / name, dst / name, name, results_only) for name in sorted(runs)]
+
+
+def _sweep_differences(theirs: Path, ours: Path) -> list[str]:
+    """Where two sweep folders' configs differ, by the rule ``loraqa sweep`` resumes by (a newer loraqa may
+    write a default the older one left out: still one sweep); [] for one sweep. SRC's file is then copied."""
+    try:
+        return base_differences(load_config(theirs), load_config(ours))
+    except ConfigError as e:
+        return [f"a config this loraqa cannot read ({e})"]
 
 
 def _run_folders(src: Path) -> set[str]:

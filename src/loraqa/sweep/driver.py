@@ -20,7 +20,7 @@ from .attempt import Job
 from .machine import machine_info, now
 from .runner import LocalRunner, Runner, Terminated
 from .state import SweepIndex, trial_status
-from .trials import Trial, base_config, expand_trials, parse_shard, shard_trials
+from .trials import Trial, base_differences, expand_trials, parse_shard, shard_trials
 from .view import View
 
 BACKENDS = ("local", "ray")
@@ -183,16 +183,6 @@ def _command_line(output_dir: Path, shard: str, parallel: int | None, backend: s
     return cmd, False
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "axes":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _check_sweep_yaml(output_dir: Path, cfg: ExperimentConfig) -> None:
     """A folder holds one sweep: refuse one whose base config differs; a changed sweep section is allowed
     (trials are named by their values, so old trials are reused where they still belong)."""
@@ -203,8 +193,7 @@ def _check_sweep_yaml(output_dir: Path, cfg: ExperimentConfig) -> None:
         except (ConfigError, yaml.YAMLError):
             old = None
         if old is not None:
-            a, b = _flat(base_config(old).to_dict()), _flat(base_config(cfg).to_dict())
-            differs = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+            differs = base_differences(old, cfg)
             if differs:
                 raise ConfigError(
                     f"{output_dir}: holds a sweep of a different config (differs in {', '.join(differs)}); "

@@ -33,6 +33,23 @@ def base_config(cfg: ExperimentConfig) -> ExperimentConfig:
     return dataclasses.replace(cfg, sweep=None)
 
 
+def base_differences(a: ExperimentConfig, b: ExperimentConfig) -> list[str]:
+    """The dotted keys where two sweeps' base configs differ. Two configs that differ only in their sweep
+    section, or in how they were written (a default spelt out or left out), are one sweep."""
+    flat_a, flat_b = _flat(base_config(a).to_dict()), _flat(base_config(b).to_dict())
+    return sorted(k for k in flat_a.keys() | flat_b.keys() if flat_a.get(k) != flat_b.get(k))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "axes":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def axis_values(cfg: ExperimentConfig) -> dict[str, list]:
     """Each axis's values as they land in a config (``"5e-4"`` -> ``0.0005``)."""
     if cfg.sweep is None:
