@@ -211,6 +211,10 @@ def test_another_experiments_run_in_the_copy_is_not_touched(tmp_path):
     (dst / "config.yaml").write_text("name: other\n")
     [r] = sync(src, dst)
     assert r.problem and "another experiment's" in r.action and progress(dst) == (1, 2)
+    # the same experiment, saved by a loraqa that spells out a default the other left out
+    (dst / "config.yaml").write_text("name: x\ntrain:\n  pad_to_multiple: 64\n")
+    [r] = sync(src, dst)
+    assert not r.problem and progress(dst) == progress(src)
 
 
 def test_cli_sync_prints_a_line_a_run_and_refuses_what_is_no_run(tmp_path, capsys):

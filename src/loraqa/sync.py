@@ -39,7 +39,7 @@ from .layout import (
     TRIAL_LOCK_FILE,
     TRIAL_LOG_FILE,
 )
-from .runfolder import RunFolder
+from .runfolder import RunFolder, same_config_files
 from .sweep.state import is_locked
 from .sweep.trials import base_differences
 
@@ -114,7 +114,7 @@ def _run_folders(src: Path) -> set[str]:
 def _sync_run(src: Path, dst: Path, name: str, results_only: bool) -> Synced:
     for config in (CONFIG_FILE, TRIAL_CONFIG_FILE):
         ours, theirs = src / config, dst / config
-        if ours.is_file() and theirs.is_file() and ours.read_bytes() != theirs.read_bytes():
+        if ours.is_file() and theirs.is_file() and not same_config_files(ours, theirs):
             return Synced(name, f"skipped: {theirs} is another experiment's; move it away first", True)
     if dst.is_dir() and (is_locked(dst) or is_locked(dst, LOCK_FILE)):
         return Synced(name, f"skipped: a process is working in {dst}; sync when it has stopped", True)
