@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -125,6 +126,8 @@ def test_the_tiny_search_prunes_keeps_its_study_and_reports(tmp_path):
     assert report.returncode == 0, report.stderr
     text = (out / "report.md").read_text()
     assert "| trial-000 |" in text and "pruned" in text and "(best.yaml)" in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| trial-")]
+    assert len(rows) == 6 and all(re.fullmatch(r"\d\.\d\de-0\d", row[1]) for row in rows)  # train.lr, one form
     assert (out / "figures" / "search-curves.png").is_file()
     best = yaml.safe_load((out / "best.yaml").read_text())
     assert "sweep" not in best and best["model"]["name"] == "tiny-random-gpt2"

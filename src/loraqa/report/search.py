@@ -48,11 +48,16 @@ def _fmt(v) -> str:
     return "–" if v is None else f"{v:.2f}" if isinstance(v, float) else format_value(v)
 
 
+def _param(v) -> str:
+    """A searched value: a sampled float (a learning rate) as 1.83e-04, so one column reads in one form."""
+    return f"{v:.2e}" if isinstance(v, float) and v != int(v) else format_value(v)
+
+
 def _table(rows: list[dict], keys: list[str], metric: str) -> list[str]:
     head = ["trial", *keys, "state", "steps", f"value ({metric})", "best in-training F1", "final EM", "final F1"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"trial-{r['number']:03d}", *(format_value(r["params"].get(k)) for k in keys), r["state"], str(r["steps"]),
+        cells = [f"trial-{r['number']:03d}", *(_param(r["params"].get(k)) for k in keys), r["state"], str(r["steps"]),
                  _fmt(r["value"]), _fmt(r["best_f1"]), _fmt(r["final_em"]), _fmt(r["final_f1"])]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return lines
