@@ -346,8 +346,10 @@ def cmd_report(args) -> int:
     from .report.search import is_search, write_search_report
 
     unreadable: list[str] = []
+    if args.against and not (len(args.sweep_dir) == 1 and is_search(args.sweep_dir[0])):
+        raise ValueError("--against compares a search's best trial with other sweeps: name one search folder")
     if len(args.sweep_dir) == 1 and not args.compare and is_search(args.sweep_dir[0]):
-        path = write_search_report(args.sweep_dir[0], out_dir=args.out)
+        path = write_search_report(args.sweep_dir[0], out_dir=args.out, against=args.against or ())
     elif len(args.sweep_dir) == 1 and not args.compare:
         path = write_report(args.sweep_dir[0], out_dir=args.out, unreadable=unreadable)
     elif not args.out:
@@ -543,6 +545,9 @@ def _add_folder_commands(sub) -> None:
     r.add_argument("sweep_dir", nargs="+", help="sweep folders; several make one study report (needs --out)")
     r.add_argument("--compare", help="an earlier report.md whose verdicts the new ones are set against")
     r.add_argument("--out", help="folder for report.md, results.csv and figures (default: the sweep folder)")
+    r.add_argument("--against", action="append", metavar="SWEEP_DIR",
+                   help="a search's report: compare its best trial with this sweep's finished trials on the "
+                   "held-out questions (repeatable)")  # fmt: skip
     r.set_defaults(func=cmd_report)
 
     y = sub.add_parser(

@@ -5,6 +5,7 @@ trial's config as a ready-to-run ``best.yaml``; all read back from the sweep fol
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -22,7 +23,9 @@ from ..layout import (
 from ..metrics import scorings
 from ..runfolder import RunFolder
 from ..sweep.trials import base_config, format_value
+from .cells import num, paired_diff
 from .figures import save_figure
+from .load import load_sweep
 
 
 def is_search(sweep_dir: Path) -> bool:
@@ -113,8 +116,48 @@ def _importances(study) -> dict[str, float]:
         return {}
 
 
-def write_search_report(sweep_dir, out_dir=None) -> Path:
-    """Write report.md, figures and best.yaml for the search in ``sweep_dir``; returns report.md's path."""
+@dataclass
+class _Answers:
+    """A run's per-question records, as :func:`~loraqa.report.cells.paired_diff` reads them."""
+
+    per_question: dict[str, dict]
+
+
+def _steps_saved(rows: list[dict]) -> list[str]:
+    """Optimizer steps the ended trials spent against all of them run to the end (the longest trial's steps
+    each: every finished trial of a search runs its planned steps unless it stops early)."""
+    ended = [r for r in rows if r["state"] in ("complete", "pruned")]
+    planned = max((r["steps"] for r in ended if r["state"] == "complete"), default=0)
+    if not planned:
+        return []
+    spent, full = sum(r["steps"] for r in ended), planned * len(ended)
+    return [f"Pruning saved {full - spent:,} optimizer steps ({(full - spent) / full:.0%}): the {len(ended)} ended "
+            f"trials spent {spent:,}, against {full:,} run to the end ({planned} steps each).", ""]  # fmt: skip
+
+
+def _held_out(best: dict, sweep_dir: Path, against: list[Path]) -> list[str]:
+    """The best trial against every finished trial of the ``against`` sweeps, paired on the final evaluation's
+    questions both answered (held out from every decision of the search when ``data.eval_skip`` puts them past
+    the scoring slice); a difference is beyond noise past 2 standard errors."""
+    name = f"trial-{best['number']:03d}"
+    mine = _Answers({r["id"]: r for r in RunFolder(sweep_dir / name).predictions()})
+    lines = [f"Held-out comparison: {name} (the best) minus each run, paired on the questions both answered:", "",
+             "| run | setting | final EM | final F1 | F1: best − run | EM: best − run |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for folder in against:
+        for t in load_sweep(folder).trials:
+            if not t.done:
+                continue
+            f1, em = paired_diff(mine, t, "f1"), paired_diff(mine, t, "exact_match")
+            setting = ", ".join(f"{k} {format_value(v)}" for k, v in t.trial.values.items())
+            lines.append(f"| {folder.name}/{t.name} | {setting} | {num(t.m('exact_match'))} | {num(t.m('f1'))} | "
+                         f"{f1.text() if f1 else '—'} | {em.text() if em else '—'} |")  # fmt: skip
+    return [*lines, ""]
+
+
+def write_search_report(sweep_dir, out_dir=None, against=()) -> Path:
+    """Write report.md, figures and best.yaml for the search in ``sweep_dir``; returns report.md's path.
+    ``against``: sweep folders (such as baselines on the same data) whose finished trials the best trial is
+    compared with, question by question."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -144,6 +187,9 @@ def write_search_report(sweep_dir, out_dir=None) -> Path:
         lines += [f"Best: trial-{best['number']:03d} ({cfg.sweep.metric} {best['value']:.4g}): "
                   + ", ".join(f"{k} = {format_value(v)}" for k, v in best["params"].items())
                   + f". Its config: [{SEARCH_BEST_FILE}]({SEARCH_BEST_FILE}) (`loraqa train {SEARCH_BEST_FILE}`).", ""]  # fmt: skip
+        if against:
+            lines += _held_out(best, sweep_dir, [Path(a) for a in against])
+    lines += _steps_saved(rows)
     imp = _importances(study)
     if imp:
         lines += ["Parameter importances (Optuna's fANOVA evaluator over the finished trials):", "",
