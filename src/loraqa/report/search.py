@@ -92,7 +92,7 @@ def _figures(rows: list[dict], cfg: ExperimentConfig, out: Path) -> list[str]:
             ax.plot(*zip(*r["curve"], strict=True), marker="." if r["state"] == "pruned" else None,
                     linestyle="--" if r["state"] == "pruned" else "-", label=f"trial-{r['number']:03d}")  # fmt: skip
     ax.set(xlabel="optimizer step", ylabel=metric, title=f"every trial's {metric} (dashed: pruned)")
-    if len(rows) <= 12:
+    if len(rows) <= 12 and ax.get_legend_handles_labels()[0]:  # a legend of no curve warns
         ax.legend(fontsize=7)
     save_figure(fig, out / FIGURES_DIR / "search-curves.png")
     names.append("search-curves.png")
