@@ -185,7 +185,7 @@ def write_search_report(sweep_dir, out_dir=None, against=()) -> Path:
         write_text_atomic(out / SEARCH_BEST_FILE, f"# the best trial of {cfg.name}: trial-{best['number']:03d} "
                           f"({cfg.sweep.metric} {best['value']:.4g})\n" + best_cfg.to_yaml())  # fmt: skip
         lines += [f"Best: trial-{best['number']:03d} ({cfg.sweep.metric} {best['value']:.4g}): "
-                  + ", ".join(f"{k} = {format_value(v)}" for k, v in best["params"].items())
+                  + ", ".join(f"{k} = {_param(v)}" for k, v in best["params"].items())
                   + f". Its config: [{SEARCH_BEST_FILE}]({SEARCH_BEST_FILE}) (`loraqa train {SEARCH_BEST_FILE}`).", ""]  # fmt: skip
         if against:
             lines += _held_out(best, sweep_dir, [Path(a) for a in against])
