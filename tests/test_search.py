@@ -88,6 +88,66 @@ def test_a_seeded_study_repeats_for_a_fresh_start_but_a_resumed_one_asks_anew(tm
     assert first_asked(cfg, tmp_path / "b") == resumed  # and still reproducible
 
 
+def scored_search(tmp_path: Path, pruner: str):
+    """A search on eval_f1 scored every 50 steps, its study opened as the driver opens it."""
+    from loraqa.sweep.search import open_study
+
+    raw = yaml.safe_load(TINY.read_text())
+    raw["sweep"].update(pruner=pruner, metric="eval_f1", direction="maximize")
+    raw["eval"]["score_steps"] = 50
+    cfg = from_dict(raw, where="search.yaml")
+    return cfg, open_study(cfg, tmp_path)
+
+
+def run_trial(cfg, study, sweep_dir: Path, f1_at: dict[int, float], monkeypatch) -> int | None:
+    """A trial asked by the driver, its process reporting ``f1_at`` (step -> F1) through the environment the
+    driver gives it, as ``loraqa train`` does; returns the step it was pruned at, or None (then told done)."""
+    from loraqa.sweep.search import TrialReporter, _search_job, as_trial, suggest
+
+    trial = study.ask()
+    asked = as_trial(cfg, trial.number, suggest(trial, cfg.sweep.space))
+    job = _search_job(asked, sweep_dir, cfg, None, {}, False)
+    for key, value in job.env.items():
+        monkeypatch.setenv(key, value)
+    reporter = TrialReporter.from_env(cfg.eval.score_steps)
+    for step, f1 in f1_at.items():
+        if reporter.on_score(step, {"eval_f1": f1}):
+            study.tell(trial.number, state=__import__("optuna").trial.TrialState.PRUNED)
+            return step
+    study.tell(trial.number, max(f1_at.values()))
+    return None
+
+
+def curve(first: float) -> dict[int, float]:
+    return {step: first + step / 50 for step in (50, 100, 150, 200, 250)}
+
+
+@pytest.mark.parametrize(
+    ("pruner", "before", "last", "pruned_at"),
+    [
+        ("none", [60, 61, 62, 63, 64, 65], 0.0, None),  # never, however poor
+        ("median", [60, 70], 50.0, 50),  # below the median of 2 finished trials (Optuna's default waits for 5)
+        ("asha", [60], 50.0, 50),  # not the best while fewer than 4 compete at the first rung
+    ],
+)
+def test_each_trial_prunes_by_the_searchs_own_pruner(tmp_path, monkeypatch, pruner, before, last, pruned_at):
+    """Optuna keeps no pruner in the study's storage: a trial process that loaded the study without the search's
+    own pruner would judge by Optuna's default median rule, whatever sweep.pruner says."""
+    cfg, study = scored_search(tmp_path, pruner)
+    for first in before:
+        assert run_trial(cfg, study, tmp_path, curve(first), monkeypatch) is None
+    assert run_trial(cfg, study, tmp_path, {50: last, 100: last}, monkeypatch) == pruned_at
+
+
+def test_asha_judges_a_trial_at_its_rungs_only(tmp_path, monkeypatch):
+    """Scored every 50 steps, successive halving's rungs fall at the scorings 1, 4, 16 (steps 50, 200, 800): a
+    trial best at step 50 is not judged again before step 200, however poor it scores in between (Optuna's
+    automatic first rung, for a report at every step, would stack rungs at step 50 and judge again at 150)."""
+    cfg, study = scored_search(tmp_path, "asha")
+    assert run_trial(cfg, study, tmp_path, curve(60), monkeypatch) is None
+    assert run_trial(cfg, study, tmp_path, {50: 70.0, 100: 10.0, 150: 10.0, 200: 10.0}, monkeypatch) == 200
+
+
 @pytest.mark.parametrize(
     ("space", "message"),
     [

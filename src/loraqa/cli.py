@@ -162,7 +162,7 @@ def cmd_train(args) -> int:
     if os.environ.get("LORAQA_SEARCH_TRIAL"):  # a search's trial reports its scores to the study
         from .sweep.search import TrialReporter
 
-        on_score = TrialReporter.from_env().on_score
+        on_score = TrialReporter.from_env(cfg.eval.score_steps).on_score
     with dist.session():
         metrics = run_experiment(
             cfg, out, overwrite=args.overwrite, device=args.device, command=command, on_score=on_score

@@ -389,7 +389,9 @@ class SweepConfig:
     )
     sampler: SearchSampler = Field("tpe", description="tpe | random | grid (grid: lists of choices only)")
     pruner: SearchPruner = Field(
-        "asha", description="asha (successive halving) | median | none: judged at every scoring"
+        "asha",
+        description="asha (successive halving: the best quarter goes on, at the scorings 1, 4, 16, ...) | "
+        "median (below the finished trials' median at the same step, from the third trial on) | none",
     )
     space: dict[str, Any] = Field(
         default_factory=dict,

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # what a trial process needs to report its scores to the study (set by the driver, read by `loraqa train`)
 ENV_STORAGE, ENV_STUDY, ENV_TRIAL = "LORAQA_SEARCH_STORAGE", "LORAQA_SEARCH_STUDY", "LORAQA_SEARCH_TRIAL"
-ENV_METRIC = "LORAQA_SEARCH_METRIC"
+ENV_METRIC, ENV_PRUNER = "LORAQA_SEARCH_METRIC", "LORAQA_SEARCH_PRUNER"
 
 
 def import_optuna():
@@ -64,11 +64,17 @@ def make_sampler(sweep, asked: int = 0):
     return optuna.samplers.TPESampler(seed=seed)
 
 
-def make_pruner(sweep):
+def make_pruner(name: str, score_steps: int):
+    """The pruner ``sweep.pruner`` names, for scores reported every ``score_steps`` optimizer steps.
+
+    Optuna keeps no pruner in the study's storage, so every process that calls ``should_prune`` (each trial's)
+    must build this one itself; a study loaded without it prunes by Optuna's default median rule.
+    asha's first rung is the first scoring: Optuna's ``min_resource="auto"`` assumes a report at every step and
+    would stack several rungs, each keeping a quarter, on one scoring."""
     optuna = import_optuna()
-    if sweep.pruner == "asha":
-        return optuna.pruners.SuccessiveHalvingPruner()
-    if sweep.pruner == "median":
+    if name == "asha":  # rungs at score_steps x 4^k: keep the best quarter at scorings 1, 4, 16, ...
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(score_steps, 1))
+    if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
     return optuna.pruners.NopPruner()
 
@@ -77,7 +83,8 @@ def open_study(cfg: ExperimentConfig, sweep_dir: Path):
     optuna = import_optuna()
     study = optuna.create_study(study_name=cfg.name, storage=search_storage(sweep_dir),
                                 direction=cfg.sweep.direction, sampler=make_sampler(cfg.sweep),
-                                pruner=make_pruner(cfg.sweep), load_if_exists=True)  # fmt: skip
+                                pruner=make_pruner(cfg.sweep.pruner, cfg.eval.score_steps),
+                                load_if_exists=True)  # fmt: skip
     asked = len(study.get_trials(deepcopy=False))
     if asked:
         study.sampler = make_sampler(cfg.sweep, asked)
@@ -212,7 +219,7 @@ def _search_job(trial: Trial, sweep_dir: Path, cfg: ExperimentConfig, device, ma
 
     tdir = (sweep_dir.resolve() if absolute else sweep_dir) / trial.name
     env = {ENV_STORAGE: search_storage(sweep_dir), ENV_STUDY: cfg.name, ENV_TRIAL: str(trial.index),
-           ENV_METRIC: cfg.sweep.metric}  # fmt: skip
+           ENV_METRIC: cfg.sweep.metric, ENV_PRUNER: cfg.sweep.pruner}  # fmt: skip
     return Job(name=trial.name, overrides=trial.overrides, config_yaml=trial.config.to_yaml(), trial_dir=str(tdir),
                command=attempt.trial_command(tdir / TRIAL_CONFIG_FILE, tdir, device), shard="1/1", env=env,
                machine=None if absolute else machine)  # fmt: skip
@@ -235,24 +242,29 @@ def _summary(study, view: View, sweep_dir: Path) -> int:
 @dataclasses.dataclass
 class TrialReporter:
     """In a search's trial process (``loraqa train`` started with the ENV_ variables): each in-training score
-    goes to the study as the trial's intermediate value; True from :meth:`on_score` stops the trial (pruned).
-    It is handed to the Trainer's callback list, whose hooks it does not use."""
+    goes to the study as the trial's intermediate value; True from :meth:`on_score` stops the trial (pruned),
+    by the search's own pruner (``sweep.pruner``, which the driver passes on: the study's storage keeps none)."""
 
     storage: str
     study_name: str
     number: int
     metric: str
+    pruner: str
+    score_steps: int
 
     @classmethod
-    def from_env(cls) -> TrialReporter | None:
+    def from_env(cls, score_steps: int) -> TrialReporter | None:
+        """The reporter of the trial this process runs, or None outside a search; ``score_steps``: the run's
+        ``eval.score_steps``, where the pruner's rungs fall."""
         if not os.environ.get(ENV_TRIAL):
             return None
         return cls(os.environ[ENV_STORAGE], os.environ[ENV_STUDY], int(os.environ[ENV_TRIAL]),
-                   os.environ.get(ENV_METRIC, "eval_f1"))  # fmt: skip
+                   os.environ.get(ENV_METRIC, "eval_f1"), os.environ[ENV_PRUNER], score_steps)  # fmt: skip
 
     def on_score(self, step: int, scores: dict) -> bool:
         optuna = import_optuna()
-        study = optuna.load_study(study_name=self.study_name, storage=self.storage)
+        study = optuna.load_study(study_name=self.study_name, storage=self.storage,
+                                  pruner=make_pruner(self.pruner, self.score_steps))  # fmt: skip
         trial = next(t for t in study.get_trials(deepcopy=False) if t.number == self.number)
         if trial.state != optuna.trial.TrialState.RUNNING:  # told already (a resumed, finished trial)
             return False
