@@ -102,6 +102,8 @@ def scored_search(tmp_path: Path, pruner: str):
 def run_trial(cfg, study, sweep_dir: Path, f1_at: dict[int, float], monkeypatch) -> int | None:
     """A trial asked by the driver, its process reporting ``f1_at`` (step -> F1) through the environment the
     driver gives it, as ``loraqa train`` does; returns the step it was pruned at, or None (then told done)."""
+    import optuna
+
     from loraqa.sweep.search import TrialReporter, _search_job, as_trial, suggest
 
     trial = study.ask()
@@ -112,7 +114,7 @@ def run_trial(cfg, study, sweep_dir: Path, f1_at: dict[int, float], monkeypatch)
     reporter = TrialReporter.from_env(cfg.eval.score_steps)
     for step, f1 in f1_at.items():
         if reporter.on_score(step, {"eval_f1": f1}):
-            study.tell(trial.number, state=__import__("optuna").trial.TrialState.PRUNED)
+            study.tell(trial.number, state=optuna.trial.TrialState.PRUNED)
             return step
     study.tell(trial.number, max(f1_at.values()))
     return None
