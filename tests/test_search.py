@@ -235,35 +235,45 @@ def _write_run(d: Path, config, right: int, steps: int, n: int = 100) -> None:
     write_json_atomic(d / "metrics.json", {"exact_match": float(right), "f1": float(right), "n_questions": n})
 
 
-def test_the_search_report_sets_its_best_against_baselines_and_counts_the_steps_pruning_saved(tmp_path):
+def _write_search(out: Path, search, trials) -> None:
+    """A search folder: its sweep.yaml, its study, and each trial's records; ``trials``: (lora.r, right answers,
+    steps, Optuna state) in trial order."""
     import optuna
 
-    from loraqa.cli import main
     from loraqa.io import write_text_atomic
     from loraqa.layout import search_storage
-    from loraqa.sweep import expand_trials
     from loraqa.sweep.search import as_trial
+
+    write_text_atomic(out / "sweep.yaml", search.to_yaml())
+    study = optuna.create_study(study_name=search.name, storage=search_storage(out), direction="maximize")
+    dist = {"lora.r": optuna.distributions.CategoricalDistribution([4, 8, 16])}
+    for number, (r, right, steps, state) in enumerate(trials):
+        study.add_trial(optuna.trial.create_trial(params={"lora.r": r}, distributions=dist, value=right,
+                                                  state=optuna.trial.TrialState[state]))  # fmt: skip
+        _write_run(out / f"trial-{number:03d}", as_trial(search, number, {"lora.r": r}).config, right, steps)
+
+
+def test_the_search_report_sets_its_best_against_baselines_and_counts_the_steps_pruning_saved(tmp_path):
+    from loraqa.cli import main
+    from loraqa.io import write_text_atomic
+    from loraqa.sweep import expand_trials
 
     raw = yaml.safe_load(TINY.read_text())
     raw["sweep"].update(metric="eval_f1", direction="maximize", space={"lora.r": [4, 8, 16]})
     search = from_dict(raw, where="tiny-search.yaml")
     out = tmp_path / "search"
-    write_text_atomic(out / "sweep.yaml", search.to_yaml())
-    study = optuna.create_study(study_name=search.name, storage=search_storage(out), direction="maximize")
-    dist = {"lora.r": optuna.distributions.CategoricalDistribution([4, 8, 16])}
     # trial 0 and 1 ran their 40 steps; trial 2 was pruned at step 10
-    for number, (r, right, steps, state) in enumerate([(4, 70, 40, "COMPLETE"), (8, 60, 40, "COMPLETE"),
-                                                       (16, 20, 10, "PRUNED")]):  # fmt: skip
-        study.add_trial(optuna.trial.create_trial(params={"lora.r": r}, distributions=dist, value=right,
-                                                  state=optuna.trial.TrialState[state]))  # fmt: skip
-        _write_run(out / f"trial-{number:03d}", as_trial(search, number, {"lora.r": r}).config, right, steps)
+    _write_search(out, search, [(4, 70, 40, "COMPLETE"), (8, 60, 40, "COMPLETE"), (16, 20, 10, "PRUNED")])
     grid = from_dict({"name": "baselines", "model": {"name": "tiny-random-gpt2"},
                       "sweep": {"mode": "grid", "axes": {"lora.r": [4, 8]}}}, where="baselines.yaml")  # fmt: skip
     base = tmp_path / "baselines"
     write_text_atomic(base / "sweep.yaml", grid.to_yaml())
     for t, right in zip(expand_trials(grid), (69, 40), strict=True):
         _write_run(base / t.name, t.config, right, 40)
-    assert main(["report", str(out), "--against", str(base)]) == 0
+    # an earlier search: its complete trial is set against the best, its pruned one is not
+    earlier = tmp_path / "earlier"
+    _write_search(earlier, search, [(16, 10, 10, "PRUNED"), (8, 50, 40, "COMPLETE")])
+    assert main(["report", str(out), "--against", str(base), "--against", str(earlier)]) == 0
     text = (out / "report.md").read_text()
     # 2 x 40 + 10 spent against 3 x 40
     assert "Pruning saved 30 optimizer steps (25%): the 3 ended trials spent 90, against 120" in text
@@ -274,4 +284,6 @@ def test_the_search_report_sets_its_best_against_baselines_and_counts_the_steps_
     [far] = [v for k, v in rows.items() if "lora.r 8" in v]
     assert "+1.00 ±" in near and "within noise, n=100" in near
     assert "+30.00 ±" in far and "beyond noise, n=100" in far
+    [other] = [line for line in text.splitlines() if line.startswith("| earlier/")]
+    assert other.startswith("| earlier/trial-001 | lora.r 8 | 50.00 | 50.00 | +20.00 ±") and "beyond noise" in other
     assert main(["report", str(base), "--against", str(out)]) == 2  # --against is for a search's report

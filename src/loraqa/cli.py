@@ -546,8 +546,8 @@ def _add_folder_commands(sub) -> None:
     r.add_argument("--compare", help="an earlier report.md whose verdicts the new ones are set against")
     r.add_argument("--out", help="folder for report.md, results.csv and figures (default: the sweep folder)")
     r.add_argument("--against", action="append", metavar="SWEEP_DIR",
-                   help="a search's report: compare its best trial with this sweep's finished trials on the "
-                   "held-out questions (repeatable)")  # fmt: skip
+                   help="a search's report: compare its best trial with the finished trials of this sweep or "
+                   "search on the held-out questions (repeatable)")  # fmt: skip
     r.set_defaults(func=cmd_report)
 
     y = sub.add_parser(

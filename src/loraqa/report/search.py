@@ -18,6 +18,7 @@ from ..layout import (
     REPORT_FILE,
     SEARCH_BEST_FILE,
     SEARCH_STUDY_FILE,
+    SWEEP_CONFIG_FILE,
     search_storage,
 )
 from ..metrics import scorings
@@ -135,37 +136,62 @@ def _steps_saved(rows: list[dict]) -> list[str]:
             f"trials spent {spent:,}, against {full:,} run to the end ({planned} steps each).", ""]  # fmt: skip
 
 
+def _finished_runs(folder: Path) -> list[tuple[str, str, dict, object]]:
+    """Each finished run of a sweep or a search folder: (name, setting, final metrics, per-question records for
+    :func:`~loraqa.report.cells.paired_diff`); a search's finished runs are its complete trials."""
+    if not is_search(folder):
+        return [(t.name, ", ".join(f"{k} {format_value(v)}" for k, v in t.trial.values.items()), t.metrics, t)
+                for t in load_sweep(folder).trials if t.done]  # fmt: skip
+    study, cfg = _load_search(folder)
+    runs = []
+    for r in _rows(study, cfg, folder):
+        if r["state"] == "complete":
+            name = f"trial-{r['number']:03d}"
+            records = _Answers({q["id"]: q for q in RunFolder(folder / name).predictions()})
+            setting = ", ".join(f"{k} {_param(v)}" for k, v in r["params"].items())
+            runs.append((name, setting, {"exact_match": r["final_em"], "f1": r["final_f1"]}, records))
+    return runs
+
+
 def _held_out(best: dict, sweep_dir: Path, against: list[Path]) -> list[str]:
-    """The best trial against every finished trial of the ``against`` sweeps, paired on the final evaluation's
-    questions both answered (held out from every decision of the search when ``data.eval_skip`` puts them past
-    the scoring slice); a difference is beyond noise past 2 standard errors."""
+    """The best trial against every finished run of the ``against`` folders (sweeps, or other searches' complete
+    trials), paired on the final evaluation's questions both answered (held out from every decision of the
+    search when ``data.eval_skip`` puts them past the scoring slice); a difference is beyond noise past 2
+    standard errors."""
     name = f"trial-{best['number']:03d}"
     mine = _Answers({r["id"]: r for r in RunFolder(sweep_dir / name).predictions()})
     lines = [f"Held-out comparison: {name} (the best) minus each run, paired on the questions both answered:", "",
              "| run | setting | final EM | final F1 | F1: best − run | EM: best − run |", "|---|---|---|---|---|---|"]  # fmt: skip
     for folder in against:
-        for t in load_sweep(folder).trials:
-            if not t.done:
-                continue
-            f1, em = paired_diff(mine, t, "f1"), paired_diff(mine, t, "exact_match")
-            setting = ", ".join(f"{k} {format_value(v)}" for k, v in t.trial.values.items())
-            lines.append(f"| {folder.name}/{t.name} | {setting} | {num(t.m('exact_match'))} | {num(t.m('f1'))} | "
-                         f"{f1.text() if f1 else '—'} | {em.text() if em else '—'} |")  # fmt: skip
+        for run, setting, metrics, records in _finished_runs(folder):
+            if folder.resolve() == sweep_dir.resolve() and run == name:
+                continue  # the best against itself
+            f1, em = paired_diff(mine, records, "f1"), paired_diff(mine, records, "exact_match")
+            lines.append(f"| {folder.name}/{run} | {setting} | {num(metrics.get('exact_match'))} | "
+                         f"{num(metrics.get('f1'))} | {f1.text() if f1 else '—'} | {em.text() if em else '—'} |")  # fmt: skip
     return [*lines, ""]
+
+
+def _load_search(sweep_dir: Path):
+    """The search's config (its sweep.yaml) and its Optuna study."""
+    import optuna
+
+    path = sweep_dir / SWEEP_CONFIG_FILE
+    cfg = from_dict(yaml.safe_load(path.read_text()), where=str(path))
+    return optuna.load_study(study_name=cfg.name, storage=search_storage(sweep_dir)), cfg
 
 
 def write_search_report(sweep_dir, out_dir=None, against=()) -> Path:
     """Write report.md, figures and best.yaml for the search in ``sweep_dir``; returns report.md's path.
-    ``against``: sweep folders (such as baselines on the same data) whose finished trials the best trial is
-    compared with, question by question."""
+    ``against``: sweep or search folders (such as baselines on the same data, or an earlier search) whose
+    finished trials the best trial is compared with, question by question."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep_dir = Path(sweep_dir)
     out = Path(out_dir) if out_dir else sweep_dir
     out.mkdir(parents=True, exist_ok=True)
-    cfg = from_dict(yaml.safe_load((sweep_dir / "sweep.yaml").read_text()), where=str(sweep_dir / "sweep.yaml"))
-    study = optuna.load_study(study_name=cfg.name, storage=search_storage(sweep_dir))
+    study, cfg = _load_search(sweep_dir)
     rows = _rows(study, cfg, sweep_dir)
     keys = list(cfg.sweep.space)
     maximize = cfg.sweep.direction == "maximize"
