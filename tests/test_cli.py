@@ -5,6 +5,7 @@ import re
 import pytest
 
 from loraqa.cli import main
+from loraqa.data.squad import QUESTION_TYPES
 
 
 def test_params_prints_the_reference_table_offline(capsys, monkeypatch):
@@ -30,7 +31,11 @@ def test_params_prints_the_reference_table_offline(capsys, monkeypatch):
 def test_data_stats_prints_table_one(capsys, synthetic_dir):
     assert main(["data", "stats", "--data-dir", str(synthetic_dir)]) == 0
     out = capsys.readouterr().out
-    assert "questions" in out and "64" in out and "16" in out and "what" in out
+    rows = {cells[0]: cells[1:] for line in out.splitlines() if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip().strip("|").split("|")]]}  # fmt: skip
+    assert rows[""] == ["train", "dev"] and rows["questions"] == ["64", "16"]
+    types = [[float(v) for v in rows[f"{t} (%)"]] for t in QUESTION_TYPES]
+    assert all(abs(sum(split) - 100) < 0.5 for split in zip(*types, strict=True))  # every question has one type
 
 
 def test_missing_data_dir_is_one_clear_line(capsys, tmp_path):

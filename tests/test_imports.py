@@ -39,6 +39,12 @@ def test_reading_sweep_records_does_not_import_the_scheduler(module):
     assert not scheduler, f"importing {module} imports {', '.join(sorted(scheduler))}"
 
 
+def test_the_serve_settings_load_without_the_web_framework():
+    """``loraqa serve``'s options default to ServeSettings, read when the command line is built."""
+    loaded = imported_after("loraqa.serve.settings")
+    assert "loraqa.serve.settings" in loaded and not {"fastapi", "uvicorn"} & loaded
+
+
 def test_the_scheduler_is_still_reachable_from_the_package():
     import loraqa.sweep
     from loraqa.sweep import run_sweep, trial_command
@@ -49,3 +55,18 @@ def test_the_scheduler_is_still_reachable_from_the_package():
     assert loraqa.sweep.attempt.trial_command is trial_command  # the modules too, as attributes
     with pytest.raises(AttributeError):
         _ = loraqa.sweep.no_such_name
+
+
+def test_the_names_layout_gives_the_trainers_files_are_the_libraries_own():
+    """layout.py spells out what the Trainer and PEFT name their files (so that folder readers import neither);
+    an upgrade that renames one must fail here, not leave checkpoints unseen."""
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+    from transformers.utils import SAFE_WEIGHTS_NAME
+
+    from loraqa import layout
+
+    assert layout.checkpoint_name(12) == f"{PREFIX_CHECKPOINT_DIR}-12"
+    assert layout.TRAINER_STATE_FILE == TRAINER_STATE_NAME
+    assert (layout.FULL_WEIGHTS_FILE, layout.ADAPTER_WEIGHTS_FILE) == (SAFE_WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME)

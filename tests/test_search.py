@@ -224,6 +224,16 @@ def test_a_driver_killed_mid_search_then_rerun_continues_the_same_study(tmp_path
     check_intact(out, 3)
 
 
+@pytest.mark.parametrize("flag", [["--shard", "1/2"], ["--retry-failed"]])
+def test_grid_only_flags_are_refused_for_a_search_in_one_line(tmp_path, capsys, flag):
+    from loraqa.cli import main
+
+    assert main(["sweep", str(TINY), "-o", str(tmp_path / "search"), *flag]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--shard and --retry-failed are for grid" in err
+    assert not (tmp_path / "search").exists()  # refused before anything was written
+
+
 def _write_run(d: Path, config, right: int, steps: int, n: int = 100) -> None:
     """A finished run's records: question i answered right iff i < ``right``; scored at every 10th step."""
     from loraqa.io import write_json_atomic, write_jsonl_atomic, write_text_atomic

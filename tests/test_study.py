@@ -71,10 +71,10 @@ def test_study_report_joins_sweeps_scaling_quality_and_changes(tmp_path):
     assert "beyond noise, n=200" in rows[1]
     assert (out / "figures" / "data_scaling.png").read_bytes()[:4] == b"\x89PNG"
     # quality: the best LoRA on the most dev questions (the claims sweep scored 400), full FT, the anchors
-    quality = text.split("## Quality beside published figures")[1].split("## Verdicts")[0]
+    quality = text.split("## Quality beside figures from elsewhere")[1].split("## Verdicts")[0]
     assert "loraqa best LoRA (`r32`" in quality and "| 67.00 | 67.00 | 400 |" in quality
     assert "loraqa full fine-tuning (`method_full`" in quality and "| 63.00 | 63.00 | 400 |" in quality
-    assert "| 68.4 | 78.9 | 10,570 | published, not run here" in quality
+    assert "| 68.4 | 78.9 | 10,570 | not run here: the figure loraqa's full-study plan gives, which names no" in quality
     assert "| 81.2 | 88.5 | 10,570 | published, not run here" in quality
     # changes: (a) flipped to holds, (b) flipped to does not hold (5e-4 vs 2e-4 is -8 here), (c) not judged
     row = changes_rows(text)

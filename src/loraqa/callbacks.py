@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 from . import dist, signals
 from .devices import peak_memory_mb
 from .io import read_json, write_json_atomic, write_jsonl_atomic
-from .layout import CLOCK_FILE
+from .layout import CLOCK_FILE, checkpoint_name
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class ClockCallback(TrainerCallback):
             self._write(Path(args.output_dir) / CLOCK_FILE, state, step=state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder = Path(args.output_dir) / checkpoint_name(state.global_step)
         self._write(folder / CLOCK_FILE, state, only_into_existing=True)
 
     def _write(self, path: Path, state, step: int | None = None, only_into_existing: bool = False) -> None:

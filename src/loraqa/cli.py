@@ -337,6 +337,9 @@ def cmd_sweep(args) -> int:
     if cfg.sweep is not None and cfg.sweep.mode == "search":
         from .sweep.search import run_search
 
+        if args.shard != "1/1" or args.retry_failed:
+            raise ValueError("--shard and --retry-failed are for grid and one-at-a-time sweeps: a search's trials "
+                             "come from its Optuna study; drop them")  # fmt: skip
         return run_search(cfg, args.output_dir, **runner)
     return run_sweep(cfg, args.output_dir, shard=args.shard, retry_failed=args.retry_failed, **runner)
 
@@ -495,6 +498,8 @@ def _add_answer_commands(sub) -> None:
 
 
 def _add_serve_command(sub) -> None:
+    from .serve.settings import ServeSettings
+
     sv = sub.add_parser(
         "serve",
         help="a web page and a JSON API answering questions with a run (or --model)",
@@ -513,21 +518,26 @@ def _add_serve_command(sub) -> None:
     sv.add_argument(
         "--queue-size",
         type=int,
-        default=128,
-        help="requests that may wait; one more gets 503 with Retry-After (default 128)",
+        default=ServeSettings.queue_size,
+        help="requests that may wait; one more gets 503 with Retry-After (default %(default)s)",
     )
     sv.add_argument(
         "--max-batch",
         type=int,
         help="questions answered together, from any requests (default: the run's eval.batch_size)",
     )
-    sv.add_argument("--max-questions", type=int, default=32, help="questions in one request (default 32)")
+    sv.add_argument(
+        "--max-questions",
+        type=int,
+        default=ServeSettings.max_questions,
+        help="questions in one request (default %(default)s)",
+    )
     sv.add_argument(
         "--gather-ms",
         type=float,
-        default=200.0,
-        help="the most a batch waits for the clients of the last batch to ask again (default 200; it waits an "
-        "eighth of the last batch's time at most)",
+        default=ServeSettings.gather_ms,
+        help="the most a batch waits for the clients of the last batch to ask again (default %(default)s; it "
+        "waits an eighth of the last batch's time at most)",
     )
     sv.add_argument(
         "--batched",
@@ -569,10 +579,12 @@ def _add_folder_commands(sub) -> None:
 
 def _add_info_commands(sub) -> None:
     """params, data stats and config schema: facts that need no training."""
+    from .config import STUDY_PRESETS, STUDY_RANKS
+
     pa = sub.add_parser("params", help="trainable-parameter table (no weights needed)")
     pa.add_argument("--model", default="gpt2")
-    pa.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32])
-    pa.add_argument("--targets", nargs="+", default=["attn", "attn+proj"])
+    pa.add_argument("--ranks", type=int, nargs="+", default=list(STUDY_RANKS), help="default: the study's")
+    pa.add_argument("--targets", nargs="+", default=list(STUDY_PRESETS), help="default: the study's")
     pa.set_defaults(func=cmd_params)
 
     d = sub.add_parser("data", help="dataset commands")

@@ -25,6 +25,8 @@ from pydantic.dataclasses import dataclass
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
+from .metrics import METRIC
+
 
 class ConfigError(ValueError):
     """A bad experiment file or override; the message names the file and the key."""
@@ -48,6 +50,10 @@ Direction = Literal["maximize", "minimize"]
 
 DATA_FORMATS: tuple[str, ...] = typing.get_args(DataFormat)
 PRESET_NAMES: tuple[str, ...] = typing.get_args(TargetPreset)
+# the reference study's grid: the ranks and target presets whose trainable parameters `loraqa params` and every
+# study report count
+STUDY_RANKS: tuple[int, ...] = (4, 8, 16, 32)
+STUDY_PRESETS: tuple[str, ...] = ("attn", "attn+proj")
 SWEEP_MODES: tuple[str, ...] = typing.get_args(SweepMode)
 SEARCH_SAMPLERS: tuple[str, ...] = typing.get_args(SearchSampler)
 SEARCH_PRUNERS: tuple[str, ...] = typing.get_args(SearchPruner)
@@ -381,7 +387,7 @@ class SweepConfig:
         "its default. The local runner shares the machine by --parallel instead",
     )
     metric: Str = Field(
-        "eval_f1", description="what a search optimises: a score the trials log (eval.score_steps), or loss"
+        METRIC, description="what a search optimises: a score the trials log (eval.score_steps), or loss"
     )
     direction: Direction = Field("maximize", description="maximize (scores) | minimize (a loss)")
     n_trials: Int = Field(

@@ -17,6 +17,13 @@ CLOCK_FILE = "loraqa_clock.json"  # in each checkpoint: train time, tokens and p
 ERROR_FILE = "error.json"
 LOCK_FILE = ".loraqa.lock"
 ANSWER_JOURNAL_FILE = "answers.partial.jsonl"  # an evaluation under way: its answers so far (loraqa.journal)
+# the names the Trainer and PEFT give what they write (transformers' PREFIX_CHECKPOINT_DIR, TRAINER_STATE_NAME
+# and SAFE_WEIGHTS_NAME, PEFT's SAFETENSORS_WEIGHTS_NAME), here so that the folder readers need neither library;
+# tests/test_repo.py checks that they agree
+CHECKPOINT_PREFIX = "checkpoint-"  # a checkpoint folder: checkpoint-<step>, under CHECKPOINTS_DIR
+TRAINER_STATE_FILE = "trainer_state.json"  # in each checkpoint, written last
+FULL_WEIGHTS_FILE = "model.safetensors"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 
 # a sweep folder: these, and a trial folder per trial (a run folder, plus the TRIAL_ files)
 SWEEP_CONFIG_FILE = "sweep.yaml"
@@ -33,6 +40,10 @@ SEARCH_BEST_FILE = "best.yaml"  # the best trial's config, ready to run (``loraq
 REPORT_FILE = "report.md"
 RESULTS_FILE = "results.csv"
 FIGURES_DIR = "figures"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step}"
 
 
 def answer_journal_file(rank: int, world_size: int) -> str:

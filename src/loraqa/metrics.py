@@ -185,9 +185,9 @@ def score_predictions_v2(examples, predictions: Sequence[str], unanswerable_answ
 # (a checkpoint's trainer_state.json or a run's log_history.jsonl), so a resumed run, a search driver and a
 # report reach the same decisions.
 
-SCORE_KEYS = ("eval_exact_match", "eval_f1")  # the logged names, as the Trainer logs its eval_loss
+EM_KEY, F1_KEY = "eval_exact_match", "eval_f1"  # the logged names, as the Trainer logs its eval_loss
 SCORE_SECONDS_KEY = "eval_score_seconds"
-METRIC = "eval_f1"  # what keep_best and early stopping compare
+METRIC = F1_KEY  # what keep_best, early stopping and a search (by default) compare
 
 
 def scorings(log_history: list[dict], metric: str = METRIC) -> list[tuple[int, float]]:

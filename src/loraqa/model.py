@@ -29,6 +29,8 @@ import torch
 
 from .config import (
     PRESET_NAMES,
+    STUDY_PRESETS,
+    STUDY_RANKS,
     ConfigError,
     ExperimentConfig,
     LoraConfig,
@@ -343,7 +345,7 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def parameter_table(name: str, ranks=(4, 8, 16, 32), presets=("attn", "attn+proj")) -> list[dict]:
+def parameter_table(name: str, ranks=STUDY_RANKS, presets=STUDY_PRESETS) -> list[dict]:
     """Trainable LoRA parameters for each rank x preset, counted by PEFT on a weightless (meta) model."""
     from transformers import AutoModelForCausalLM
 
@@ -424,11 +426,11 @@ def load_checkpoint_weights(model, checkpoint: Path, full: bool) -> None:
     from safetensors.torch import load_file
 
     if full:
-        model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=False)  # tied weights
+        model.load_state_dict(load_file(str(checkpoint / weights_file(full=True))), strict=False)  # tied weights
         return
     from peft import set_peft_model_state_dict
 
-    set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
+    set_peft_model_state_dict(model, load_file(str(checkpoint / weights_file(full=False))))
 
 
 def load_trained(model, run_dir: Path, full: bool, device):
@@ -442,7 +444,7 @@ def load_trained(model, run_dir: Path, full: bool, device):
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(str(run_dir / "adapter_model.safetensors")))
+    set_peft_model_state_dict(model, load_file(str(run_dir / weights_file(full=False))))
     return model
 
 

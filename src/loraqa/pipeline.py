@@ -30,7 +30,14 @@ from .card import current_command, model_card
 from .config import ConfigError, ExperimentConfig
 from .devices import peak_memory_mb, reset_peak_memory, resolve_attention
 from .io import read_json, write_json_atomic, write_jsonl_atomic
-from .layout import CHECKPOINTS_DIR, LOG_FILE, METRICS_FILE, TRAIN_METRICS_FILE
+from .layout import (
+    CHECKPOINTS_DIR,
+    LOG_FILE,
+    METRICS_FILE,
+    TRAIN_METRICS_FILE,
+    TRAINER_STATE_FILE,
+    checkpoint_name,
+)
 from .metrics import best_scoring, patience_ran_out, score_seconds, scorings
 from .model import (
     apply_lora,
@@ -354,19 +361,19 @@ def _make_trainer(
 def _fit(trainer, resume: str | None, clock, interrupt, *, full: bool, patience: int) -> None:
     """Train, from the checkpoint ``resume`` if there is one. A stop signal saves a checkpoint at the step
     reached and ends in :class:`Interrupted`."""
-    finished = read_json(Path(resume) / "trainer_state.json") if resume else {}
+    finished = read_json(Path(resume) / TRAINER_STATE_FILE) if resume else {}
     if finished and _training_ended(finished, patience):
         # a checkpoint at the end of training (killed before the trained weights were saved) is taken as it
         # is: resumed from, the Trainer (transformers 5.24) would run one step more than an uninterrupted run
         load_checkpoint_weights(dist.unwrap(trainer.model), Path(resume), full)
-        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        trainer.state = TrainerState.load_from_json(str(Path(resume) / TRAINER_STATE_FILE))
         clock.start_step = trainer.state.global_step
         return
     with interrupt.armed():
         trainer.train(resume_from_checkpoint=resume)
     step = interrupt.stopped_at
     if step is not None:
-        raise Interrupted(interrupt.signum, step, Path(trainer.args.output_dir) / f"checkpoint-{step}")
+        raise Interrupted(interrupt.signum, step, Path(trainer.args.output_dir) / checkpoint_name(step))
     if interrupt.signum is not None:  # it came after the last step's end: stop as a plain Ctrl-C does
         raise KeyboardInterrupt
 
@@ -402,7 +409,7 @@ def _scoring_summary(
     if cfg.train.keep_best:
         out["kept_step"] = best[0]
         if best[0] != step:
-            checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{best[0]}"
+            checkpoint = Path(trainer.args.output_dir) / checkpoint_name(best[0])
             load_checkpoint_weights(dist.unwrap(trainer.model), checkpoint, full)
             log.info(
                 "keep_best: the adapter of step %d (eval_f1 %.2f on %d questions) is the run's",

@@ -43,10 +43,13 @@ from .io import (
     write_text_atomic,
 )
 from .layout import (
+    ADAPTER_WEIGHTS_FILE,
+    CHECKPOINT_PREFIX,
     CHECKPOINTS_DIR,
     CLOCK_FILE,
     CONFIG_FILE,
     ERROR_FILE,
+    FULL_WEIGHTS_FILE,
     LOCK_FILE,
     LOG_FILE,
     METRICS_FILE,
@@ -55,6 +58,7 @@ from .layout import (
     PREDICTIONS_FILE,
     TENSORBOARD_DIR,
     TRAIN_METRICS_FILE,
+    TRAINER_STATE_FILE,
 )
 
 log = logging.getLogger(__name__)
@@ -150,7 +154,7 @@ class RunFolder:
         """step -> the clock file (train time, tokens, peak memory so far) of each checkpoint past step 0 that
         has one, complete or not."""
         clocks = {}
-        for d in self.checkpoints_dir.glob("checkpoint-*") if self.checkpoints_dir.is_dir() else ():
+        for d in self.checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*") if self.checkpoints_dir.is_dir() else ():
             step = checkpoint_step(d)
             if step and (d / CLOCK_FILE).is_file():
                 clocks[step] = d / CLOCK_FILE
@@ -183,13 +187,13 @@ class RunFolder:
 
 
 def weights_file(full: bool) -> str:
-    return "model.safetensors" if full else "adapter_model.safetensors"
+    return FULL_WEIGHTS_FILE if full else ADAPTER_WEIGHTS_FILE
 
 
 def checkpoint_step(checkpoint: Path) -> int | None:
     """The step of a ``checkpoint-<step>`` folder; None for any other name."""
     name = Path(checkpoint).name
-    step = name.removeprefix("checkpoint-")
+    step = name.removeprefix(CHECKPOINT_PREFIX)
     return int(step) if step != name and step.isascii() and step.isdigit() else None
 
 
@@ -297,9 +301,9 @@ def complete_checkpoints(ckpt_dir: Path) -> tuple[list[Path], list[Path]]:
     """The checkpoints in ``ckpt_dir`` as (complete ones, oldest first; half-written ones). The Trainer writes
     trainer_state.json last, so a folder without a whole one was being saved when the run was killed."""
     complete, partial = [], []
-    for d in ckpt_dir.glob("checkpoint-*") if ckpt_dir.is_dir() else ():
+    for d in ckpt_dir.glob(f"{CHECKPOINT_PREFIX}*") if ckpt_dir.is_dir() else ():
         if d.is_dir() and checkpoint_step(d) is not None:
-            (complete if _state_is_complete(d / "trainer_state.json") else partial).append(d)
+            (complete if _state_is_complete(d / TRAINER_STATE_FILE) else partial).append(d)
     return sorted(complete, key=checkpoint_step), partial
 
 

@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 from . import dist
 from .answering import Answerer
-from .metrics import METRIC, SCORE_SECONDS_KEY, best_scoring, patience_ran_out
+from .metrics import EM_KEY, F1_KEY, METRIC, SCORE_SECONDS_KEY, best_scoring, patience_ran_out
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class ScoreCallback(TrainerCallback):
         finally:
             inner.train(was_training)
         return {
-            "eval_exact_match": summary["exact_match"],
-            "eval_f1": summary["f1"],
+            EM_KEY: summary["exact_match"],
+            F1_KEY: summary["f1"],
             SCORE_SECONDS_KEY: round(time.perf_counter() - start, 3),
         }

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .config import ConfigError, load_config
 from .layout import (
+    CHECKPOINT_PREFIX,
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     LOCK_FILE,
@@ -38,6 +39,7 @@ from .layout import (
     TRIAL_CONFIG_FILE,
     TRIAL_LOCK_FILE,
     TRIAL_LOG_FILE,
+    checkpoint_name,
 )
 from .runfolder import RunFolder, same_config_files
 from .sweep.state import is_locked
@@ -151,7 +153,7 @@ def _sync_checkpoint(src: Path, dst: Path, have: tuple[int, int]) -> int:
     if have[0] != 1:
         shutil.rmtree(dst, ignore_errors=True)
         return 0
-    newest = src / f"checkpoint-{have[1]}"  # the one progress() found
+    newest = src / checkpoint_name(have[1])  # the one progress() found
     for stale in dst.glob(".*.tmp"):  # left by a sync cut short
         shutil.rmtree(stale, ignore_errors=True)
     changed = 0
@@ -165,10 +167,10 @@ def _sync_checkpoint(src: Path, dst: Path, have: tuple[int, int]) -> int:
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    for old in dst.glob("checkpoint-*"):
+    for old in dst.glob(f"{CHECKPOINT_PREFIX}*"):
         if old != target:
             shutil.rmtree(old, ignore_errors=True)
-    return changed + _copy_tree(src, dst, skip=lambda rel: rel.parts[0].startswith("checkpoint-"))
+    return changed + _copy_tree(src, dst, skip=lambda rel: rel.parts[0].startswith(CHECKPOINT_PREFIX))
 
 
 def _walk(root: Path, skip) -> dict[Path, Path]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..card import portable_model_name
 from ..io import write_bytes_atomic
 from ..layout import FIGURES_DIR
+from ..metrics import F1_KEY
 from ..sweep.trials import format_value
 from .load import SweepData, TrialResult
 
@@ -121,8 +122,8 @@ def draw_figures(data: SweepData, out_dir: Path, file_prefix: str = "") -> list[
                 series.append((f"{prefix}{format_value(t.trial.values[key])}{note}", t))
         fname = file_prefix + fname
         path = out_dir / FIGURES_DIR / fname
-        if any(t.curve("eval_f1") for _, t in series):  # scored during training: the F1 beside the loss
-            keys = [*keys, ("eval_f1", "F1 of generated answers (dev slice)")]
+        if any(t.curve(F1_KEY) for _, t in series):  # scored during training: the F1 beside the loss
+            keys = [*keys, (F1_KEY, "F1 of generated answers (dev slice)")]
             title = f"{title}, and F1"
         if series and plot_curves(path, f"{label}: {title} ({portable_model_name(data.cfg.model.name)})", series, keys):
             lines.append(f"**{label}: {title}.**\n\n![{label}: {title}]({FIGURES_DIR}/{fname})\n")

@@ -96,15 +96,15 @@ def _axis_table(data: SweepData, key: str) -> str:
 
 
 def _param_table(data: SweepData) -> str:
-    from ..config import PRESET_NAMES
+    from ..config import PRESET_NAMES, STUDY_PRESETS, STUDY_RANKS
     from ..model import parameter_table
 
     ranks = sorted(
-        {4, 8, 16, 32}
+        set(STUDY_RANKS)
         | {t.trial.values["lora.r"] for t in data.trials if "lora.r" in data.axes}
         | {data.cfg.lora.r}
     )
-    presets = ["attn", "attn+proj"]
+    presets = list(STUDY_PRESETS)
     for t in data.trials:
         p = t.trial.config.lora.targets
         if isinstance(p, str) and p in PRESET_NAMES and p not in presets:

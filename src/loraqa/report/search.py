@@ -21,7 +21,7 @@ from ..layout import (
     SWEEP_CONFIG_FILE,
     search_storage,
 )
-from ..metrics import scorings
+from ..metrics import F1_KEY, scorings
 from ..runfolder import RunFolder
 from ..sweep.trials import base_config, format_value
 from .cells import num, paired_diff
@@ -40,7 +40,7 @@ def _rows(study, cfg: ExperimentConfig, sweep_dir: Path) -> list[dict]:
         history = RunFolder(tdir).history()
         metrics = read_json(tdir / METRICS_FILE) if (tdir / METRICS_FILE).is_file() else {}
         curve = scorings(history, cfg.sweep.metric)
-        f1 = scorings(history, "eval_f1")
+        f1 = scorings(history, F1_KEY)
         steps = max([h.get("step", 0) for h in history], default=0)
         rows.append({"number": t.number, "state": t.state.name.lower(), "params": t.params, "value": t.value,
                      "curve": curve, "best_f1": max((v for _, v in f1), default=None),

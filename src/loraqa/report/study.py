@@ -27,7 +27,8 @@ from .verdicts import NA, all_verdicts
 
 @dataclass(frozen=True)
 class Anchor:
-    """A published SQuAD v1.1 dev figure, shown beside loraqa's own and never run here."""
+    """A SQuAD v1.1 dev figure from elsewhere, shown beside loraqa's own and never run here; ``source`` says
+    where it comes from, and whether that names its publication."""
 
     model: str
     method: str
@@ -42,14 +43,15 @@ ANCHORS = (
         "span-prediction head, fully fine-tuned",
         68.4,
         78.9,
-        "as cited in loraqa's full-study plan; not reproduced here",
+        "not run here: the figure loraqa's full-study plan gives, which names no publication; read it as approximate",
     ),
     Anchor(
         "BERT-base (uncased, 110M)",
         "span-prediction head, fully fine-tuned",
         81.2,
         88.5,
-        "Hugging Face transformers' question-answering example (run_qa.py) as its README reports",
+        "published, not run here: Hugging Face transformers' question-answering example (run_qa.py) as its "
+        "README reports",
     ),
 )
 
@@ -236,11 +238,11 @@ def quality_section(sweeps: list[SweepData]) -> list[str]:
             ]
         )
     for a in ANCHORS:
-        rows.append([f"{a.model}, {a.method}", f"{a.em:.1f}", f"{a.f1:.1f}", "10,570", f"published, not run here: {a.source}"])
+        rows.append([f"{a.model}, {a.method}", f"{a.em:.1f}", f"{a.f1:.1f}", "10,570", a.source])
     return [
-        "## Quality beside published figures",
+        "## Quality beside figures from elsewhere",
         "",
-        "loraqa's models answer by generating text; the published rows extract a span with a classification "
+        "loraqa's models answer by generating text; the rows from elsewhere extract a span with a classification "
         "head, a different and easier output format. They are anchors, not a like-for-like comparison.",
         "",
         md_table(["model", "EM", "F1", "dev questions", "source"], rows, right={1, 2, 3}),

@@ -4,6 +4,7 @@
 * :mod:`.limits`: what a request may hold (questions, the context's length in tokens) and where an answer lies
   in its paragraph;
 * :mod:`.batcher`: the bounded queue and the one worker thread that answers it in micro-batches;
+* :mod:`.settings`: the queue, batch and request limits (``ServeSettings``);
 * :mod:`.app`: the FastAPI app (``create_app``): routes, JSON errors, the page in ``static/``;
 * :mod:`.server`: running it, in the foreground (the command) or in a background thread.
 
@@ -17,7 +18,22 @@ From Python::
         print(server.url)  # POST {server.url}/v1/answer {"context": ..., "questions": [...]}
 """
 
-from .app import ServeSettings, create_app, describe_run
-from .server import BackgroundServer, is_loopback, serve_forever
+from .settings import ServeSettings
+
+# the app and the server import FastAPI and uvicorn: loaded on first use, so that the command line reads the
+# settings without them
+_LAZY = {"create_app": ".app", "describe_run": ".app", "BackgroundServer": ".server", "is_loopback": ".server",
+         "serve_forever": ".server"}  # fmt: skip
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["BackgroundServer", "ServeSettings", "create_app", "describe_run", "is_loopback", "serve_forever"]

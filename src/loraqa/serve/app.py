@@ -10,7 +10,6 @@ import asyncio
 import json
 import logging
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -21,30 +20,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..layout import METRICS_FILE
 from .batcher import Batcher, QueueFull, WorkerFailed
-from .limits import QUESTION_TOKENS, InputError, InputLimits, find_span
+from .limits import InputError, InputLimits, find_span
 from .schema import Answer, AnswerRequest, AnswerResponse, ErrorResponse
+from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 CLIENT_GONE = 499  # nginx's "client closed request": logged, never seen by the client that left
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    queue_size: int = 128  # requests waiting to be answered; the next one gets a 503
-    max_batch: int | None = None  # questions answered together (None: the run's eval.batch_size)
-    max_questions: int = 32  # questions in one request
-    question_tokens: int = QUESTION_TOKENS  # prompt room for one question
-    gather_ms: float = 200.0  # the most a batch waits for the clients of the last one to ask again
-
-    def check(self) -> None:
-        for name in ("queue_size", "max_questions", "question_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_batch is not None and self.max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
-        if not 0 <= self.gather_ms <= 1000:
-            raise ValueError(f"gather_ms must be 0 to 1000, got {self.gather_ms}")
 
 
 def describe_run(answerer, run_dir: str | Path | None) -> dict:

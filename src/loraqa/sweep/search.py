@@ -26,7 +26,7 @@ from typing import Any
 from ..config import ConfigError, ExperimentConfig, apply_overrides, search_range
 from ..io import read_json
 from ..layout import ERROR_FILE, METRICS_FILE, SEARCH_STUDY_FILE, TRIAL_CONFIG_FILE, search_storage
-from ..metrics import scorings
+from ..metrics import METRIC, scorings
 from ..runfolder import RunFolder
 from . import attempt
 from .driver import _check_sweep_yaml, _command_line, _prefetch_data, _run, _runner, check_backend
@@ -259,7 +259,7 @@ class TrialReporter:
         if not os.environ.get(ENV_TRIAL):
             return None
         return cls(os.environ[ENV_STORAGE], os.environ[ENV_STUDY], int(os.environ[ENV_TRIAL]),
-                   os.environ.get(ENV_METRIC, "eval_f1"), os.environ[ENV_PRUNER], score_steps)  # fmt: skip
+                   os.environ.get(ENV_METRIC, METRIC), os.environ[ENV_PRUNER], score_steps)  # fmt: skip
 
     def on_score(self, step: int, scores: dict) -> bool:
         optuna = import_optuna()
