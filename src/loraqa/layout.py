@@ -19,7 +19,7 @@ LOCK_FILE = ".loraqa.lock"
 ANSWER_JOURNAL_FILE = "answers.partial.jsonl"  # an evaluation under way: its answers so far (loraqa.journal)
 # the names the Trainer and PEFT give what they write (transformers' PREFIX_CHECKPOINT_DIR, TRAINER_STATE_NAME
 # and SAFE_WEIGHTS_NAME, PEFT's SAFETENSORS_WEIGHTS_NAME), here so that the folder readers need neither library;
-# tests/test_repo.py checks that they agree
+# tests/test_imports.py checks that they agree
 CHECKPOINT_PREFIX = "checkpoint-"  # a checkpoint folder: checkpoint-<step>, under CHECKPOINTS_DIR
 TRAINER_STATE_FILE = "trainer_state.json"  # in each checkpoint, written last
 FULL_WEIGHTS_FILE = "model.safetensors"
