@@ -142,14 +142,16 @@ def _finished_runs(folder: Path) -> list[tuple[str, str, dict, object]]:
     if not is_search(folder):
         return [(t.name, ", ".join(f"{k} {format_value(v)}" for k, v in t.trial.values.items()), t.metrics, t)
                 for t in load_sweep(folder).trials if t.done]  # fmt: skip
-    study, cfg = _load_search(folder)
+    import optuna
+
+    study, _ = _load_search(folder)
     runs = []
-    for r in _rows(study, cfg, folder):
-        if r["state"] == "complete":
-            name = f"trial-{r['number']:03d}"
-            records = _Answers({q["id"]: q for q in RunFolder(folder / name).predictions()})
-            setting = ", ".join(f"{k} {_param(v)}" for k, v in r["params"].items())
-            runs.append((name, setting, {"exact_match": r["final_em"], "f1": r["final_f1"]}, records))
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        run = RunFolder(folder / f"trial-{t.number:03d}")
+        metrics = run.read_json(METRICS_FILE, default={})
+        records = _Answers({q["id"]: q for q in run.predictions()})
+        setting = ", ".join(f"{k} {_param(v)}" for k, v in t.params.items())
+        runs.append((run.path.name, setting, {k: metrics.get(k) for k in ("exact_match", "f1")}, records))
     return runs
 
 

@@ -18,22 +18,15 @@ From Python::
         print(server.url)  # POST {server.url}/v1/answer {"context": ..., "questions": [...]}
 """
 
+import lazy_loader
+
 from .settings import ServeSettings
 
 # the app and the server import FastAPI and uvicorn: loaded on first use, so that the command line reads the
 # settings without them
-_LAZY = {"create_app": ".app", "describe_run": ".app", "BackgroundServer": ".server", "is_loopback": ".server",
-         "serve_forever": ".server"}  # fmt: skip
-
-
-def __getattr__(name: str):
-    import importlib
-
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={"app": ["create_app", "describe_run"], "server": ["BackgroundServer", "is_loopback", "serve_forever"]},
+)[0]
 
 __all__ = ["BackgroundServer", "ServeSettings", "create_app", "describe_run", "is_loopback", "serve_forever"]

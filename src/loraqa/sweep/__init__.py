@@ -29,6 +29,8 @@ The modules, one job each (none imports this package's ``__init__``):
 - ``driver``: ``run_sweep``, which picks the trials and hands them to a runner.
 """
 
+import lazy_loader
+
 from .machine import code_version, describe_machine, machine_info
 from .state import STATUSES, is_locked, trial_record, trial_status
 from .trials import (
@@ -46,21 +48,11 @@ from .trials import (
 # The scheduler (attempt, driver, the runners, the view) is imported on first use of its names or modules
 # (``loraqa.sweep.run_sweep``, ``loraqa.sweep.attempt``), so that importing this package or any of its record
 # modules (``trials``, ``state``, ``machine``: what the report and sync read) does not import it.
-_SCHEDULER = {"run_sweep": ".driver", "trial_command": ".attempt"}
-_LAZY_MODULES = frozenset({"attempt", "driver", "runner", "ray_runner", "view"})
-
-
-def __getattr__(name: str):
-    import importlib
-
-    if name in _LAZY_MODULES:
-        return importlib.import_module(f".{name}", __name__)  # the import sets it on the package too
-    if name in _SCHEDULER:
-        value = getattr(importlib.import_module(_SCHEDULER[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = lazy_loader.attach(
+    __name__,
+    submodules=["attempt", "driver", "runner", "ray_runner", "view"],
+    submod_attrs={"driver": ["run_sweep"], "attempt": ["trial_command"]},
+)[0]
 
 __all__ = [
     "STATUSES",
