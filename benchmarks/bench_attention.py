@@ -16,7 +16,10 @@ Kernels:
 - ``sdpa``: ``F.scaled_dot_product_attention`` with the float mask (loraqa's default, the CPU flash kernel);
 - ``eager``: the math path transformers' ``attn_implementation=eager`` runs (matmul, add the mask, softmax in
   fp32, matmul);
-- ``compiled``: the same math under ``torch.compile``;
+- ``eager_lean``: loraqa's math path (:mod:`loraqa.attention`, what ``model.attn_implementation=auto`` trains
+  with on a CPU): the query scaled instead of the scores, the mask added in place, the softmax in the
+  activations' dtype;
+- ``compiled``: the eager math under ``torch.compile``;
 - ``flex``: ``flex_attention`` (compiled, as it must be on CPU) with a ``BlockMask`` made from the batch's
   mask, so fully masked 128 x 128 tiles (other blocks of a packed row, the causal upper half) are skipped.
   Building the block mask is timed too: a step builds it once for all its layers;
@@ -24,7 +27,8 @@ Kernels:
   candidate (it lets question segments see each other, so its difference is large): it bounds what skipping
   masked tiles could buy with this kernel.
 
-The outputs and input gradients of every kernel are compared with SDPA's; the table gives the largest
+Every kernel gets the mask as a step does: the collator's additive fp32 mask (B x 1 x L x L), so eager's
+addition promotes the scores to fp32 as it does in training. The outputs and input gradients of every kernel are compared with SDPA's; the table gives the largest
 difference, so a fast kernel that computes something else shows it.
 """
 
@@ -43,7 +47,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "squad"
 HEADS, HEAD_DIM, LAYERS = 9, 64, 30  # SmolLM2-135M
-KERNELS = ("sdpa", "eager", "compiled", "flex", "causal-bound")
+KERNELS = ("sdpa", "eager", "eager_lean", "compiled", "flex", "causal-bound")
 
 
 def real_batches(questions: int, data_dir: str, pad_to_multiple: int) -> list[torch.Tensor]:
@@ -76,6 +80,13 @@ def eager(q, k, v, mask):
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
+def eager_lean(q, k, v, mask):
+    from loraqa.attention import eager_lean_attention
+
+    layer = torch.nn.Module()  # training mode, no grouped heads: what the attention function reads of its layer
+    return eager_lean_attention(layer, q, k, v, mask, scaling=HEAD_DIM**-0.5)[0].transpose(1, 2)
+
+
 def sdpa(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
@@ -101,7 +112,7 @@ def make_flex():
 
 def run_kernel(name, allowed_list, dtype, repeats, reference=None):
     """Warm median seconds a batch (forward + backward), first-call seconds, max diff to ``reference``."""
-    fn = {"sdpa": sdpa, "eager": eager, "causal-bound": causal_bound}.get(name)
+    fn = {"sdpa": sdpa, "eager": eager, "eager_lean": eager_lean, "causal-bound": causal_bound}.get(name)
     if name == "compiled":
         fn = torch.compile(eager, dynamic=False)
     flex, block_mask = make_flex() if name == "flex" else (None, None)
@@ -122,7 +133,7 @@ def run_kernel(name, allowed_list, dtype, repeats, reference=None):
                 masks_s.append(time.perf_counter() - t0)
                 out = flex(q, k, v, block_mask=bm)
             else:
-                mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+                mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
                 out = fn(q, k, v, mask[:, None])
             out.backward(grad)
             elapsed = time.perf_counter() - start

@@ -74,13 +74,13 @@ def test_bf16_stores_a_frozen_base_in_bf16_and_adapters_in_fp32():
 
 
 def test_auto_attention_trains_with_the_math_path_on_a_cpu_and_answers_with_sdpa():
-    assert devices.resolve_attention("auto", "cpu", training=True) == "eager"
+    assert devices.resolve_attention("auto", "cpu", training=True) == "eager_lean"
     assert devices.resolve_attention("auto", "cpu") == "sdpa"
     assert devices.resolve_attention("auto", "cuda", training=True) == "sdpa"
     assert devices.resolve_attention("sdpa", "cpu", training=True) == "sdpa"  # asked for: kept
     lm = model_mod.load_model(ModelConfig(name="tiny-random-gpt2"), "cpu", training=True)
     model = model_mod.apply_lora(lm.model, LoraConfig())
-    assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == "eager_lean"
     answering = model_mod.prepare_for_generation(model, merge=False, attention="sdpa")
     assert answering.config._attn_implementation == "sdpa"
 

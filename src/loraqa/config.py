@@ -36,7 +36,7 @@ class ConfigError(ValueError):
 # Each set of choices is defined here once; the tuples are for code that lists or checks them.
 
 Precision = Literal["auto", "bf16", "fp32"]
-AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+AttnImplementation = Literal["auto", "sdpa", "eager", "eager_lean", "flash_attention_2"]
 DataFormat = Literal["squad", "squad_v2", "jsonl", "csv", "hf"]  # the readers of loraqa.data
 LossOn = Literal["answer", "all"]
 TargetPreset = Literal[
@@ -175,8 +175,9 @@ class ModelConfig:
     )
     attn_implementation: AttnImplementation = Field(
         "auto",
-        description="the attention kernel: auto is eager (the math path: faster, more memory) to train on a CPU "
-        "and sdpa to answer and on a GPU; flash_attention_2 on GPUs that have it",
+        description="the attention kernel: auto is eager_lean (loraqa's math path: faster, more memory) to train "
+        "on a CPU and sdpa to answer and on a GPU; eager is transformers' math path; flash_attention_2 on GPUs "
+        "that have it",
     )
 
 

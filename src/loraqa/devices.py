@@ -54,17 +54,17 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 
 
 def resolve_attention(attn_implementation: str, device: torch.device | str, *, training: bool = False) -> str:
-    """``auto`` -> ``eager`` to train on a CPU, ``sdpa`` to answer and on a GPU; any other value as asked.
+    """``auto`` -> ``eager_lean`` to train on a CPU, ``sdpa`` to answer and on a GPU; any other value as asked.
 
     Training on a CPU, SDPA runs its flash kernel for loraqa's masked shared-context rows, and that kernel is
-    slower there than the plain matmul-softmax-matmul path: 1.97x for one layer's forward and backward in bf16,
-    1.23x in fp32 (``benchmarks/bench_attention.py``, docs/performance.md). Answering shows no such gap, so it
-    keeps SDPA. The math path keeps the attention weights for the backward pass, so training takes more memory;
-    ``model.attn_implementation=sdpa`` is the switch where memory is short. On a GPU, SDPA's fused kernels
-    are the fast and lean path."""
+    slower there than the plain matmul-softmax-matmul path; ``eager_lean`` (:mod:`loraqa.attention`) is that
+    path without transformers' eager full-size fp32 copies (``benchmarks/bench_attention.py``,
+    docs/performance.md). Answering shows no such gap, so it keeps SDPA. The math path keeps the attention
+    weights for the backward pass, so training takes more memory; ``model.attn_implementation=sdpa`` is the
+    switch where memory is short. On a GPU, SDPA's fused kernels are the fast and lean path."""
     if attn_implementation != "auto":
         return attn_implementation
-    return "eager" if training and torch.device(device).type == "cpu" else "sdpa"
+    return "eager_lean" if training and torch.device(device).type == "cpu" else "sdpa"
 
 
 def peak_memory_mb(device: torch.device | str = "cpu") -> float:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from . import attention
 from .config import (
     PRESET_NAMES,
     STUDY_PRESETS,
@@ -219,6 +220,7 @@ def load_base_model(
     """The base causal LM as a plain (unquantized) float model on the CPU."""
     from transformers import AutoModelForCausalLM
 
+    attention.register()  # attn_implementation=eager_lean
     if name in RANDOM_MODELS:
         torch.manual_seed(seed)
         cfg = load_hf_config(name)

@@ -1,0 +1,61 @@
+"""``eager_lean``: the math path of attention (matmul, add the mask, softmax, matmul) without its full-size copies.
+
+transformers' ``eager`` path scales the L x L scores, adds loraqa's fp32 mask (which promotes the bf16 scores
+to an fp32 copy), runs the softmax in fp32 and casts its result back to bf16; the backward pass does each of
+those again. On a CPU those passes over B x heads x L x L tensors cost more than the two matmuls around them.
+This function computes the same attention with:
+
+- the scale applied to the query (L x head_dim) instead of the scores (L x L);
+- the mask converted to the activations' dtype and added in place, so the scores keep that dtype (``torch.matmul``
+  saves its inputs, not its output, for the backward pass, so the in-place add is safe for autograd);
+- the softmax in the activations' dtype: torch's CPU softmax accumulates bf16 in fp32 and rounds once, the
+  same rounding as eager's cast of its fp32 result.
+
+It is the math path still, so it keeps the attention weights (now bf16, not fp32) for the backward pass. It is
+registered with transformers' ``AttentionInterface`` (with eager's mask builder in ``AttentionMaskInterface``)
+under :data:`EAGER_LEAN`, so any model that dispatches through the interface (GPT-2, Llama, ...) takes
+``attn_implementation="eager_lean"``; ``model.attn_implementation=auto`` picks it to train on a CPU
+(:func:`loraqa.devices.resolve_attention`). Measured in ``benchmarks/bench_attention.py`` and
+docs/performance.md. Written here because transformers has no such kernel and torch's SDPA on a CPU runs its
+flash kernel for a float mask, slower still for these rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+EAGER_LEAN = "eager_lean"
+
+
+def eager_lean_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """One attention call in transformers' interface: (batch, heads, L, head_dim) query, key and value ->
+    ((batch, L, heads, head_dim) output, (batch, heads, L, S) weights)."""
+    groups = getattr(module, "num_key_value_groups", 1)  # grouped-query attention: the key/value heads shared
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    weights = torch.matmul(query * scaling, key.transpose(-1, -2))
+    if attention_mask is not None:
+        weights.add_(_in_dtype(attention_mask, weights.dtype))
+    weights = torch.softmax(weights, dim=-1)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def _in_dtype(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask in the scores' dtype: an in-place add of an fp32 mask to bf16 scores goes through an
+    fp32 copy of the scores, a conversion of the (heads-times smaller) mask does not. Masked entries stay
+    finite (the dtype's minimum, not -inf), so a row with no allowed position is uniform, as in eager, not NaN."""
+    if mask.dtype == dtype or mask.dtype == torch.bool:
+        return mask
+    return mask.to(dtype).clamp_(min=torch.finfo(dtype).min)
+
+
+def register() -> None:
+    """Make ``attn_implementation="eager_lean"`` known to transformers (idempotent)."""
+    AttentionInterface.register(EAGER_LEAN, eager_lean_attention)
+    AttentionMaskInterface.register(EAGER_LEAN, eager_mask)
