@@ -28,8 +28,9 @@ Kernels:
   masked tiles could buy with this kernel.
 
 Every kernel gets the mask as a step does: the collator's additive fp32 mask (B x 1 x L x L), so eager's
-addition promotes the scores to fp32 as it does in training. The outputs and input gradients of every kernel are compared with SDPA's; the table gives the largest
-difference, so a fast kernel that computes something else shows it.
+addition promotes the scores to fp32 as it does in training. The outputs and input gradients of every kernel
+are compared with SDPA's; the table gives the largest difference, so a fast kernel that computes something
+else shows it.
 """
 
 from __future__ import annotations

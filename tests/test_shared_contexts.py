@@ -161,32 +161,38 @@ def test_fp32_lora_losses_and_gradients_equal_stand_alone(features, collators, f
         assert rel_err(new[name], ref[name]) < 1e-5, name
 
 
-# the query is scaled before its matmul, not the scores after: another rounding order, ~1e-5 of a gradient in fp32
-@pytest.mark.parametrize("family,dtype,loss_tol,grad_tol", [("gpt2", torch.float32, 1e-5, 1e-4),
-                                                            ("llama", torch.float32, 1e-5, 1e-4),
-                                                            ("gpt2", torch.bfloat16, 2e-2, 0.1),
-                                                            ("llama", torch.bfloat16, 2e-2, 0.1)])  # fmt: skip
+def lora_loss_and_grads(family: str, kernel: str, dtype: torch.dtype, batch: dict):
+    """The labelled-positions loss of a LoRA model on ``batch`` in training mode (GPT-2's own dropout draws the
+    same masks from the same seed), under bf16 autocast for bf16, and the LoRA gradients as fp32."""
+    model = with_lora(base_model(family, kernel)).to(dtype)
+    model.train()
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        loss = batch_loss(model, batch, fast=True)
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("layout", ["shared", "alone"])
-def test_lean_eager_attention_computes_what_eager_does(features, collators, family, dtype, loss_tol, grad_tol,
-                                                       layout):
-    """eager_lean (loraqa.attention) against transformers' eager path: the same loss and LoRA gradients, on a
-    shared-context batch (loraqa's 4D float mask) and on stand-alone rows (the mask transformers builds from
-    the padding mask); in bf16 within its rounding. The llama model has grouped key/value heads."""
+def test_lean_eager_attention_computes_what_eager_does(features, collators, family, layout):
+    """eager_lean (loraqa.attention) against transformers' eager path, on a shared-context batch (loraqa's 4D
+    float mask) and on stand-alone rows (the mask transformers builds from the padding mask); the llama model has
+    grouped key/value heads. In fp32: the same loss and LoRA gradients (the query is scaled before its matmul,
+    not the scores after: another rounding order, ~1e-5 of a gradient). In bf16, where either kernel's
+    gradients are some 10% off the fp32 ones: eager_lean no further off than eager, give or take a quarter."""
     batch = collators[0 if layout == "shared" else 1](features)
-    results = {}
-    for kernel in ("eager", "eager_lean"):
-        model = with_lora(base_model(family, kernel)).to(dtype)
-        model.train()  # dropout 0: the training path, deterministic
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            loss = batch_loss(model, batch, fast=True)
-        loss.backward()
-        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
-        results[kernel] = float(loss.detach()), grads
-    (lean_loss, lean), (ref_loss, ref) = results["eager_lean"], results["eager"]
-    assert abs(lean_loss - ref_loss) <= loss_tol * abs(ref_loss), (lean_loss, ref_loss)
+    ref_loss, ref = lora_loss_and_grads(family, "eager", torch.float32, batch)
+    lean_loss, lean = lora_loss_and_grads(family, "eager_lean", torch.float32, batch)
     assert ref and set(ref) == set(lean)
-    worst = max(rel_err(lean[n], ref[n]) for n in ref)
-    assert worst < grad_tol, worst
+    assert abs(lean_loss - ref_loss) <= 1e-5 * abs(ref_loss), (lean_loss, ref_loss)
+    assert max(rel_err(lean[n], ref[n]) for n in ref) < 1e-4
+    off = {}
+    for kernel in ("eager", "eager_lean"):
+        loss, grads = lora_loss_and_grads(family, kernel, torch.bfloat16, batch)
+        assert abs(loss - ref_loss) <= 5e-3 * abs(ref_loss), (kernel, loss, ref_loss)
+        off[kernel] = max(rel_err(grads[n], ref[n]) for n in ref)
+    assert off["eager_lean"] <= 1.25 * off["eager"], off
 
 
 @pytest.mark.parametrize("family,attn", [("gpt2", "sdpa"), ("llama", "sdpa"), ("llama", "eager"),
