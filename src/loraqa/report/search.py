@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from ..config import ExperimentConfig, apply_overrides, from_dict
-from ..io import read_json, write_text_atomic
+from ..io import write_text_atomic
 from ..layout import (
     FIGURES_DIR,
     METRICS_FILE,
@@ -36,9 +36,9 @@ def is_search(sweep_dir: Path) -> bool:
 def _rows(study, cfg: ExperimentConfig, sweep_dir: Path) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
-        tdir = sweep_dir / f"trial-{t.number:03d}"
-        history = RunFolder(tdir).history()
-        metrics = read_json(tdir / METRICS_FILE) if (tdir / METRICS_FILE).is_file() else {}
+        run = RunFolder(sweep_dir / f"trial-{t.number:03d}")
+        history = run.history()
+        metrics = run.read_json(METRICS_FILE, default={})
         curve = scorings(history, cfg.sweep.metric)
         f1 = scorings(history, F1_KEY)
         steps = max([h.get("step", 0) for h in history], default=0)
