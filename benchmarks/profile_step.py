@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from loraqa.batching import QACollator
     from loraqa.config import ExperimentConfig, apply_overrides, parse_overrides
     from loraqa.data import load_squad, squad_path
+    from loraqa.devices import resolve_compile
     from loraqa.model import apply_lora, load_model
     from loraqa.packing import SharedContextCollator
     from loraqa.pipeline import resolve
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     set_seed(cfg.train.seed)
     resolved = resolve(cfg)  # as loraqa train decides
     # as run_experiment loads it: full fine-tuning keeps fp32 master weights and has no adapters
-    lm = load_model(cfg.model, "cpu", trainable_base=resolved.full)
+    lm = load_model(cfg.model, "cpu", trainable_base=resolved.full, training=True)
     model = lm.model if resolved.full else apply_lora(lm.model, cfg.lora)
     examples, _ = load_squad(squad_path("train", args.data_dir), split="train", limit=args.questions)
     encoder = PromptEncoder(lm.tokenizer, cfg.prompt)
@@ -73,10 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         enable_checkpointing(model)
     collator = (SharedContextCollator if shared else QACollator)(lm.tokenizer.pad_token_id,
                                                                  cfg.train.pad_to_multiple)  # fmt: skip
+    compiling = resolve_compile(cfg.train.compile, "cpu")
     targs = training_arguments(cfg.train, Path("/tmp/loraqa-profile"), per_process_batch=resolved.per_process_batch,
-                               reporters=list(resolved.reporters), precision=lm.precision, device=lm.device)
+                               reporters=list(resolved.reporters), precision=lm.precision, device=lm.device,
+                               compile_layers=compiling == "layers")  # fmt: skip
     trainer = QATrainer(model=model, args=targs, train_dataset=features, data_collator=collator,
-                                   fast_loss=cfg.train.fast_loss, share_contexts=shared)  # fmt: skip
+                        fast_loss=cfg.train.fast_loss, share_contexts=shared,
+                        compile_norms=compiling == "norms")  # fmt: skip
     torch.manual_seed(0)
     order = list(trainer._get_train_sampler())
     bs = cfg.train.batch_size
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
           f"mean rows a batch {statistics.mean(b['input_ids'].shape[0] for b in timed):.1f}")
     print(f"{args.model} {' '.join(args.overrides) or '(defaults)'}: {len(timed)} steps of {bs} questions, "
           f"median {statistics.median(times):.2f} s a step, {len(timed) * bs / total:.2f} questions/s, "
-          f"torch threads {torch.get_num_threads()}, precision {lm.precision}, "
+          f"torch threads {torch.get_num_threads()}, precision {lm.precision}, compiled {trainer.compiled}, "
           f"{sum(q.numel() for q in trainable):,} trainable parameters")  # fmt: skip
     if optimizer_times:
         print(f"of which the optimizer's step: median {statistics.median(optimizer_times):.2f} s")

@@ -37,6 +37,7 @@ class ConfigError(ValueError):
 
 Precision = Literal["auto", "bf16", "fp32"]
 AttnImplementation = Literal["auto", "sdpa", "eager", "eager_lean", "flash_attention_2"]
+CompileMode = Literal["auto", "off", "norms", "layers"]  # what torch.compile compiles to train
 DataFormat = Literal["squad", "squad_v2", "jsonl", "csv", "hf"]  # the readers of loraqa.data
 LossOn = Literal["answer", "all"]
 TargetPreset = Literal[
@@ -97,6 +98,13 @@ def _to_bool(value: Any) -> bool:
     return value
 
 
+def _compile_mode(value: Any) -> Any:
+    """train.compile's choices; true and false are its older spellings of layers and off."""
+    if isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false")):
+        return "layers" if _to_bool(value) else "off"
+    return value
+
+
 def _names(value: Any) -> str | list[str]:
     if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
         return value
@@ -132,6 +140,7 @@ def _trial_resources(given: dict[str, float]) -> dict[str, float]:
 Int = Annotated[int, BeforeValidator(_to_int)]
 Float = Annotated[float, BeforeValidator(_to_float)]
 Bool = Annotated[bool, BeforeValidator(_to_bool)]
+Compile = Annotated[CompileMode, BeforeValidator(_compile_mode)]
 Str = Annotated[str, Strict()]
 Names = Annotated[str | list[str], BeforeValidator(_names)]
 Targets = Annotated[TargetPreset | list[str], BeforeValidator(_targets)]
@@ -317,9 +326,11 @@ class TrainConfig:
         description="batch widths padded up to a multiple of this, so batches share a few shapes and the "
         "kernels built for a shape are reused (1: the longest row's width)",
     )
-    compile: Bool = Field(
-        False,
-        description="torch.compile the decoder layers; metrics.json: compile_seconds (within train_seconds)",
+    compile: Compile = Field(
+        "auto",
+        description="what torch.compile compiles: norms (the RMSNorms, a few seconds to compile), layers (the "
+        "decoder layers, minutes) or off; auto is norms to train on a CPU, off on a GPU (not measured there); "
+        "metrics.json: train_compile, compile_seconds (within train_seconds)",
     )
     gradient_checkpointing: Bool = Field(
         False,

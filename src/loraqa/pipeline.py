@@ -28,7 +28,7 @@ from .batching import QACollator
 from .callbacks import ClockCallback, FiniteLossCallback, InterruptCallback, Interrupted, JsonlLogCallback
 from .card import current_command, model_card
 from .config import ConfigError, ExperimentConfig
-from .devices import peak_memory_mb, reset_peak_memory, resolve_attention
+from .devices import peak_memory_mb, reset_peak_memory, resolve_attention, resolve_compile
 from .io import read_json, write_json_atomic, write_jsonl_atomic
 from .layout import (
     CHECKPOINTS_DIR,
@@ -300,8 +300,9 @@ def _train(
         "fast_loss": trainer.fast_loss,  # False where the config or the model family ruled it out
         "train_attn_implementation": dist.unwrap(trainer.model).config._attn_implementation,
         **_throughput(totals, resolved.share_contexts),
+        "train_compile": trainer.compiled,  # train.compile as resolved: layers, norms or off
         # part of train_seconds: this process's compilation (a resumed run compiles again)
-        **({"compile_seconds": compile_seconds()} if cfg.train.compile else {}),
+        **({"compile_seconds": compile_seconds()} if trainer.compiled != "off" else {}),
         **_final_losses(trainer.state.log_history, final_eval),
         **scored,
     }
@@ -332,6 +333,7 @@ def _encode(cfg: ExperimentConfig, tok, questions: Questions, shared: bool):
 def _make_trainer(
     cfg, resolved: Resolved, run_dir: Path, model, lm, train_features, loss_eval_features, callbacks: list
 ) -> QATrainer:
+    compiling = resolve_compile(cfg.train.compile, lm.device)
     args = training_arguments(
         cfg.train,
         run_dir / CHECKPOINTS_DIR,
@@ -340,6 +342,7 @@ def _make_trainer(
         precision=lm.precision,
         device=lm.device,
         eval_loss=bool(loss_eval_features),
+        compile_layers=compiling == "layers",
     )
     collator = SharedContextCollator if resolved.share_contexts else QACollator
     return QATrainer(
@@ -355,6 +358,7 @@ def _make_trainer(
         fast_loss=cfg.train.fast_loss,
         share_contexts=resolved.share_contexts,
         base_name=cfg.model.name,
+        compile_norms=compiling == "norms",
     )
 
 

@@ -19,7 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from . import dist
+from . import dist, norms
 from .batching import LengthGroupedBatches
 from .config import ConfigError, TrainConfig
 from .loss import decoder_layers, fast_loss_blocker, labelled_positions_loss
@@ -63,6 +63,9 @@ class QATrainer(Trainer):
     to the adapters' fp32: autocast runs the adapter matmuls in bf16 anyway, so the cast only cost a copy
     of the hidden state (and an fp32 dropout mask) per adapted layer. Adapters, their gradients and the
     optimizer state stay fp32.
+
+    ``args.torch_compile`` compiles the decoder layers (``train.compile=layers``); ``compile_norms`` the RMSNorms
+    alone (``train.compile=norms``, :mod:`loraqa.norms`). ``compiled`` says which it did.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class QATrainer(Trainer):
         fast_loss: bool = True,
         share_contexts: bool = False,
         base_name: str | None = None,
+        compile_norms: bool = False,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -92,6 +96,10 @@ class QATrainer(Trainer):
                 # compile the decoder layers instead (they share one compiled graph)
                 for layer in decoder_layers(self.model):
                     layer.compile(dynamic=True)
+        # what torch.compile compiles for this training (train.compile, resolved): layers, norms or off
+        self.compiled = "layers" if self.args.torch_compile else "off"
+        if compile_norms and not self.args.torch_compile and norms.compile_norms(self.model):
+            self.compiled = "norms"
         self._lora_layers = []
         if self.args.bf16:
             self._lora_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
@@ -210,11 +218,12 @@ def training_arguments(
     precision: str,
     device: torch.device,
     eval_loss: bool = True,
+    compile_layers: bool = False,
 ) -> TrainingArguments:
     """The ``train`` section as ``TrainingArguments``, with what the run resolved from it: the batch of one
     process and the Trainer's reporting integrations. ``eval_loss``: whether there are questions to log the eval
     loss on (``data.loss_eval_limit=0``, or none left after encoding, turns the periodic eval-loss pass off
-    whatever ``train.eval_steps`` says)."""
+    whatever ``train.eval_steps`` says). ``compile_layers``: ``train.compile`` resolved to ``layers``."""
     eval_steps = t.eval_steps if eval_loss else 0
     return TrainingArguments(
         output_dir=str(ckpt_dir),
@@ -245,7 +254,7 @@ def training_arguments(
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         remove_unused_columns=False,
         prediction_loss_only=True,
-        torch_compile=t.compile,
+        torch_compile=compile_layers,  # train.compile=layers (resolved)
         **checkpointing_arguments(t.gradient_checkpointing),
         report_to=reporters,
         dataloader_num_workers=0,

@@ -1,0 +1,133 @@
+"""``train.compile=norms`` (:mod:`loraqa.norms`): the RMSNorms compiled for training compute what each
+family's own norm computes, forward and backward, in fp32 and bf16; answering keeps the class's forward; a
+failing compiler leaves the norms eager with a warning; and ``train.compile`` resolves and validates."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from loraqa import norms
+from loraqa.config import ConfigError, ExperimentConfig, apply_overrides
+from loraqa.devices import resolve_compile
+
+FAMILIES = ["llama", "mistral", "qwen2"]
+
+
+def tiny_model(family: str, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    config = cls(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    for module in model.modules():  # weights away from 1, so a norm that skips its weight shows
+        if type(module).__name__ in norms.NORM_CLASSES:
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+    return model
+
+
+def norm_and_grad(norm, x, upstream):
+    x = x.detach().requires_grad_()
+    out = norm(x)
+    out.backward(upstream)
+    return out.detach().float(), x.grad.float()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiled_norms_compute_what_each_familys_norm_computes(family):
+    """Each norm of each family, fp32: the compiled forward and its input gradient equal the class's own to
+    rounding. bf16: no further from an fp32 reference than the class's own bf16 forward is (+5%)."""
+    model = tiny_model(family)
+    found = [m for m in model.modules() if type(m).__name__ in norms.NORM_CLASSES]
+    assert len(found) == 2 * 2 + 1  # two per decoder layer and the final one
+    norm = found[0]
+    torch.manual_seed(1)
+    x = torch.randn(3, 5, 48) * 3 + 1
+    x[1] *= 1e-3  # a row as small as the norm's eps, so that a norm that drops eps shows
+    upstream = torch.randn(3, 5, 48)
+    reference = norm_and_grad(norm, x, upstream)
+    eager16 = norm_and_grad(copy.deepcopy(norm).to(torch.bfloat16), x.bfloat16(), upstream.bfloat16())
+    assert norms.compile_norms(model) == len(found)
+    assert "forward" in vars(norm)
+    compiled = norm_and_grad(norm, x, upstream)
+    for got, want in zip(compiled, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    compiled16 = norm_and_grad(norm.to(torch.bfloat16), x.bfloat16(), upstream.bfloat16())
+    assert norm(x.bfloat16().requires_grad_()).dtype == torch.bfloat16  # the activations' dtype, as eager's
+    for got, eager, want in zip(compiled16, eager16, reference, strict=True):
+        assert (got - want).norm() <= 1.05 * (eager - want).norm() + 1e-6
+
+
+def test_the_whole_loss_and_adapter_gradients_are_the_same_with_compiled_norms():
+    """A Llama's loss and every gradient, in fp32, with and without the compiled norms."""
+    model = tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(2))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    eager_loss, eager_grads = loss_and_grads()
+    assert norms.compile_norms(model) == 5
+    loss, grads = loss_and_grads()
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_answering_runs_the_norms_own_forward(monkeypatch):
+    """Without gradients (generation, the eval loss) the compiled function is not called at all."""
+    model = tiny_model("llama")
+    assert norms.compile_norms(model) == 5
+    calls = []
+    compiled = norms.rms_norm
+    monkeypatch.setattr(norms, "rms_norm", lambda *a: calls.append(1) or compiled(*a))
+    ids = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert calls == []
+    model(input_ids=ids).logits.sum().backward()
+    assert len(calls) == 5
+
+
+def test_a_failing_compiler_leaves_the_norms_eager_with_a_warning(monkeypatch, caplog):
+    def broken(*args):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(norms, "rms_norm", broken)
+    model = tiny_model("llama")
+    with caplog.at_level(logging.WARNING, logger="loraqa.norms"):
+        assert norms.compile_norms(model) == 0
+    assert "RMSNorms stay eager" in caplog.text and "No working C++ compiler" in caplog.text
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_models_without_listed_norms_are_left_alone():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    assert norms.compile_norms(model) == 0
+
+
+@pytest.mark.parametrize(
+    "given, resolved",
+    [("auto", "norms"), ("true", "layers"), ("false", "off"), (True, "layers"), ("norms", "norms")],
+)
+def test_train_compile_choices_and_their_older_spellings(given, resolved):
+    cfg = apply_overrides(ExperimentConfig(), [("train.compile", given)])
+    assert resolve_compile(cfg.train.compile, "cpu") == resolved
+    assert resolve_compile(cfg.train.compile, "cuda") == ("off" if given == "auto" else resolved)
+
+
+def test_a_bad_train_compile_names_its_choices():
+    with pytest.raises(ConfigError, match=r"train\.compile.*'fast'.*auto.*off.*norms.*layers"):
+        apply_overrides(ExperimentConfig(), [("train.compile", "fast")])
