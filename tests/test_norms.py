@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from loraqa import norms
-from loraqa.config import ConfigError, ExperimentConfig, apply_overrides
+from loraqa.config import NORMS_PAY_FROM_STEPS, ConfigError, ExperimentConfig, apply_overrides
 from loraqa.devices import resolve_compile
+from loraqa.trainer import planned_steps
 
 FAMILIES = ["llama", "mistral", "qwen2"]
 
@@ -124,8 +125,18 @@ def test_models_without_listed_norms_are_left_alone():
 )
 def test_train_compile_choices_and_their_older_spellings(given, resolved):
     cfg = apply_overrides(ExperimentConfig(), [("train.compile", given)])
-    assert resolve_compile(cfg.train.compile, "cpu") == resolved
-    assert resolve_compile(cfg.train.compile, "cuda") == ("off" if given == "auto" else resolved)
+    long_run = NORMS_PAY_FROM_STEPS
+    assert resolve_compile(cfg.train.compile, "cpu", long_run) == resolved
+    assert resolve_compile(cfg.train.compile, "cuda", long_run) == ("off" if given == "auto" else resolved)
+    # auto compiles only where the compiling pays back: not for a short run
+    assert resolve_compile(cfg.train.compile, "cpu", long_run - 1) == ("off" if given == "auto" else resolved)
+
+
+def test_planned_steps_are_the_trainers():
+    train = ExperimentConfig().train  # batches of 8, 3 epochs
+    assert planned_steps(train, 87_599) == 3 * 10_950  # three epochs of all SQuAD
+    assert planned_steps(apply_overrides(ExperimentConfig(), [("train.epochs", 0.5)]).train, 20) == 2
+    assert planned_steps(apply_overrides(ExperimentConfig(), [("train.max_steps", 7)]).train, 10**6) == 7
 
 
 def test_a_bad_train_compile_names_its_choices():

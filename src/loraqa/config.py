@@ -59,6 +59,10 @@ SWEEP_MODES: tuple[str, ...] = typing.get_args(SweepMode)
 SEARCH_SAMPLERS: tuple[str, ...] = typing.get_args(SearchSampler)
 SEARCH_PRUNERS: tuple[str, ...] = typing.get_args(SearchPruner)
 
+# train.compile=auto compiles the norms for a training this long or longer: compiling takes ~5-10 s once a process
+# on a 2-core CPU and saves ~0.1-0.2 s a step, so a shorter run would spend more compiling than it saves
+NORMS_PAY_FROM_STEPS = 200
+
 TRIAL_RESOURCES = {"cpus": 1.0, "gpus": 0.0}  # what one trial holds on Ray (--backend ray), by default
 
 
@@ -329,7 +333,8 @@ class TrainConfig:
     compile: Compile = Field(
         "auto",
         description="what torch.compile compiles: norms (the RMSNorms, a few seconds to compile), layers (the "
-        "decoder layers, minutes) or off; auto is norms to train on a CPU, off on a GPU (not measured there); "
+        f"decoder layers, minutes) or off; auto is norms to train on a CPU for {NORMS_PAY_FROM_STEPS} optimizer steps or more, off "
+        "otherwise and on a GPU (not measured there); "
         "metrics.json: train_compile, compile_seconds (within train_seconds)",
     )
     gradient_checkpointing: Bool = Field(

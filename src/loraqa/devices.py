@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .config import NORMS_PAY_FROM_STEPS
+
 log = logging.getLogger(__name__)
 
 
@@ -67,15 +69,16 @@ def resolve_attention(attn_implementation: str, device: torch.device | str, *, t
     return "eager_lean" if training and torch.device(device).type == "cpu" else "sdpa"
 
 
-def resolve_compile(compile_mode: str, device: torch.device | str) -> str:
-    """``train.compile``: ``auto`` -> ``norms`` to train on a CPU, ``off`` elsewhere; any other value as asked.
+def resolve_compile(compile_mode: str, device: torch.device | str, steps: int) -> str:
+    """``train.compile``: ``auto`` -> ``norms`` to train for :data:`NORMS_PAY_FROM_STEPS` optimizer steps or
+    more on a CPU, ``off`` otherwise; any other value as asked.
 
     On a CPU the RMSNorms compile in seconds and make a bf16 step ~7-14% faster (:mod:`loraqa.norms`); whole
     decoder layers (``layers``) compile for minutes and gained 0-3% (docs/performance.md). On a GPU neither has
     been measured, and eager norms there are cheap beside the matmuls."""
     if compile_mode != "auto":
         return compile_mode
-    return "norms" if torch.device(device).type == "cpu" else "off"
+    return "norms" if torch.device(device).type == "cpu" and steps >= NORMS_PAY_FROM_STEPS else "off"
 
 
 def peak_memory_mb(device: torch.device | str = "cpu") -> float:

@@ -54,7 +54,7 @@ from .prompt import PromptEncoder, encode_train_set
 from .runfolder import last_checkpoint, lock_run_folder, prepare_run_dir, record_failure
 from .scoring import ScoreCallback
 from .tracking import TENSORBOARD, log_final_scores, report_names, reporters, tensorboard_callback
-from .trainer import QATrainer, compile_seconds, per_process_batch, training_arguments
+from .trainer import QATrainer, compile_seconds, per_process_batch, planned_steps, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +333,7 @@ def _encode(cfg: ExperimentConfig, tok, questions: Questions, shared: bool):
 def _make_trainer(
     cfg, resolved: Resolved, run_dir: Path, model, lm, train_features, loss_eval_features, callbacks: list
 ) -> QATrainer:
-    compiling = resolve_compile(cfg.train.compile, lm.device)
+    compiling = resolve_compile(cfg.train.compile, lm.device, planned_steps(cfg.train, len(train_features)))
     args = training_arguments(
         cfg.train,
         run_dir / CHECKPOINTS_DIR,

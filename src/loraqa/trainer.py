@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -184,6 +185,14 @@ def per_process_batch(train: TrainConfig) -> int:
             f"pick a multiple of {n} (e.g. train.batch_size={max(n, b - b % n)}) or another process count"
         )
     return b // n
+
+
+def planned_steps(train: TrainConfig, questions: int) -> int:
+    """The optimizer steps a training of ``questions`` train questions takes, an early stop aside: ``max_steps``,
+    or the Trainer's ceil(epochs x steps an epoch)."""
+    if train.max_steps > 0:
+        return train.max_steps
+    return math.ceil(train.epochs * math.ceil(questions / (train.batch_size * train.grad_accum)))
 
 
 def checkpointing_arguments(on: bool) -> dict:
