@@ -13,7 +13,7 @@ import torch
 from loraqa import norms
 from loraqa.config import NORMS_PAY_FROM_STEPS, ConfigError, ExperimentConfig, apply_overrides
 from loraqa.devices import resolve_compile
-from loraqa.trainer import planned_steps
+from loraqa.trainer import enable_checkpointing, planned_steps
 
 FAMILIES = ["llama", "mistral", "qwen2"]
 
@@ -64,9 +64,14 @@ def test_compiled_norms_compute_what_each_familys_norm_computes(family):
         assert (got - want).norm() <= 1.05 * (eager - want).norm() + 1e-6
 
 
-def test_the_whole_loss_and_adapter_gradients_are_the_same_with_compiled_norms():
-    """A Llama's loss and every gradient, in fp32, with and without the compiled norms."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_whole_loss_and_gradients_are_the_same_with_compiled_norms(checkpointing):
+    """A Llama's loss and every gradient, in fp32, with and without the compiled norms; with gradient
+    checkpointing too, whose backward pass runs each layer's forward (and its norms) again."""
     model = tiny_model("llama")
+    if checkpointing:
+        enable_checkpointing(model)
+        model.train()
     for p in model.parameters():
         p.requires_grad_(True)
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(2))

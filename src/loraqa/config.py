@@ -333,8 +333,8 @@ class TrainConfig:
     compile: Compile = Field(
         "auto",
         description="what torch.compile compiles: norms (the RMSNorms, a few seconds to compile), layers (the "
-        f"decoder layers, minutes) or off; auto is norms to train on a CPU for {NORMS_PAY_FROM_STEPS} optimizer steps or more, off "
-        "otherwise and on a GPU (not measured there); "
+        "decoder layers, minutes) or off; auto is norms to train on a CPU for "
+        f"{NORMS_PAY_FROM_STEPS} optimizer steps or more, off otherwise and on a GPU (not measured there); "
         "metrics.json: train_compile, compile_seconds (within train_seconds)",
     )
     gradient_checkpointing: Bool = Field(
