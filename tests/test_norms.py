@@ -147,3 +147,22 @@ def test_planned_steps_are_the_trainers():
 def test_a_bad_train_compile_names_its_choices():
     with pytest.raises(ConfigError, match=r"train\.compile.*'fast'.*auto.*off.*norms.*layers"):
         apply_overrides(ExperimentConfig(), [("train.compile", "fast")])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("given, compiled", [("norms", "norms"), ("auto", "off")])
+def test_a_smollm2_run_records_what_it_compiled(given, compiled, tmp_path, synthetic_dir):
+    """Through ``run_experiment``: ``norms`` compiles SmolLM2's 61 norms and says how long it took; ``auto`` leaves
+    a 2-step run eager (too short to earn the compiling back)."""
+    from loraqa.io import read_json
+    from loraqa.pipeline import run_experiment
+
+    cfg = apply_overrides(ExperimentConfig(), [
+        ("model.name", "smollm2-135m"), ("data.data_dir", str(synthetic_dir)), ("data.train_limit", 4),
+        ("data.eval_limit", 1), ("train.max_steps", 2), ("train.batch_size", 2), ("train.eval_steps", 0),
+        ("train.save_steps", 0), ("eval.max_new_tokens", 4), ("train.compile", given),
+    ])  # fmt: skip
+    run_experiment(cfg, tmp_path / "run", progress=False)
+    metrics = read_json(tmp_path / "run" / "metrics.json")
+    assert metrics["train_compile"] == compiled
+    assert (metrics.get("compile_seconds", 0) > 0) == (compiled == "norms")
