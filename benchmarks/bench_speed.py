@@ -338,7 +338,8 @@ def loraqa_run(name, device, data_dir, steps, warmup, n_questions, out_dir, over
     res.extra["metrics_json"] = {
         k: m.get(k) for k in ("train_tokens_per_second", "train_questions_per_second", "train_tokens_counted",
                               "eval_questions_per_second", "train_seconds",
-                              "eval_seconds", "train_tokens", "train_steps", "precision", "torch_threads")
+                              "eval_seconds", "train_tokens", "train_steps", "precision", "torch_threads",
+                              "train_attn_implementation", "train_compile", "compile_seconds")
     }  # fmt: skip
     preds = [json.loads(line)["prediction"] for line in (Path(out_dir) / "predictions.jsonl").open()]
     res.extra["answers"] = preds
@@ -650,8 +651,10 @@ def main(argv: list[str] | None = None) -> int:
                 report.setdefault("failed", []).append(f"{name} {label}: {type(e).__name__}: {e}")
                 continue
             results.append(r)
+            ran = r.extra["metrics_json"]
             print(f"[{name}] {label}: {r.train_questions_per_second:.2f} train q/s, "
-                  f"{r.eval_questions_per_second:.2f} q/s", flush=True)  # fmt: skip
+                  f"{r.eval_questions_per_second:.2f} q/s (attention {ran['train_attn_implementation']}, compiled "
+                  f"{ran['train_compile']}, {ran['compile_seconds'] or 0:.1f} s compiling)", flush=True)  # fmt: skip
             if i == 0 and args.generation_switches:
                 print(f"[{name}] generation switches, with the adapter that run trained ...", flush=True)
                 switch_rows = generation_switches(name, device, work / "run0", prompts)
