@@ -73,7 +73,7 @@ def resolve_compile(compile_mode: str, device: torch.device | str, steps: int) -
     """``train.compile``: ``auto`` -> ``norms`` to train for :data:`NORMS_PAY_FROM_STEPS` optimizer steps or
     more on a CPU, ``off`` otherwise; any other value as asked.
 
-    On a CPU the RMSNorms compile in seconds and make a bf16 step ~7-14% faster (:mod:`loraqa.norms`); whole
+    On a CPU the RMSNorms compile in seconds and make a bf16 step ~7% faster (:mod:`loraqa.norms`); whole
     decoder layers (``layers``) compile for minutes and gained 0-3% (docs/performance.md). On a GPU neither has
     been measured, and eager norms there are cheap beside the matmuls."""
     if compile_mode != "auto":

@@ -2,10 +2,10 @@
 
 In eager mode a Llama-family RMSNorm is a chain of passes over the batch x length x width activations: the
 cast to fp32, the square, the mean, the scaling, the cast back, the weight; its backward pass as many again.
-SmolLM2 has 61 norms, so in a bf16 training step on a CPU those passes cost more than the adapters. Compiled
-by ``torch.compile`` (inductor, dynamic shapes, so one compilation serves every batch width) the same
-arithmetic runs 3.5-4.4x faster per norm, and a whole training step ~7-14% faster
-(``benchmarks/profile_step.py``, docs/performance.md).
+SmolLM2 has 61 norms, and in a bf16 training step on a CPU their passes are much of the step's ``aten::mul``
+and ``aten::copy_`` (13% and 7% of it on the AMX VM). Compiled by ``torch.compile`` (inductor, dynamic shapes,
+so one compilation serves every batch width) the same arithmetic runs 3.5-4.4x faster per norm, and a whole
+training step ~7% faster (``benchmarks/profile_step.py --against train.compile=off``, docs/performance.md).
 
 :func:`compile_norms` swaps the forward of each norm in :data:`NORM_CLASSES` (classes whose forward is
 exactly :func:`rms_norm`'s arithmetic; a test checks each against its own forward) for the compiled function:
