@@ -432,21 +432,33 @@ def read_squad_json(path: Path) -> dict:
     return json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
 
 
+def train_paragraphs(squad_dir: Path) -> tuple[str, list]:
+    """(version, [(title, paragraph), ...]): the train file's paragraphs in the file's order."""
+    from loraqa.data import squad_path
+
+    train = read_squad_json(squad_path("train", squad_dir))
+    return train.get("version", "1.1"), [(a["title"], p) for a in train["data"] for p in a["paragraphs"]]
+
+
+def write_train_slice(squad_dir: Path, out: Path, version: str, paragraphs: list) -> int:
+    """A data folder whose train file is ``paragraphs`` (whole, with their titles), the dev file linked;
+    returns how many questions they hold."""
+    from loraqa.data import squad_path
+
+    out.mkdir(parents=True, exist_ok=True)
+    data = [{"title": t, "paragraphs": [p]} for t, p in paragraphs]
+    (out / "train-v1.1.json").write_text(json.dumps({"version": version, "data": data}))
+    (out / "dev-v1.1.json").symlink_to(squad_path("dev", squad_dir).resolve())
+    return sum(len(p["qas"]) for _, p in paragraphs)
+
+
 def make_epoch_slice(squad_dir: Path, out: Path, n_questions: int) -> tuple[Path, int, int]:
     """A data folder whose train file is ~``n_questions`` questions as whole paragraphs spread evenly over the
     whole train file (every k-th paragraph), the dev file linked. Returns (folder, questions in the slice,
     questions in the whole train file)."""
-    from loraqa.data import squad_path
-
-    out.mkdir(parents=True, exist_ok=True)
-    train = read_squad_json(squad_path("train", squad_dir))
-    paragraphs = [(a["title"], p) for a in train["data"] for p in a["paragraphs"]]
+    version, paragraphs = train_paragraphs(squad_dir)
     total = sum(len(p["qas"]) for _, p in paragraphs)
-    step = max(1, round(total / n_questions))
-    chosen = [{"title": t, "paragraphs": [p]} for i, (t, p) in enumerate(paragraphs) if i % step == 0]
-    taken = sum(len(a["paragraphs"][0]["qas"]) for a in chosen)
-    (out / "train-v1.1.json").write_text(json.dumps({"version": train.get("version", "1.1"), "data": chosen}))
-    (out / "dev-v1.1.json").symlink_to(squad_path("dev", squad_dir).resolve())
+    taken = write_train_slice(squad_dir, out, version, paragraphs[:: max(1, round(total / n_questions))])
     return out, taken, total
 
 
