@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_speed import DEFAULT_DATA_DIR, REPO, train_paragraphs, write_train_slice  # noqa: E402
+from loraqa.data import DataError  # noqa: E402
 
 DEFAULT_RECORD = REPO / "docs" / "epoch" / "pieces.jsonl"
 DEFAULT_WORK = REPO / "runs" / "epoch-pieces"
@@ -75,10 +76,15 @@ def children_cpu() -> float:
 
 
 def commit() -> str:
-    out = subprocess.run(
-        ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True
+    """HEAD, and ``-dirty`` when the code a piece runs (src, benchmarks) differs from it: the record itself
+    changes as pieces are added, and does not count."""
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     )
-    return out.stdout.strip() or "?"
+    if head.returncode != 0:
+        return "?"
+    code = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--", "src", "benchmarks"])
+    return head.stdout.strip() + ("-dirty" if code.returncode else "")
 
 
 def run_piece(index: int, args, paragraphs: tuple[str, list]) -> dict:
@@ -92,6 +98,7 @@ def run_piece(index: int, args, paragraphs: tuple[str, list]) -> dict:
     command = [sys.executable, "-m", "loraqa.cli", "train", "--model", args.model, "--data-dir", str(work / "data"),
                "-o", str(work / "run"), *PIECE_ARGS, *(["--device", args.device] if args.device else []),
                *args.overrides]  # fmt: skip
+    code = commit()  # before the piece starts: the code its process imports
     start, before, cpu_before = time.time(), cpu_counters(), children_cpu()
     with open(work / "log.txt", "w") as log:
         rc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
@@ -102,7 +109,7 @@ def run_piece(index: int, args, paragraphs: tuple[str, list]) -> dict:
     m = json.loads((work / "run" / "metrics.json").read_text())
     record = {
         "piece": index, "pieces": args.pieces, "model": args.model, "overrides": list(args.overrides),
-        "machine": machine(), "commit": commit(), "torch_threads": m.get("torch_threads"),
+        "machine": machine(), "commit": code, "torch_threads": m.get("torch_threads"),
         "start_utc": dt.datetime.fromtimestamp(start, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
         "questions": questions, "train_questions": m.get("train_questions"), "train_steps": m.get("train_steps"),
         "train_seconds": m.get("train_seconds"), "compile_seconds": m.get("compile_seconds", 0.0),
@@ -195,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.pieces < 1:
         p.error("--pieces must be at least 1")
     record = Path(args.record)
-    paragraphs = train_paragraphs(Path(args.data_dir))
+    try:
+        paragraphs = train_paragraphs(Path(args.data_dir))
+    except DataError as e:
+        p.error(str(e))
     file_questions = sum(len(p["qas"]) for _, p in paragraphs[1])
     if not args.report:
         done = {r["piece"] for r in read_records(record) if settings(r) == settings(args)}
