@@ -27,6 +27,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -181,6 +182,29 @@ def epoch_table(records: list[dict], file_questions: int | None) -> str:
     return "\n".join(out) if out else "nothing recorded yet"
 
 
+def run_pieces(args, record: Path, paragraphs: tuple[str, list]) -> None:
+    """The pieces not yet recorded for this machine and these settings (``--max-pieces`` of them), each
+    recorded as soon as it ends."""
+    done = {r["piece"] for r in read_records(record) if settings(r) == settings(args)}
+    todo = [i for i in range(args.pieces) if i not in done][: args.max_pieces]
+    for n, index in enumerate(todo, 1):
+        print(
+            f"piece {index} ({n} of {len(todo)} now, {len(done)} of {args.pieces} recorded before) ...",
+            flush=True,
+        )
+        r = run_piece(index, args, paragraphs)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        with record.open("a") as f:
+            f.write(json.dumps(r) + "\n")
+        print(f"piece {index}: {r['train_steps']} steps in {r['train_seconds']:.0f} s, "
+              f"others' CPU {r.get('others_cpu_share', 0):.0%}", flush=True)  # fmt: skip
+
+
+def _stop(signum, frame):
+    # as for Ctrl-C: subprocess.run then kills the piece's process, which would otherwise train on alone
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every piece")
@@ -206,21 +230,14 @@ def main(argv: list[str] | None = None) -> int:
         paragraphs = train_paragraphs(Path(args.data_dir))
     except DataError as e:
         p.error(str(e))
-    file_questions = sum(len(p["qas"]) for _, p in paragraphs[1])
+    file_questions = sum(len(paragraph["qas"]) for _, paragraph in paragraphs[1])
     if not args.report:
-        done = {r["piece"] for r in read_records(record) if settings(r) == settings(args)}
-        todo = [i for i in range(args.pieces) if i not in done][: args.max_pieces]
-        for n, index in enumerate(todo, 1):
-            print(
-                f"piece {index} ({n} of {len(todo)} now, {len(done)} of {args.pieces} recorded before) ...",
-                flush=True,
-            )
-            r = run_piece(index, args, paragraphs)
-            record.parent.mkdir(parents=True, exist_ok=True)
-            with record.open("a") as f:
-                f.write(json.dumps(r) + "\n")
-            print(f"piece {index}: {r['train_steps']} steps in {r['train_seconds']:.0f} s, "
-                  f"others' CPU {r.get('others_cpu_share', 0):.0%}", flush=True)  # fmt: skip
+        signal.signal(signal.SIGTERM, _stop)
+        try:
+            run_pieces(args, record, paragraphs)
+        except KeyboardInterrupt:  # the records written so far stay; the piece cut short runs again next time
+            print("stopped: rerun the same command to go on", file=sys.stderr)
+            return 130
     print(epoch_table(read_records(record), file_questions))
     return 0
 
