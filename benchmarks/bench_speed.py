@@ -440,6 +440,11 @@ def train_paragraphs(squad_dir: Path) -> tuple[str, list]:
     return train.get("version", "1.1"), [(a["title"], p) for a in train["data"] for p in a["paragraphs"]]
 
 
+def questions_in(paragraphs: list) -> int:
+    """How many questions (title, paragraph) pairs hold."""
+    return sum(len(p["qas"]) for _, p in paragraphs)
+
+
 def write_train_slice(squad_dir: Path, out: Path, version: str, paragraphs: list) -> int:
     """A data folder whose train file is ``paragraphs`` (whole, with their titles), the dev file linked;
     returns how many questions they hold."""
@@ -449,7 +454,7 @@ def write_train_slice(squad_dir: Path, out: Path, version: str, paragraphs: list
     data = [{"title": t, "paragraphs": [p]} for t, p in paragraphs]
     (out / "train-v1.1.json").write_text(json.dumps({"version": version, "data": data}))
     (out / "dev-v1.1.json").symlink_to(squad_path("dev", squad_dir).resolve())
-    return sum(len(p["qas"]) for _, p in paragraphs)
+    return questions_in(paragraphs)
 
 
 def make_epoch_slice(squad_dir: Path, out: Path, n_questions: int) -> tuple[Path, int, int]:
@@ -457,7 +462,7 @@ def make_epoch_slice(squad_dir: Path, out: Path, n_questions: int) -> tuple[Path
     whole train file (every k-th paragraph), the dev file linked. Returns (folder, questions in the slice,
     questions in the whole train file)."""
     version, paragraphs = train_paragraphs(squad_dir)
-    total = sum(len(p["qas"]) for _, p in paragraphs)
+    total = questions_in(paragraphs)
     taken = write_train_slice(squad_dir, out, version, paragraphs[:: max(1, round(total / n_questions))])
     return out, taken, total
 

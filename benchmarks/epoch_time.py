@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import DEFAULT_DATA_DIR, REPO, train_paragraphs, write_train_slice  # noqa: E402
+from bench_speed import DEFAULT_DATA_DIR, REPO, questions_in, train_paragraphs, write_train_slice  # noqa: E402
 from loraqa.data import DataError  # noqa: E402
 
 DEFAULT_RECORD = REPO / "docs" / "epoch" / "pieces.jsonl"
@@ -135,13 +135,9 @@ def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def settings(record_or_args) -> tuple:
+def settings(r: dict) -> tuple:
     """What makes two pieces parts of the same epoch: the machine, the model, the cut and the overrides."""
-    r = record_or_args if isinstance(record_or_args, dict) else None
-    if r is not None:
-        return r["machine"], r["model"], r["pieces"], tuple(r["overrides"])
-    a = record_or_args
-    return machine(), a.model, a.pieces, tuple(a.overrides)
+    return r["machine"], r["model"], r["pieces"], tuple(r["overrides"])
 
 
 def totals(rs: list[dict]) -> dict:
@@ -185,7 +181,10 @@ def epoch_table(records: list[dict], file_questions: int | None) -> str:
 def run_pieces(args, record: Path, paragraphs: tuple[str, list]) -> None:
     """The pieces not yet recorded for this machine and these settings (``--max-pieces`` of them), each
     recorded as soon as it ends."""
-    done = {r["piece"] for r in read_records(record) if settings(r) == settings(args)}
+    mine = settings(
+        {"machine": machine(), "model": args.model, "pieces": args.pieces, "overrides": args.overrides}
+    )
+    done = {r["piece"] for r in read_records(record) if settings(r) == mine}
     todo = [i for i in range(args.pieces) if i not in done][: args.max_pieces]
     for n, index in enumerate(todo, 1):
         print(
@@ -230,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         paragraphs = train_paragraphs(Path(args.data_dir))
     except DataError as e:
         p.error(str(e))
-    file_questions = sum(len(paragraph["qas"]) for _, paragraph in paragraphs[1])
+    file_questions = questions_in(paragraphs[1])
     if not args.report:
         signal.signal(signal.SIGTERM, _stop)
         try:
