@@ -1,6 +1,7 @@
 """The names of the files loraqa writes, in one place: a run folder (``loraqa train``), a sweep folder and its
 trial folders (``loraqa sweep``), a report (``loraqa report``). No imports, so that the sweep scheduler and
-the report, which read these folders without loading a model, share them with the code that writes them.
+the report, which read these folders without loading a model, share them with the code that writes them;
+and loraqa's cache folder.
 What each file holds: :mod:`loraqa.runfolder` (a run folder) and :mod:`loraqa.sweep.state` (a sweep folder)."""
 
 # a run folder
@@ -40,6 +41,20 @@ SEARCH_BEST_FILE = "best.yaml"  # the best trial's config, ready to run (``loraq
 REPORT_FILE = "report.md"
 RESULTS_FILE = "results.csv"
 FIGURES_DIR = "figures"
+
+# loraqa's cache folder (cache_dir()): what is made once a machine and may be deleted at any time
+CACHE_SQUAD_DIR = "squad"  # the official SQuAD files, downloaded
+CACHE_SYNTHETIC_DIR = "synthetic-v1"  # the generated stand-in for SQuAD
+CACHE_GPT2_TOKENIZER_DIR = "gpt2-tokenizer"  # the GPT-2 BPE files under their Hugging Face names
+CACHE_GGUF_DIR = "gguf"  # a GGUF file converted once into a float model folder (loraqa.gguf)
+
+
+def cache_dir():
+    """loraqa's cache folder: ``$XDG_CACHE_HOME/loraqa``, by default ``~/.cache/loraqa``."""
+    import os
+    from pathlib import Path
+
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loraqa"
 
 
 def checkpoint_name(step: int) -> str:

