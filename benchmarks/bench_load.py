@@ -76,7 +76,7 @@ def main(argv=None) -> None:
         f"{', '.join(f'{s:.2f}' for s in reference)} |"
     )
     print(
-        f"| loraqa, first: converting into an empty cache ({size:.0f} MB) | 1 | {first:.2f} | {first:.2f} |"
+        f"| loraqa, first: converting into an empty cache ({size:.0f} MiB) | 1 | {first:.2f} | {first:.2f} |"
     )
     print(
         f"| loraqa, later: the converted folder | {len(later)} | {ours:.2f} | "
