@@ -23,7 +23,7 @@ def cache(tmp_path, monkeypatch):
         calls.append((path, out))
         time.sleep(0.2)  # long enough for a second thread to arrive meanwhile
         (out / gguf.CONFIG_NAME).write_text("{}")
-        (out / gguf.WEIGHTS_NAME).write_bytes(b"weights")
+        (out / gguf.FULL_WEIGHTS_FILE).write_bytes(b"weights")
 
     monkeypatch.setattr(gguf, "convert", fake_convert)
     yield tmp_path, calls
@@ -41,7 +41,7 @@ def test_a_file_is_converted_once_into_the_cache_and_then_read_from_there(cache)
     path = make_file(tmp_path)
     folder = gguf.float_folder(path)
     assert folder.parent == tmp_path / "xdg" / "loraqa" / "gguf" and folder.name.startswith("model-")
-    assert (folder / gguf.WEIGHTS_NAME).read_bytes() == b"weights"
+    assert (folder / gguf.FULL_WEIGHTS_FILE).read_bytes() == b"weights"
     gguf._float_folder.cache_clear()  # as a new process would
     assert gguf.float_folder(path) == folder
     assert len(calls) == 1

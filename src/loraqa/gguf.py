@@ -29,13 +29,11 @@ from pathlib import Path
 import torch
 
 from . import locks
-from .layout import CACHE_GGUF_DIR, cache_dir
+from .layout import CACHE_GGUF_DIR, FULL_WEIGHTS_FILE, cache_dir
 
 log = logging.getLogger(__name__)
 
-# what a converted folder holds, besides the tokenizer's files (save_pretrained's own names)
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"  # save_pretrained's name for the config; the weights are layout.FULL_WEIGHTS_FILE
 
 
 def float_folder(path: str | os.PathLike) -> Path:
@@ -76,7 +74,7 @@ def _float_folder(path: Path, name: str) -> Path:
 
 
 def _complete(folder: Path) -> bool:
-    return (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
+    return (folder / CONFIG_NAME).is_file() and (folder / FULL_WEIGHTS_FILE).is_file()
 
 
 def _converted_for_this_process(path: Path) -> Path:
