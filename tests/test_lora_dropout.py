@@ -32,6 +32,24 @@ def test_each_call_draws_a_new_mask_and_a_seed_reproduces_them():
     assert torch.equal(drop(x), a) and torch.equal(drop(x), b)
 
 
+@pytest.mark.parametrize("shape", [(3, 7, 5), (2, 64)])  # 105 elements: not a whole number of 64-bit draws
+def test_the_mask_is_the_seeded_16_bit_draws_compared_to_the_threshold(shape):
+    """Each element is kept where its 16-bit draw (PCG64, seeded from torch's generator) is at or above p's
+    threshold: the masks of a given seed are those of this definition, whatever the code computing them."""
+    import numpy as np
+
+    drop = CpuLoraDropout(0.1).train()
+    torch.manual_seed(3)
+    got = drop.mask(torch.Size(shape), torch.bfloat16)
+    torch.manual_seed(3)
+    seed = int(torch.randint(0, 2**63 - 1, ()))
+    n = int(np.prod(shape))
+    raw = np.random.Generator(np.random.PCG64(seed)).bit_generator.random_raw((n + 3) // 4)
+    draws = torch.from_numpy(raw.view(np.int16)[:n].astype(np.int32)).view(shape) + 32768  # 0 ... 65535
+    keep = draws >= round(0.1 * 65536)
+    assert torch.equal(got, keep.to(torch.bfloat16) * torch.tensor(drop.scale, dtype=torch.bfloat16))
+
+
 def test_eval_mode_is_the_identity_and_the_gradient_is_the_mask():
     drop = CpuLoraDropout(0.3)
     x = torch.randn(32, 16, requires_grad=True)

@@ -49,10 +49,12 @@ class CpuLoraDropout(torch.nn.Module):
         """0 where dropped, ``scale`` where kept, drawn from a seed taken from torch's default generator."""
         n = shape.numel()
         seed = int(torch.randint(0, 2**63 - 1, ()))
-        raw = np.random.Generator(np.random.PCG64(seed)).bit_generator.random_raw((n + 3) // 4)
-        draws = torch.from_numpy(raw.view(np.int16)[:n]).view(shape)  # uniform over [-32768, 32767]
-        keep = draws >= self.drop_levels - LEVELS // 2
-        return keep.to(dtype).mul_(self.scale)
+        # uniform over [-32768, 32767]
+        draws = np.random.PCG64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]
+        # the compare in NumPy and the cast from uint8: torch's int16 compare and its cast from bool run 3-5x
+        # slower on a CPU (a quarter of this function's time between them)
+        keep = np.greater_equal(draws, self.drop_levels - LEVELS // 2)
+        return torch.from_numpy(keep).view(torch.uint8).view(shape).to(dtype).mul_(self.scale)
 
 
 def use_cpu_dropout(model) -> int:
