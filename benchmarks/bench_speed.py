@@ -10,6 +10,7 @@ matmul in bf16 and in fp32, timed in the same run)::
     .venv/bin/python benchmarks/bench_speed.py --quick          # a few minutes (6 steps, 32 questions)
     .venv/bin/python benchmarks/bench_speed.py                  # the documented run (30 steps, 200 questions)
     .venv/bin/python benchmarks/bench_speed.py --device cuda    # on a GPU
+    .venv/bin/python benchmarks/bench_speed.py --models smollm2-135m --repeats 3   # loraqa before and after
     .venv/bin/python benchmarks/bench_speed.py --models smollm2-135m --no-reference \
         --variant train.fast_loss=false --variant model.precision=fp32 --generation-switches
 
@@ -24,7 +25,10 @@ run length (steps, dev questions), the LoRA targets (q/v, as in the reference) a
 both) are set. Its speeds are read from the run's ``metrics.json``, so they are the numbers ``loraqa train``
 reports. ``--variant KEY=VALUE[,KEY=VALUE]`` adds a loraqa run with config overrides (to measure one speed
 switch turned off; repeatable); ``--generation-switches`` times the first loraqa run's trained adapter
-answering with each generation switch of ``generate_answers`` turned off in turn.
+answering with each generation switch of ``generate_answers`` turned off in turn. ``--repeats N`` runs the
+defaults N times, the first before the reference and the rest after it, and prints each run's ratio and the
+median's: on a VM whose speed swings by the minute, one ~40 s run samples one minute of it, while the reference's
+~400 s average over several.
 
 Data: the first ``steps x 8`` SQuAD train questions; for evaluation, whole dev paragraphs in a seeded random
 order until ``--questions`` (the dev file's first paragraphs have ~20 questions each, the whole set 5.1, and
@@ -347,6 +351,33 @@ def loraqa_run(name, device, data_dir, steps, warmup, n_questions, out_dir, over
     return res
 
 
+def loraqa_runs(runs, indices, name, device, data_dir, steps, warmup, n_questions, work, prompts, args, report):
+    """``runs[i]`` (label, overrides) for i in ``indices``: their results and, after run 0 with
+    ``--generation-switches``, the switches' rows. A failed variant is reported, not fatal (run 0 is)."""
+    done, switch_rows = [], []
+    for i in indices:
+        label, overrides = runs[i]
+        print(f"[{name}] {label} ...", flush=True)
+        try:
+            r = loraqa_run(name, device, data_dir, steps, warmup, n_questions, work / f"run{i}", overrides, label)
+        except Exception as e:
+            if i == 0:
+                raise
+            print(f"[{name}] {label} failed: {type(e).__name__}: {e}", flush=True)
+            report.setdefault("failed", []).append(f"{name} {label}: {type(e).__name__}: {e}")
+            continue
+        done.append(r)
+        ran = r.extra["metrics_json"]
+        print(f"[{name}] {label}: {r.train_questions_per_second:.2f} train q/s, "
+              f"{r.eval_questions_per_second:.2f} q/s (attention {ran['train_attn_implementation']}, compiled "
+              f"{ran['train_compile']}, {ran['compile_seconds'] or 0:.1f} s compiling)", flush=True)  # fmt: skip
+        if i == 0 and args.generation_switches:
+            print(f"[{name}] generation switches, with the adapter that run trained ...", flush=True)
+            switch_rows = generation_switches(name, device, work / f"run{i}", prompts)
+        shutil.rmtree(work / f"run{i}", ignore_errors=True)
+    return done, switch_rows
+
+
 GENERATION_SWITCHES = [  # label, prepare_for_generation's merge, precision (None: the run's), generate_answers kwargs
     ("defaults", True, None, {}),
     ("share_prefixes=False", True, None, {"share_prefixes": False}),
@@ -570,6 +601,12 @@ def print_tables(report: dict) -> None:
                   f"{e['slice_questions']:,} questions (whole paragraphs, every k-th of the file): "
                   f"{e['train_questions_per_second']:.2f} questions/s, {e['train_seconds']:.0f} s, train peak "
                   f"{e['train_peak_memory_mb']:,.0f} MB -> **{e['projected_epoch_hours']:.2f} h**")  # fmt: skip
+        defaults = block.get("default_runs_train_questions_per_second", [])
+        if len(defaults) > 1 and block["results"][0]["recipe"] == "reference":
+            med = statistics.median(defaults)
+            print(f"loraqa's defaults, {len(defaults)} runs: train questions/s median {med:.2f}, "
+                  f"**{med / ref['train_questions_per_second']:.2f}x the reference** (runs: "
+                  + ", ".join(f"{q / ref['train_questions_per_second']:.2f}x" for q in defaults) + ")")
         same = block.get("answers_equal_to_reference")
         if same:
             print("answers identical to the reference's: "
@@ -596,6 +633,9 @@ def main(argv: list[str] | None = None) -> int:
                         "and project one epoch of the whole file (the documented run: 2000)")
     p.add_argument("--epoch-variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                    help="also project the epoch with these config overrides (repeatable)")
+    p.add_argument("--repeats", type=int, default=1, metavar="N",
+                   help="run loraqa's defaults N times, the first before the reference (N > 1), and give the "
+                        "median's ratio as well as each run's")
     p.add_argument("--json", help="write every number to this file")
     args = p.parse_args(argv)
     os.environ["LORAQA_NO_PROGRESS"] = "1"
@@ -645,7 +685,15 @@ def main(argv: list[str] | None = None) -> int:
             shape = Shape.of(AutoModelForCausalLM.from_config(config), TARGETS[config.model_type])
         results: list[Result] = []
         generated = None
-        switch_rows: list[dict] = []
+        # the default run `repeats` times: on a VM whose speed swings by the minute, one ~40 s run is one sample of
+        # it while the reference's ~400 s average over it; with repeats, the first runs before the reference
+        labels = ["loraqa"] if args.repeats == 1 else [f"loraqa (run {k + 1} of {args.repeats})"
+                                                       for k in range(args.repeats)]  # fmt: skip
+        runs = [(label, []) for label in labels] + [(f"loraqa {v}", v.split(",")) for v in args.variant]
+        before = 1 if args.repeats > 1 and not args.no_reference else 0
+
+        run = (name, device, data_dir, steps, warmup, n_questions, work, prompts, args, report)
+        early, switch_rows = loraqa_runs(runs, range(before), *run)
         if not args.no_reference:
             print(f"[{name}] reference ...", flush=True)
             ref, generated = reference_run(
@@ -654,31 +702,13 @@ def main(argv: list[str] | None = None) -> int:
             results.append(ref)
             print(f"[{name}] reference: {ref.train_questions_per_second:.2f} train q/s, "
                   f"{ref.eval_questions_per_second:.2f} q/s", flush=True)  # fmt: skip
-        runs = [("loraqa", [])] + [(f"loraqa {v}", v.split(",")) for v in args.variant]
-        for i, (label, overrides) in enumerate(runs):
-            print(f"[{name}] {label} ...", flush=True)
-            try:
-                r = loraqa_run(
-                    name, device, data_dir, steps, warmup, n_questions, work / f"run{i}", overrides, label
-                )
-            except Exception as e:  # a variant that fails is reported, not fatal (the first run is)
-                if i == 0:
-                    raise
-                print(f"[{name}] {label} failed: {type(e).__name__}: {e}", flush=True)
-                report.setdefault("failed", []).append(f"{name} {label}: {type(e).__name__}: {e}")
-                continue
-            results.append(r)
-            ran = r.extra["metrics_json"]
-            print(f"[{name}] {label}: {r.train_questions_per_second:.2f} train q/s, "
-                  f"{r.eval_questions_per_second:.2f} q/s (attention {ran['train_attn_implementation']}, compiled "
-                  f"{ran['train_compile']}, {ran['compile_seconds'] or 0:.1f} s compiling)", flush=True)  # fmt: skip
-            if i == 0 and args.generation_switches:
-                print(f"[{name}] generation switches, with the adapter that run trained ...", flush=True)
-                switch_rows = generation_switches(name, device, work / "run0", prompts)
-            shutil.rmtree(work / f"run{i}", ignore_errors=True)
+        late, switches = loraqa_runs(runs, range(before, len(runs)), *run)
+        results += early + late
+        switch_rows += switches
         if generated is None:  # no reference: count answer tokens from loraqa's answers
             generated = [len(enc.tokenizer(" " + a, add_special_tokens=False)["input_ids"]) + 1
                          for a in results[0].extra["answers"]]  # fmt: skip
+        defaults = [r.train_questions_per_second for r in results if r.recipe in labels]
         train_flops = shape.train_set_flops(features)
         # every optimizer step sees BATCH_SIZE examples; scale if the run wrapped around or stopped early
         eval_flops = shape.eval_flops(prompts, generated)
@@ -711,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
             "mean_generated_tokens": statistics.mean(generated) if generated else None,
             "distinct_contexts": len({ex.context for ex in dev_ex}),
             "results": rows, "answers_equal_to_reference": same, "generation_switches": switch_rows,
+            "default_runs_train_questions_per_second": defaults,
         }  # fmt: skip
         if args.epoch_slice:
             epochs = report["models"][name]["epoch"] = []
