@@ -85,6 +85,26 @@ def test_auto_attention_trains_with_the_math_path_on_a_cpu_and_answers_with_sdpa
     assert answering.config._attn_implementation == "sdpa"
 
 
+def test_a_new_peak_memory_window_returns_the_allocators_free_memory_first(monkeypatch):
+    """The peak counts what a run holds, not heap memory glibc kept after an earlier load freed it."""
+    calls = []
+
+    class Libc:
+        def malloc_trim(self, pad):
+            calls.append(pad)
+
+    monkeypatch.setattr(devices.ctypes, "CDLL", lambda name: Libc())
+    devices.reset_peak_memory("cpu")
+    assert calls == [0]
+
+    def no_libc(name):
+        raise OSError("no C library")
+
+    monkeypatch.setattr(devices.ctypes, "CDLL", no_libc)  # elsewhere: the window starts all the same
+    devices.reset_peak_memory("cpu")
+    assert devices.peak_memory_mb("cpu") > 0
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_on_a_cpu_without_native_bf16_is_kept_but_warned_about(monkeypatch, caplog, native):
     monkeypatch.setattr(devices, "cpu_has_bf16", lambda: native)

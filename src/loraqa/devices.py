@@ -8,6 +8,8 @@ start of the process) to now. On a GPU that is torch's peak allocation; on a CPU
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import logging
 import resource
@@ -105,8 +107,17 @@ def reset_peak_memory(device: torch.device | str = "cpu") -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    _return_free_memory()
     try:  # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         pass
+
+
+def _return_free_memory() -> None:
+    """Give the C allocator's free memory back to the system (glibc's ``malloc_trim``), so the new window's
+    resident set starts from what is in use: glibc keeps freed heap memory (a de-quantized GGUF file, an earlier
+    model in the process) resident, and the peak would count it. No-op where the C library has no such call."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
