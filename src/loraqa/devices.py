@@ -119,5 +119,5 @@ def _return_free_memory() -> None:
     """Give the C allocator's free memory back to the system (glibc's ``malloc_trim``), so the new window's
     resident set starts from what is in use: glibc keeps freed heap memory (a de-quantized GGUF file, an earlier
     model in the process) resident, and the peak would count it. No-op where the C library has no such call."""
-    with contextlib.suppress(OSError, AttributeError):
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # TypeError: no CDLL(None) on Windows
         ctypes.CDLL(None).malloc_trim(0)
