@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from loraqa.layout import CACHE_GGUF_DIR, cache_dir
+
 REFERENCE = """
 import sys, time, torch
 from pathlib import Path
@@ -41,9 +43,9 @@ print(time.perf_counter() - t)
 """
 
 
-def timed(code: str, model: str, cache: Path) -> float:
+def timed(code: str, model: str) -> float:
     """Seconds one fresh process spends loading, imports excluded."""
-    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(
         [sys.executable, "-c", code, model], capture_output=True, text=True, env=env, timeout=900
     )
@@ -62,11 +64,11 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="processes timed for each later-load row")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-load-") as cache:
-        cache = Path(cache)
-        reference = [timed(REFERENCE, args.model, cache) for _ in range(args.repeats)]
-        first = timed(LORAQA, args.model, cache)
-        size = folder_mb(cache / "loraqa" / "gguf")
-        later = [timed(LORAQA, args.model, cache) for _ in range(args.repeats)]
+        os.environ["XDG_CACHE_HOME"] = cache  # loraqa's cache, here and in the timed processes
+        reference = [timed(REFERENCE, args.model) for _ in range(args.repeats)]
+        first = timed(LORAQA, args.model)
+        size = folder_mb(cache_dir() / CACHE_GGUF_DIR)
+        later = [timed(LORAQA, args.model) for _ in range(args.repeats)]
     ref, ours = statistics.median(reference), statistics.median(later)
     print(f"loading {args.model} in a fresh process (fp32; seconds after the imports)\n")
     print("| load | processes | seconds (median) | all |")
