@@ -357,3 +357,23 @@ def test_accelerate_launch_runs_the_same_command(tmp_path, synthetic_dir, no_dro
     assert proc.returncode == 0, out[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["train_steps"] == 2 and metrics["n_questions"] == 4
+
+
+def test_unwrap_finds_the_model_inside_a_wrapper_and_leaves_the_rest_unwalked(monkeypatch):
+    """dist.unwrap runs at every training step: a model that is no wrapper comes back as it is without
+    accelerate's walk over its submodules; a wrapper still gives its inner model, a compiled model itself."""
+    import accelerate.utils
+    import torch
+
+    from loraqa import dist
+
+    inner = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    wrapped, compiled = torch.nn.DataParallel(inner), torch.compile(inner)
+    assert dist.unwrap(wrapped) is inner and dist.unwrap(compiled) is compiled
+    walked = []
+    real = accelerate.utils.extract_model_from_parallel
+    monkeypatch.setattr(
+        accelerate.utils, "extract_model_from_parallel", lambda m: walked.append(m) or real(m)
+    )
+    assert dist.unwrap(inner) is inner and walked == []
+    assert dist.unwrap(wrapped) is inner and walked == [wrapped]

@@ -195,6 +195,31 @@ def test_lean_eager_attention_computes_what_eager_does(features, collators, fami
     assert off["eager_lean"] <= 1.25 * off["eager"], off
 
 
+@pytest.mark.parametrize("mask_heads", [1, 6])
+def test_lean_attention_reads_grouped_key_heads_as_transformers_orders_them(mask_heads):
+    """Grouped-query attention: query head h reads key/value head h // groups, and the mask (one for all heads or
+    one per head) lands on the right head: outputs, weights and every input's gradient match attention written
+    out over transformers' repeated keys and values."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from loraqa.attention import eager_lean_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 5, 8, generator=gen).requires_grad_() for n in (6, 2, 2))
+    mask = torch.where(torch.rand(2, mask_heads, 5, 5, generator=gen) < 0.3, -1e9, 0.0)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3  # as transformers' attention modules carry it
+    out, weights = eager_lean_attention(module, q, k, v, mask)
+    scores = q @ repeat_kv(k, 3).transpose(-1, -2) / 8**0.5 + mask
+    want_weights = scores.softmax(-1)
+    want = (want_weights @ repeat_kv(v, 3)).transpose(1, 2)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(weights, want_weights)
+    got_grads = torch.autograd.grad(out.pow(2).sum(), (q, k, v))
+    for got, expected in zip(got_grads, torch.autograd.grad(want.pow(2).sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(got, expected)
+
+
 @pytest.mark.parametrize("family,attn", [("gpt2", "sdpa"), ("llama", "sdpa"), ("llama", "eager"),
                                          ("llama", "eager_lean")])  # fmt: skip
 def test_widths_padded_to_a_multiple_change_no_loss_or_gradient(
