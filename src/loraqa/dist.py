@@ -148,10 +148,10 @@ def unwrap(model):
     """The model inside a ``DistributedDataParallel`` (or ``DataParallel``) wrapper; the model itself otherwise."""
     from accelerate.utils import extract_model_from_parallel
 
-    # every wrapper accelerate unwraps keeps its model as .module, a compiled one as _orig_mod; anything else is
-    # its own inner model, and accelerate would still walk all its submodules for compiled regions (~1,000 on
-    # SmolLM2, 7 ms at every training step)
-    if "module" not in model._modules and "_orig_mod" not in model._modules:
+    # every wrapper accelerate unwraps gives its model as .module (FSDP's is a property, not a submodule), a
+    # compiled one as ._orig_mod; anything else is its own inner model, and accelerate would still walk all its
+    # submodules for compiled regions (~1,000 on SmolLM2, 7 ms at every training step)
+    if not hasattr(model, "module") and not hasattr(model, "_orig_mod"):
         return model
     return extract_model_from_parallel(model)
 
