@@ -105,6 +105,25 @@ def test_answering_runs_the_norms_own_forward(monkeypatch):
     assert len(calls) == 5
 
 
+def test_compiled_norms_outlast_train_and_eval_switches_of_a_loaded_model(tmp_path, monkeypatch):
+    """A model loaded from a folder (as the GGUF models and hub models are) keeps its compiled norms through
+    the Trainer's and the scorer's ``train()`` / ``eval()`` switches: transformers' hub kernels, left on,
+    put the class's forward back at each switch."""
+    from loraqa.model import load_base_model
+
+    tiny_model("llama").save_pretrained(tmp_path / "llama")
+    model = load_base_model(str(tmp_path / "llama"), attn_implementation="eager")
+    assert norms.compile_norms(model) == 5
+    model.train()
+    model.eval()
+    model.train()
+    calls = []
+    compiled = norms.rms_norm
+    monkeypatch.setattr(norms, "rms_norm", lambda *a: calls.append(1) or compiled(*a))
+    model(input_ids=torch.randint(0, 128, (1, 6))).logits.sum().backward()
+    assert len(calls) == 5
+
+
 def test_a_failing_compiler_leaves_the_norms_eager_with_a_warning(monkeypatch, caplog):
     def broken(*args):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
@@ -151,7 +170,7 @@ def test_a_bad_train_compile_names_its_choices():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("given, compiled", [("norms", "norms"), ("auto", "off")])
-def test_a_smollm2_run_records_what_it_compiled(given, compiled, tmp_path, synthetic_dir):
+def test_a_smollm2_run_records_what_it_compiled(given, compiled, tmp_path, synthetic_dir, monkeypatch):
     """Through ``run_experiment``: ``norms`` compiles SmolLM2's 61 norms and says how long it took; ``auto`` leaves
     a 2-step run eager (too short to earn the compiling back)."""
     from loraqa.io import read_json
@@ -162,7 +181,15 @@ def test_a_smollm2_run_records_what_it_compiled(given, compiled, tmp_path, synth
         ("data.eval_limit", 1), ("train.max_steps", 2), ("train.batch_size", 2), ("train.eval_steps", 0),
         ("train.save_steps", 0), ("eval.max_new_tokens", 4), ("train.compile", given),
     ])  # fmt: skip
+    calls = []
+    compiled_norm = norms.rms_norm
+    monkeypatch.setattr(norms, "rms_norm", lambda *a: calls.append(1) or compiled_norm(*a))
     run_experiment(cfg, tmp_path / "run", progress=False)
     metrics = read_json(tmp_path / "run" / "metrics.json")
     assert metrics["train_compile"] == compiled
     assert (metrics.get("compile_seconds", 0) > 0) == (compiled == "norms")
+    # the training steps ran the compiled norms (61 a step), not only the probe before them
+    if compiled == "norms":
+        assert len(calls) >= 2 * 61
+    else:
+        assert calls == []

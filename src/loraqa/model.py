@@ -221,11 +221,15 @@ def load_base_model(
         torch.manual_seed(seed)
         cfg = load_hf_config(name)
         return AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation)
+    # use_kernels=False: transformers would otherwise fetch layer kernels from the hub (so a run's arithmetic
+    # would depend on the network) and re-apply them at every train()/eval() switch, which puts back each
+    # RMSNorm's class forward over train.compile=norms' compiled one (loraqa.norms)
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation, "use_kernels": False}
     folder = _gguf_folder(name)
     if folder is not None:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
+        return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     try:
-        return _from_hub(AutoModelForCausalLM, name, dtype=dtype, attn_implementation=attn_implementation)
+        return _from_hub(AutoModelForCausalLM, name, **kwargs)
     except OSError as e:
         raise ModelLoadError(_hub_hint(name, e)) from None
 
