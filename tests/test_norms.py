@@ -32,6 +32,14 @@ def tiny_model(family: str, dtype=torch.float32):
     return model
 
 
+def count_compiled_calls(monkeypatch) -> list:
+    """A list that grows by one at every call of the compiled norm function from now on."""
+    calls = []
+    compiled = norms.rms_norm
+    monkeypatch.setattr(norms, "rms_norm", lambda *a: calls.append(1) or compiled(*a))
+    return calls
+
+
 def norm_and_grad(norm, x, upstream):
     x = x.detach().requires_grad_()
     out = norm(x)
@@ -94,9 +102,7 @@ def test_answering_runs_the_norms_own_forward(monkeypatch):
     """Without gradients (generation, the eval loss) the compiled function is not called at all."""
     model = tiny_model("llama")
     assert norms.compile_norms(model) == 5
-    calls = []
-    compiled = norms.rms_norm
-    monkeypatch.setattr(norms, "rms_norm", lambda *a: calls.append(1) or compiled(*a))
+    calls = count_compiled_calls(monkeypatch)
     ids = torch.randint(0, 128, (1, 6))
     with torch.no_grad():
         model(input_ids=ids)
@@ -117,9 +123,7 @@ def test_compiled_norms_outlast_train_and_eval_switches_of_a_loaded_model(tmp_pa
     model.train()
     model.eval()
     model.train()
-    calls = []
-    compiled = norms.rms_norm
-    monkeypatch.setattr(norms, "rms_norm", lambda *a: calls.append(1) or compiled(*a))
+    calls = count_compiled_calls(monkeypatch)
     model(input_ids=torch.randint(0, 128, (1, 6))).logits.sum().backward()
     assert len(calls) == 5
 
@@ -181,9 +185,7 @@ def test_a_smollm2_run_records_what_it_compiled(given, compiled, tmp_path, synth
         ("data.eval_limit", 1), ("train.max_steps", 2), ("train.batch_size", 2), ("train.eval_steps", 0),
         ("train.save_steps", 0), ("eval.max_new_tokens", 4), ("train.compile", given),
     ])  # fmt: skip
-    calls = []
-    compiled_norm = norms.rms_norm
-    monkeypatch.setattr(norms, "rms_norm", lambda *a: calls.append(1) or compiled_norm(*a))
+    calls = count_compiled_calls(monkeypatch)
     run_experiment(cfg, tmp_path / "run", progress=False)
     metrics = read_json(tmp_path / "run" / "metrics.json")
     assert metrics["train_compile"] == compiled
