@@ -52,6 +52,7 @@ class Step:
 def build(args, overrides: list[str]) -> Step:
     from transformers import set_seed
 
+    from loraqa.attention import reads_segments
     from loraqa.batching import QACollator
     from loraqa.config import ExperimentConfig, apply_overrides, parse_overrides
     from loraqa.data import load_squad, squad_path
@@ -75,8 +76,9 @@ def build(args, overrides: list[str]) -> Step:
     shared = resolved.share_contexts
     if cfg.train.gradient_checkpointing:  # what Trainer.train would do first; the steps below call the loss
         enable_checkpointing(model)
-    collator = (SharedContextCollator if shared else QACollator)(lm.tokenizer.pad_token_id,
-                                                                 cfg.train.pad_to_multiple)  # fmt: skip
+    pad, multiple = lm.tokenizer.pad_token_id, cfg.train.pad_to_multiple  # as _make_trainer builds it
+    one_row = cfg.train.one_row and reads_segments(lm.model)
+    collator = SharedContextCollator(pad, multiple, one_row=one_row) if shared else QACollator(pad, multiple)
     compiling = resolve_compile(cfg.train.compile, "cpu", planned_steps(cfg.train, len(features)))
     targs = training_arguments(cfg.train, Path("/tmp/loraqa-profile"), per_process_batch=resolved.per_process_batch,
                                reporters=list(resolved.reporters), precision=lm.precision, device=lm.device,
@@ -95,7 +97,7 @@ def build(args, overrides: list[str]) -> Step:
         run=lambda batch: None,
         batches=[collator([features[i] for i in order[j : j + bs]]) for j in range(0, len(order), bs)],
         batch_size=bs,
-        describe=f"precision {lm.precision}, compiled {trainer.compiled}, "
+        describe=f"precision {lm.precision}, compiled {trainer.compiled}, one row {one_row if shared else False}, "
         f"{sum(q.numel() for q in trainable):,} trainable parameters",
     )
 

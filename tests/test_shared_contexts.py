@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from helpers import nonzero_lora_b
+from loraqa.attention import SEGMENTS
 from loraqa.attention import register as register_attention
 from loraqa.batching import QACollator
 from loraqa.config import LoraConfig
@@ -249,6 +250,73 @@ def test_widths_padded_to_a_multiple_change_no_loss_or_gradient(
     assert len(SharedContextCollator(pad, 64)(features)["input_ids"]) <= len(
         collators[0](features)["input_ids"]
     )
+
+
+def test_one_row_lays_the_rows_end_to_end_as_segments(gpt2_tokenizer, features):
+    pad = gpt2_tokenizer.pad_token_id
+    rows, flat = (
+        SharedContextCollator(pad, 64)(features),
+        SharedContextCollator(pad, 64, one_row=True)(features),
+    )
+    segments, width = flat[SEGMENTS], flat["input_ids"].shape[1]
+    assert flat["input_ids"].shape[0] == 1 and width % 64 == 0 and sum(segments) == width
+    assert len(segments) == rows["input_ids"].shape[0] > 1  # one segment a row
+    assert flat["real_tokens"] == rows["real_tokens"] < rows["input_ids"].numel()
+    assert width < rows["input_ids"].numel()  # no padding between the rows
+    start = 0
+    for r, n in enumerate(segments):  # each segment holds its row's tokens, labels, positions and mask
+        real = min(n, flat["real_tokens"] - start)
+        for key in ("input_ids", "labels", "position_ids"):
+            assert flat[key][0, start : start + real].tolist() == rows[key][r, :real].tolist(), key
+        block = flat["attention_mask"][0, 0, start : start + n, start : start + n]
+        assert torch.equal(block[:real, :real], rows["attention_mask"][r, 0, :real, :real])
+        assert (flat["attention_mask"][0, 0, start : start + n, :start] < 0).all()  # nothing across segments
+        start += n
+    tail = torch.arange(flat["real_tokens"], width)
+    assert (flat["attention_mask"][0, 0, tail, tail] == 0).all()  # the padding sees itself
+
+
+@pytest.mark.parametrize("family,attn,fast", [("gpt2", "eager_lean", True), ("llama", "eager_lean", True),
+                                              ("llama", "eager_lean", False), ("llama", "eager", True),
+                                              ("gpt2", "sdpa", True)])  # fmt: skip
+def test_fp32_one_row_losses_and_gradients_equal_the_rows(gpt2_tokenizer, features, family, attn, fast):
+    """train.one_row: eager_lean attends segment by segment, other kernels over the whole masked row; either
+    way each question's loss and the LoRA gradients are the rows' (with padding between rows and after)."""
+    pad = gpt2_tokenizer.pad_token_id
+    rows, flat = SharedContextCollator(pad, 64), SharedContextCollator(pad, 64, one_row=True)
+    model = with_lora(base_model(family, attn))
+    model.eval()
+    for g, e in zip(per_question_losses(model, features, flat), per_question_losses(model, features, rows),
+                    strict=True):  # fmt: skip
+        assert abs(g - e) <= 1e-5 * abs(e)
+    ref_loss, ref = grads_of_batch_loss(model, features, rows, fast)
+    new_loss, new = grads_of_batch_loss(model, features, flat, fast)
+    assert abs(new_loss - ref_loss) <= 1e-5 * ref_loss
+    for name in ref:
+        assert rel_err(new[name], ref[name]) < 1e-5, name
+
+
+def test_lean_attention_with_segments_reads_only_their_blocks_of_the_mask():
+    """With attention_segments, each segment attends within itself: the mask off the diagonal blocks is never
+    read (here it allows everything) and the output and gradients are each segment's attention on its own."""
+    from loraqa.attention import eager_lean_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, 9, 8, generator=gen).requires_grad_() for n in (4, 2, 2))
+    causal = torch.zeros(9, 9).masked_fill_(torch.ones(9, 9, dtype=torch.bool).triu(1), -1e9)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 2
+    out, weights = eager_lean_attention(module, q, k, v, causal[None, None], attention_segments=[4, 5])
+    assert weights is None
+    parts = [eager_lean_attention(module, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], causal[None, None, :b - a, :b - a])[0]
+             for a, b in ((0, 4), (4, 9))]  # fmt: skip
+    want = torch.cat(parts, dim=1)
+    torch.testing.assert_close(out, want)
+    whole = eager_lean_attention(module, q, k, v, causal[None, None])[0]
+    assert not torch.allclose(out[:, 4:], whole[:, 4:])  # the second segment does not see the first
+    for got, expected in zip(torch.autograd.grad(out.pow(2).sum(), (q, k, v)),
+                             torch.autograd.grad(want.pow(2).sum(), (q, k, v)), strict=True):  # fmt: skip
+        torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -75,6 +75,7 @@ def test_run_folder_holds_everything_and_the_adapter_loads(tmp_path, synthetic_d
     assert not (run / "checkpoints").exists()  # removed once the adapter is saved
     assert metrics["n_questions"] == 8 and metrics["train_steps"] == 4
     assert metrics["train_attn_implementation"] == "eager_lean"  # model.attn_implementation=auto, trained on a CPU
+    assert metrics["train_one_row"] is True  # train.one_row with eager_lean: one row of segments a batch
     # LoRA r=8 on GPT-2's c_attn (64 -> 192), 2 layers: r x (in + out) per layer
     assert metrics["trainable_params"] == 2 * 8 * (64 + 192)
     base = sum(p.numel() for p in load_base_model("tiny-random-gpt2").parameters())

@@ -11,6 +11,10 @@ This function computes the same attention with:
 - the softmax in the activations' dtype: torch's CPU softmax accumulates bf16 in fp32 and rounds once, the
   same rounding as eager's cast of its fp32 result.
 
+A batch laid out as one row of segments (``SharedContextCollator(one_row=True)``) passes their lengths as
+``attention_segments``; attention is then computed segment by segment (their mask blocks on the diagonal),
+so the rows' positions need no padding between them and no segment attends across the others' scores.
+
 It is the math path still, so it keeps the attention weights (now bf16, not fp32) for the backward pass. It is
 registered with transformers' ``AttentionInterface`` (with eager's mask builder in ``AttentionMaskInterface``)
 under :data:`EAGER_LEAN`, so any model that dispatches through the interface (GPT-2, Llama, ...) takes
@@ -28,11 +32,19 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 EAGER_LEAN = "eager_lean"
+SEGMENTS = "attention_segments"  # the batch key, and keyword, of a one-row batch's segment lengths
 
 
-def eager_lean_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def eager_lean_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, attention_segments=None, **kwargs
+):
     """One attention call in transformers' interface: (batch, heads, L, head_dim) query, key and value ->
-    ((batch, L, heads, head_dim) output, (batch, heads, L, S) weights)."""
+    ((batch, L, heads, head_dim) output, (batch, heads, L, S) weights; None for weights with
+    ``attention_segments``, the lengths of the segments the L positions are cut into)."""
+    if attention_segments is not None and len(attention_segments) > 1:
+        return _by_segment(
+            module, query, key, value, attention_mask, scaling, dropout, attention_segments
+        ), None
     groups = getattr(module, "num_key_value_groups", 1)  # grouped-query attention: the key/value heads shared
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
@@ -46,6 +58,18 @@ def eager_lean_attention(module, query, key, value, attention_mask, scaling=None
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
+def _by_segment(module, query, key, value, mask, scaling, dropout, lengths: list[int]) -> torch.Tensor:
+    """Attention within each segment of the positions: ``split`` and ``cat``, whose backward passes are a
+    ``cat`` and views (slicing each segment would add a zero-filled full-size gradient per segment)."""
+    outputs, start = [], 0
+    parts = zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), lengths, strict=True)
+    for q, k, v, n in parts:
+        block = None if mask is None else mask[:, :, start : start + n, start : start + n]
+        outputs.append(eager_lean_attention(module, q, k, v, block, scaling, dropout)[0])
+        start += n
+    return torch.cat(outputs, dim=1)
+
+
 def _in_dtype(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The additive mask in the scores' dtype: an in-place add of an fp32 mask to bf16 scores goes through an
     fp32 copy of the scores, a conversion of the (heads-times smaller) mask does not. Masked entries stay
@@ -53,6 +77,11 @@ def _in_dtype(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if mask.dtype == dtype or mask.dtype == torch.bool:
         return mask
     return mask.to(dtype).clamp_(min=torch.finfo(dtype).min)
+
+
+def reads_segments(model) -> bool:
+    """Whether ``model`` attends segment by segment in a one-row batch: it runs :func:`eager_lean_attention`."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == EAGER_LEAN
 
 
 def register() -> None:

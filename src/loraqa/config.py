@@ -324,6 +324,12 @@ class TrainConfig:
         description="a paragraph's context computed once per batch for all its questions (same loss per "
         "question; prompt.loss_on=all trains on stand-alone examples)",
     )
+    one_row: Bool = Field(
+        True,
+        description="a shared-context batch laid out as one row of segments, padded once at its end, where the "
+        "training attention is eager_lean (which computes it segment by segment): the matmuls skip the padding "
+        "between rows; false: a padded row each",
+    )
     pad_to_multiple: Int = Field(
         64,
         gt=0,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .attention import SEGMENTS
 from .prompt import IGNORE_INDEX
 
 # Families whose causal-LM head is ``logits = lm_head(hidden)`` and whose loss is plain cross-entropy over those
@@ -30,10 +31,14 @@ def labelled_positions_loss(model, batch: dict, num_items: int | torch.Tensor | 
     """Causal-LM cross-entropy computed only at labelled positions: the model's own loss (sum over labelled
     tokens / ``num_items``, or their mean) where :func:`fast_loss_blocker` finds nothing against it."""
     lm = _base(model)
+    segments = (
+        {SEGMENTS: batch[SEGMENTS]} if SEGMENTS in batch else {}
+    )  # a one-row batch's (loraqa.attention)
     hidden = lm.get_decoder()(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=batch.get("position_ids"),
+        **segments,
     ).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX

@@ -24,6 +24,7 @@ from transformers.trainer_callback import TrainerState
 from . import data as data_mod
 from . import dist, signals
 from .answering import Answerer, write_results
+from .attention import reads_segments
 from .batching import QACollator
 from .callbacks import ClockCallback, FiniteLossCallback, InterruptCallback, Interrupted, JsonlLogCallback
 from .card import current_command, model_card
@@ -300,6 +301,7 @@ def _train(
         "fast_loss": trainer.fast_loss,  # False where the config or the model family ruled it out
         "train_attn_implementation": dist.unwrap(trainer.model).config._attn_implementation,
         **_throughput(totals, resolved.share_contexts),
+        "train_one_row": getattr(trainer.data_collator, "one_row", False),  # train.one_row as resolved
         "train_compile": trainer.compiled,  # train.compile as resolved: layers, norms or off
         # part of train_seconds: this process's compilation (a resumed run compiles again)
         **({"compile_seconds": compile_seconds()} if trainer.compiled != "off" else {}),
@@ -344,13 +346,17 @@ def _make_trainer(
         eval_loss=bool(loss_eval_features),
         compile_layers=compiling == "layers",
     )
-    collator = SharedContextCollator if resolved.share_contexts else QACollator
+    pad, multiple = lm.tokenizer.pad_token_id, cfg.train.pad_to_multiple
+    if resolved.share_contexts:
+        collator = SharedContextCollator(pad, multiple, one_row=cfg.train.one_row and reads_segments(lm.model))
+    else:
+        collator = QACollator(pad, multiple)
     return QATrainer(
         model=model,
         args=args,
         train_dataset=train_features,
         eval_dataset=loss_eval_features if cfg.train.eval_steps and loss_eval_features else None,
-        data_collator=collator(lm.tokenizer.pad_token_id, cfg.train.pad_to_multiple),
+        data_collator=collator,
         # no processing_class: a checkpoint must not hold the tokenizer, which loraqa reloads by name. The
         # Trainer would copy it (3.5 MB for GPT-2) into every checkpoint, and the tokenizers library writes
         # tokenizer.json without reporting a full disk: a truncated file in a checkpoint that looks complete.
