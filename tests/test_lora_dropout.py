@@ -66,3 +66,14 @@ def test_apply_lora_installs_it_where_peft_put_dropout_and_nowhere_else():
     assert not any(type(m) is torch.nn.Dropout and m.p == 0.05 for m in model.modules())
     none = apply_lora(load_base_model("tiny-random-gpt2"), LoraConfig(r=4, alpha=8, dropout=0.0))
     assert not any(isinstance(m, CpuLoraDropout) for m in none.modules())
+
+
+def test_compiled_it_is_torch_dropout_in_one_graph():
+    """Under torch.compile (train.compile=layers) the NumPy draw would break the graph at every LoRA layer:
+    there it is torch's dropout, traced whole (fullgraph), still keeping 1 - p and scaling by the inverse."""
+    drop = CpuLoraDropout(0.25).train()
+    compiled = torch.compile(drop, backend="eager", fullgraph=True)
+    y = compiled(torch.ones(200, 200))
+    kept = y != 0
+    assert abs(float(kept.float().mean()) - 0.75) < 5 * (0.25 * 0.75 / y.numel()) ** 0.5
+    assert torch.allclose(y[kept], torch.tensor(1 / 0.75))

@@ -466,3 +466,15 @@ def test_training_shares_contexts_only_where_the_attention_takes_the_mask(attn, 
         ExperimentConfig(), [("model.attn_implementation", attn), ("prompt.loss_on", loss_on)]
     )
     assert resolve(cfg).share_contexts is shared
+
+
+def test_one_row_applies_with_eager_lean_and_without_compiled_layers():
+    from loraqa.config import ExperimentConfig, apply_overrides
+    from loraqa.pipeline import one_row
+
+    cfg = ExperimentConfig()
+    lean, sdpa = base_model("gpt2", "eager_lean"), base_model("gpt2", "sdpa")
+    assert one_row(cfg, lean, "norms") and one_row(cfg, lean, "off")
+    assert not one_row(cfg, sdpa, "off")  # SDPA would attend over the whole masked row
+    assert not one_row(cfg, lean, "layers")  # each new number of segments would compile the layers again
+    assert not one_row(apply_overrides(cfg, [("train.one_row", False)]), lean, "off")

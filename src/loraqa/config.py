@@ -327,8 +327,8 @@ class TrainConfig:
     one_row: Bool = Field(
         True,
         description="a shared-context batch laid out as one row of segments, padded once at its end, where the "
-        "training attention is eager_lean (which computes it segment by segment): the matmuls skip the padding "
-        "between rows; false: a padded row each",
+        "training attention is eager_lean (which computes it segment by segment) and train.compile is not layers: "
+        "the matmuls skip the padding between rows; false: a padded row each; metrics.json: train_one_row",
     )
     pad_to_multiple: Int = Field(
         64,

@@ -41,7 +41,8 @@ class CpuLoraDropout(torch.nn.Module):
         return f"p={self.p}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or x.device.type != "cpu":
+        if not self.training or x.device.type != "cpu" or torch.compiler.is_compiling():
+            # compiled (train.compile=layers), inductor draws the mask inside the fused kernel, on any device
             return torch.nn.functional.dropout(x, self.p, self.training)
         return x * self.mask(x.shape, x.dtype)
 

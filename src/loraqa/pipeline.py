@@ -348,7 +348,7 @@ def _make_trainer(
     )
     pad, multiple = lm.tokenizer.pad_token_id, cfg.train.pad_to_multiple
     if resolved.share_contexts:
-        collator = SharedContextCollator(pad, multiple, one_row=cfg.train.one_row and reads_segments(lm.model))
+        collator = SharedContextCollator(pad, multiple, one_row=one_row(cfg, lm.model, compiling))
     else:
         collator = QACollator(pad, multiple)
     return QATrainer(
@@ -366,6 +366,12 @@ def _make_trainer(
         base_name=cfg.model.name,
         compile_norms=compiling == "norms",
     )
+
+
+def one_row(cfg: ExperimentConfig, model, compiling: str) -> bool:
+    """``train.one_row`` as it applies: where the training attention reads segments (eager_lean), and not with
+    compiled layers, which would compile again for every new number of segments (a list's length is a guard)."""
+    return cfg.train.one_row and reads_segments(model) and compiling != "layers"
 
 
 def _fit(trainer, resume: str | None, clock, interrupt, *, full: bool, patience: int) -> None:
