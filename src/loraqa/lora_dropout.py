@@ -19,6 +19,8 @@ eval mode it is ``torch.nn.functional.dropout``.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from peft.tuners.lora import LoraLayer
@@ -41,21 +43,35 @@ class CpuLoraDropout(torch.nn.Module):
         return f"p={self.p}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or x.device.type != "cpu" or torch.compiler.is_compiling():
-            # compiled (train.compile=layers), inductor draws the mask inside the fused kernel, on any device
+        if not self.training or x.device.type != "cpu":
             return torch.nn.functional.dropout(x, self.p, self.training)
         return x * self.mask(x.shape, x.dtype)
 
     def mask(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """0 where dropped, ``scale`` where kept, drawn from a seed taken from torch's default generator."""
-        n = shape.numel()
-        seed = int(torch.randint(0, 2**63 - 1, ()))
-        # uniform over [-32768, 32767]
-        draws = np.random.PCG64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]
-        # the compare in NumPy and the cast from uint8: torch's int16 compare and its cast from bool run 3-5x
-        # slower on a CPU (half of the mask's time between them)
-        keep = np.greater_equal(draws, self.drop_levels - LEVELS // 2)
-        return torch.from_numpy(keep).view(torch.uint8).view(shape).to(dtype).mul_(self.scale)
+        return dropout_mask(list(shape), dtype, self.drop_levels, torch.device("cpu"))
+
+
+# A custom op, so that torch.compile (train.compile=layers) calls it as it is instead of breaking its graph at
+# NumPy: compiled or eager, a layer draws the same masks from the same seeds, and inductor's own per-element
+# random draws (slower on a CPU than this) are not used.
+@torch.library.custom_op("loraqa::lora_dropout_mask", mutates_args=(), device_types="cpu")
+def dropout_mask(shape: list[int], dtype: torch.dtype, drop_levels: int, device: torch.device) -> torch.Tensor:
+    """The mask of :meth:`CpuLoraDropout.mask`: a 16-bit draw below ``drop_levels`` drops its element."""
+    n = math.prod(shape)
+    seed = int(torch.randint(0, 2**63 - 1, ()))
+    # uniform over [-32768, 32767]
+    draws = np.random.PCG64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]
+    # the compare in NumPy and the cast from uint8: torch's int16 compare and its cast from bool run 3-5x
+    # slower on a CPU (half of the mask's time between them)
+    keep = np.greater_equal(draws, drop_levels - LEVELS // 2)
+    scale = LEVELS / (LEVELS - drop_levels)
+    return torch.from_numpy(keep).view(torch.uint8).view(shape).to(dtype).mul_(scale)
+
+
+@dropout_mask.register_fake
+def _(shape: list[int], dtype: torch.dtype, drop_levels: int, device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def use_cpu_dropout(model) -> int:
