@@ -49,15 +49,20 @@ class CpuLoraDropout(torch.nn.Module):
 
     def mask(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """0 where dropped, ``scale`` where kept, drawn from a seed taken from torch's default generator."""
-        return dropout_mask(list(shape), dtype, self.drop_levels, torch.device("cpu"))
+        return dropout_mask(_MASKS_DRAWN, list(shape), dtype, self.drop_levels)
 
 
 # A custom op, so that torch.compile (train.compile=layers) calls it as it is instead of breaking its graph at
-# NumPy: compiled or eager, a layer draws the same masks from the same seeds, and inductor's own per-element
-# random draws (slower on a CPU than this) are not used.
-@torch.library.custom_op("loraqa::lora_dropout_mask", mutates_args=(), device_types="cpu")
-def dropout_mask(shape: list[int], dtype: torch.dtype, drop_levels: int, device: torch.device) -> torch.Tensor:
+# NumPy, and inductor's own per-element random draws (slower on a CPU than this) are not used. Every call
+# mutates one shared counter, which keeps compiled calls in the order eager calls them: each draws its seed from
+# torch's generator, so compiled or eager a layer draws the same masks from the same seed.
+_MASKS_DRAWN = torch.zeros((), dtype=torch.int64)
+
+
+@torch.library.custom_op("loraqa::lora_dropout_mask", mutates_args=("drawn",), device_types="cpu")
+def dropout_mask(drawn: torch.Tensor, shape: list[int], dtype: torch.dtype, drop_levels: int) -> torch.Tensor:
     """The mask of :meth:`CpuLoraDropout.mask`: a 16-bit draw below ``drop_levels`` drops its element."""
+    drawn.add_(1)
     n = math.prod(shape)
     seed = int(torch.randint(0, 2**63 - 1, ()))
     # uniform over [-32768, 32767]
@@ -70,8 +75,8 @@ def dropout_mask(shape: list[int], dtype: torch.dtype, drop_levels: int, device:
 
 
 @dropout_mask.register_fake
-def _(shape: list[int], dtype: torch.dtype, drop_levels: int, device: torch.device) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype, device=device)
+def _(drawn: torch.Tensor, shape: list[int], dtype: torch.dtype, drop_levels: int) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
 
 
 def use_cpu_dropout(model) -> int:
