@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from loraqa import norms
-from loraqa.config import NORMS_PAY_FROM_STEPS, ConfigError, ExperimentConfig, apply_overrides
+from loraqa.config import (
+    LAYERS_PAY_FROM_STEPS,
+    NORMS_PAY_FROM_STEPS,
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+)
 from loraqa.devices import resolve_compile
 from loraqa.trainer import enable_checkpointing, planned_steps
 
@@ -158,6 +164,13 @@ def test_train_compile_choices_and_their_older_spellings(given, resolved):
     assert resolve_compile(cfg.train.compile, "cuda", long_run) == ("off" if given == "auto" else resolved)
     # auto compiles only where the compiling pays back: not for a short run
     assert resolve_compile(cfg.train.compile, "cpu", long_run - 1) == ("off" if given == "auto" else resolved)
+    # and whole layers for a long one (the same compiled graph serves all its steps)
+    longer = ("layers" if given == "auto" else resolved, "norms" if given == "auto" else resolved)
+    assert resolve_compile(cfg.train.compile, "cpu", LAYERS_PAY_FROM_STEPS) == longer[0]
+    assert resolve_compile(cfg.train.compile, "cpu", LAYERS_PAY_FROM_STEPS - 1) == longer[1]
+    assert resolve_compile(cfg.train.compile, "cuda", LAYERS_PAY_FROM_STEPS) == (
+        "off" if given == "auto" else resolved
+    )
 
 
 def test_planned_steps_are_the_trainers():

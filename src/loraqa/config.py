@@ -62,6 +62,9 @@ SEARCH_PRUNERS: tuple[str, ...] = typing.get_args(SearchPruner)
 # train.compile=auto compiles the norms for a training this long or longer: compiling takes ~5-10 s once a process
 # on a 2-core CPU and saves ~0.1-0.2 s a step, so a shorter run would spend more compiling than it saves
 NORMS_PAY_FROM_STEPS = 200
+# ... and whole decoder layers for one this long or longer: ~1 min of compiling with an empty kernel cache
+# (~10 s with a warm one) for a step ~20% shorter than with compiled norms (docs/performance.md)
+LAYERS_PAY_FROM_STEPS = 1000
 
 TRIAL_RESOURCES = {"cpus": 1.0, "gpus": 0.0}  # what one trial holds on Ray (--backend ray), by default
 
@@ -339,8 +342,9 @@ class TrainConfig:
     compile: Compile = Field(
         "auto",
         description="what torch.compile compiles: norms (the RMSNorms, a few seconds to compile), layers (the "
-        "decoder layers, minutes) or off; auto is norms to train on a CPU for "
-        f"{NORMS_PAY_FROM_STEPS} optimizer steps or more, off otherwise and on a GPU (not measured there); "
+        "decoder layers, about a minute) or off; auto, to train on a CPU, is layers for "
+        f"{LAYERS_PAY_FROM_STEPS} optimizer steps or more, norms for {NORMS_PAY_FROM_STEPS} or more, off for "
+        "fewer; off on a GPU (not measured there); "
         "metrics.json: train_compile, compile_seconds (within train_seconds)",
     )
     gradient_checkpointing: Bool = Field(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .config import NORMS_PAY_FROM_STEPS
+from .config import LAYERS_PAY_FROM_STEPS, NORMS_PAY_FROM_STEPS
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +72,19 @@ def resolve_attention(attn_implementation: str, device: torch.device | str, *, t
 
 
 def resolve_compile(compile_mode: str, device: torch.device | str, steps: int) -> str:
-    """``train.compile``: ``auto`` -> ``norms`` to train for :data:`NORMS_PAY_FROM_STEPS` optimizer steps or
-    more on a CPU, ``off`` otherwise; any other value as asked.
+    """``train.compile``: ``auto`` -> ``layers`` to train for :data:`LAYERS_PAY_FROM_STEPS` optimizer steps or
+    more on a CPU, ``norms`` for :data:`NORMS_PAY_FROM_STEPS` or more, ``off`` otherwise and on a GPU; any other
+    value as asked.
 
-    On a CPU the RMSNorms compile in seconds and make a bf16 step ~7% faster (:mod:`loraqa.norms`); whole
-    decoder layers (``layers``) compile for minutes and gained 0-3% (docs/performance.md). On a GPU neither has
-    been measured, and eager norms there are cheap beside the matmuls."""
+    On a CPU the RMSNorms compile in seconds and make a bf16 step ~7-11% faster (:mod:`loraqa.norms`); whole
+    decoder layers compile for about a minute (LoRA dropout's mask inside them, :mod:`loraqa.lora_dropout`) and
+    make a step ~20-30% faster still (docs/performance.md): each pays where a run is long enough to earn its
+    compiling back. On a GPU neither has been measured."""
     if compile_mode != "auto":
         return compile_mode
-    return "norms" if torch.device(device).type == "cpu" and steps >= NORMS_PAY_FROM_STEPS else "off"
+    if torch.device(device).type != "cpu":
+        return "off"
+    return "layers" if steps >= LAYERS_PAY_FROM_STEPS else "norms" if steps >= NORMS_PAY_FROM_STEPS else "off"
 
 
 def peak_memory_mb(device: torch.device | str = "cpu") -> float:
