@@ -47,3 +47,32 @@ def test_compiled_layers_with_dropout_compute_the_eager_step(gpt2_tokenizer):
         assert float((compiled[name] - eager[name]).norm() / eager[name].norm()) < 1e-4, name
     # another seed, other masks: they are drawn at each call, not fixed when the layer was compiled
     assert abs(loss_and_grads(model, batch, seed=6)[0] - eager_loss) > 1e-4 * eager_loss
+
+
+def test_scoring_answers_with_the_layers_eager_and_training_resumes_compiled(monkeypatch):
+    """In-training scoring generates (a growing cache, one token a step): compiled layers would compile again
+    for it, so they run eager while it answers and their compiled code is back afterwards."""
+    from loraqa import scoring
+    from loraqa.config import ExperimentConfig
+
+    model = tiny_llama()
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)  # compiles at its first call: none here
+    calls = [layer._compiled_call_impl for layer in layers]
+    seen = []
+
+    class Answerer:  # records what generation would run
+        def __init__(self, cfg, model, tokenizer):
+            pass
+
+        def answer(self, examples):
+            seen.append([layer._compiled_call_impl for layer in layers])
+            return [], {"exact_match": 50.0, "f1": 60.0}
+
+    monkeypatch.setattr(scoring, "Answerer", Answerer)
+    model.train()
+    scores = scoring.ScoreCallback(None, ["a question"], ExperimentConfig()).score(model)
+    assert scores[scoring.F1_KEY] == 60.0
+    assert seen == [[None] * len(layers)] and all(calls)
+    assert [layer._compiled_call_impl for layer in layers] == calls and model.training

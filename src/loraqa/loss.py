@@ -31,9 +31,8 @@ def labelled_positions_loss(model, batch: dict, num_items: int | torch.Tensor | 
     """Causal-LM cross-entropy computed only at labelled positions: the model's own loss (sum over labelled
     tokens / ``num_items``, or their mean) where :func:`fast_loss_blocker` finds nothing against it."""
     lm = _base(model)
-    segments = (
-        {SEGMENTS: batch[SEGMENTS]} if SEGMENTS in batch else {}
-    )  # a one-row batch's (loraqa.attention)
+    # a one-row batch's segment lengths, for the attention kernel (loraqa.attention)
+    segments = {SEGMENTS: batch[SEGMENTS]} if SEGMENTS in batch else {}
     hidden = lm.get_decoder()(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],

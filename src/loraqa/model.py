@@ -349,6 +349,21 @@ def parameter_table(name: str, ranks=STUDY_RANKS, presets=STUDY_PRESETS) -> list
     return rows
 
 
+def uncompile(model) -> list:
+    """Make the modules compiled for training (``train.compile=layers``) run eager; returns (module, compiled
+    call) pairs to :func:`recompile` them with."""
+    compiled = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None)]
+    for module, _ in compiled:
+        module._compiled_call_impl = None
+    return compiled
+
+
+def recompile(compiled: list) -> None:
+    """Undo :func:`uncompile`: the modules run their compiled code again (nothing is compiled anew)."""
+    for module, call in compiled:
+        module._compiled_call_impl = call
+
+
 def prepare_for_generation(
     model, *, merge: bool = True, precision: str = "fp32", attention: str | None = None
 ):
@@ -356,9 +371,7 @@ def prepare_for_generation(
     Layers compiled for training (``train.compile``) go back to eager: generation's shapes would recompile them.
     ``attention``: the kernel to answer with, where training ran another (see
     :func:`~loraqa.devices.resolve_attention`)."""
-    for module in model.modules():
-        if getattr(module, "_compiled_call_impl", None) is not None:
-            module._compiled_call_impl = None
+    uncompile(model)
     if merge and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if precision == "bf16":

@@ -158,8 +158,8 @@ class SharedContextCollator:
         padding = input_ids.new_ones((n, width), dtype=torch.bool)
         for (r, offset), length in zip(starts, lengths, strict=True):
             padding[r, offset : offset + length] = False
-        r, pad = padding.nonzero(as_tuple=True)
-        allowed[r, pad, pad] = True  # padding attends to itself only
+        pad_row, pad_position = padding.nonzero(as_tuple=True)
+        allowed[pad_row, pad_position, pad_position] = True  # padding attends to itself only
         mask = torch.zeros((n, 1, width, width), dtype=torch.float32)
         mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
         batch = {

@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 from . import dist
 from .answering import Answerer
 from .metrics import EM_KEY, F1_KEY, METRIC, SCORE_SECONDS_KEY, best_scoring, patience_ran_out
+from .model import recompile, uncompile
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,12 @@ class ScoreCallback(TrainerCallback):
         inner = dist.unwrap(model)
         was_training = inner.training
         inner.eval()
+        # generation's shapes (a growing cache, one token a step) would compile compiled layers again
+        compiled = uncompile(inner)
         try:
             _, summary = Answerer(self.cfg, inner, self.tokenizer).answer(self.examples)
         finally:
+            recompile(compiled)
             inner.train(was_training)
         return {
             EM_KEY: summary["exact_match"],
