@@ -117,6 +117,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def assert_same_step(model, features, expected_collator, collator, fast: bool = True) -> None:
+    """Each question's loss, the batch loss and its gradients under ``collator`` equal ``expected_collator``'s
+    (fp32: to 1e-5 relative)."""
+    expected = per_question_losses(model, features, expected_collator)
+    for g, e in zip(per_question_losses(model, features, collator), expected, strict=True):
+        assert abs(g - e) <= 1e-5 * abs(e)
+    ref_loss, ref = grads_of_batch_loss(model, features, expected_collator, fast)
+    new_loss, new = grads_of_batch_loss(model, features, collator, fast)
+    assert abs(new_loss - ref_loss) <= 1e-5 * ref_loss
+    assert ref and set(ref) == set(new)
+    for name in ref:
+        assert rel_err(new[name], ref[name]) < 1e-5, name
+
+
 @pytest.fixture(scope="module")
 def features(gpt2_tokenizer):
     return make_features(PromptEncoder(gpt2_tokenizer))
@@ -150,16 +164,7 @@ def test_fp32_lora_losses_and_gradients_equal_stand_alone(features, collators, f
     shared, alone = collators
     model = with_lora(base_model(family, attn))
     model.eval()
-    expected = per_question_losses(model, features, alone)
-    got = per_question_losses(model, features, shared)
-    for k, (g, e) in enumerate(zip(got, expected, strict=True)):
-        assert abs(g - e) <= 1e-5 * abs(e), (k, g, e)
-    ref_loss, ref = grads_of_batch_loss(model, features, alone, fast)
-    new_loss, new = grads_of_batch_loss(model, features, shared, fast)
-    assert abs(new_loss - ref_loss) <= 1e-5 * ref_loss
-    assert ref and set(ref) == set(new)
-    for name in ref:
-        assert rel_err(new[name], ref[name]) < 1e-5, name
+    assert_same_step(model, features, alone, shared, fast)
 
 
 def lora_loss_and_grads(family: str, kernel: str, dtype: torch.dtype, batch: dict):
@@ -236,17 +241,7 @@ def test_widths_padded_to_a_multiple_change_no_loss_or_gradient(
             batch["input_ids"].shape[1] % 64 == 0
             and batch["input_ids"].shape[1] > tight(features)["input_ids"].shape[1]
         )
-        expected, got = (
-            per_question_losses(model, features, tight),
-            per_question_losses(model, features, padded),
-        )
-        for g, e in zip(got, expected, strict=True):
-            assert abs(g - e) <= 1e-5 * abs(e)
-        ref_loss, ref = grads_of_batch_loss(model, features, tight, True)
-        new_loss, new = grads_of_batch_loss(model, features, padded, True)
-        assert abs(new_loss - ref_loss) <= 1e-5 * ref_loss
-        for name in ref:
-            assert rel_err(new[name], ref[name]) < 1e-5, name
+        assert_same_step(model, features, tight, padded)
     assert len(SharedContextCollator(pad, 64)(features)["input_ids"]) <= len(
         collators[0](features)["input_ids"]
     )
@@ -286,14 +281,7 @@ def test_fp32_one_row_losses_and_gradients_equal_the_rows(gpt2_tokenizer, featur
     rows, flat = SharedContextCollator(pad, 64), SharedContextCollator(pad, 64, one_row=True)
     model = with_lora(base_model(family, attn))
     model.eval()
-    for g, e in zip(per_question_losses(model, features, flat), per_question_losses(model, features, rows),
-                    strict=True):  # fmt: skip
-        assert abs(g - e) <= 1e-5 * abs(e)
-    ref_loss, ref = grads_of_batch_loss(model, features, rows, fast)
-    new_loss, new = grads_of_batch_loss(model, features, flat, fast)
-    assert abs(new_loss - ref_loss) <= 1e-5 * ref_loss
-    for name in ref:
-        assert rel_err(new[name], ref[name]) < 1e-5, name
+    assert_same_step(model, features, rows, flat, fast)
 
 
 def test_lean_attention_with_segments_reads_only_their_blocks_of_the_mask():
