@@ -42,9 +42,9 @@ def answering_run(tmp_path_factory):
         "train.warmup_steps": 0, "train.eval_steps": 0, "train.save_steps": 0, "train.report_to": "none",
         "eval.batch_size": 8, "eval.max_new_tokens": 8,
         # what 60 steps teach so small a model hangs on GPT-2's own dropout draws, which the batches' shapes
-        # decide: with these widths it answers one colour word (with widths of 64 it answers strings such as
-        # "purple yellow", no span of any paragraph)
-        "train.pad_to_multiple": 1,
+        # decide: with these widths, in rows, it answers one colour word (with widths of 64, or in one row, it
+        # answers strings such as "purple yellow" or "purple purple really", no span of any paragraph)
+        "train.pad_to_multiple": 1, "train.one_row": False,
     }  # fmt: skip
     run = root / "tiny-reader"
     run_experiment(apply_overrides(ExperimentConfig(), list(overrides.items())), run, progress=False)
