@@ -52,14 +52,11 @@ class Step:
 def build(args, overrides: list[str]) -> Step:
     from transformers import set_seed
 
-    from loraqa.batching import QACollator
     from loraqa.config import ExperimentConfig, apply_overrides, parse_overrides
     from loraqa.data import load_squad, squad_path
     from loraqa.devices import resolve_compile
     from loraqa.model import apply_lora, load_model
-    from loraqa.packing import SharedContextCollator
-    from loraqa.pipeline import one_row as resolved_one_row
-    from loraqa.pipeline import resolve
+    from loraqa.pipeline import resolve, train_collator
     from loraqa.prompt import PromptEncoder, encode_train_set
     from loraqa.trainer import QATrainer, enable_checkpointing, planned_steps, training_arguments
 
@@ -77,9 +74,7 @@ def build(args, overrides: list[str]) -> Step:
     if cfg.train.gradient_checkpointing:  # what Trainer.train would do first; the steps below call the loss
         enable_checkpointing(model)
     compiling = resolve_compile(cfg.train.compile, "cpu", planned_steps(cfg.train, len(features)))
-    pad, multiple = lm.tokenizer.pad_token_id, cfg.train.pad_to_multiple  # as _make_trainer builds it
-    one_row = resolved.share_contexts and resolved_one_row(cfg, lm.model, compiling)
-    collator = SharedContextCollator(pad, multiple, one_row=one_row) if shared else QACollator(pad, multiple)
+    collator = train_collator(cfg, resolved, lm, compiling)  # as loraqa train builds it
     targs = training_arguments(cfg.train, Path("/tmp/loraqa-profile"), per_process_batch=resolved.per_process_batch,
                                reporters=list(resolved.reporters), precision=lm.precision, device=lm.device,
                                compile_layers=compiling == "layers")  # fmt: skip
@@ -97,7 +92,7 @@ def build(args, overrides: list[str]) -> Step:
         run=lambda batch: None,
         batches=[collator([features[i] for i in order[j : j + bs]]) for j in range(0, len(order), bs)],
         batch_size=bs,
-        describe=f"precision {lm.precision}, compiled {trainer.compiled}, one row {one_row}, "
+        describe=f"precision {lm.precision}, compiled {trainer.compiled}, one row {getattr(collator, 'one_row', False)}, "
         f"{sum(q.numel() for q in trainable):,} trainable parameters",
     )
 

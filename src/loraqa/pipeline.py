@@ -346,17 +346,12 @@ def _make_trainer(
         eval_loss=bool(loss_eval_features),
         compile_layers=compiling == "layers",
     )
-    pad, multiple = lm.tokenizer.pad_token_id, cfg.train.pad_to_multiple
-    if resolved.share_contexts:
-        collator = SharedContextCollator(pad, multiple, one_row=one_row(cfg, lm.model, compiling))
-    else:
-        collator = QACollator(pad, multiple)
     return QATrainer(
         model=model,
         args=args,
         train_dataset=train_features,
         eval_dataset=loss_eval_features if cfg.train.eval_steps and loss_eval_features else None,
-        data_collator=collator,
+        data_collator=train_collator(cfg, resolved, lm, compiling),
         # no processing_class: a checkpoint must not hold the tokenizer, which loraqa reloads by name. The
         # Trainer would copy it (3.5 MB for GPT-2) into every checkpoint, and the tokenizers library writes
         # tokenizer.json without reporting a full disk: a truncated file in a checkpoint that looks complete.
@@ -366,6 +361,15 @@ def _make_trainer(
         base_name=cfg.model.name,
         compile_norms=compiling == "norms",
     )
+
+
+def train_collator(cfg: ExperimentConfig, resolved: Resolved, lm, compiling: str):
+    """The training batches' collator: shared-context rows (in one row where :func:`one_row` says) or padded
+    stand-alone examples."""
+    pad, multiple = lm.tokenizer.pad_token_id, cfg.train.pad_to_multiple
+    if resolved.share_contexts:
+        return SharedContextCollator(pad, multiple, one_row=one_row(cfg, lm.model, compiling))
+    return QACollator(pad, multiple)
 
 
 def one_row(cfg: ExperimentConfig, model, compiling: str) -> bool:
