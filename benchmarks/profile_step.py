@@ -76,11 +76,11 @@ def build(args, overrides: list[str]) -> Step:
     compiling = resolve_compile(cfg.train.compile, "cpu", planned_steps(cfg.train, len(features)))
     collator = train_collator(cfg, resolved, lm, compiling)  # as loraqa train builds it
     targs = training_arguments(cfg.train, Path("/tmp/loraqa-profile"), per_process_batch=resolved.per_process_batch,
-                               reporters=list(resolved.reporters), precision=lm.precision, device=lm.device,
-                               compile_layers=compiling == "layers")  # fmt: skip
+                               reporters=list(resolved.reporters), precision=lm.precision,
+                               device=lm.device)  # fmt: skip
     trainer = QATrainer(model=model, args=targs, train_dataset=features, data_collator=collator,
                         fast_loss=cfg.train.fast_loss, share_contexts=shared,
-                        compile_norms=compiling == "norms")  # fmt: skip
+                        compiling=compiling)  # fmt: skip
     torch.manual_seed(0)
     order = list(trainer._get_train_sampler())
     bs = cfg.train.batch_size

@@ -140,6 +140,25 @@ def test_two_processes_train_and_score_like_one(tmp_path, synthetic_dir, no_drop
         ref["exact_match"], ref["f1"], ref["n_questions"])  # fmt: skip
 
 
+def test_compiled_layers_under_torchrun_train_like_one_eager_process(
+    tmp_path, synthetic_dir, no_dropout_model
+):
+    """train.compile=layers inside DDP: each process compiles its own decoder layers, the DDP wrapper around them
+    all-reduces their LoRA gradients, and the two processes train as one eager process does (inductor's kernels
+    sum in another order than eager's: rel 1e-4)."""
+    s = settings(no_dropout_model, synthetic_dir, **{"train.eval_steps": 0})
+    ref = one_process({**s, "train.compile": "off"}, tmp_path / "one")
+    done = run_torchrun({**s, "train.compile": "layers"}, tmp_path / "two", timeout=600)
+    assert done.returncode == 0, failure(done)
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert (metrics["world_size"], metrics["train_compile"], ref["train_compile"]) == (2, "layers", "off")
+    assert metrics["compile_seconds"] > 0
+    a, b = history(tmp_path / "one", "loss"), history(tmp_path / "two", "loss")
+    assert [step for step, _ in a] == [step for step, _ in b] == list(range(1, 7))
+    assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=1e-4)
+    assert metrics["final_train_loss"] == pytest.approx(ref["final_train_loss"], rel=1e-4)
+
+
 def test_eval_under_torchrun_answers_each_question_once(tmp_path, synthetic_dir, no_dropout_model):
     """`loraqa eval RUN` under torchrun: each process answers its share, the main one writes what one process
     would (before, each process answered half and then failed: its share did not match the dev set)."""

@@ -344,7 +344,6 @@ def _make_trainer(
         precision=lm.precision,
         device=lm.device,
         eval_loss=bool(loss_eval_features),
-        compile_layers=compiling == "layers",
     )
     return QATrainer(
         model=model,
@@ -359,7 +358,7 @@ def _make_trainer(
         fast_loss=cfg.train.fast_loss,
         share_contexts=resolved.share_contexts,
         base_name=cfg.model.name,
-        compile_norms=compiling == "norms",
+        compiling=compiling,
     )
 
 

@@ -65,8 +65,8 @@ class QATrainer(Trainer):
     of the hidden state (and an fp32 dropout mask) per adapted layer. Adapters, their gradients and the
     optimizer state stay fp32.
 
-    ``args.torch_compile`` compiles the decoder layers (``train.compile=layers``); ``compile_norms`` the RMSNorms
-    alone (``train.compile=norms``, :mod:`loraqa.norms`). ``compiled`` says which it did.
+    ``compiling`` is ``train.compile`` resolved: ``layers`` compiles each decoder layer, ``norms`` the RMSNorms alone
+    (:mod:`loraqa.norms`). ``compiled`` says which it did.
     """
 
     def __init__(
@@ -75,7 +75,7 @@ class QATrainer(Trainer):
         fast_loss: bool = True,
         share_contexts: bool = False,
         base_name: str | None = None,
-        compile_norms: bool = False,
+        compiling: str = "off",
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -92,14 +92,15 @@ class QATrainer(Trainer):
         self.add_callback(SamplerEpoch(self))
         if fast_loss:
             self.loss_is_scaled_for_ga = True  # divided by the tokens of the whole accumulated batch
-            if self.args.torch_compile:
-                # the labelled-positions loss calls the decoder, not the (compiled) model.forward:
-                # compile the decoder layers instead (they share one compiled graph)
-                for layer in decoder_layers(self.model):
-                    layer.compile(dynamic=True)
-        # what torch.compile compiles for this training (train.compile, resolved): layers, norms or off
-        self.compiled = "layers" if self.args.torch_compile else "off"
-        if compile_norms and not self.args.torch_compile and norms.compile_norms(self.model):
+        self.compiled = "off"  # what torch.compile compiled for this training: layers, norms or off
+        if compiling == "layers":
+            # each decoder layer (they share one compiled graph), never the whole model as the Trainer's
+            # torch_compile does: the labelled-positions loss calls the decoder, not model.forward, and under DDP
+            # the Trainer's compiled wrapper around the DDP model left the processes' gradients unaveraged
+            for layer in decoder_layers(self.model):
+                layer.compile(dynamic=True)
+            self.compiled = "layers"
+        elif compiling == "norms" and norms.compile_norms(self.model):
             self.compiled = "norms"
         self._lora_layers = []
         if self.args.bf16:
@@ -227,12 +228,12 @@ def training_arguments(
     precision: str,
     device: torch.device,
     eval_loss: bool = True,
-    compile_layers: bool = False,
 ) -> TrainingArguments:
     """The ``train`` section as ``TrainingArguments``, with what the run resolved from it: the batch of one
     process and the Trainer's reporting integrations. ``eval_loss``: whether there are questions to log the eval
     loss on (``data.loss_eval_limit=0``, or none left after encoding, turns the periodic eval-loss pass off
-    whatever ``train.eval_steps`` says). ``compile_layers``: ``train.compile`` resolved to ``layers``."""
+    whatever ``train.eval_steps`` says). ``train.compile`` is the trainer's (:class:`QATrainer`), never the
+    Trainer's ``torch_compile``."""
     eval_steps = t.eval_steps if eval_loss else 0
     return TrainingArguments(
         output_dir=str(ckpt_dir),
@@ -263,7 +264,6 @@ def training_arguments(
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         remove_unused_columns=False,
         prediction_loss_only=True,
-        torch_compile=compile_layers,  # train.compile=layers (resolved)
         **checkpointing_arguments(t.gradient_checkpointing),
         report_to=reporters,
         dataloader_num_workers=0,
