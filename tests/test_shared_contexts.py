@@ -20,7 +20,7 @@ import torch
 from helpers import nonzero_lora_b
 from loraqa.attention import SEGMENTS
 from loraqa.attention import register as register_attention
-from loraqa.batching import QACollator
+from loraqa.batching import QACollator, padded_width
 from loraqa.config import LoraConfig
 from loraqa.loss import labelled_positions_loss
 from loraqa.model import apply_lora, load_base_model
@@ -258,43 +258,64 @@ def test_one_row_lays_the_rows_end_to_end_as_segments(gpt2_tokenizer, features):
     assert len(segments) == rows["input_ids"].shape[0] > 1  # one segment a row
     assert flat["real_tokens"] == rows["real_tokens"] < rows["input_ids"].numel()
     assert width < rows["input_ids"].numel()  # no padding between the rows
+    # the mask holds each segment's block: a position's row covers its own segment's positions from column 0
+    assert flat["attention_mask"].shape == (1, 1, width, max(segments)) and max(segments) < width
     start = 0
     for r, n in enumerate(segments):  # each segment holds its row's tokens, labels, positions and mask
         real = min(n, flat["real_tokens"] - start)
         for key in ("input_ids", "labels", "position_ids"):
             assert flat[key][0, start : start + real].tolist() == rows[key][r, :real].tolist(), key
-        block = flat["attention_mask"][0, 0, start : start + n, start : start + n]
+        block = flat["attention_mask"][0, 0, start : start + n]
         assert torch.equal(block[:real, :real], rows["attention_mask"][r, 0, :real, :real])
-        assert (flat["attention_mask"][0, 0, start : start + n, :start] < 0).all()  # nothing across segments
+        assert (block[:, n:] < 0).all()  # no column past the segment's own positions
         start += n
     tail = torch.arange(flat["real_tokens"], width)
-    assert (flat["attention_mask"][0, 0, tail, tail] == 0).all()  # the padding sees itself
+    last = width - segments[-1]
+    # the padding sees itself
+    assert len(tail) and (flat["attention_mask"][0, 0, tail, tail - last] == 0).all()
 
 
-@pytest.mark.parametrize("family,attn,fast", [("gpt2", "eager_lean", True), ("llama", "eager_lean", True),
-                                              ("llama", "eager_lean", False), ("llama", "eager", True),
-                                              ("gpt2", "sdpa", True)])  # fmt: skip
-def test_fp32_one_row_losses_and_gradients_equal_the_rows(gpt2_tokenizer, features, family, attn, fast):
-    """train.one_row: eager_lean attends segment by segment, other kernels over the whole masked row; either
-    way each question's loss and the LoRA gradients are the rows' (with padding between rows and after)."""
+def test_one_row_mask_grows_with_the_longest_segment_not_the_row(gpt2_tokenizer, features):
+    """Twice the questions (each again, on a context that differs in its first token) make the row twice as
+    wide; the mask's columns stay within the longest block's padded width, whatever the number of questions."""
+    pad = gpt2_tokenizer.pad_token_id
+    flat = SharedContextCollator(pad, 64, one_row=True)
+    once = flat(features)
+    again = [{**f, "input_ids": [(f["input_ids"][0] + 1) % 50_000, *f["input_ids"][1:]]} for f in features]
+    twice = flat(features + again)
+    assert twice["real_tokens"] == 2 * once["real_tokens"]
+    longest = max(len(b.input_ids) for b in build_blocks(features))
+    room = padded_width(longest, 64) + 63  # + the tail's padding
+    for batch in (once, twice):
+        assert batch["attention_mask"].shape[-1] == max(batch[SEGMENTS]) <= room
+
+
+@pytest.mark.parametrize("family,fast", [("gpt2", True), ("llama", True), ("llama", False)])
+def test_fp32_one_row_losses_and_gradients_equal_the_rows(gpt2_tokenizer, features, family, fast):
+    """train.one_row: eager_lean attends segment by segment, reading each segment's block of the mask; each
+    question's loss and the LoRA gradients are the rows' (with padding between rows and after)."""
     pad = gpt2_tokenizer.pad_token_id
     rows, flat = SharedContextCollator(pad, 64), SharedContextCollator(pad, 64, one_row=True)
-    model = with_lora(base_model(family, attn))
+    model = with_lora(base_model(family, "eager_lean"))
     model.eval()
     assert_same_step(model, features, rows, flat, fast)
 
 
 def test_lean_attention_with_segments_reads_only_their_blocks_of_the_mask():
-    """With attention_segments, each segment attends within itself: the mask off the diagonal blocks is never
-    read (here it allows everything) and the output and gradients are each segment's attention on its own."""
+    """With attention_segments, each segment attends within itself: rows a:b of the mask are the segment's,
+    columns 0:b-a its positions; the columns past a short segment are never read (here they allow everything),
+    and the output and gradients are each segment's attention on its own."""
     from loraqa.attention import eager_lean_attention
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, n, 9, 8, generator=gen).requires_grad_() for n in (4, 2, 2))
     causal = torch.zeros(9, 9).masked_fill_(torch.ones(9, 9, dtype=torch.bool).triu(1), -1e9)
+    # segments of 4 and 5 positions; the first segment's rows allow column 4, past its own positions
+    blocks = torch.cat([causal[:4, :5], causal[:5, :5]])
+    blocks[:4, 4] = 0.0
     module = torch.nn.Module()
     module.num_key_value_groups = 2
-    out, weights = eager_lean_attention(module, q, k, v, causal[None, None], attention_segments=[4, 5])
+    out, weights = eager_lean_attention(module, q, k, v, blocks[None, None], attention_segments=[4, 5])
     assert weights is None
     parts = [eager_lean_attention(module, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], causal[None, None, :b - a, :b - a])[0]
              for a, b in ((0, 4), (4, 9))]  # fmt: skip
@@ -463,6 +484,6 @@ def test_one_row_applies_with_eager_lean_and_without_compiled_layers():
     cfg = ExperimentConfig()
     lean, sdpa = base_model("gpt2", "eager_lean"), base_model("gpt2", "sdpa")
     assert one_row(cfg, lean, "norms") and one_row(cfg, lean, "off")
-    assert not one_row(cfg, sdpa, "off")  # SDPA would attend over the whole masked row
+    assert not one_row(cfg, sdpa, "off")  # SDPA does not read segments, nor a mask of their blocks
     assert not one_row(cfg, lean, "layers")  # each new number of segments would compile the layers again
     assert not one_row(apply_overrides(cfg, [("train.one_row", False)]), lean, "off")

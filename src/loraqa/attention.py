@@ -12,8 +12,9 @@ This function computes the same attention with:
   same rounding as eager's cast of its fp32 result.
 
 A batch laid out as one row of segments (``SharedContextCollator(one_row=True)``) passes their lengths as
-``attention_segments``; attention is then computed segment by segment (their mask blocks on the diagonal),
-so the rows' positions need no padding between them and no segment attends across the others' scores.
+``attention_segments``; attention is then computed segment by segment, so the rows' positions need no padding
+between them and no segment attends across the others' scores. Its mask holds each segment's block only
+(L x S, S the longest segment: a position's mask row covers its own segment's positions, from column 0).
 
 It is the math path still, so it keeps the attention weights (now bf16, not fp32) for the backward pass. It is
 registered with transformers' ``AttentionInterface`` (with eager's mask builder in ``AttentionMaskInterface``)
@@ -60,11 +61,12 @@ def eager_lean_attention(
 
 def _by_segment(module, query, key, value, mask, scaling, dropout, lengths: list[int]) -> torch.Tensor:
     """Attention within each segment of the positions: ``split`` and ``cat``, whose backward passes are a
-    ``cat`` and views (slicing each segment would add a zero-filled full-size gradient per segment)."""
+    ``cat`` and views (slicing each segment would add a zero-filled full-size gradient per segment). Rows
+    ``start : start + n`` of ``mask`` are the segment's, columns ``0 : n`` its positions."""
     outputs, start = [], 0
     parts = zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), lengths, strict=True)
     for q, k, v, n in parts:
-        block = None if mask is None else mask[:, :, start : start + n, start : start + n]
+        block = None if mask is None else mask[:, :, start : start + n, :n]
         outputs.append(eager_lean_attention(module, q, k, v, block, scaling, dropout)[0])
         start += n
     return torch.cat(outputs, dim=1)

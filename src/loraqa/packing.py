@@ -117,9 +117,12 @@ class SharedContextCollator:
 
     With ``one_row`` the rows are laid end to end in a single row (B = 1) as its *segments*, padded once at the
     end, and ``attention_segments`` lists their lengths (the padding counted in the last): the layers' matmuls
-    then compute no padding between rows (a fifth of the positions of SQuAD's batches of 8), while a kernel
-    that reads the segments (:func:`~loraqa.attention.eager_lean_attention`) computes attention segment by
-    segment, as it would row by row. The mask outside the segments is masked, so any kernel computes the same.
+    then compute no padding between rows (a fifth of the positions of SQuAD's batches of 8), and a kernel that
+    reads the segments (:func:`~loraqa.attention.eager_lean_attention`, the only kind ``train.one_row`` runs
+    with) computes attention segment by segment, as it would row by row. The mask then holds each segment's own
+    block only: 1 x 1 x L x S, S the longest segment, column j of a position's mask row being its segment's j-th
+    position. A square L x L mask would grow with the square of the batch size (~300 MB at batches of 64 SQuAD
+    questions) while all but the blocks on its diagonal went unread.
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple: int = 1, one_row: bool = False):
@@ -129,50 +132,50 @@ class SharedContextCollator:
         blocks = build_blocks(features)
         rows = pack_rows([len(b.input_ids) for b in blocks], self.pad_to_multiple)
         lengths = [sum(len(blocks[i].input_ids) for i in row) for row in rows]
-        if self.one_row:  # (output row, first position) of each packed row
-            starts = [(0, sum(lengths[:r])) for r in range(len(rows))]
+        if self.one_row:  # (output row, first position) of each packed row, and the positions it spans
             width = padded_width(sum(lengths), self.pad_to_multiple)
+            starts = [(0, sum(lengths[:r])) for r in range(len(rows))]
+            spans = lengths[:-1] + [width - sum(lengths[:-1])]
         else:
-            starts = [(r, 0) for r in range(len(rows))]
             width = padded_width(max(lengths), self.pad_to_multiple)
+            starts = [(r, 0) for r in range(len(rows))]
+            spans = [width] * len(rows)
         n = 1 if self.one_row else len(rows)
-        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros((n, width), dtype=torch.long)
-        allowed = torch.zeros((n, width, width), dtype=torch.bool)
+        batch = {
+            "input_ids": torch.full((n, width), self.pad_token_id, dtype=torch.long),
+            "labels": torch.full((n, width), IGNORE_INDEX, dtype=torch.long),
+            "position_ids": torch.zeros((n, width), dtype=torch.long),
+        }
+        # allowed[r, start + x, y]: may the row's x-th position attend to its y-th (positions counted in the
+        # packed row, which starts at ``start`` of output row r)
+        allowed = torch.zeros((n, width, max(spans)), dtype=torch.bool)
+        for (r, start), row, length, span in zip(starts, rows, lengths, spans, strict=True):
+            self._lay_out(batch, allowed, r, start, [blocks[i] for i in row])
+            pad = torch.arange(length, span)
+            allowed[r, start + pad, pad] = True  # padding attends to itself only
+        mask = torch.zeros((n, 1, *allowed.shape[1:]), dtype=torch.float32)
+        batch["attention_mask"] = mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
+        batch |= {"num_questions": len(features), "real_tokens": sum(lengths)}
+        if self.one_row:
+            batch[SEGMENTS] = spans
+        return batch
+
+    @staticmethod
+    def _lay_out(batch: dict, allowed: torch.Tensor, r: int, start: int, blocks: list[Block]) -> None:
+        """Write one packed row's blocks into output row ``r`` from position ``start``, and their mask: each
+        context causal, each question segment seeing its context and its own earlier tokens."""
         longest = max(len(b.input_ids) for b in blocks)
         causal = torch.ones((longest, longest), dtype=torch.bool).tril()
-        for (r, offset), row in zip(starts, rows, strict=True):
-            for i in row:
-                b = blocks[i]
-                end = offset + len(b.input_ids)
-                input_ids[r, offset:end] = torch.tensor(b.input_ids)
-                labels[r, offset:end] = torch.tensor(b.labels)
-                position_ids[r, offset:end] = torch.tensor(b.position_ids)
-                c = offset + b.context
-                allowed[r, offset:c, offset:c] = causal[: b.context, : b.context]
-                for s, e in b.segments:
-                    allowed[r, offset + s : offset + e, offset:c] = True
-                    allowed[r, offset + s : offset + e, offset + s : offset + e] = causal[: e - s, : e - s]
-                offset = end
-        padding = input_ids.new_ones((n, width), dtype=torch.bool)
-        for (r, offset), length in zip(starts, lengths, strict=True):
-            padding[r, offset : offset + length] = False
-        pad_row, pad_position = padding.nonzero(as_tuple=True)
-        allowed[pad_row, pad_position, pad_position] = True  # padding attends to itself only
-        mask = torch.zeros((n, 1, width, width), dtype=torch.float32)
-        mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
-        batch = {
-            "input_ids": input_ids,
-            "labels": labels,
-            "position_ids": position_ids,
-            "attention_mask": mask,
-            "num_questions": len(features),
-            "real_tokens": sum(lengths),
-        }
-        if self.one_row:
-            batch[SEGMENTS] = lengths[:-1] + [width - sum(lengths[:-1])]
-        return batch
+        x = 0  # the block's first position in the packed row
+        for b in blocks:
+            end, c = x + len(b.input_ids), x + b.context
+            for key in ("input_ids", "labels", "position_ids"):  # the Block's fields of those names
+                batch[key][r, start + x : start + end] = torch.tensor(getattr(b, key))
+            allowed[r, start + x : start + c, x:c] = causal[: b.context, : b.context]
+            for s, e in b.segments:
+                allowed[r, start + x + s : start + x + e, x:c] = True
+                allowed[r, start + x + s : start + x + e, x + s : x + e] = causal[: e - s, : e - s]
+            x = end
 
 
 class SharedContextBatches(Sampler):
