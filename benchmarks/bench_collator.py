@@ -36,15 +36,15 @@ def main() -> None:
     args = parser.parse_args()
 
     import loraqa
-    from loraqa.config import ExperimentConfig, apply_overrides
+    from loraqa.config import ExperimentConfig
     from loraqa.data import load_squad, squad_path
-    from loraqa.model import load_model
+    from loraqa.model import load_tokenizer
     from loraqa.packing import SharedContextBatches, SharedContextCollator
     from loraqa.prompt import PromptEncoder, encode_train_set
 
     torch.set_num_threads(1)
-    cfg = apply_overrides(ExperimentConfig(), [("model.name", args.model)])
-    tokenizer = load_model(cfg.model, "cpu").tokenizer
+    cfg = ExperimentConfig()
+    tokenizer = load_tokenizer(args.model)
     examples, _ = load_squad(squad_path("train", args.data_dir), split="train", limit=args.questions)
     features, _ = encode_train_set(PromptEncoder(tokenizer, cfg.prompt), examples)
     collator = SharedContextCollator(tokenizer.pad_token_id, 64, one_row=True)
@@ -55,7 +55,7 @@ def main() -> None:
     )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for size in [int(s) for s in args.batch_sizes.split(",")]:
-        order = list(SharedContextBatches(features, size))
+        order = list(SharedContextBatches(features, size, seed=cfg.train.seed))
         widths, masks, seconds = [], [], []
         for start in range(0, min(len(order), size * args.batches), size):
             batch_features = [features[i] for i in order[start : start + size]]

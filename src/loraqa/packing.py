@@ -121,8 +121,8 @@ class SharedContextCollator:
     reads the segments (:func:`~loraqa.attention.eager_lean_attention`, the only kind ``train.one_row`` runs
     with) computes attention segment by segment, as it would row by row. The mask then holds each segment's own
     block only: 1 x 1 x L x S, S the longest segment, column j of a position's mask row being its segment's j-th
-    position. A square L x L mask would grow with the square of the batch size (~300 MB at batches of 64 SQuAD
-    questions) while all but the blocks on its diagonal went unread.
+    position. A square L x L mask would grow with the square of the batch size (240 MB for the widest of 20
+    batches of 64 SQuAD questions) while all but the blocks on its diagonal went unread.
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple: int = 1, one_row: bool = False):
@@ -149,8 +149,10 @@ class SharedContextCollator:
         # allowed[r, start + x, y]: may the row's x-th position attend to its y-th (positions counted in the
         # packed row, which starts at ``start`` of output row r)
         allowed = torch.zeros((n, width, max(spans)), dtype=torch.bool)
+        longest = max(len(b.input_ids) for b in blocks)
+        causal = torch.ones((longest, longest), dtype=torch.bool).tril()
         for (r, start), row, length, span in zip(starts, rows, lengths, spans, strict=True):
-            self._lay_out(batch, allowed, r, start, [blocks[i] for i in row])
+            self._lay_out(batch, allowed, causal, r, start, [blocks[i] for i in row])
             pad = torch.arange(length, span)
             allowed[r, start + pad, pad] = True  # padding attends to itself only
         mask = torch.zeros((n, 1, *allowed.shape[1:]), dtype=torch.float32)
@@ -161,11 +163,12 @@ class SharedContextCollator:
         return batch
 
     @staticmethod
-    def _lay_out(batch: dict, allowed: torch.Tensor, r: int, start: int, blocks: list[Block]) -> None:
+    def _lay_out(
+        batch: dict, allowed: torch.Tensor, causal: torch.Tensor, r: int, start: int, blocks: list[Block]
+    ) -> None:
         """Write one packed row's blocks into output row ``r`` from position ``start``, and their mask: each
-        context causal, each question segment seeing its context and its own earlier tokens."""
-        longest = max(len(b.input_ids) for b in blocks)
-        causal = torch.ones((longest, longest), dtype=torch.bool).tril()
+        context causal, each question segment seeing its context and its own earlier tokens (``causal``: the
+        lower triangle, as large as the batch's longest block)."""
         x = 0  # the block's first position in the packed row
         for b in blocks:
             end, c = x + len(b.input_ids), x + b.context
