@@ -4,8 +4,10 @@ The batches are the real training batches of the first ``--questions`` SQuAD tra
 sampler order, ``train.pad_to_multiple`` 64), collated by ``SharedContextCollator`` as ``loraqa train`` lays
 them out on a CPU: one row of segments (``train.one_row``). For each batch size the table gives the
 mean and widest row, the mask of the widest batch as emitted (MB, fp32), a square mask of that row for
-reference (what a W x W mask would take), their ratio, and the collator's CPU time per batch (process time,
-one thread, the mean over ``--batches`` batches: it hardly depends on what else runs)::
+reference (what a W x W mask would take), their ratio, the collator's CPU time per batch, and the time one
+decoder layer's ``eager_lean`` takes to convert the mask to bf16 under bf16 autocast (each segment's block; every
+layer does it again) (process time, one thread, the means over ``--batches`` batches: they hardly depend on what
+else runs)::
 
     .venv/bin/python benchmarks/bench_collator.py [--batch-sizes 8,32,64] [--questions 4000]
 
@@ -36,6 +38,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import loraqa
+    from loraqa.attention import SEGMENTS, in_dtype
     from loraqa.config import ExperimentConfig
     from loraqa.data import load_squad, squad_path
     from loraqa.model import load_tokenizer
@@ -51,23 +54,30 @@ def main() -> None:
     where = Path(loraqa.__file__).parent.parent.parent.name
     print(f"loraqa from {where}, {len(features)} questions, {args.batches} batches a size\n")
     print(
-        "| batch | mean width | widest | mask of the widest (MB) | square mask (MB) | square ÷ mask | collate ms |"
+        "| batch | mean width | widest | mask of the widest (MB) | square mask (MB) | square ÷ mask | collate ms "
+        "| mask to bf16 ms, a layer |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for size in [int(s) for s in args.batch_sizes.split(",")]:
         order = list(SharedContextBatches(features, size, seed=cfg.train.seed))
-        widths, masks, seconds = [], [], []
+        widths, masks, seconds, converts = [], [], [], []
         for start in range(0, min(len(order), size * args.batches), size):
             batch_features = [features[i] for i in order[start : start + size]]
             begin = time.process_time()
             batch = collator(batch_features)
             seconds.append(time.process_time() - begin)
+            mask, start, first = batch["attention_mask"], time.process_time(), 0
+            for n in batch[SEGMENTS]:  # as eager_lean's _by_segment converts them
+                in_dtype(mask[:, :, first : first + n, :n], torch.bfloat16)
+                first += n
+            converts.append(time.process_time() - start)
             widths.append(batch["input_ids"].shape[1])
             masks.append(batch["attention_mask"].numel() * 4 / 2**20)
         widest = max(range(len(widths)), key=widths.__getitem__)
         square = widths[widest] ** 2 * 4 / 2**20
         print(f"| {size} | {sum(widths) / len(widths):.0f} | {widths[widest]} | {masks[widest]:.1f} | {square:.1f} | "
-              f"{square / masks[widest]:.1f} | {1000 * sum(seconds) / len(seconds):.1f} |")  # fmt: skip
+              f"{square / masks[widest]:.1f} | {1000 * sum(seconds) / len(seconds):.1f} | "
+              f"{1000 * sum(converts) / len(converts):.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def eager_lean_attention(
         scaling = query.size(-1) ** -0.5
     weights = torch.matmul(query * scaling, key.transpose(-1, -2))
     if attention_mask is not None:
-        weights.add_(_in_dtype(attention_mask, weights.dtype))
+        weights.add_(in_dtype(attention_mask, weights.dtype))
     weights = torch.softmax(weights, dim=-1)
     weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
@@ -72,7 +72,7 @@ def _by_segment(module, query, key, value, mask, scaling, dropout, lengths: list
     return torch.cat(outputs, dim=1)
 
 
-def _in_dtype(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def in_dtype(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The additive mask in the scores' dtype: an in-place add of an fp32 mask to bf16 scores goes through an
     fp32 copy of the scores, a conversion of the (heads-times smaller) mask does not. Masked entries stay
     finite (the dtype's minimum, not -inf), so a row with no allowed position is uniform, as in eager, not NaN."""

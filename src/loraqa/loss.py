@@ -37,6 +37,7 @@ def labelled_positions_loss(model, batch: dict, num_items: int | torch.Tensor | 
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=batch.get("position_ids"),
+        use_cache=False,  # nothing is generated after a training step: no KV cache (a copy of every K and V)
         **segments,
     ).last_hidden_state
     targets = batch["labels"][:, 1:]

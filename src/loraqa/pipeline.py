@@ -373,7 +373,9 @@ def train_collator(cfg: ExperimentConfig, resolved: Resolved, lm, compiling: str
 
 def one_row(cfg: ExperimentConfig, model, compiling: str) -> bool:
     """``train.one_row`` as it applies: where the training attention reads segments (eager_lean), and not with
-    compiled layers, which would compile again for every new number of segments (a list's length is a guard)."""
+    compiled layers, which would compile again for every new number of segments (a list's length is a guard;
+    with the segments' attention run eager between the layers' compiled graphs, their steps were no faster on
+    the AMD VM: docs/performance.md)."""
     return cfg.train.one_row and reads_segments(model) and compiling != "layers"
 
 
