@@ -66,11 +66,11 @@ def main() -> None:
             begin = time.process_time()
             batch = collator(batch_features)
             seconds.append(time.process_time() - begin)
-            mask, start, first = batch["attention_mask"], time.process_time(), 0
+            mask, first, begin = batch["attention_mask"], 0, time.process_time()
             for n in batch[SEGMENTS]:  # as eager_lean's _by_segment converts them
                 in_dtype(mask[:, :, first : first + n, :n], torch.bfloat16)
                 first += n
-            converts.append(time.process_time() - start)
+            converts.append(time.process_time() - begin)
             widths.append(batch["input_ids"].shape[1])
             masks.append(batch["attention_mask"].numel() * 4 / 2**20)
         widest = max(range(len(widths)), key=widths.__getitem__)
