@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -292,3 +295,22 @@ def test_trials_scored_during_training_get_an_f1_panel_beside_the_loss(tmp_path,
     write_report(out, out_dir=tmp_path / "rep")
     title, keys = drawn["figure5_lr_loss.png"]
     assert keys == ["loss", "eval_loss", "eval_f1"] and "per learning rate, and F1 (" in title
+
+
+def test_a_machine_without_torch_writes_the_whole_report(tmp_path):
+    """A machine that only keeps results may lack torch: the report is written all the same, the trainable-
+    parameter table (which counts on the model) saying why it is missing."""
+    out = make_sweep(tmp_path, CLAIMS_HOLD)
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # `import torch` now raises ImportError
+        "from loraqa.report import write_report\n"
+        f"print(write_report({str(out)!r}))"
+    )
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = (out / "report.md").read_text()
+    params = text.split("## Table 7")[1].split("##")[0]
+    assert "Not computed for tiny-random-gpt2: ModuleNotFoundError" in params
+    assert ": holds.**" in verdict_line(text, "a")  # the rest as with torch

@@ -97,7 +97,6 @@ def _axis_table(data: SweepData, key: str) -> str:
 
 def _param_table(data: SweepData) -> str:
     from ..config import PRESET_NAMES, STUDY_PRESETS, STUDY_RANKS
-    from ..model import parameter_table
 
     ranks = sorted(
         set(STUDY_RANKS)
@@ -110,9 +109,11 @@ def _param_table(data: SweepData) -> str:
         if isinstance(p, str) and p in PRESET_NAMES and p not in presets:
             presets.append(p)
     model = data.cfg.model.name
-    try:
+    try:  # loraqa.model needs torch, which a machine that only reads results may lack
+        from ..model import parameter_table
+
         table = parameter_table(model, ranks=tuple(ranks), presets=tuple(presets))
-    except Exception as e:  # the model's config cannot be read here (offline, missing package, ...)
+    except Exception as e:  # the model's config cannot be read here (offline, missing package, no torch, ...)
         return f"Not computed for {portable_model_name(model)}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
     measured = {}
     for t in data.trials:
