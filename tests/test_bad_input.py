@@ -10,7 +10,8 @@ Each case builds its input under a fresh folder, runs ``loraqa ARGS`` in this pr
   new result file (adapter, metrics, predictions, model card) appears, no temporary file is left, and every
   JSON file in the folder parses.
 
-The figures (kinds tried, kinds handled) are printed by ``test_corpus_size`` and quoted in docs/reliability.md.
+The figures docs/reliability.md quotes (kinds tried, by group and by how they end) are printed by
+``test_corpus_size``, which checks that the page quotes them; the kinds handled are the cases that pass.
 """
 
 from __future__ import annotations
@@ -513,3 +514,27 @@ def test_a_full_disk_is_one_clear_line(shared, tmp_path, monkeypatch):
     (line,) = [ln for ln in err.splitlines() if ln.startswith("loraqa: error:")]
     assert "no space left on device" in line
     check_nothing_half_written(tmp_path, before)
+
+
+# the groups docs/reliability.md counts, by the prefixes of the cases' names
+GROUPS = {"SQuAD v1.1 data files": ("data",), "the other data formats": ("jsonl", "csv", "squad_v2", "hf"),
+          "configs": ("config",), "overrides": ("override",), "sweep files": ("sweep",), "reports": ("report",),
+          "run folders": ("run",), "output paths": ("output",), "flags": ("cli",)}  # fmt: skip
+
+
+def test_corpus_size():
+    """docs/reliability.md quotes the corpus as it is: the kinds tried (the table's cases and the full disk),
+    each group's count and how many end each way."""
+    groups = {g: sum(c.name.split(":")[0] in prefixes for c in CASES) for g, prefixes in GROUPS.items()}
+    assert sum(groups.values()) == len(CASES)  # every case in a group
+    ends = {
+        "end with exit status ≠ 0": sum(not (c.skipped or c.kept or c.stated) for c in CASES),
+        "(skippable questions)": sum(c.skipped for c in CASES),
+        "(a dev answer not in its context": sum(c.kept for c in CASES),
+        "(damaged files under `loraqa report`)": sum(bool(c.stated) for c in CASES),
+    }
+    quoted = [f"{len(CASES) + 1} kinds of bad input tried", f"{len(CASES)} are table-driven"]
+    quoted += [f"{g} {n}" for g, n in groups.items()] + [f"{n} {how}" for how, n in ends.items()]
+    print("bad-input corpus:", *quoted, sep="\n  ")
+    doc = " ".join((Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text().split())
+    assert [q for q in quoted if q not in doc] == []

@@ -86,7 +86,8 @@ def test_help_lists_the_pipeline_commands(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     commands = set(re.search(r"\{([a-z,]+)\}", out).group(1).split(","))  # argparse's {train,eval,...} line
-    assert {"train", "eval", "params", "data", "sweep", "report", "predict", "ask", "export"} <= commands
+    assert commands == {"train", "eval", "sweep", "predict", "ask", "export", "serve", "report", "sync", "params",
+                        "data", "config"}  # fmt: skip
 
 
 # Every shorthand flag, a value unlike the default, and the config key it must set (and nothing else).

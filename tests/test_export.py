@@ -96,8 +96,9 @@ def test_export_loads_with_plain_transformers_and_answers_like_the_run(tmp_path,
 
 @pytest.mark.slow
 def test_export_of_a_smollm2_run_keeps_its_gguf_tokenizer(tmp_path, synthetic_dir):
-    """SmolLM2's tokenizer comes from the GGUF file; the export saves it as a standard HF tokenizer.
-    Base weights only (lr 0, 1 step): the check is the folder and tokenizer, not the training."""
+    """SmolLM2's tokenizer comes from the GGUF file; the export saves it as a standard HF tokenizer that encodes
+    each prompt to the run's token ids, and plain transformers answers as the run did. Base weights only (lr 0,
+    1 step): the check is the folder and tokenizer, not the training."""
     from loraqa.config import ExperimentConfig, apply_overrides
     from loraqa.data import load_squad
     from loraqa.export import export_run
@@ -115,8 +116,9 @@ def test_export_of_a_smollm2_run_keeps_its_gguf_tokenizer(tmp_path, synthetic_di
     dev, _ = load_squad(synthetic_dir, split="dev", limit=3)
     got = plain_answers(tmp_path / "merged", dev, load_tokenizer("smollm2-135m"), 6, tmp_path)
     expected = json.loads((tmp_path / "run" / "predictions.json").read_text())
-    assert not got["loraqa_imported"]
+    assert not got["loraqa_imported"] and all(got["same_ids"])
     assert got["answers"] == [expected[e.id] for e in dev]
+    assert any(got["answers"])  # an answer to compare, not only empty ones
 
 
 def test_export_never_deletes_a_run_or_a_folder_that_is_not_a_model(tmp_path):

@@ -18,7 +18,7 @@ import torch
 
 from loraqa.cli import main
 from loraqa.data import make_synthetic_squad
-from loraqa.runfolder import RunFolder, check_checkpoint, last_checkpoint
+from loraqa.runfolder import RunFolder, RunFolderError, check_checkpoint, last_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -252,8 +252,8 @@ def test_a_second_process_on_a_run_folder_is_refused(data_dir, tmp_path):
         try:
             with RunFolder(out).lock():
                 break
-        except Exception:
-            assert time.monotonic() < deadline
+        except RunFolderError as e:  # still held (any other error is the test's failure)
+            assert "another loraqa process" in str(e) and time.monotonic() < deadline, e
             time.sleep(0.1)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import wait_until
 from loraqa import sweep
 from loraqa.config import ConfigError, load_config
 from loraqa.io import read_json
@@ -36,6 +37,28 @@ def group_members(pgid: int) -> list[str]:
 def kill_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+def trial_process(trial_dir: Path) -> int | None:
+    """The pid of the ``loraqa train`` child running the trial in ``trial_dir``, if one runs."""
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().decode().split("\0")
+        except (OSError, ValueError):
+            continue
+        if "train" not in args or "--output-dir" not in args[:-1]:
+            continue
+        if Path(args[args.index("--output-dir") + 1]).resolve() == trial_dir.resolve():
+            return int(proc.name)
+    return None
+
+
+def parent_of(pid: int) -> int | None:
+    """``pid``'s parent pid, None once ``pid`` is gone."""
+    try:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def test_fake_trials_on_a_local_ray_instance(tmp_path, monkeypatch):
@@ -80,8 +103,12 @@ def test_ray_options_are_checked():
 
 @pytest.fixture(scope="module")
 def driver_killed_and_rerun(tmp_path_factory):
-    """configs/tiny-sweep.yaml on a local Ray instance: the driver SIGKILL-ed (it alone) once a trial has
-    finished and another has its first checkpoint, then the same command rerun."""
+    """configs/tiny-sweep.yaml on a local Ray instance: the driver SIGKILL-ed once a trial has finished and
+    another has its first checkpoint, then the same command rerun. The Ray worker running that other trial is
+    SIGKILL-ed with the driver, as the local instance's teardown does when it comes, and its orphaned child gets
+    the SIGTERM signals.watch_parent sends: that trial stops mid-training however slowly the teardown comes
+    (under load it came after the trials' end), so the rerun has a trial to resume. (Not SIGSTOP to hold it: a
+    stopped process in a process group orphaned by the teardown gets a SIGHUP that kills it.)"""
     out = tmp_path_factory.mktemp("ray") / "sweep"
     cmd = [sys.executable, "-m", "loraqa.cli", "sweep", str(TINY), "--output-dir", str(out), "--backend", "ray"]
     log = (out.parent / "first.log").open("wb")
@@ -92,12 +119,20 @@ def driver_killed_and_rerun(tmp_path_factory):
         while True:  # one trial finished, another at its first checkpoint (so it is far from its end)
             finished = {p.parent.name for p in out.glob("*/metrics.json")}
             early = {p.parents[1].name for p in out.glob("*/checkpoints/checkpoint-2")} - finished
-            if finished and any(not list((out / n / "checkpoints").glob("checkpoint-[3-9]*")) for n in early):
+            early = [n for n in early if not list((out / n / "checkpoints").glob("checkpoint-[3-9]*"))]
+            if finished and early and (child := trial_process(out / early[0])):
                 break
             assert first.poll() is None, (out.parent / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
             time.sleep(0.02)
+        worker = parent_of(child)
+        assert worker, "the trial ended before it could be stopped"
         first.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
+        wait_until(lambda: parent_of(child) != worker, 10, "the trial's Ray worker to die", every=0.005)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGTERM)
         first.wait()
         log.close()
         # the local instance dies with its driver, and its workers kill the trials' children when they notice
@@ -136,9 +171,8 @@ def test_a_killed_ray_driver_reruns_without_redoing_finished_trials(driver_kille
     assert r["before"] and {n: after[n] for n in r["before"]} == r["before"]  # none finished was redone
     for name in r["before"]:
         assert read_json(out / name / "run.json")["attempts"][-1]["status"] == "done"
-    # Ray's workers stop the killed driver's trials when they notice; on an idle machine that is before the
-    # trial at its first checkpoint ends, under heavy load (load average 14 on 2 cores) it was not, and the
-    # trials ran to their end. Either way nothing is redone; a trial that was stopped resumes:
+    # the trial stopped at its first checkpoint resumes (the others may have run to their end)
+    assert r["interrupted"]
     for name in r["interrupted"]:  # resumed from its checkpoint, the killed attempt recorded as lost
         tm = read_json(out / name / "train_metrics.json")
         assert tm["resumed_from"].startswith("checkpoint-") and tm["train_steps"] == load_config(TINY).train.max_steps
