@@ -60,13 +60,15 @@ def test_the_scheduler_is_still_reachable_from_the_package():
 def test_the_names_layout_gives_the_trainers_files_are_the_libraries_own():
     """layout.py spells out what the Trainer and PEFT name their files (so that folder readers import neither);
     an upgrade that renames one must fail here, not leave checkpoints unseen."""
+    from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_NAME
     from peft.utils import SAFETENSORS_WEIGHTS_NAME
     from transformers.trainer import TRAINER_STATE_NAME
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-    from transformers.utils import SAFE_WEIGHTS_NAME
+    from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 
     from loraqa import layout
 
     assert layout.checkpoint_name(12) == f"{PREFIX_CHECKPOINT_DIR}-12"
     assert layout.TRAINER_STATE_FILE == TRAINER_STATE_NAME
     assert (layout.FULL_WEIGHTS_FILE, layout.ADAPTER_WEIGHTS_FILE) == (SAFE_WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME)
+    assert (layout.MODEL_CONFIG_FILE, layout.ADAPTER_CONFIG_FILE) == (CONFIG_NAME, ADAPTER_CONFIG_NAME)

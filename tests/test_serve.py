@@ -405,7 +405,7 @@ def test_serve_command_refuses_bad_settings_before_loading(capsys):
     assert main(["serve"]) == 2
     assert "--model" in capsys.readouterr().err
     assert main(["serve", "--model", "tiny-random-gpt2", "--queue-size", "0"]) == 2
-    assert "queue_size must be at least 1" in capsys.readouterr().err
+    assert "--queue-size must be at least 1" in capsys.readouterr().err
 
 
 def test_serving_beyond_loopback_says_what_that_exposes(monkeypatch, capsys):

@@ -12,7 +12,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from .config import ExperimentConfig
+from .config import ExperimentConfig, resolve_targets
+from .layout import CONFIG_FILE
+from .metrics import V2_PARTS, v2_keys
 from .prompt import format_example
 
 
@@ -74,8 +76,6 @@ def _lora_lines(cfg: ExperimentConfig, model_type: str | None) -> list[str]:
         return ["- method: full fine-tuning (every weight trained; no adapter)"]
     targets = cfg.lora.targets
     if model_type is not None:
-        from .model import resolve_targets
-
         with contextlib.suppress(ValueError):
             targets = resolve_targets(targets, model_type)
     targets_text = ", ".join(targets) if isinstance(targets, list) else targets
@@ -170,11 +170,11 @@ def _training_lines(cfg: ExperimentConfig, model_type: str | None) -> list[str]:
 
 def _results_lines(metrics: dict) -> list[str]:
     lines = ["## Results", "", "| metric | value |", "|---|---|", *_score_lines(metrics)]
-    for part in ("HasAns", "NoAns"):
-        if f"{part}_total" in metrics:
+    for part in V2_PARTS:
+        exact, f1, total = v2_keys(part)
+        if total in metrics:
             lines.append(
-                f"| {part} exact / F1 (questions) | {metrics[f'{part}_exact']:.2f} / "
-                f"{metrics[f'{part}_f1']:.2f} ({metrics[f'{part}_total']}) |"
+                f"| {part} exact / F1 (questions) | {metrics[exact]:.2f} / {metrics[f1]:.2f} ({metrics[total]}) |"
             )
     return [*lines, ""]
 
@@ -187,8 +187,8 @@ def _usage_lines(command: str) -> list[str]:
         command or "(through the Python API: loraqa.pipeline.run_experiment)",
         "```",
         "",
-        "The resolved experiment is `config.yaml` beside this card; "
-        "`loraqa train config.yaml --output-dir DIR` remakes the run.",
+        f"The resolved experiment is `{CONFIG_FILE}` beside this card; "
+        f"`loraqa train {CONFIG_FILE} --output-dir DIR` remakes the run.",
         "",
         "## Use",
         "",

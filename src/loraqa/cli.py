@@ -153,16 +153,15 @@ def cmd_train(args) -> int:
     from . import dist, signals
     from .card import current_command
     from .pipeline import run_experiment
+    from .sweep.search import TrialReporter
 
     signals.watch_parent()  # a sweep's trial stops (resumably) when its sweep dies
     cfg = build_config(args)
     out = Path(args.output_dir or os.path.join("runs", cfg.name))
     command = current_command(["loraqa", *args.argv])
-    on_score = None
-    if os.environ.get("LORAQA_SEARCH_TRIAL"):  # a search's trial reports its scores to the study
-        from .sweep.search import TrialReporter
-
-        on_score = TrialReporter.from_env(cfg.eval.score_steps).on_score
+    # a search's trial reports its scores to the study
+    reporter = TrialReporter.from_env(cfg.eval.score_steps)
+    on_score = reporter.on_score if reporter else None
     with dist.session():
         metrics = run_experiment(
             cfg, out, overwrite=args.overwrite, device=args.device, command=command, on_score=on_score
@@ -228,6 +227,7 @@ def _answerer(args):
 
 
 def cmd_predict(args) -> int:
+    from .metrics import V2_PARTS, v2_keys
     from .predict import predict_file
 
     summary = predict_file(_answerer(args), args.input, args.output, fmt=args.format)
@@ -237,12 +237,10 @@ def cmd_predict(args) -> int:
             f"EM {summary['exact_match']:.2f}  F1 {summary['f1']:.2f}  on {summary['n_questions']} questions "
             f"with gold answers"
         )
-        for part in ("HasAns", "NoAns"):
-            if f"{part}_total" in summary:
-                print(
-                    f"{part}: EM {summary[f'{part}_exact']:.2f}  F1 {summary[f'{part}_f1']:.2f}  "
-                    f"on {summary[f'{part}_total']} questions"
-                )
+        for part in V2_PARTS:
+            exact, f1, total = v2_keys(part)
+            if total in summary:
+                print(f"{part}: EM {summary[exact]:.2f}  F1 {summary[f1]:.2f}  on {summary[total]} questions")
     else:
         print("no gold answers in the input: not scored", file=sys.stderr)
     return 0
@@ -426,13 +424,17 @@ def _add_experiment_commands(sub) -> None:
     e.add_argument("run_dir", nargs="?", help="a run folder made by `loraqa train`")
     _add_experiment_flags(e)
     e.add_argument(
-        "--output-dir", "-o", help="where predictions go (default: RUN_DIR/eval-N; zero-shot: runs/)"
+        "--output-dir",
+        "-o",
+        help="where predictions go (default: RUN_DIR/eval-N; zero-shot: runs/zero-shot-MODEL)",
     )
     e.add_argument("--device")
     e.set_defaults(func=cmd_eval)
 
 
 def _add_sweep_command(sub) -> None:
+    from .config import SWEEP_BACKENDS
+
     s = sub.add_parser("sweep", help="run every trial of a sweep config (resumable)")
     _add_experiment_flags(s)
     s.add_argument("--output-dir", "-o", required=True)
@@ -440,12 +442,13 @@ def _add_sweep_command(sub) -> None:
     s.add_argument(
         "--parallel",
         type=int,
-        help="trials at once (default 1; on GPUs each worker gets its own); with --backend ray: at most this many",
+        help="trials at once (default 1; on GPUs each worker gets its own); with --backend ray: at most this many "
+        "(default: as many as the cluster's resources hold)",
     )
     s.add_argument("--device")
     s.add_argument(
         "--backend",
-        choices=("local", "ray"),
+        choices=SWEEP_BACKENDS,
         default="local",
         help="local: child processes of this machine; ray: one Ray task per trial holding "
         "sweep.resources_per_trial (needs loraqa[ray])",
@@ -498,12 +501,12 @@ def _add_answer_commands(sub) -> None:
 
 
 def _add_serve_command(sub) -> None:
-    from .serve.settings import ServeSettings
+    from .serve.settings import LOOPBACK, ServeSettings
 
     sv = sub.add_parser(
         "serve",
         help="a web page and a JSON API answering questions with a run (or --model)",
-        description="Serves GET / (a page), POST /v1/answer, GET /health and /docs. Binds to 127.0.0.1: only "
+        description=f"Serves GET / (a page), POST /v1/answer, GET /health and /docs. Binds to {LOOPBACK}: only "
         "this machine can reach it. --host 0.0.0.0 lets anyone who can reach the port query the model; there "
         "is no authentication.",
     )
@@ -512,7 +515,7 @@ def _add_serve_command(sub) -> None:
     )
     sv.add_argument("--model", help="no run: serve this base model zero-shot")
     sv.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)"
+        "--host", default=LOOPBACK, help="address to listen on (default %(default)s, this machine only)"
     )
     sv.add_argument("--port", type=int, default=8000, help="default 8000")
     sv.add_argument(

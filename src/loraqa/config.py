@@ -25,6 +25,7 @@ from pydantic.dataclasses import dataclass
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
+from .layout import DATA_DIR_ENV, SQUAD_DEV_FILE, SQUAD_TRAIN_FILE
 from .metrics import METRIC
 
 
@@ -42,7 +43,7 @@ DataFormat = Literal["squad", "squad_v2", "jsonl", "csv", "hf"]  # the readers o
 LossOn = Literal["answer", "all"]
 TargetPreset = Literal[
     "attn", "attn+proj", "all-linear"
-]  # loraqa.model maps each to modules per model family
+]  # resolve_targets maps each to modules per model family
 Method = Literal["lora", "full"]
 SweepMode = Literal["grid", "one-at-a-time", "search"]
 SearchSampler = Literal["tpe", "random", "grid"]  # Optuna's TPESampler, RandomSampler, GridSampler
@@ -58,15 +59,45 @@ STUDY_PRESETS: tuple[str, ...] = ("attn", "attn+proj")
 SWEEP_MODES: tuple[str, ...] = typing.get_args(SweepMode)
 SEARCH_SAMPLERS: tuple[str, ...] = typing.get_args(SearchSampler)
 SEARCH_PRUNERS: tuple[str, ...] = typing.get_args(SearchPruner)
+SWEEP_BACKENDS: tuple[str, ...] = ("local", "ray")  # where `loraqa sweep --backend` runs the trials
 
-# train.compile=auto compiles the norms for a training this long or longer: compiling takes ~5-10 s once a process
-# on a 2-core CPU and saves ~0.1-0.2 s a step, so a shorter run would spend more compiling than it saves
+# Module-name presets per architecture (a model config's model_type); all-linear is PEFT's own.
+TARGET_PRESETS: dict[str, dict[str, list[str]]] = {
+    # GPT-2 fuses q, k, v into c_attn; "c_proj" names both the attention output and the MLP down
+    # projection, and the reference study's PEFT run adapted every c_proj.
+    "gpt2": {"attn": ["c_attn"], "attn+proj": ["c_attn", "c_proj"]},
+    "llama": {
+        "attn": ["q_proj", "k_proj", "v_proj"],
+        "attn+proj": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+    },
+}
+TARGET_PRESETS["mistral"] = TARGET_PRESETS["qwen2"] = TARGET_PRESETS["llama"]
+
+# train.compile=auto on a CPU compiles the norms for a training of NORMS_PAY_FROM_STEPS optimizer steps or more,
+# and whole decoder layers for one of LAYERS_PAY_FROM_STEPS or more: from there on, the time its faster steps
+# save outweighs the compiling, paid once a process (the measurements: docs/performance.md)
 NORMS_PAY_FROM_STEPS = 200
-# ... and whole decoder layers for one this long or longer: ~1 min of compiling with an empty kernel cache
-# (~10 s with a warm one) for a step ~20% shorter than with compiled norms (docs/performance.md)
 LAYERS_PAY_FROM_STEPS = 1000
 
 TRIAL_RESOURCES = {"cpus": 1.0, "gpus": 0.0}  # what one trial holds on Ray (--backend ray), by default
+
+
+def resolve_targets(targets: str | list[str], model_type: str) -> str | list[str]:
+    """Map a preset (attn, attn+proj, all-linear) or an explicit module list to PEFT's ``target_modules``."""
+    if isinstance(targets, list):
+        return targets
+    if targets == "all-linear":
+        return "all-linear"
+    if targets in ("attn", "attn+proj"):
+        presets = TARGET_PRESETS.get(model_type)
+        if presets is None:
+            raise ValueError(
+                f"no '{targets}' preset for model type '{model_type}'; give lora.targets as a list of module names"
+            )
+        return list(presets[targets])
+    raise ValueError(
+        f"lora.targets: unknown preset {targets!r}; use one of {', '.join(PRESET_NAMES)} or a list"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- value types
@@ -203,8 +234,8 @@ class DataConfig:
 
     data_dir: Annotated[Str | None, Flag("--data-dir")] = Field(
         None,
-        description="folder with train-v1.1.json and dev-v1.1.json (or the format's files); "
-        "else $LORAQA_DATA_DIR, else SQuAD is downloaded",
+        description=f"folder with {SQUAD_TRAIN_FILE} and {SQUAD_DEV_FILE} (or the format's files); "
+        f"else ${DATA_DIR_ENV}, else SQuAD is downloaded",
     )
     train_limit: Annotated[Count | None, Flag("--train-limit")] = Field(
         None, description="the first N train questions (null: all 87,599)"

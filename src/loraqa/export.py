@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from .io import read_json, write_text_atomic
-from .layout import CONFIG_FILE, METRICS_FILE
+from .layout import CONFIG_FILE, METRICS_FILE, MODEL_CARD_FILE, MODEL_CONFIG_FILE
 from .prompt import format_prompt
 
 
@@ -30,7 +30,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fa
     try:
         run.model.save_pretrained(tmp, safe_serialization=True)
         run.tokenizer.save_pretrained(tmp)
-        write_text_atomic(tmp / "README.md", _model_card(run_dir, run.cfg))
+        write_text_atomic(tmp / MODEL_CARD_FILE, _model_card(run_dir, run.cfg))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -90,7 +90,8 @@ def _check_out_dir(run_dir: Path, out_dir: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise ConfigError(f"{out_dir}: exists and is not empty; pick another --out, or pass --overwrite")
-    if not (out_dir / "config.json").is_file() or (out_dir / CONFIG_FILE).is_file():  # a full fine-tuning run
+    # a full fine-tuning run holds a model config too, and its own config beside it
+    if not (out_dir / MODEL_CONFIG_FILE).is_file() or (out_dir / CONFIG_FILE).is_file():
         raise ConfigError(
             f"{out_dir}: not an exported model folder (a run, or no config.json), so --overwrite "
             "will not replace it; pick another --out"

@@ -30,10 +30,9 @@ import torch
 
 from . import locks
 from .layout import CACHE_GGUF_DIR, FULL_WEIGHTS_FILE, cache_dir
+from .layout import MODEL_CONFIG_FILE as CONFIG_NAME
 
 log = logging.getLogger(__name__)
-
-CONFIG_NAME = "config.json"  # save_pretrained's name for the config; the weights are layout.FULL_WEIGHTS_FILE
 
 
 def float_folder(path: str | os.PathLike) -> Path:

@@ -1,7 +1,7 @@
 """The names of the files loraqa writes, in one place: a run folder (``loraqa train``), a sweep folder and its
 trial folders (``loraqa sweep``), a report (``loraqa report``). No imports, so that the sweep scheduler and
 the report, which read these folders without loading a model, share them with the code that writes them;
-and loraqa's cache folder.
+the SQuAD files of a data folder, and loraqa's cache folder.
 What each file holds: :mod:`loraqa.runfolder` (a run folder) and :mod:`loraqa.sweep.state` (a sweep folder)."""
 
 # a run folder
@@ -18,6 +18,7 @@ CLOCK_FILE = "loraqa_clock.json"  # in each checkpoint: train time, tokens and p
 ERROR_FILE = "error.json"
 LOCK_FILE = ".loraqa.lock"
 ANSWER_JOURNAL_FILE = "answers.partial.jsonl"  # an evaluation under way: its answers so far (loraqa.journal)
+SAVING_DIR = ".saving"  # the trained model being saved; its files move into the run folder once written
 # the names the Trainer and PEFT give what they write (transformers' PREFIX_CHECKPOINT_DIR, TRAINER_STATE_NAME
 # and SAFE_WEIGHTS_NAME, PEFT's SAFETENSORS_WEIGHTS_NAME), here so that the folder readers need neither library;
 # tests/test_imports.py checks that they agree
@@ -25,6 +26,13 @@ CHECKPOINT_PREFIX = "checkpoint-"  # a checkpoint folder: checkpoint-<step>, und
 TRAINER_STATE_FILE = "trainer_state.json"  # in each checkpoint, written last
 FULL_WEIGHTS_FILE = "model.safetensors"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+MODEL_CONFIG_FILE = "config.json"  # beside FULL_WEIGHTS_FILE (transformers' CONFIG_NAME)
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # beside ADAPTER_WEIGHTS_FILE (PEFT's CONFIG_NAME)
+# the suffixes of weights and training state: safetensors, and torch.save's zip archives (a checkpoint's
+# optimizer.pt, rng_state.pth, training_args.bin)
+SAFETENSORS_SUFFIX = ".safetensors"
+TORCH_SAVE_SUFFIXES = (".pt", ".pth", ".bin")
+WEIGHT_SUFFIXES = (SAFETENSORS_SUFFIX, *TORCH_SAVE_SUFFIXES)
 
 # a sweep folder: these, and a trial folder per trial (a run folder, plus the TRIAL_ files)
 SWEEP_CONFIG_FILE = "sweep.yaml"
@@ -41,6 +49,12 @@ SEARCH_BEST_FILE = "best.yaml"  # the best trial's config, ready to run (``loraq
 REPORT_FILE = "report.md"
 RESULTS_FILE = "results.csv"
 FIGURES_DIR = "figures"
+
+# a SQuAD data folder (data.data_dir, else the folder DATA_DIR_ENV names, else CACHE_SQUAD_DIR below): the
+# official v1.1 files, each as is or gzipped (.gz)
+DATA_DIR_ENV = "LORAQA_DATA_DIR"
+SQUAD_TRAIN_FILE = "train-v1.1.json"
+SQUAD_DEV_FILE = "dev-v1.1.json"
 
 # loraqa's cache folder (cache_dir()): what is made once a machine and may be deleted at any time
 CACHE_SQUAD_DIR = "squad"  # the official SQuAD files, downloaded
@@ -64,6 +78,11 @@ def checkpoint_name(step: int) -> str:
 def answer_journal_file(rank: int, world_size: int) -> str:
     """The journal of one process's share of the answers (one file when a single process answers)."""
     return ANSWER_JOURNAL_FILE if world_size == 1 else ANSWER_JOURNAL_FILE.replace(".jsonl", f".rank{rank}.jsonl")
+
+
+def search_trial_name(number: int) -> str:
+    """The folder of a search's trial ``number`` (Optuna's, from 0): ``trial-000``, ``trial-001``, ..."""
+    return f"trial-{number:03d}"
 
 
 def search_storage(sweep_dir) -> str:

@@ -40,6 +40,19 @@ RUN_FIGURES = (
     "device",
 )
 
+# SQuAD 2.0's parts, answerable and unanswerable questions, by the official script's names; each part's exact
+# match, F1 and number of questions are reported under the keys v2_keys gives
+V2_PARTS = ("HasAns", "NoAns")
+
+
+def v2_keys(part: str) -> tuple[str, str, str]:
+    """The (exact match, F1, questions) keys of a SQuAD 2.0 part: ``HasAns_exact``, ``HasAns_f1``,
+    ``HasAns_total``."""
+    return f"{part}_exact", f"{part}_f1", f"{part}_total"
+
+
+V2_KEYS = tuple(key for part in V2_PARTS for key in v2_keys(part))
+
 _PUNCT = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -173,10 +186,11 @@ def score_predictions_v2(examples, predictions: Sequence[str], unanswerable_answ
     summary: dict = {"exact_match": None, "f1": None, "n_questions": len(scored)}
     if scored:
         summary["exact_match"], summary["f1"] = _means(scored)
-    for name, rows in (("HasAns", has), ("NoAns", no)):
+    for part, rows in zip(V2_PARTS, (has, no), strict=True):
         if rows:
-            summary[f"{name}_exact"], summary[f"{name}_f1"] = _means(rows)
-            summary[f"{name}_total"] = len(rows)
+            exact, f1, total = v2_keys(part)
+            summary[exact], summary[f1] = _means(rows)
+            summary[total] = len(rows)
     return records, summary
 
 

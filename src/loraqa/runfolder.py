@@ -43,6 +43,7 @@ from .io import (
     write_text_atomic,
 )
 from .layout import (
+    ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     CHECKPOINT_PREFIX,
     CHECKPOINTS_DIR,
@@ -54,9 +55,13 @@ from .layout import (
     LOG_FILE,
     METRICS_FILE,
     MODEL_CARD_FILE,
+    MODEL_CONFIG_FILE,
     OFFICIAL_PREDICTIONS_FILE,
     PREDICTIONS_FILE,
+    SAFETENSORS_SUFFIX,
+    SAVING_DIR,
     TENSORBOARD_DIR,
+    TORCH_SAVE_SUFFIXES,
     TRAIN_METRICS_FILE,
     TRAINER_STATE_FILE,
 )
@@ -257,7 +262,7 @@ def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, overwrite: bool) -> No
     # means no other process is writing them)
     for tmp in run_dir.glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
-    shutil.rmtree(run_dir / ".saving", ignore_errors=True)
+    shutil.rmtree(run_dir / SAVING_DIR, ignore_errors=True)
     try:
         old = cfg_path.read_text(encoding="utf-8") if cfg_path.exists() else None
     except (OSError, UnicodeDecodeError):
@@ -316,10 +321,10 @@ def check_checkpoint(checkpoint: Path) -> None:
     for f in sorted(checkpoint.iterdir()):
         problem = None
         try:
-            if f.suffix == ".safetensors":
+            if f.suffix == SAFETENSORS_SUFFIX:
                 with safe_open(str(f), framework="pt") as st:
                     st.keys()
-            elif f.suffix in (".pt", ".pth", ".bin"):
+            elif f.suffix in TORCH_SAVE_SUFFIXES:
                 with zipfile.ZipFile(f) as z:
                     bad = z.testzip()
                     problem = f"member {bad} fails its checksum" if bad else None
@@ -351,13 +356,13 @@ def check_weights(run_dir: Path, full: bool) -> None:
     """A :class:`RunFolderError` naming the trained-weights file (or its config) that cannot be read back."""
     from safetensors import SafetensorError, safe_open
 
-    files = [weights_file(full), "config.json" if full else "adapter_config.json"]
+    files = [weights_file(full), MODEL_CONFIG_FILE if full else ADAPTER_CONFIG_FILE]
     for name in files:
         path = run_dir / name
         if not path.is_file():
             raise RunFolderError(f"{path}: missing; retrain the run (`loraqa train ... --overwrite`)")
         try:
-            if name.endswith(".safetensors"):
+            if name.endswith(SAFETENSORS_SUFFIX):
                 with safe_open(str(path), framework="pt") as st:
                     st.keys()
             elif not isinstance(read_json(path), dict):
@@ -383,7 +388,7 @@ def make_portable(folder: Path, base_name: str | None) -> None:
     the path it was loaded from, and PEFT's template model card, which names the base by that path, is removed.
     """
     folder = Path(folder)
-    adapter_cfg = folder / "adapter_config.json"
+    adapter_cfg = folder / ADAPTER_CONFIG_FILE
     if base_name is not None and adapter_cfg.is_file():
         # set in the file, not on the model: PEFT's save would look the name up on the hub
         saved = read_json(adapter_cfg)

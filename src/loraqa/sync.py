@@ -39,6 +39,7 @@ from .layout import (
     TRIAL_CONFIG_FILE,
     TRIAL_LOCK_FILE,
     TRIAL_LOG_FILE,
+    WEIGHT_SUFFIXES,
     checkpoint_name,
 )
 from .runfolder import RunFolder, same_config_files
@@ -46,7 +47,6 @@ from .sweep.state import is_locked
 from .sweep.trials import base_differences
 
 LOCKS = frozenset({LOCK_FILE, TRIAL_LOCK_FILE, SWEEP_INDEX_LOCK_FILE})
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # trained weights, never in a results-only copy
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
 

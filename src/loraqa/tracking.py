@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from .layout import TENSORBOARD_DIR
+from .metrics import V2_PARTS, v2_keys
 
 TENSORBOARD = "tensorboard"
 
@@ -45,9 +46,8 @@ def log_final_scores(run_dir: Path, metrics: dict, step: int) -> None:
     last training step, beside the training curves."""
     from torch.utils.tensorboard import SummaryWriter
 
-    keys = ["exact_match", "f1"] + [
-        k for k in metrics if k.startswith(("HasAns_", "NoAns_")) and "total" not in k
-    ]
+    # each SQuAD 2.0 part's exact match and F1, not its count of questions
+    keys = ["exact_match", "f1"] + [key for part in V2_PARTS for key in v2_keys(part)[:2]]
     with SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR)) as writer:
         for key in keys:
             if metrics.get(key) is not None:

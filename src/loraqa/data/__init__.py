@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from ..config import DATA_FORMATS
+from ..layout import DATA_DIR_ENV
 from .squad import (
     DEFAULT_CACHE_DIR,
     QUESTION_TYPES,
@@ -80,7 +81,7 @@ def split_source(data_cfg, split: str) -> str:
     fmt = data_cfg.format
     if fmt == "squad":
         return str(squad_path(split, data_cfg.data_dir))
-    folder = data_cfg.data_dir or os.environ.get("LORAQA_DATA_DIR")
+    folder = data_cfg.data_dir or os.environ.get(DATA_DIR_ENV)
     if not folder:
         key = "train_file" if split == "train" else "dev_file"
         raise DataError(f"data.format={fmt}: give data.{key} (or --data-dir, a folder holding the data)")

@@ -33,22 +33,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..layout import CACHE_SQUAD_DIR, CACHE_SYNTHETIC_DIR, cache_dir
+from ..layout import (
+    CACHE_SQUAD_DIR,
+    CACHE_SYNTHETIC_DIR,
+    DATA_DIR_ENV,
+    SQUAD_DEV_FILE,
+    SQUAD_TRAIN_FILE,
+    cache_dir,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = cache_dir() / CACHE_SQUAD_DIR
 
+_OFFICIAL_URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset"
 # split -> (file name, official URL, sha256 of the official file)
 SQUAD_FILES = {
     "train": (
-        "train-v1.1.json",
-        "https://rajpurkar.github.io/SQuAD-explorer/dataset/train-v1.1.json",
+        SQUAD_TRAIN_FILE,
+        f"{_OFFICIAL_URL}/{SQUAD_TRAIN_FILE}",
         "3527663986b8295af4f7fcdff1ba1ff3f72d07d61a20f487cb238a6ef92fd955",
     ),
     "dev": (
-        "dev-v1.1.json",
-        "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json",
+        SQUAD_DEV_FILE,
+        f"{_OFFICIAL_URL}/{SQUAD_DEV_FILE}",
         "95aa6a52d5d6a735563366753ca50492a658031da74f301ac5238b03966972c9",
     ),
 }
@@ -56,7 +64,9 @@ SQUAD_FILES = {
 # Question types, in the order used by `dataset_stats` and the stats table.
 QUESTION_TYPES = ("who", "what", "when", "where", "why", "how", "which", "other")
 
-_WHERE_TO_GET = "pass --data-dir or set LORAQA_DATA_DIR to a folder holding train-v1.1.json and dev-v1.1.json"
+_WHERE_TO_GET = (
+    f"pass --data-dir or set {DATA_DIR_ENV} to a folder holding {SQUAD_TRAIN_FILE} and {SQUAD_DEV_FILE}"
+)
 _FORMAT_HINT = "expected SQuAD v1.1 JSON; fix the file or re-download it"
 _MAX_IDS_PER_REASON = 5
 
@@ -172,11 +182,11 @@ def resolve_data_dir(
     splits = tuple(splits)
     if str(data_dir) == SYNTHETIC:
         return synthetic_data_dir()
-    env_dir = os.environ.get("LORAQA_DATA_DIR")
+    env_dir = os.environ.get(DATA_DIR_ENV)
     if data_dir is not None and str(data_dir) != "":
         folder, origin = Path(data_dir).expanduser(), "--data-dir"
     elif env_dir:
-        folder, origin = Path(env_dir).expanduser(), "LORAQA_DATA_DIR"
+        folder, origin = Path(env_dir).expanduser(), DATA_DIR_ENV
     else:
         cache = Path(os.environ.get("LORAQA_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser()
         for split in splits:

@@ -20,6 +20,7 @@ from ..layout import (
     SEARCH_STUDY_FILE,
     SWEEP_CONFIG_FILE,
     search_storage,
+    search_trial_name,
 )
 from ..metrics import F1_KEY, scorings
 from ..runfolder import RunFolder
@@ -36,7 +37,7 @@ def is_search(sweep_dir: Path) -> bool:
 def _rows(study, cfg: ExperimentConfig, sweep_dir: Path) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
-        run = RunFolder(sweep_dir / f"trial-{t.number:03d}")
+        run = RunFolder(sweep_dir / search_trial_name(t.number))
         history = run.history()
         metrics = run.read_json(METRICS_FILE, default={})
         curve = scorings(history, cfg.sweep.metric)
@@ -61,7 +62,7 @@ def _table(rows: list[dict], keys: list[str], metric: str) -> list[str]:
     head = ["trial", *keys, "state", "steps", f"value ({metric})", "best in-training F1", "final EM", "final F1"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"trial-{r['number']:03d}", *(_param(r["params"].get(k)) for k in keys), r["state"], str(r["steps"]),
+        cells = [search_trial_name(r["number"]), *(_param(r["params"].get(k)) for k in keys), r["state"], str(r["steps"]),
                  _fmt(r["value"]), _fmt(r["best_f1"]), _fmt(r["final_em"]), _fmt(r["final_f1"])]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -91,7 +92,7 @@ def _figures(rows: list[dict], cfg: ExperimentConfig, out: Path) -> list[str]:
     for r in rows:
         if r["curve"]:
             ax.plot(*zip(*r["curve"], strict=True), marker="." if r["state"] == "pruned" else None,
-                    linestyle="--" if r["state"] == "pruned" else "-", label=f"trial-{r['number']:03d}")  # fmt: skip
+                    linestyle="--" if r["state"] == "pruned" else "-", label=search_trial_name(r["number"]))  # fmt: skip
     ax.set(xlabel="optimizer step", ylabel=metric, title=f"every trial's {metric} (dashed: pruned)")
     if len(rows) <= 12 and ax.get_legend_handles_labels()[0]:  # a legend of no curve warns
         ax.legend(fontsize=7)
@@ -147,7 +148,7 @@ def _finished_runs(folder: Path) -> list[tuple[str, str, dict, object]]:
     study, _ = _load_search(folder)
     runs = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        run = RunFolder(folder / f"trial-{t.number:03d}")
+        run = RunFolder(folder / search_trial_name(t.number))
         metrics = run.read_json(METRICS_FILE, default={})
         records = _Answers({q["id"]: q for q in run.predictions()})
         setting = ", ".join(f"{k} {_param(v)}" for k, v in t.params.items())
@@ -160,7 +161,7 @@ def _held_out(best: dict, sweep_dir: Path, against: list[Path]) -> list[str]:
     trials), paired on the final evaluation's questions both answered (held out from every decision of the
     search when ``data.eval_skip`` puts them past the scoring slice); a difference is beyond noise past 2
     standard errors."""
-    name = f"trial-{best['number']:03d}"
+    name = search_trial_name(best["number"])
     mine = _Answers({r["id"]: r for r in RunFolder(sweep_dir / name).predictions()})
     lines = [f"Held-out comparison: {name} (the best) minus each run, paired on the questions both answered:", "",
              "| run | setting | final EM | final F1 | F1: best − run | EM: best − run |", "|---|---|---|---|---|---|"]  # fmt: skip
@@ -210,9 +211,9 @@ def write_search_report(sweep_dir, out_dir=None, against=()) -> Path:
     if done:
         best = (max if maximize else min)(done, key=lambda r: r["value"])
         best_cfg = apply_overrides(base_config(cfg), list(best["params"].items()), where="the best trial")
-        write_text_atomic(out / SEARCH_BEST_FILE, f"# the best trial of {cfg.name}: trial-{best['number']:03d} "
+        write_text_atomic(out / SEARCH_BEST_FILE, f"# the best trial of {cfg.name}: {search_trial_name(best['number'])} "
                           f"({cfg.sweep.metric} {best['value']:.4g})\n" + best_cfg.to_yaml())  # fmt: skip
-        lines += [f"Best: trial-{best['number']:03d} ({cfg.sweep.metric} {best['value']:.4g}): "
+        lines += [f"Best: {search_trial_name(best['number'])} ({cfg.sweep.metric} {best['value']:.4g}): "
                   + ", ".join(f"{k} = {_param(v)}" for k, v in best["params"].items())
                   + f". Its config: [{SEARCH_BEST_FILE}]({SEARCH_BEST_FILE}) (`loraqa train {SEARCH_BEST_FILE}`).", ""]  # fmt: skip
         if against:

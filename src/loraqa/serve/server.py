@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 
-LOOPBACK = "127.0.0.1"
+from .settings import LOOPBACK
 
 
 def is_loopback(host: str) -> bool:

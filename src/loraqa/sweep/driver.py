@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from .. import signals
-from ..config import ConfigError, ExperimentConfig, from_dict
+from ..config import SWEEP_BACKENDS, ConfigError, ExperimentConfig, from_dict
 from ..io import write_text_atomic
 from ..layout import SWEEP_CONFIG_FILE, SWEEP_INDEX_FILE, TRIAL_CONFIG_FILE, sweep_command
 from . import attempt
@@ -22,8 +22,6 @@ from .runner import LocalRunner, Runner, Terminated
 from .state import SweepIndex, trial_status
 from .trials import Trial, base_differences, expand_trials, parse_shard, shard_trials
 from .view import View
-
-BACKENDS = ("local", "ray")
 
 
 def run_sweep(
@@ -89,8 +87,8 @@ def run_sweep(
 def check_backend(backend: str, parallel: int | None, address: str | None) -> tuple[str | None, str]:
     """Refuse bad runner options before any work; for Ray, the cluster to join (None: a local instance) and
     where its address came from, checked reachable: a wrong address fails here, in seconds."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend not in SWEEP_BACKENDS:
+        raise ConfigError(f"--backend {backend!r}: expected one of {', '.join(SWEEP_BACKENDS)}")
     if parallel is not None and parallel < 1:
         raise ConfigError(f"--parallel {parallel}: must be >= 1")
     if address and backend != "ray":

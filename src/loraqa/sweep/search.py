@@ -25,7 +25,14 @@ from typing import Any
 
 from ..config import ConfigError, ExperimentConfig, apply_overrides, search_range
 from ..io import read_json
-from ..layout import ERROR_FILE, METRICS_FILE, SEARCH_STUDY_FILE, TRIAL_CONFIG_FILE, search_storage
+from ..layout import (
+    ERROR_FILE,
+    METRICS_FILE,
+    SEARCH_STUDY_FILE,
+    TRIAL_CONFIG_FILE,
+    search_storage,
+    search_trial_name,
+)
 from ..metrics import METRIC, scorings
 from ..runfolder import RunFolder
 from . import attempt
@@ -105,13 +112,9 @@ def suggest(trial, space: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def trial_name(number: int) -> str:
-    return f"trial-{number:03d}"
-
-
 def as_trial(cfg: ExperimentConfig, number: int, params: dict[str, Any]) -> Trial:
     config = apply_overrides(base_config(cfg), list(params.items()), where="sweep.space")
-    return Trial(trial_name(number), dict(params), dict(params), config, number)
+    return Trial(search_trial_name(number), dict(params), dict(params), config, number)
 
 
 def trial_value(trial_dir: Path, cfg: ExperimentConfig) -> float | None:
@@ -130,7 +133,7 @@ def settle(study, cfg: ExperimentConfig, sweep_dir: Path, number: int) -> str:
     """Tell the study how trial ``number`` ended, from its folder; returns the state told, or "running"
     (unfinished: to be resumed)."""
     optuna = import_optuna()
-    tdir = sweep_dir / trial_name(number)
+    tdir = sweep_dir / search_trial_name(number)
     if (tdir / METRICS_FILE).is_file():
         attempt.settle_finished(tdir)  # finished after its driver died: run.json still says running
         metrics = read_json(tdir / METRICS_FILE)
@@ -230,7 +233,7 @@ def _summary(study, view: View, sweep_dir: Path) -> int:
     states = [t.state for t in study.get_trials(deepcopy=False)]
     count = {s.name.lower(): states.count(s) for s in optuna.trial.TrialState}
     done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    best = f"; best {trial_name(study.best_trial.number)}: {study.best_value:.2f}" if done else ""
+    best = f"; best {search_trial_name(study.best_trial.number)}: {study.best_value:.2f}" if done else ""
     view.note(f"{len(states)} trials: {count['complete']} done, {count['pruned']} pruned, {count['fail']} failed"
               f"{best}; study: {sweep_dir / SEARCH_STUDY_FILE}; report: loraqa report {sweep_dir}")  # fmt: skip
     return 0
