@@ -214,34 +214,63 @@ class Result:
         return self.eval_questions / self.eval_seconds if self.eval_seconds else 0.0
 
 
+@dataclass
+class Bench:
+    """What every run of one invocation shares: where, how long, on which data, and the report being filled."""
+
+    args: argparse.Namespace
+    device: torch.device
+    steps: int
+    warmup: int
+    n_questions: int
+    data_dir: Path  # the folder both recipes read (make_data_dir)
+    work: Path
+    report: dict
+
+
 # ---------------------------------------------------------------------------------------------- the reference
 
 
-def reference_run(
-    name, device, features, dev_examples, prompts, steps, warmup, out_dir
-) -> tuple[Result, list[int]]:
+def reference_run(name, bench: Bench, features, dev_examples, prompts) -> tuple[Result, list[int]]:
     """The seed's recipe. Returns the result and the number of tokens generated for each prompt."""
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+    from transformers import set_seed
 
     from loraqa.config import ModelConfig
-    from loraqa.generate import first_line, stop_token_ids
     from loraqa.metrics import score_predictions
     from loraqa.model import load_model
 
     set_seed(SEED)
+    lm = load_model(
+        ModelConfig(name=name, precision="fp32", attn_implementation="sdpa"), bench.device, seed=SEED
+    )
+    res = Result("reference", precision="fp32")
+    model = reference_train(lm, bench, features, res)
+    answers, generated = reference_answers(model, lm.tokenizer, bench.device, prompts, res)
+    _, scores = score_predictions(dev_examples, answers)
+    res.exact_match, res.f1 = scores["exact_match"], scores["f1"]
+    del model, lm
+    gc.collect()
+    return res, generated
+
+
+def reference_train(lm, bench: Bench, features, res: Result):
+    """PEFT LoRA on the query/value projections, trained by the plain Trainer on batches padded to their
+    longest example; fills ``res``'s training figures and returns the PEFT model."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
     from loraqa.devices import peak_memory_mb, reset_peak_memory
 
-    lm = load_model(ModelConfig(name=name, precision="fp32", attn_implementation="sdpa"), device, seed=SEED)
-    model, tok = lm.model, lm.tokenizer
-    model_type = model.config.model_type
+    model_type = lm.model.config.model_type
     lora = LoraConfig(
         task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16, lora_dropout=0.1,
         target_modules=TARGETS[model_type], fan_in_fan_out=model_type == "gpt2", bias="none",
     )  # fmt: skip
-    model = get_peft_model(model, lora)
-    tok.padding_side = "right"
-    plain = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100, return_tensors="pt")
+    model = get_peft_model(lm.model, lora)
+    lm.tokenizer.padding_side = "right"
+    plain = DataCollatorForSeq2Seq(
+        lm.tokenizer, padding="longest", label_pad_token_id=-100, return_tensors="pt"
+    )
     batch_tokens: list[int] = []
 
     def collate(batch):
@@ -250,15 +279,15 @@ def reference_run(
         return out
 
     train_set = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
+    steps, device = bench.steps, bench.device
     args = TrainingArguments(
-        output_dir=str(out_dir), per_device_train_batch_size=BATCH_SIZE, num_train_epochs=1, max_steps=steps,
-        learning_rate=LR, weight_decay=0.01, warmup_steps=warmup, lr_scheduler_type="linear",
+        output_dir=str(bench.work / "ref"), per_device_train_batch_size=BATCH_SIZE, num_train_epochs=1,
+        max_steps=steps, learning_rate=LR, weight_decay=0.01, warmup_steps=bench.warmup, lr_scheduler_type="linear",
         optim="adamw_torch", seed=SEED, logging_steps=max(steps // 4, 1), save_strategy="no",
         eval_strategy="no", report_to=[], use_cpu=device.type == "cpu", dataloader_num_workers=0,
         disable_tqdm=True,
     )  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=collate)
-    res = Result("reference", precision="fp32")
     reset_peak_memory(device)  # as run_experiment: training and evaluation count, loading does not
     sync(device)
     start = time.perf_counter()
@@ -272,8 +301,15 @@ def reference_run(
     res.load_avg.append(os.getloadavg()[0])
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     res.extra["final_train_loss"] = losses[-1] if losses else None
+    return model
 
-    # one question at a time, the PEFT model as trained (adapter not merged), fp32
+
+def reference_answers(model, tok, device, prompts, res: Result) -> tuple[list[str], list[int]]:
+    """One question at a time, the PEFT model as trained (adapter not merged), fp32; fills ``res``'s evaluation
+    figures. Returns the answers and the number of tokens generated for each."""
+    from loraqa.devices import peak_memory_mb
+    from loraqa.generate import first_line, stop_token_ids
+
     stops = stop_token_ids(tok)
     model.eval()
     answers, generated = [], []
@@ -295,11 +331,7 @@ def reference_run(
     res.peak_memory_mb = peak_memory_mb(device)
     res.load_avg.append(os.getloadavg()[0])
     res.extra["answers"] = answers
-    _, scores = score_predictions(dev_examples, answers)
-    res.exact_match, res.f1 = scores["exact_match"], scores["f1"]
-    del trainer, model, lm
-    gc.collect()
-    return res, generated
+    return answers, generated
 
 
 # ---------------------------------------------------------------------------------------------- loraqa
@@ -310,6 +342,7 @@ def loraqa_run(name, device, data_dir, steps, warmup, n_questions, out_dir, over
     """``run_experiment`` with loraqa's defaults (plus ``overrides``); speeds from its metrics.json. ``steps``
     -1: one epoch of ``train_limit`` questions (-1: ``steps`` x 8; None: the whole train file)."""
     from loraqa.config import ExperimentConfig, apply_overrides, parse_overrides
+    from loraqa.layout import PREDICTIONS_FILE, TRAIN_METRICS_FILE
     from loraqa.model import load_hf_config
     from loraqa.pipeline import run_experiment
 
@@ -333,9 +366,7 @@ def loraqa_run(name, device, data_dir, steps, warmup, n_questions, out_dir, over
     res.eval_seconds = m["eval_seconds"]
     res.eval_questions = m["n_questions"]
     res.peak_memory_mb = m["peak_memory_mb"]
-    res.train_peak_memory_mb = json.loads((Path(out_dir) / "train_metrics.json").read_text())[
-        "peak_memory_mb"
-    ]
+    res.train_peak_memory_mb = json.loads((Path(out_dir) / TRAIN_METRICS_FILE).read_text())["peak_memory_mb"]
     res.exact_match, res.f1 = m["exact_match"], m["f1"]
     res.load_avg.append(os.getloadavg()[0])
     res.extra["final_train_loss"] = m.get("final_train_loss")
@@ -345,36 +376,38 @@ def loraqa_run(name, device, data_dir, steps, warmup, n_questions, out_dir, over
                               "eval_seconds", "train_tokens", "train_steps", "precision", "torch_threads",
                               "train_attn_implementation", "train_compile", "compile_seconds")
     }  # fmt: skip
-    preds = [json.loads(line)["prediction"] for line in (Path(out_dir) / "predictions.jsonl").open()]
+    preds = [json.loads(line)["prediction"] for line in (Path(out_dir) / PREDICTIONS_FILE).open()]
     res.extra["answers"] = preds
     gc.collect()
     return res
 
 
-def loraqa_runs(runs, indices, name, device, data_dir, steps, warmup, n_questions, work, prompts, args, report):
+def loraqa_runs(runs, indices, name, bench: Bench, prompts) -> tuple[list[Result], list[dict]]:
     """``runs[i]`` (label, overrides) for i in ``indices``: their results and, after run 0 with
     ``--generation-switches``, the switches' rows. A failed variant is reported, not fatal (run 0 is)."""
     done, switch_rows = [], []
     for i in indices:
         label, overrides = runs[i]
         print(f"[{name}] {label} ...", flush=True)
+        out = bench.work / f"run{i}"
         try:
-            r = loraqa_run(name, device, data_dir, steps, warmup, n_questions, work / f"run{i}", overrides, label)
+            r = loraqa_run(name, bench.device, bench.data_dir, bench.steps, bench.warmup, bench.n_questions, out,
+                           overrides, label)  # fmt: skip
         except Exception as e:
             if i == 0:
                 raise
             print(f"[{name}] {label} failed: {type(e).__name__}: {e}", flush=True)
-            report.setdefault("failed", []).append(f"{name} {label}: {type(e).__name__}: {e}")
+            bench.report.setdefault("failed", []).append(f"{name} {label}: {type(e).__name__}: {e}")
             continue
         done.append(r)
         ran = r.extra["metrics_json"]
         print(f"[{name}] {label}: {r.train_questions_per_second:.2f} train q/s, "
               f"{r.eval_questions_per_second:.2f} q/s (attention {ran['train_attn_implementation']}, compiled "
               f"{ran['train_compile']}, {ran['compile_seconds'] or 0:.1f} s compiling)", flush=True)  # fmt: skip
-        if i == 0 and args.generation_switches:
+        if i == 0 and bench.args.generation_switches:
             print(f"[{name}] generation switches, with the adapter that run trained ...", flush=True)
-            switch_rows = generation_switches(name, device, work / f"run{i}", prompts)
-        shutil.rmtree(work / f"run{i}", ignore_errors=True)
+            switch_rows = generation_switches(name, bench.device, out, prompts)
+        shutil.rmtree(out, ignore_errors=True)
     return done, switch_rows
 
 
@@ -405,7 +438,9 @@ def generation_switches(name, device, run_dir, prompts, batch_size: int = 32) ->
     for label, merge, precision, kwargs in GENERATION_SWITCHES:
         key = precision or "auto"
         if key not in bases:
-            bases[key] = load_model(ModelConfig(name=name, precision=key, attn_implementation="sdpa"), device, seed=SEED)
+            bases[key] = load_model(
+                ModelConfig(name=name, precision=key, attn_implementation="sdpa"), device, seed=SEED
+            )
         lm = bases[key]
         model = PeftModel.from_pretrained(copy.deepcopy(lm.model), run_dir)
         model = prepare_for_generation(model, merge=merge, precision=lm.precision)
@@ -498,11 +533,12 @@ def make_epoch_slice(squad_dir: Path, out: Path, n_questions: int) -> tuple[Path
     return out, taken, total
 
 
-def epoch_projection(name, device, squad_dir, work, n_questions, overrides=()) -> dict:
+def epoch_projection(name, bench: Bench, n_questions: int, overrides=()) -> dict:
     """Train loraqa (its defaults + ``overrides``) for one epoch of the slice; project one epoch of the whole
     train file from its questions/s (the slice is spread over the file, so it has the file's mix)."""
-    data_dir, taken, total = make_epoch_slice(squad_dir, work / "epoch-data", n_questions)
-    r = loraqa_run(name, device, data_dir, -1, 10, 8, work / "epoch-run", overrides, "epoch slice",
+    work = bench.work
+    data_dir, taken, total = make_epoch_slice(Path(bench.args.data_dir), work / "epoch-data", n_questions)
+    r = loraqa_run(name, bench.device, data_dir, -1, 10, 8, work / "epoch-run", overrides, "epoch slice",
                    train_limit=None)  # fmt: skip
     shutil.rmtree(work / "epoch-run", ignore_errors=True)
     shutil.rmtree(work / "epoch-data", ignore_errors=True)
@@ -561,59 +597,89 @@ def print_tables(report: dict) -> None:
     print(f"matmul peak (2048^3): bf16 {pk['bf16']:,.0f} GFLOP/s, fp32 {pk['fp32']:,.0f} GFLOP/s")
     print(f"command: {report['command']}")
     for model, block in report["models"].items():
-        ref = block["results"][0]
         print(f"\n### {model}: {block['steps']} optimizer steps of {BATCH_SIZE} ({block['train_examples']} "
               f"examples), {block['questions']} dev questions on {block.get('distinct_contexts')} paragraphs, "
               f"{_fmt(block.get('mean_generated_tokens'))} tokens generated per question (reference)")  # fmt: skip
-        print(
-            "| recipe | precision | train questions/s | x ref | tokens computed/s | train % of bf16 / fp32 peak "
-            "| eval questions/s | x ref | eval % of bf16 / fp32 peak | peak memory MB train / all | EM / F1 "
-            "| final loss | load avg |"
+        print_results(block["results"])
+        print_generation_switches(model, block)
+        print_epochs(model, block)
+        print_summary(block)
+
+
+def print_results(results: list[dict]) -> None:
+    """The recipes' table, ratios to the first row (the reference, unless --no-reference)."""
+    ref = results[0]
+    print(
+        "| recipe | precision | train questions/s | x ref | tokens computed/s | train % of bf16 / fp32 peak "
+        "| eval questions/s | x ref | eval % of bf16 / fp32 peak | peak memory MB train / all | EM / F1 "
+        "| final loss | load avg |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        tq, tr, ev = (
+            r["train_questions_per_second"],
+            r["train_tokens_per_second"],
+            r["eval_questions_per_second"],
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for r in block["results"]:
-            tq, tr, ev = r["train_questions_per_second"], r["train_tokens_per_second"], r["eval_questions_per_second"]
-            ts, es = r["train_share"], r["eval_share"]
-            em = "-" if r["exact_match"] is None else f"{r['exact_match']:.1f} / {r['f1']:.1f}"
-            print(
-                f"| {r['recipe']} | {r['precision']} | {tq:.2f} | {tq / ref['train_questions_per_second']:.2f} "
-                f"| {tr:,.0f} | {ts['bf16']:.1%} / {ts['fp32']:.1%} | {ev:.2f} "
-                f"| {ev / ref['eval_questions_per_second']:.2f} "
-                f"| {es['bf16']:.2%} / {es['fp32']:.2%} | {r['train_peak_memory_mb']:,.0f} / {r['peak_memory_mb']:,.0f} "
-                f"| {em} "
-                f"| {_fmt(r['extra'].get('final_train_loss'), 3)} "
-                f"| {' / '.join(f'{x:.1f}' for x in r['load_avg'])} |"
-            )
-        if block.get("generation_switches"):
-            rows = block["generation_switches"]
-            print(
-                f"\nGeneration switches ({model}, loraqa's trained adapter, the same {block['questions']} questions):"
-            )
-            print("| generation | precision | questions/s | x defaults | answers as with the defaults |")
-            print("|---|---|---|---|---|")
-            for g in rows:
-                print(f"| {g['switch']} | {g['precision']} | {g['questions_per_second']:.2f} "
-                      f"| {g['questions_per_second'] / rows[0]['questions_per_second']:.2f} "
-                      f"| {g['same_answers']}/{block['questions']} |")  # fmt: skip
-        for e in block.get("epoch", []):
-            print(f"\nOne epoch of all {e['train_file_questions']:,} train questions ({model}, loraqa"
-                  f"{' ' + ','.join(e['overrides']) if e['overrides'] else ''}), projected from one epoch of "
-                  f"{e['slice_questions']:,} questions (whole paragraphs, every k-th of the file): "
-                  f"{e['train_questions_per_second']:.2f} questions/s, {e['train_seconds']:.0f} s, train peak "
-                  f"{e['train_peak_memory_mb']:,.0f} MB -> **{e['projected_epoch_hours']:.2f} h**")  # fmt: skip
-        defaults = block.get("default_runs_train_questions_per_second", [])
-        if len(defaults) > 1 and block["results"][0]["recipe"] == "reference":
-            med = statistics.median(defaults)
-            print(f"loraqa's defaults, {len(defaults)} runs: train questions/s median {med:.2f}, "
-                  f"**{med / ref['train_questions_per_second']:.2f}x the reference** (runs: "
-                  + ", ".join(f"{q / ref['train_questions_per_second']:.2f}x" for q in defaults) + ")")
-        same = block.get("answers_equal_to_reference")
-        if same:
-            print("answers identical to the reference's: "
-                  + ", ".join(f"{k} {v}/{block['questions']}" for k, v in same.items()))  # fmt: skip
+        ts, es = r["train_share"], r["eval_share"]
+        em = "-" if r["exact_match"] is None else f"{r['exact_match']:.1f} / {r['f1']:.1f}"
+        print(
+            f"| {r['recipe']} | {r['precision']} | {tq:.2f} | {tq / ref['train_questions_per_second']:.2f} "
+            f"| {tr:,.0f} | {ts['bf16']:.1%} / {ts['fp32']:.1%} | {ev:.2f} "
+            f"| {ev / ref['eval_questions_per_second']:.2f} "
+            f"| {es['bf16']:.2%} / {es['fp32']:.2%} | {r['train_peak_memory_mb']:,.0f} / {r['peak_memory_mb']:,.0f} "
+            f"| {em} "
+            f"| {_fmt(r['extra'].get('final_train_loss'), 3)} "
+            f"| {' / '.join(f'{x:.1f}' for x in r['load_avg'])} |"
+        )
 
 
-def main(argv: list[str] | None = None) -> int:
+def print_generation_switches(model: str, block: dict) -> None:
+    rows = block.get("generation_switches")
+    if not rows:
+        return
+    print(
+        f"\nGeneration switches ({model}, loraqa's trained adapter, the same {block['questions']} questions):"
+    )
+    print("| generation | precision | questions/s | x defaults | answers as with the defaults |")
+    print("|---|---|---|---|---|")
+    for g in rows:
+        print(f"| {g['switch']} | {g['precision']} | {g['questions_per_second']:.2f} "
+              f"| {g['questions_per_second'] / rows[0]['questions_per_second']:.2f} "
+              f"| {g['same_answers']}/{block['questions']} |")  # fmt: skip
+
+
+def print_epochs(model: str, block: dict) -> None:
+    for e in block.get("epoch", []):
+        print(f"\nOne epoch of all {e['train_file_questions']:,} train questions ({model}, loraqa"
+              f"{' ' + ','.join(e['overrides']) if e['overrides'] else ''}), projected from one epoch of "
+              f"{e['slice_questions']:,} questions (whole paragraphs, every k-th of the file): "
+              f"{e['train_questions_per_second']:.2f} questions/s, {e['train_seconds']:.0f} s, train peak "
+              f"{e['train_peak_memory_mb']:,.0f} MB -> **{e['projected_epoch_hours']:.2f} h**")  # fmt: skip
+
+
+def print_summary(block: dict) -> None:
+    """The median of loraqa's default runs against the reference, and how many answers equal the reference's."""
+    ref = block["results"][0]
+    defaults = block.get("default_runs_train_questions_per_second", [])
+    if len(defaults) > 1 and ref["recipe"] == "reference":
+        med = statistics.median(defaults)
+        print(
+            f"loraqa's defaults, {len(defaults)} runs: train questions/s median {med:.2f}, "
+            f"**{med / ref['train_questions_per_second']:.2f}x the reference** (runs: "
+            + ", ".join(f"{q / ref['train_questions_per_second']:.2f}x" for q in defaults)
+            + ")"
+        )
+    same = block.get("answers_equal_to_reference")
+    if same:
+        print("answers identical to the reference's: "
+              + ", ".join(f"{k} {v}/{block['questions']}" for k, v in same.items()))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="smollm2-135m,random-gpt2-124m")
     p.add_argument("--device", default="cpu")
@@ -628,129 +694,160 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--generation-switches", action="store_true",
                    help="time loraqa's trained adapter answering with each generation switch turned off")  # fmt: skip
-    p.add_argument("--epoch-slice", type=int, default=0, metavar="N",
-                   help="also train one epoch of ~N questions (whole paragraphs spread over the train file) "
-                        "and project one epoch of the whole file (the documented run: 2000)")
-    p.add_argument("--epoch-variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
-                   help="also project the epoch with these config overrides (repeatable)")
-    p.add_argument("--repeats", type=int, default=1, metavar="N",
-                   help="run loraqa's defaults N times, the first before the reference (N > 1), and give the "
-                        "median's ratio as well as each run's")
+    p.add_argument(
+        "--epoch-slice",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also train one epoch of ~N questions (whole paragraphs spread over the train file) "
+        "and project one epoch of the whole file (the documented run: 2000)",
+    )
+    p.add_argument(
+        "--epoch-variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="also project the epoch with these config overrides (repeatable)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run loraqa's defaults N times, the first before the reference (N > 1), and give the "
+        "median's ratio as well as each run's",
+    )
     p.add_argument("--json", help="write every number to this file")
-    args = p.parse_args(argv)
-    os.environ["LORAQA_NO_PROGRESS"] = "1"
+    return p.parse_args(argv)
 
+
+def quiet_libraries() -> None:
+    """Warnings only, no progress bars: the tables are what the run prints."""
+    os.environ["LORAQA_NO_PROGRESS"] = "1"
     import logging
 
-    logging.basicConfig(level=logging.WARNING)
     import transformers
-
-    transformers.logging.set_verbosity_error()
     from transformers.utils import logging as hf_logging
 
+    logging.basicConfig(level=logging.WARNING)
+    transformers.logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
+
+def bench_model(name: str, bench: Bench, train_ex: list, dev_ex: list) -> dict:
+    """The reference and loraqa's runs on one model; the model's block of the report."""
     from transformers import AutoModelForCausalLM
 
-    from loraqa.data import load_squad, squad_path
     from loraqa.model import load_hf_config, load_tokenizer
     from loraqa.prompt import PromptEncoder, encode_train_set
+
+    args = bench.args
+    enc = PromptEncoder(load_tokenizer(name), max_length=512)
+    features, _ = encode_train_set(enc, train_ex)
+    prompts = [enc.encode_prompt(ex.context, ex.question) for ex in dev_ex]
+    config = load_hf_config(name)
+    with torch.device("meta"):
+        shape = Shape.of(AutoModelForCausalLM.from_config(config), TARGETS[config.model_type])
+    # the default run `repeats` times: on a VM whose speed swings by the minute, one ~40 s run is one sample of
+    # it while the reference's ~400 s average over it; with repeats, the first runs before the reference
+    labels = ["loraqa"] if args.repeats == 1 else [f"loraqa (run {k + 1} of {args.repeats})"
+                                                   for k in range(args.repeats)]  # fmt: skip
+    runs = [(label, []) for label in labels] + [(f"loraqa {v}", v.split(",")) for v in args.variant]
+    before = 1 if args.repeats > 1 and not args.no_reference else 0
+    results, switch_rows = loraqa_runs(runs, range(before), name, bench, prompts)
+    generated = None
+    if not args.no_reference:
+        print(f"[{name}] reference ...", flush=True)
+        ref, generated = reference_run(name, bench, features, dev_ex, prompts)
+        print(f"[{name}] reference: {ref.train_questions_per_second:.2f} train q/s, "
+              f"{ref.eval_questions_per_second:.2f} q/s", flush=True)  # fmt: skip
+        results.insert(0, ref)
+    late, switches = loraqa_runs(runs, range(before, len(runs)), name, bench, prompts)
+    results += late
+    if generated is None:  # no reference: count answer tokens from loraqa's answers
+        generated = [len(enc.tokenizer(" " + a, add_special_tokens=False)["input_ids"]) + 1
+                     for a in results[0].extra["answers"]]  # fmt: skip
+    train_flops, eval_flops = shape.train_set_flops(features), shape.eval_flops(prompts, generated)
+    peak = bench.report["matmul_peak_gflops"]
+    block = {
+        "steps": bench.steps, "train_examples": len(features), "questions": len(prompts),
+        "useful_train_gflop": train_flops / 1e9, "useful_eval_gflop": eval_flops / 1e9,
+        "mean_train_length": statistics.mean(len(f["input_ids"]) for f in features),
+        "mean_prompt_length": statistics.mean(len(x) for x in prompts),
+        "mean_generated_tokens": statistics.mean(generated) if generated else None,
+        "distinct_contexts": len({ex.context for ex in dev_ex}),
+        "results": [result_row(r, train_flops / max(len(features), 1), eval_flops, peak) for r in results],
+        "answers_equal_to_reference": {} if args.no_reference else same_answers(results),
+        "generation_switches": switch_rows + switches,
+        "default_runs_train_questions_per_second": [r.train_questions_per_second for r in results
+                                                    if r.recipe in labels],
+    }  # fmt: skip
+    if args.epoch_slice:
+        block["epoch"] = epoch_rows(name, bench)
+    return block
+
+
+def result_row(r: Result, train_flops_an_example: float, eval_flops: float, peak: dict) -> dict:
+    """One recipe's row of the report: its figures, and its useful FLOP/s as a share of each matmul peak (every
+    optimizer step sees BATCH_SIZE examples, so a run that wrapped around or stopped early is scaled)."""
+    train_f = train_flops_an_example * r.train_steps * BATCH_SIZE
+    return {
+        **{k: getattr(r, k) for k in ("recipe", "precision", "train_seconds", "train_tokens", "train_questions",
+                                      "train_steps", "eval_seconds", "eval_questions", "peak_memory_mb",
+                                      "train_peak_memory_mb", "exact_match", "f1", "load_avg")},
+        "train_tokens_per_second": r.train_tokens_per_second,
+        "train_questions_per_second": r.train_questions_per_second,
+        "eval_questions_per_second": r.eval_questions_per_second,
+        "train_share": {k: train_f / r.train_seconds / (v * 1e9) for k, v in peak.items()},
+        "eval_share": {k: eval_flops / r.eval_seconds / (v * 1e9) for k, v in peak.items()},
+        "extra": {k: v for k, v in r.extra.items() if k != "answers"},
+    }  # fmt: skip
+
+
+def same_answers(results: list[Result]) -> dict[str, int]:
+    """For each of loraqa's runs, how many of its answers equal the reference's (``results[0]``)."""
+    ref = results[0].extra["answers"]
+    return {r.recipe: sum(a == b for a, b in zip(ref, r.extra["answers"], strict=True)) for r in results[1:]}
+
+
+def epoch_rows(name: str, bench: Bench) -> list[dict]:
+    """``--epoch-slice``: one epoch of the slice with the defaults and each ``--epoch-variant``."""
+    rows = []
+    for overrides in [[]] + [v.split(",") for v in bench.args.epoch_variant]:
+        print(
+            f"[{name}] one epoch of a {bench.args.epoch_slice}-question slice {overrides or ''} ...",
+            flush=True,
+        )
+        e = epoch_projection(name, bench, bench.args.epoch_slice, overrides)
+        print(f"[{name}] slice: {e['train_questions_per_second']:.2f} q/s, one epoch of "
+              f"{e['train_file_questions']:,} questions: {e['projected_epoch_hours']:.2f} h", flush=True)  # fmt: skip
+        rows.append(e)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    quiet_libraries()
+    from loraqa.data import load_squad, squad_path
 
     device = torch.device(args.device)
     steps = args.steps or (6 if args.quick else 30)
     n_questions = args.questions or (32 if args.quick else 200)
-    warmup = max(steps // 10, 1)
+    peak = {"bf16": matmul_peak(torch.bfloat16, device), "fp32": matmul_peak(torch.float32, device)}
+    print(f"matmul peak: bf16 {peak['bf16']:,.0f} GFLOP/s, fp32 {peak['fp32']:,.0f} GFLOP/s", flush=True)
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(argv),
         "machine": machine_info(device),
-        "matmul_peak_gflops": {
-            "bf16": matmul_peak(torch.bfloat16, device),
-            "fp32": matmul_peak(torch.float32, device),
-        },
+        "matmul_peak_gflops": peak,
         "models": {},
     }
-    peak = report["matmul_peak_gflops"]
-    print(f"matmul peak: bf16 {peak['bf16']:,.0f} GFLOP/s, fp32 {peak['fp32']:,.0f} GFLOP/s", flush=True)
     work = Path(tempfile.mkdtemp(prefix="loraqa-bench-"))
     data_dir = make_data_dir(Path(args.data_dir), work / "data", n_questions)
+    bench = Bench(args, device, steps, max(steps // 10, 1), n_questions, data_dir, work, report)
     train_ex, _ = load_squad(squad_path("train", data_dir), split="train", limit=steps * BATCH_SIZE)
     dev_ex, _ = load_squad(squad_path("dev", data_dir), split="dev", limit=n_questions)
-
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        enc = PromptEncoder(load_tokenizer(name), max_length=512)
-        features, _ = encode_train_set(enc, train_ex)
-        prompts = [enc.encode_prompt(ex.context, ex.question) for ex in dev_ex]
-        config = load_hf_config(name)
-        with torch.device("meta"):
-            shape = Shape.of(AutoModelForCausalLM.from_config(config), TARGETS[config.model_type])
-        results: list[Result] = []
-        generated = None
-        # the default run `repeats` times: on a VM whose speed swings by the minute, one ~40 s run is one sample of
-        # it while the reference's ~400 s average over it; with repeats, the first runs before the reference
-        labels = ["loraqa"] if args.repeats == 1 else [f"loraqa (run {k + 1} of {args.repeats})"
-                                                       for k in range(args.repeats)]  # fmt: skip
-        runs = [(label, []) for label in labels] + [(f"loraqa {v}", v.split(",")) for v in args.variant]
-        before = 1 if args.repeats > 1 and not args.no_reference else 0
-
-        run = (name, device, data_dir, steps, warmup, n_questions, work, prompts, args, report)
-        early, switch_rows = loraqa_runs(runs, range(before), *run)
-        if not args.no_reference:
-            print(f"[{name}] reference ...", flush=True)
-            ref, generated = reference_run(
-                name, device, features, dev_ex, prompts, steps, warmup, work / "ref"
-            )
-            results.append(ref)
-            print(f"[{name}] reference: {ref.train_questions_per_second:.2f} train q/s, "
-                  f"{ref.eval_questions_per_second:.2f} q/s", flush=True)  # fmt: skip
-        late, switches = loraqa_runs(runs, range(before, len(runs)), *run)
-        results += early + late
-        switch_rows += switches
-        if generated is None:  # no reference: count answer tokens from loraqa's answers
-            generated = [len(enc.tokenizer(" " + a, add_special_tokens=False)["input_ids"]) + 1
-                         for a in results[0].extra["answers"]]  # fmt: skip
-        defaults = [r.train_questions_per_second for r in results if r.recipe in labels]
-        train_flops = shape.train_set_flops(features)
-        # every optimizer step sees BATCH_SIZE examples; scale if the run wrapped around or stopped early
-        eval_flops = shape.eval_flops(prompts, generated)
-        rows = []
-        for r in results:
-            train_f = train_flops * r.train_steps * BATCH_SIZE / max(len(features), 1)
-            row = {
-                **{k: getattr(r, k) for k in ("recipe", "precision", "train_seconds", "train_tokens", "train_questions",
-                                              "train_steps", "eval_seconds", "eval_questions",
-                                              "peak_memory_mb", "train_peak_memory_mb", "exact_match", "f1",
-                                              "load_avg")},
-                "train_tokens_per_second": r.train_tokens_per_second,
-                "train_questions_per_second": r.train_questions_per_second,
-                "eval_questions_per_second": r.eval_questions_per_second,
-                "train_share": {k: train_f / r.train_seconds / (v * 1e9) for k, v in peak.items()},
-                "eval_share": {k: eval_flops / r.eval_seconds / (v * 1e9) for k, v in peak.items()},
-                "extra": {k: v for k, v in r.extra.items() if k != "answers"},
-            }  # fmt: skip
-            rows.append(row)
-        same = {}
-        if not args.no_reference:
-            ref_answers = results[0].extra["answers"]
-            for r in results[1:]:
-                same[r.recipe] = sum(a == b for a, b in zip(ref_answers, r.extra["answers"], strict=True))
-        report["models"][name] = {
-            "steps": steps, "train_examples": len(features), "questions": len(prompts),
-            "useful_train_gflop": train_flops / 1e9, "useful_eval_gflop": eval_flops / 1e9,
-            "mean_train_length": statistics.mean(len(f["input_ids"]) for f in features),
-            "mean_prompt_length": statistics.mean(len(x) for x in prompts),
-            "mean_generated_tokens": statistics.mean(generated) if generated else None,
-            "distinct_contexts": len({ex.context for ex in dev_ex}),
-            "results": rows, "answers_equal_to_reference": same, "generation_switches": switch_rows,
-            "default_runs_train_questions_per_second": defaults,
-        }  # fmt: skip
-        if args.epoch_slice:
-            epochs = report["models"][name]["epoch"] = []
-            for overrides in [[]] + [v.split(",") for v in args.epoch_variant]:
-                print(f"[{name}] one epoch of a {args.epoch_slice}-question slice {overrides or ''} ...", flush=True)
-                epochs.append(epoch_projection(name, device, Path(args.data_dir), work, args.epoch_slice, overrides))
-                e = epochs[-1]
-                print(f"[{name}] slice: {e['train_questions_per_second']:.2f} q/s, one epoch of "
-                      f"{e['train_file_questions']:,} questions: {e['projected_epoch_hours']:.2f} h", flush=True)
+        report["models"][name] = bench_model(name, bench, train_ex, dev_ex)
     shutil.rmtree(work, ignore_errors=True)
     print_tables(report)
     for line in report.get("failed", []):
