@@ -19,6 +19,7 @@ from pathlib import Path
 from loraqa.answering import answer, load_answerer
 from loraqa.config import apply_overrides
 from loraqa.data import load_split
+from loraqa.layout import OFFICIAL_PREDICTIONS_FILE
 from loraqa.predict import ask
 
 
@@ -43,7 +44,7 @@ def main() -> None:
     dev, _, _ = load_split(answerer.cfg.data, "dev", limit=args.limit)
     columns: dict[str, dict[str, str]] = {}
     seconds: dict[str, float] = {}
-    run_predictions = json.loads((Path(args.run) / "predictions.json").read_text())
+    run_predictions = json.loads((Path(args.run) / OFFICIAL_PREDICTIONS_FILE).read_text())
     columns["run"] = {ex.id: run_predictions[ex.id] for ex in dev if ex.id in run_predictions}
     for bs in (32, 8, 1):
         columns[f"batched-{bs}"], seconds[f"batched-{bs}"] = answers_of(answerer, dev, batch_invariant=False,

@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_speed import DEFAULT_DATA_DIR, REPO, questions_in, train_paragraphs, write_train_slice  # noqa: E402
 from loraqa.data import DataError  # noqa: E402
+from loraqa.layout import METRICS_FILE  # noqa: E402
 
 DEFAULT_RECORD = REPO / "docs" / "epoch" / "pieces.jsonl"
 DEFAULT_WORK = REPO / "runs" / "epoch-pieces"
@@ -107,7 +108,7 @@ def run_piece(index: int, args, paragraphs: tuple[str, list]) -> dict:
     if rc != 0:
         tail = (work / "log.txt").read_text()[-3000:]
         raise SystemExit(f"piece {index}: loraqa train exited with {rc}; the end of its log:\n{tail}")
-    m = json.loads((work / "run" / "metrics.json").read_text())
+    m = json.loads((work / "run" / METRICS_FILE).read_text())
     record = {
         "piece": index, "pieces": args.pieces, "model": args.model, "overrides": list(args.overrides),
         "machine": machine(), "commit": code, "torch_threads": m.get("torch_threads"),

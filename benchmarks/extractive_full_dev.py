@@ -26,12 +26,13 @@ import sys
 from pathlib import Path
 
 from loraqa.data import load_squad
+from loraqa.layout import PREDICTIONS_FILE
 from loraqa.metrics import score_one
 from loraqa.report.cells import SE_MULTIPLIER
 
 
 def _records(folder: Path) -> dict[str, dict]:
-    lines = (folder / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    lines = (folder / PREDICTIONS_FILE).read_text(encoding="utf-8").splitlines()
     return {r["id"]: r for r in map(json.loads, lines)}
 
 

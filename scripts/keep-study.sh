@@ -25,10 +25,11 @@ while sleep "$every"; do
   "$python" - "$keep"/*/*/checkpoints/checkpoint-* <<'PY' || { echo "keep: cleaning the kept checkpoints failed; not committed"; continue; }
 import sys, yaml
 from pathlib import Path
+from loraqa.layout import CONFIG_FILE
 from loraqa.runfolder import make_portable
 for c in map(Path, sys.argv[1:]):
-    if c.is_dir():  # the model name is the run's (config.yaml, two folders up)
-        make_portable(c, yaml.safe_load((c.parent.parent / "config.yaml").read_text())["model"]["name"])
+    if c.is_dir():  # the model name is the run's (its config, two folders up)
+        make_portable(c, yaml.safe_load((c.parent.parent / CONFIG_FILE).read_text())["model"]["name"])
         (c / "training_args.bin").unlink(missing_ok=True)
 PY
   if leaks=$(grep -rlF -e "$(cd "$runs/.." && pwd)" -e "$(pwd)" -e /tmp/ "$keep"); then
