@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from loraqa import gguf
+from loraqa.layout import MODEL_CONFIG_FILE
 from loraqa.model import ModelLoadError, load_base_model, load_hf_config, load_tokenizer, smollm2_gguf_path
 
 
@@ -22,7 +23,7 @@ def cache(tmp_path, monkeypatch):
     def fake_convert(path, out):
         calls.append((path, out))
         time.sleep(0.2)  # long enough for a second thread to arrive meanwhile
-        (out / gguf.CONFIG_NAME).write_text("{}")
+        (out / MODEL_CONFIG_FILE).write_text("{}")
         (out / gguf.FULL_WEIGHTS_FILE).write_bytes(b"weights")
 
     monkeypatch.setattr(gguf, "convert", fake_convert)
@@ -84,7 +85,7 @@ def test_a_cache_that_cannot_be_written_converts_for_the_process_only(cache, cap
     (tmp_path / "xdg").write_text("a file, so the cache folder cannot be made")
     with caplog.at_level(logging.WARNING, logger="loraqa.gguf"):
         folder = gguf.float_folder(path)
-    assert (folder / gguf.CONFIG_NAME).is_file() and tmp_path not in folder.parents
+    assert (folder / MODEL_CONFIG_FILE).is_file() and tmp_path not in folder.parents
     assert "cannot be written" in caplog.text and len(calls) == 1
 
 
@@ -93,7 +94,7 @@ def test_a_file_that_cannot_be_converted_is_a_clear_error_and_leaves_no_folder(c
     path = make_file(tmp_path, "broken.gguf")
 
     def refuse(path, out):
-        (out / gguf.CONFIG_NAME).write_text("{}")  # half-written
+        (out / MODEL_CONFIG_FILE).write_text("{}")  # half-written
         raise ValueError("GGUF model with architecture foo is not supported yet")
 
     monkeypatch.setattr(gguf, "convert", refuse)

@@ -17,6 +17,7 @@ import yaml
 
 from loraqa.config import ConfigError, from_dict
 from loraqa.io import read_json
+from loraqa.layout import search_trial_name
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny-search.yaml"
@@ -52,9 +53,9 @@ def check_intact(out: Path, n_trials: int) -> None:
     assert len(trials) == n_trials
     assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}, [t.state.name for t in trials]
     folders = sorted(p.name for p in out.glob("trial-*"))
-    assert folders == [f"trial-{t.number:03d}" for t in sorted(trials, key=lambda t: t.number)]
+    assert folders == [search_trial_name(t.number) for t in sorted(trials, key=lambda t: t.number)]
     for t in trials:
-        tdir = out / f"trial-{t.number:03d}"
+        tdir = out / search_trial_name(t.number)
         metrics = read_json(tdir / "metrics.json")
         assert bool(metrics.get("pruned")) == (t.state.name == "PRUNED"), tdir.name
         statuses = [a["status"] for a in read_json(tdir / "run.json")["attempts"]]
@@ -260,7 +261,7 @@ def _write_search(out: Path, search, trials) -> None:
     for number, (r, right, steps, state) in enumerate(trials):
         study.add_trial(optuna.trial.create_trial(params={"lora.r": r}, distributions=dist, value=right,
                                                   state=optuna.trial.TrialState[state]))  # fmt: skip
-        _write_run(out / f"trial-{number:03d}", as_trial(search, number, {"lora.r": r}).config, right, steps)
+        _write_run(out / search_trial_name(number), as_trial(search, number, {"lora.r": r}).config, right, steps)
 
 
 def test_the_search_report_sets_its_best_against_baselines_and_counts_the_steps_pruning_saved(tmp_path):

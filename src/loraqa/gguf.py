@@ -29,8 +29,7 @@ from pathlib import Path
 import torch
 
 from . import locks
-from .layout import CACHE_GGUF_DIR, FULL_WEIGHTS_FILE, cache_dir
-from .layout import MODEL_CONFIG_FILE as CONFIG_NAME
+from .layout import CACHE_GGUF_DIR, FULL_WEIGHTS_FILE, MODEL_CONFIG_FILE, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ def _float_folder(path: Path, name: str) -> Path:
 
 
 def _complete(folder: Path) -> bool:
-    return (folder / CONFIG_NAME).is_file() and (folder / FULL_WEIGHTS_FILE).is_file()
+    return (folder / MODEL_CONFIG_FILE).is_file() and (folder / FULL_WEIGHTS_FILE).is_file()
 
 
 def _converted_for_this_process(path: Path) -> Path:
