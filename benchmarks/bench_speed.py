@@ -348,7 +348,7 @@ def loraqa_run(name, device, data_dir, steps, warmup, n_questions, out_dir, over
 
     model_type = load_hf_config(name).model_type
     cfg = apply_overrides(
-        ExperimentConfig(name=f"bench-{label}"),
+        ExperimentConfig(name=f"bench-{label}".replace("/", "_")),  # a name is no path
         [("model.name", name), ("data.data_dir", str(data_dir)),
          ("data.train_limit", steps * BATCH_SIZE if train_limit == -1 else train_limit),
          ("data.eval_limit", n_questions), ("lora.targets", TARGETS[model_type]), ("train.epochs", 1),

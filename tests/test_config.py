@@ -240,7 +240,26 @@ def test_study_configs_match_the_brief():
         ("data: {format: parquet}\n", "data.format: 'parquet' is not one of squad, squad_v2, jsonl, csv, hf"),
         ("lora: {r: 0}\n", "lora.r: must be > 0, got 0"),
         ("lora: {dropout: 1.5}\n", "lora.dropout: must be < 1, got 1.5"),
-        ("data: {train_limit: -5}\n", "data.train_limit: must be >= 0, got -5"),
+        ("data: {train_limit: -5}\n", "data.train_limit: must be >= 1, got -5"),
+        ("data: {eval_limit: 0}\n", "data.eval_limit: must be >= 1, got 0"),  # a score of no questions
+        ("train: {lr: .inf}\n", "train.lr: expected a finite number, got inf"),
+        ("train: {lr: .nan}\n", "train.lr: expected a finite number, got nan"),
+        ("lora: {r: 4}\nlora: {r: 8}\n", "not valid YAML: line 2: the key 'lora' is given twice; keep one"),
+        ("lora: {r: 4, r: 8}\n", "not valid YAML: line 1: the key 'r' is given twice; keep one"),
+        (
+            "lora: {targets: []}\n",
+            "lora.targets: no module named; give a preset (attn, attn+proj, all-linear) or module names",
+        ),
+        (
+            "name: ../escape\n",
+            "name: '../escape' is not a plain folder name (the run's default folder is runs/<name>): give a "
+            "non-empty name without '/' or '\\' (--output-dir puts the run folder anywhere)",
+        ),
+        (
+            "name: ''\n",
+            "name: '' is not a plain folder name (the run's default folder is runs/<name>): give a non-empty name "
+            "without '/' or '\\' (--output-dir puts the run folder anywhere)",
+        ),
         ("train: {fast_loss: maybe}\n", "train.fast_loss: expected true or false, got 'maybe'"),
         ("model: {name: 3}\n", "model.name: expected a string, got 3"),
         ("lora: 8\n", "section 'lora' must be a mapping, got 8"),
@@ -261,6 +280,12 @@ def test_a_message_states_the_key_the_value_and_what_is_allowed(tmp_path, text, 
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert str(e.value) == f"{path}: {message}"
+
+
+def test_a_merged_key_may_be_overridden_though_no_key_is_given_twice(tmp_path):
+    """YAML's merge key (<<) brings keys in that the mapping's own then override: that is no key given twice."""
+    cfg = load_config(write(tmp_path, "lora:\n  <<: {r: 4, alpha: 8}\n  r: 16\n"))
+    assert (cfg.lora.r, cfg.lora.alpha) == (16, 8)
 
 
 def test_every_bad_value_of_a_file_is_named_on_one_line(tmp_path):

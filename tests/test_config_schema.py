@@ -43,7 +43,7 @@ def test_every_field_has_its_type_default_bounds_and_description(schema):
     assert (dropout["minimum"], dropout["exclusiveMaximum"]) == (0, 1)
     assert section(schema, "model")["properties"]["precision"]["enum"] == ["auto", "bf16", "fp32"]
     limit = section(schema, "data")["properties"]["train_limit"]  # a bound inside an Optional is kept
-    assert {"type": "integer", "minimum": 0} in limit["anyOf"]
+    assert {"type": "integer", "minimum": 1} in limit["anyOf"]
     for name in SECTIONS:
         fields = section(schema, name)
         assert fields["additionalProperties"] is False  # an editor flags unknown keys, as loraqa does

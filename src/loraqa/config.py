@@ -13,6 +13,7 @@ is allowed.
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from dataclasses import asdict
@@ -123,9 +124,12 @@ def _to_float(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise _invalid("a number", value)
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise _invalid("a number", value) from None
+    if not math.isfinite(number):  # no setting means anything at inf or nan (train.lr=inf trains to nan)
+        raise _invalid("a finite number", value)
+    return number
 
 
 def _to_bool(value: Any) -> bool:
@@ -149,8 +153,25 @@ def _names(value: Any) -> str | list[str]:
     raise _invalid("a name or a list of names", value)
 
 
+def _plain_name(value: str) -> str:
+    """A run's name: its default folder is runs/<name>, so a name that is empty or a path would put the run in
+    runs/ itself or outside it."""
+    if not value.strip() or value in (".", "..") or any(c in value for c in "/\\\0"):
+        raise PydanticCustomError(
+            "loraqa",
+            "{value} is not a plain folder name (the run's default folder is runs/<name>): give a non-empty name "
+            "without '/' or '\\' (--output-dir puts the run folder anywhere)",
+            {"value": repr(value)},
+        )
+    return value
+
+
 def _targets(value: Any) -> str | list[str]:
     value = _names(value)
+    if isinstance(value, list) and not value:
+        raise PydanticCustomError(
+            "loraqa", "no module named; give a preset ({presets}) or module names", {"presets": ", ".join(PRESET_NAMES)}
+        )
     if isinstance(value, str) and value not in PRESET_NAMES:
         raise PydanticCustomError(
             "loraqa",
@@ -185,6 +206,8 @@ Targets = Annotated[TargetPreset | list[str], BeforeValidator(_targets)]
 # A bound that must sit inside an Optional or a dict comes before the conversion, so that the JSON schema
 # states it as a bound (after it, the schema would show pydantic's own "ge").
 Count = Annotated[int, Field(ge=0), BeforeValidator(_to_int)]
+Positive = Annotated[int, Field(ge=1), BeforeValidator(_to_int)]
+RunName = Annotated[str, Strict(), AfterValidator(_plain_name)]
 Resources = Annotated[
     dict[str, Annotated[float, Field(ge=0), BeforeValidator(_to_float)]], AfterValidator(_trial_resources)
 ]
@@ -237,10 +260,10 @@ class DataConfig:
         description=f"folder with {SQUAD_TRAIN_FILE} and {SQUAD_DEV_FILE} (or the format's files); "
         f"else ${DATA_DIR_ENV}, else SQuAD is downloaded",
     )
-    train_limit: Annotated[Count | None, Flag("--train-limit")] = Field(
+    train_limit: Annotated[Positive | None, Flag("--train-limit")] = Field(
         None, description="the first N train questions (null: all 87,599)"
     )
-    eval_limit: Annotated[Count | None, Flag("--eval-limit")] = Field(
+    eval_limit: Annotated[Positive | None, Flag("--eval-limit")] = Field(
         None, description="the first K dev questions scored by EM/F1 (null: all 10,570)"
     )
     eval_skip: Int = Field(
@@ -471,7 +494,7 @@ class SweepConfig:
 class ExperimentConfig:
     """A loraqa experiment: a YAML file for loraqa train (or loraqa sweep with a sweep section)."""
 
-    name: Str = Field("loraqa", description="the run's name (its folder is runs/<name> by default)")
+    name: RunName = Field("loraqa", description="the run's name (its folder is runs/<name> by default)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
@@ -664,13 +687,39 @@ def _check_consistency(cfg: ExperimentConfig, where: str) -> None:
             )
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that gives one key twice: PyYAML keeps the last without a word,
+    so a config that sets a section or a field twice would silently lose the first."""
+
+
+def _mapping_once(loader: _UniqueKeys, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # << merges keys in, which the mapping's own may override
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, typing.Hashable):
+            if key in seen:
+                raise yaml.YAMLError(f"line {key_node.start_mark.line + 1}: the key {key!r} is given twice; keep one")
+            seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_once)
+
+
+def read_yaml(text: str) -> Any:
+    """A config file's YAML (``yaml.safe_load``), a key given twice in one mapping refused (yaml.YAMLError)."""
+    return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 - a SafeLoader
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read an experiment YAML file and apply ``section.field=value`` overrides."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise ConfigError(
             f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
