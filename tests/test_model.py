@@ -191,3 +191,22 @@ def test_packaged_smollm2_loads_from_gguf_as_a_plain_trainable_model():
         model=apply_lora(m, LoraConfig(r=4)),
         args=TrainingArguments(output_dir="/tmp/loraqa-t", use_cpu=True, report_to=[]),
     )
+
+
+def test_a_device_torch_does_not_know_or_this_machine_lacks_is_one_clear_line(capsys):
+    from loraqa.cli import main
+    from loraqa.devices import resolve_device
+
+    assert resolve_device(None) == resolve_device("") and resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"^--device bogus: not a device torch knows; give cpu, cuda or cuda:N$"):
+        resolve_device("bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^--device cuda:0: this torch \(.*\) sees no CUDA GPU here; give cpu$"):
+            resolve_device("cuda:0")
+    else:
+        with pytest.raises(ValueError, match=r"this machine has \d+ CUDA GPU"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+    rc = main(["ask", "--model", "tiny-random-gpt2", "--device", "bogus", "-q", "What?", "-c", "A red kite."])
+    assert rc == 2 and capsys.readouterr().err.strip() == (
+        "loraqa: error: --device bogus: not a device torch knows; give cpu, cuda or cuda:N"
+    )

@@ -16,7 +16,7 @@ import os
 import torch
 import torch.distributed as tdist
 
-from .devices import default_device
+from .devices import resolve_device
 
 
 def _joined() -> bool:
@@ -45,7 +45,7 @@ def init(device: str | None = None) -> torch.device:
     On GPUs each process takes ``cuda:LOCAL_RANK`` (``--device cuda`` means that too) and NCCL; on CPUs gloo.
     The Trainer (through accelerate) finds the group already joined and uses it.
     """
-    dev = torch.device(device) if device else default_device()
+    dev = resolve_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return dev
     if dev.type == "cuda" and dev.index is None:

@@ -40,7 +40,7 @@ from .config import (
     load_config,
     resolve_targets,
 )
-from .devices import default_device, resolve_attention, resolve_precision
+from .devices import resolve_attention, resolve_device, resolve_precision
 from .layout import CACHE_GPT2_TOKENIZER_DIR, CONFIG_FILE, SAVING_DIR, cache_dir
 from .runfolder import check_weights, make_portable, weights_file
 
@@ -242,7 +242,7 @@ def load_model(
     ``seed`` makes a random built-in's weights (tiny-random-gpt2). With bf16, a frozen base (LoRA, evaluation)
     is stored in bf16 so no time goes to re-casting it every step; a trainable base (full fine-tuning) keeps
     fp32 master weights. ``training``: loaded to be trained, which decides ``model.attn_implementation=auto``."""
-    dev = torch.device(device) if device else default_device()
+    dev = resolve_device(device)
     prec = resolve_precision(model_cfg.precision, dev)
     attn = resolve_attention(model_cfg.attn_implementation, dev, training=training)
     dtype = torch.bfloat16 if prec == "bf16" and not trainable_base else torch.float32
