@@ -408,6 +408,23 @@ def test_serve_command_refuses_bad_settings_before_loading(capsys):
     assert "--queue-size must be at least 1" in capsys.readouterr().err
 
 
+def test_an_address_that_cannot_be_listened_on_is_refused_before_loading(monkeypatch, capsys):
+    """A port in use or a host that does not resolve is one clear line, said before the model loads."""
+    from loraqa import answering
+
+    monkeypatch.setattr(answering, "load_answerer", lambda *a, **k: pytest.fail("the model was loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", "tiny-random-gpt2", "--port", str(port)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"loraqa: error: --port {port}: in use on 127.0.0.1; pick another --port or stop what holds it"
+        )
+    assert main(["serve", "--model", "tiny-random-gpt2", "--host", "no such host!"]) == 2
+    assert "--host no such host!: not an address or a name this machine can resolve" in capsys.readouterr().err
+
+
 def test_serving_beyond_loopback_says_what_that_exposes(monkeypatch, capsys):
     import uvicorn
 

@@ -278,7 +278,7 @@ def cmd_export(args) -> int:
 
 def cmd_serve(args) -> int:
     from .answering import load_answerer
-    from .serve import ServeSettings, create_app, serve_forever
+    from .serve import ServeSettings, check_address, create_app, serve_forever
 
     settings = ServeSettings(
         queue_size=args.queue_size,
@@ -289,6 +289,7 @@ def cmd_serve(args) -> int:
     settings.check()  # before the model loads
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0 to 65535, got {args.port}")
+    check_address(args.host, args.port)
     # a micro-batch is one generation batch: the run's eval.batch_size unless --max-batch says otherwise
     overrides = [("eval.batch_size", args.max_batch)] if args.max_batch else []
     if args.batched:

@@ -26,7 +26,18 @@ from .settings import ServeSettings
 # settings without them
 __getattr__ = lazy_loader.attach(
     __name__,
-    submod_attrs={"app": ["create_app", "describe_run"], "server": ["BackgroundServer", "is_loopback", "serve_forever"]},
+    submod_attrs={
+        "app": ["create_app", "describe_run"],
+        "server": ["BackgroundServer", "check_address", "is_loopback", "serve_forever"],
+    },
 )[0]
 
-__all__ = ["BackgroundServer", "ServeSettings", "create_app", "describe_run", "is_loopback", "serve_forever"]
+__all__ = [
+    "BackgroundServer",
+    "ServeSettings",
+    "check_address",
+    "create_app",
+    "describe_run",
+    "is_loopback",
+    "serve_forever",
+]

@@ -60,6 +60,32 @@ class BackgroundServer:
         self.thread.join(timeout=30)
 
 
+def check_address(host: str, port: int) -> None:
+    """A ValueError naming ``--host`` or ``--port`` where ``host:port`` cannot be listened on (a name that does not
+    resolve, an address not this machine's, a port in use or not allowed): said before the model loads, rather
+    than by uvicorn once it has. A bound test socket is closed at once; uvicorn binds the address again."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError):
+        raise ValueError(f"--host {host}: not an address or a name this machine can resolve") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's own socket
+        try:
+            probe.bind(address)
+        except OSError as e:
+            why = {
+                errno.EADDRINUSE: f"--port {port}: in use on {host}; pick another --port or stop what holds it",
+                errno.EACCES: f"--port {port}: not allowed to this user (ports below 1024 need root); pick another",
+                errno.EADDRNOTAVAIL: f"--host {host}: not an address of this machine",
+            }
+            raise ValueError(
+                why.get(e.errno, f"--host {host} --port {port}: cannot listen there ({e.strerror})")
+            ) from None
+
+
 def serve_forever(app, host: str, port: int) -> None:
     """Serve ``app`` until Ctrl-C or SIGTERM, saying where and, off loopback, who can reach it."""
     import uvicorn
