@@ -244,6 +244,24 @@ def test_report_cli(tmp_path, capsys):
     assert "(host box)" in text and "driver" not in text  # sweep.json's machine is only the fallback
 
 
+def test_a_run_folder_is_refused_as_the_reports_folder(tmp_path, capsys):
+    from loraqa.cli import main
+    from loraqa.config import ConfigError
+
+    out = make_sweep(tmp_path, CLAIMS_HOLD, skip=tuple(n for n in CLAIMS_HOLD if n != "base"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: x\n")
+    (run / "metrics.json").write_text('{"f1": 1.0}')
+    with pytest.raises(ConfigError, match=r"run: holds a run \(config.yaml\), not a report; pick another --out"):
+        write_report(out, out_dir=run)
+    for argv in ([str(out)], [str(out), str(out)]):  # one sweep's report, and a study's
+        assert main(["report", *argv, "--out", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("loraqa: error:") and "holds a run" in err and "Traceback" not in err
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.json"]  # no report.md, results.csv
+
+
 def test_report_names_no_folder_of_this_machine(tmp_path, monkeypatch):
     """The recorded command holds absolute paths (as typed); the report writes them relative to the working
     folder, or as ``…/NAME`` outside it."""

@@ -300,6 +300,26 @@ def test_a_folder_holds_one_sweep(fake_trials):
         sweep.run_sweep(cfg, fake_trials, parallel=0, progress=False)
 
 
+def test_a_run_folder_is_no_sweep_folder(tmp_path, capsys):
+    from loraqa.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: x\n")
+    (run / "metrics.json").write_text('{"f1": 1.0}')
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(ConfigError, match=r"holds a run \(config.yaml\), not a sweep; pick another --output-dir"):
+        sweep.run_sweep(load_config(TINY), run, progress=False)
+    assert main(["sweep", str(TINY), "--output-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loraqa: error:") and "holds a run" in err and "Traceback" not in err
+    (tmp_path / "trial").mkdir()  # one trial of a sweep, as well
+    (tmp_path / "trial" / "trial.yaml").write_text("name: x\n")
+    with pytest.raises(ConfigError, match=r"holds a run \(trial.yaml\)"):
+        sweep.run_sweep(load_config(TINY), tmp_path / "trial", progress=False)
+    assert sorted(p.name for p in run.iterdir()) == before  # no sweep.yaml, sweep.json or trial folder
+
+
 INTERRUPTIBLE_SWEEP = textwrap.dedent(
     """
     import signal, sys

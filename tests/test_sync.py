@@ -217,6 +217,66 @@ def test_another_experiments_run_in_the_copy_is_not_touched(tmp_path):
     assert not r.problem and progress(dst) == progress(src)
 
 
+def test_a_folder_of_the_users_own_is_refused_and_left_whole(tmp_path, capsys):
+    src = fake_run(tmp_path / "src", done=True)
+    dst = tmp_path / "mine"
+    (dst / "sub").mkdir(parents=True)
+    (dst / "notes.txt").write_text("mine")
+    (dst / "sub" / "data.csv").write_text("a,b\n")
+    before = files(dst)
+    with pytest.raises(SyncError, match=r"mine: exists and is not a run or sweep folder .*notes.txt, sub/data.csv"):
+        sync(src, dst)
+    assert main(["sync", str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loraqa: error:") and "sync into a new folder" in err and "Traceback" not in err
+    assert files(dst) == before and (dst / "notes.txt").read_text() == "mine"
+    # a run where SRC is a sweep, and a sweep where SRC is a run: neither is emptied
+    run = fake_run(tmp_path / "run", done=True)
+    sweep_dir = tmp_path / "sweep"
+    fake_run(sweep_dir / "t1", done=True, trial=True)
+    (sweep_dir / "sweep.yaml").write_text("name: s\n")
+    with pytest.raises(SyncError, match="holds a run .* is a sweep"):
+        sync(sweep_dir, run)
+    with pytest.raises(SyncError, match="holds a sweep .* is a run"):
+        sync(run, sweep_dir)
+    assert (run / "metrics.json").is_file() and (sweep_dir / "t1" / "metrics.json").is_file()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SyncError, match="not a folder"):
+        sync(src, tmp_path / "file")
+
+
+def test_a_copy_cut_short_before_its_config_arrived_is_resumed(tmp_path):
+    src = fake_run(tmp_path / "src", step=4, extra_ckpts=(2,))
+    dst = tmp_path / "dst"
+    (dst / "checkpoints" / "checkpoint-2").mkdir(parents=True)  # from a sync while SRC was at step 2
+    (dst / "checkpoints" / "checkpoint-2" / "optimizer.pt").write_bytes(b"o")
+    shutil.copy2(src / "log_history.jsonl", dst / "log_history.jsonl")
+    (dst / ".log_history.jsonl.x.tmp").write_text("")
+    (dst / "empty").mkdir()  # nothing in it: no file of the user's
+    [r] = sync(src, dst)
+    assert not r.problem and progress(dst) == progress(src) == (1, 4)
+    assert (dst / "config.yaml").read_text() == "name: x\n"
+
+
+def test_a_copy_cut_short_has_its_config_first(tmp_path, monkeypatch):
+    src = fake_run(tmp_path / "src", done=True)
+    real, copied = sync_mod._copy_file, []
+
+    def one_then_fail(a, b):
+        if copied:
+            raise OSError("disk gone")
+        copied.append(a.name)
+        real(a, b)
+
+    monkeypatch.setattr(sync_mod, "_copy_file", one_then_fail)
+    with pytest.raises(OSError, match="disk gone"):
+        sync(src, tmp_path / "dst")
+    assert copied == ["config.yaml"] and files(tmp_path / "dst") == ["config.yaml"]
+    monkeypatch.undo()
+    [r] = sync(src, tmp_path / "dst")  # known for a run folder: resumed
+    assert not r.problem and files(tmp_path / "dst") == [f for f in files(src) if f != ".loraqa.lock"]
+
+
 def test_cli_sync_prints_a_line_a_run_and_refuses_what_is_no_run(tmp_path, capsys):
     src = fake_run(tmp_path / "run", done=True)
     assert main(["sync", str(src), str(tmp_path / "copy"), "--results-only"]) == 0

@@ -64,9 +64,15 @@ from .layout import (
     TORCH_SAVE_SUFFIXES,
     TRAIN_METRICS_FILE,
     TRAINER_STATE_FILE,
+    TRIAL_CONFIG_FILE,
 )
 
 log = logging.getLogger(__name__)
+
+
+def run_marker(folder: str | os.PathLike) -> str | None:
+    """The file that makes ``folder`` a run's (its config; a sweep trial's config), None where it holds neither."""
+    return next((f for f in (CONFIG_FILE, TRIAL_CONFIG_FILE) if (Path(folder) / f).is_file()), None)
 
 
 class RunFolderError(ConfigError):

@@ -42,11 +42,12 @@ from .layout import (
     WEIGHT_SUFFIXES,
     checkpoint_name,
 )
-from .runfolder import RunFolder, same_config_files
+from .runfolder import RunFolder, run_marker, same_config_files
 from .sweep.state import is_locked
 from .sweep.trials import base_differences
 
 LOCKS = frozenset({LOCK_FILE, TRIAL_LOCK_FILE, SWEEP_INDEX_LOCK_FILE})
+MARKERS = frozenset({CONFIG_FILE, TRIAL_CONFIG_FILE, SWEEP_CONFIG_FILE})  # what makes a run or sweep folder
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
 
@@ -80,6 +81,7 @@ def sync(src: str | os.PathLike, dst: str | os.PathLike, results_only: bool = Fa
         raise SyncError(
             f"{dst}: is {src} or lies inside it (or it inside {dst}); sync into a folder of its own"
         )
+    _check_destination(src, dst)
     if (src / SWEEP_CONFIG_FILE).is_file():
         theirs = dst / SWEEP_CONFIG_FILE
         differs = _sweep_differences(theirs, src / SWEEP_CONFIG_FILE) if theirs.is_file() else []
@@ -91,6 +93,41 @@ def sync(src: str | os.PathLike, dst: str | os.PathLike, results_only: bool = Fa
         trials = runs | (_run_folders(dst) if theirs.is_file() else set())  # DST's own trials stay untouched
         _copy_tree(src, dst, skip=lambda rel: rel.parts[0] in trials or rel.name in LOCKS)
     return [_sync_run(src / name, dst / name, name, results_only) for name in sorted(runs)]
+
+
+def _check_destination(src: Path, dst: Path) -> None:
+    """Refuse a DST whose files a sync would remove or overwrite by mistake (a sync removes what SRC lacks):
+    a file, a folder of the user's own, a run where SRC is a sweep or a sweep where SRC is a run. DST may be
+    missing, empty, a run or sweep folder of SRC's kind (each run's config is then compared), or a copy of SRC
+    cut short before its config arrived: nothing in it but what SRC has (checkpoints aside, which rotate)."""
+    if not dst.exists() and not dst.is_symlink():
+        return
+    if not dst.is_dir():
+        raise SyncError(f"{dst}: exists and is not a folder; sync into a new folder or an earlier copy of {src}")
+    sweep = (src / SWEEP_CONFIG_FILE).is_file()
+    if (dst / SWEEP_CONFIG_FILE).is_file():
+        if not sweep:
+            raise SyncError(
+                f"{dst}: holds a sweep ({SWEEP_CONFIG_FILE}), and {src} is a run; sync into a new folder "
+                f"or an earlier copy of {src}"
+            )
+        return  # the same sweep or another: sync() compares the two configs
+    if found := run_marker(dst):
+        if sweep:
+            raise SyncError(
+                f"{dst}: holds a run ({found}), and {src} is a sweep; sync into a new folder "
+                f"or an earlier copy of {src}"
+            )
+        return  # the same run or another: _sync_run compares the two configs
+    theirs = _walk(dst, lambda rel: rel.name in LOCKS)
+    ours = _walk(src, lambda rel: False)
+    strays = sorted(str(rel) for rel in theirs if rel not in ours and CHECKPOINTS_DIR not in rel.parts)
+    if strays:
+        raise SyncError(
+            f"{dst}: exists and is not a run or sweep folder (no {CONFIG_FILE} or {SWEEP_CONFIG_FILE}; it holds "
+            f"{', '.join(strays[:3])}{', ...' if len(strays) > 3 else ''}, which {src} has not), and a sync "
+            f"would remove its files; sync into a new folder or an earlier copy of {src}"
+        )
 
 
 def _sweep_differences(theirs: Path, ours: Path) -> list[str]:
@@ -201,7 +238,8 @@ def _copy_tree(src: Path, dst: Path, skip) -> int:
     but not those ``skip`` leaves out. Returns the files copied."""
     ours = _walk(src, skip)
     changed = 0
-    for rel, path in ours.items():
+    # the configs first: a copy cut short is then known for a run or sweep folder, and resumed
+    for rel, path in sorted(ours.items(), key=lambda item: item[0].name not in MARKERS):
         target = dst / rel
         if target.is_file() and _same(path, target):
             continue

@@ -11,9 +11,11 @@ from datetime import datetime
 from pathlib import Path
 
 from ..card import portable_command, portable_model_name, portable_path
+from ..config import ConfigError
 from ..io import write_text_atomic
 from ..layout import REPORT_FILE, RESULTS_FILE, sweep_command
 from ..metrics import RUN_FIGURES
+from ..runfolder import run_marker
 from ..sweep.machine import describe_machine, machine_info
 from ..sweep.trials import format_value
 from .cells import SE_MULTIPLIER, mb, md_table, num, percent, secs, settings_text, status_cell
@@ -334,12 +336,25 @@ def render_report(data: SweepData, figure_lines: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def check_out_dir(out_dir: str | os.PathLike | None) -> None:
+    """Refuse a run folder (``loraqa train -o``, or a sweep's trial) as a report's --out: the report's files
+    would be written among the run's."""
+    if out_dir is None:
+        return
+    if found := run_marker(out_dir):
+        raise ConfigError(
+            f"{out_dir}: holds a run ({found}), not a report; pick another --out (a new folder, or leave "
+            "--out out to write into the sweep folder)"
+        )
+
+
 def write_report(
     sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, unreadable: list | None = None
 ) -> Path:
     """Write ``report.md``, ``results.csv`` and ``figures/*.png`` for a sweep folder; returns report.md's path.
     Damaged files (metrics, logs, predictions that do not parse) are left out, named in the report and appended
-    to ``unreadable`` when given."""
+    to ``unreadable`` when given. A run folder is refused as ``out_dir``."""
+    check_out_dir(out_dir)
     data = load_sweep(sweep_dir)
     (unreadable if unreadable is not None else []).extend(data.read_all())
     out = Path(out_dir) if out_dir else Path(sweep_dir)

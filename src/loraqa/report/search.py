@@ -28,6 +28,7 @@ from ..sweep.trials import base_config, format_value
 from .cells import num, paired_diff
 from .figures import save_figure
 from .load import load_sweep
+from .render import check_out_dir
 
 
 def is_search(sweep_dir: Path) -> bool:
@@ -188,6 +189,7 @@ def write_search_report(sweep_dir, out_dir=None, against=()) -> Path:
     """Write report.md, figures and best.yaml for the search in ``sweep_dir``; returns report.md's path.
     ``against``: sweep or search folders (such as baselines on the same data, or an earlier search) whose
     finished trials the best trial is compared with, question by question."""
+    check_out_dir(out_dir)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

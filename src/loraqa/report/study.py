@@ -21,7 +21,7 @@ from ..layout import FIGURES_DIR, REPORT_FILE, RESULTS_FILE
 from .cells import mb, md_table, num, paired_diff, secs, settings_text, status_cell
 from .figures import draw_figures, plot_curves, save_figure
 from .load import SweepData, TrialResult, load_sweep
-from .render import render_report, results_csv, sweep_header
+from .render import check_out_dir, render_report, results_csv, sweep_header
 from .verdicts import NA, all_verdicts
 
 
@@ -318,6 +318,7 @@ def write_study_report(
     """``report.md``, ``results.csv`` and figures for several sweeps at once; returns report.md's path.
     Each sweep's own section is its single-sweep report (tables, figures, verdicts), one level down. Damaged
     files are left out, named in their sweep's section and appended to ``unreadable`` when given."""
+    check_out_dir(out_dir)
     sweeps = [load_sweep(d) for d in sweep_dirs]
     for data in sweeps:
         (unreadable if unreadable is not None else []).extend(data.read_all())

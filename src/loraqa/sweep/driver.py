@@ -15,6 +15,7 @@ from .. import signals
 from ..config import SWEEP_BACKENDS, ConfigError, ExperimentConfig, from_dict
 from ..io import write_text_atomic
 from ..layout import SWEEP_CONFIG_FILE, SWEEP_INDEX_FILE, TRIAL_CONFIG_FILE, sweep_command
+from ..runfolder import run_marker
 from . import attempt
 from .attempt import Job
 from .machine import machine_info, now
@@ -181,9 +182,21 @@ def _command_line(output_dir: Path, shard: str, parallel: int | None, backend: s
     return cmd, False
 
 
+def _check_not_a_run(output_dir: Path) -> None:
+    """Refuse a run folder (``loraqa train -o``, or one trial of a sweep) as a sweep's folder: the sweep's files
+    and trial folders would be mixed into the run's."""
+    if found := run_marker(output_dir):
+        raise ConfigError(
+            f"{output_dir}: holds a run ({found}), not a sweep; pick another --output-dir "
+            "(a new folder, or the sweep's own)"
+        )
+
+
 def _check_sweep_yaml(output_dir: Path, cfg: ExperimentConfig) -> None:
     """A folder holds one sweep: refuse one whose base config differs; a changed sweep section is allowed
-    (trials are named by their values, so old trials are reused where they still belong)."""
+    (trials are named by their values, so old trials are reused where they still belong). A run's folder is
+    no sweep's."""
+    _check_not_a_run(output_dir)
     path = output_dir / SWEEP_CONFIG_FILE
     if path.exists():
         try:
