@@ -210,3 +210,18 @@ def test_a_device_torch_does_not_know_or_this_machine_lacks_is_one_clear_line(ca
     assert rc == 2 and capsys.readouterr().err.strip() == (
         "loraqa: error: --device bogus: not a device torch knows; give cpu, cuda or cuda:N"
     )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ranks", "0"], "rank 0: a LoRA rank is a whole number of at least 1"),
+        (["--targets", "bogus"], "target preset 'bogus': not one of attn, attn+proj, all-linear"),
+    ],
+)
+def test_params_names_the_rank_or_preset_it_cannot_count(capsys, args, message):
+    """`loraqa params`' own values, not LoraConfig's validation of fields the user never gave (alpha)."""
+    from loraqa.cli import main
+
+    assert main(["params", "--model", "tiny-random-gpt2", *args]) == 2
+    assert capsys.readouterr().err.strip() == f"loraqa: error: {message}"

@@ -30,6 +30,7 @@ import torch
 
 from . import attention, gguf
 from .config import (
+    PRESET_NAMES,
     STUDY_PRESETS,
     STUDY_RANKS,
     ConfigError,
@@ -297,6 +298,12 @@ def parameter_table(name: str, ranks=STUDY_RANKS, presets=STUDY_PRESETS) -> list
     """Trainable LoRA parameters for each rank x preset, counted by PEFT on a weightless (meta) model."""
     from transformers import AutoModelForCausalLM
 
+    for r in ranks:  # checked here: LoraConfig's own errors would name fields the caller never gave
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"rank {r!r}: a LoRA rank is a whole number of at least 1")
+    for preset in presets:
+        if preset not in PRESET_NAMES:
+            raise ValueError(f"target preset {preset!r}: not one of {', '.join(PRESET_NAMES)}")
     cfg = load_hf_config(name)
     rows = []
     for preset in presets:
