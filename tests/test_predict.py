@@ -114,3 +114,91 @@ def test_predict_bad_input_is_one_line(tiny_run, tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "bad.jsonl: line 1 (id 'x'): missing field 'context'" in err
+
+
+# bad input refused before any model loads: none of these needs a trained run (the run folder is never read)
+
+QUESTION = '{"id": "a", "context": "The box is red.", "question": "What color?"}\n'
+ZERO_SHOT = ["predict", "--model", "tiny-random-gpt2"]
+
+
+def one_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("loraqa: error: ")
+    return err
+
+
+def test_predict_never_writes_over_its_input_or_the_run(tmp_path, capsys):
+    src = tmp_path / "q.jsonl"
+    src.write_text(QUESTION)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("kept: true\n")
+    (tmp_path / "link.jsonl").hardlink_to(src)
+    for out in (src, tmp_path / "sub" / ".." / "q.jsonl", tmp_path / "link.jsonl"):
+        assert main(["predict", str(run), "-i", str(src), "-o", str(out)]) == 2
+        assert f"--output {out} is the --input file; pick another path" in one_error(capsys)
+    for name in ("config.yaml", "new.jsonl"):
+        assert main(["predict", str(run), "-i", str(src), "-o", str(run / name)]) == 2
+        assert f"--output {run / name} lies inside the run folder {run}; pick a path outside it" in one_error(
+            capsys
+        )
+    assert src.read_text() == QUESTION and (run / "config.yaml").read_text() == "kept: true\n"
+    assert not (run / "new.jsonl").exists()
+
+
+def test_predict_output_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "q.jsonl").write_text(QUESTION)
+    (tmp_path / "pin").mkdir()
+    args = [*ZERO_SHOT, "-i", str(tmp_path / "q.jsonl"), "-o", str(tmp_path / "pin")]
+    assert main(args) == 2
+    assert f"--output {tmp_path / 'pin'}: is a folder; give a file path" in one_error(capsys)
+
+
+@pytest.mark.parametrize(
+    "name,text",
+    [
+        ("e.jsonl", ""),
+        ("blank.jsonl", "\n  \n"),
+        ("e.json", ""),
+        ("e.csv", ""),
+        ("d.json", '{"version": "1.1", "data": []}'),
+        ("h.csv", "id,context,question\n"),
+    ],
+)
+def test_predict_input_without_questions_is_an_error(tmp_path, capsys, name, text):
+    (tmp_path / name).write_text(text)
+    args = [*ZERO_SHOT, "-i", str(tmp_path / name), "-o", str(tmp_path / "o.jsonl")]
+    assert main(args) == 2
+    assert one_error(capsys) == f"loraqa: error: {tmp_path / name}: no questions"
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_predict_batch_size_zero_is_refused_like_a_negative_one(tmp_path, capsys):
+    (tmp_path / "q.jsonl").write_text(QUESTION)
+    base = [*ZERO_SHOT, "-i", str(tmp_path / "q.jsonl"), "-o", str(tmp_path / "o")]
+    for size in ("0", "-3"):
+        assert main([*base, "--batch-size", size]) == 2
+        assert f"eval.batch_size: must be > 0, got {size}" in one_error(capsys)
+
+
+def test_predict_csv_error_quotes_a_short_header(tmp_path, capsys):
+    src = tmp_path / "big.json"
+    src.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": "x" * 5000, "qas": []}]}]}))
+    args = [*ZERO_SHOT, "-i", str(src), "-o", str(tmp_path / "o"), "--format", "csv"]
+    assert main(args) == 2
+    err = one_error(capsys)
+    assert "no 'id', 'context', 'question' column (header: {\"data\": " in err and "...); expected" in err
+    assert len(err) < len(str(src)) + 300  # not the 5000-character file
+
+
+@pytest.mark.parametrize(
+    "questions,which",
+    [([""], "--question"), (["  \t"], "--question"), (["What?", " "], "--question 2 (of 2)")],
+)
+def test_ask_empty_question_is_refused(capsys, questions, which):
+    args = ["ask", "--model", "tiny-random-gpt2", "-c", "The box is red."]
+    assert main([*args, *(x for q in questions for x in ("-q", q))]) == 2
+    assert (
+        one_error(capsys) == f"loraqa: error: {which} is empty; ask a question about the --context paragraph"
+    )

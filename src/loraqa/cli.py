@@ -222,15 +222,24 @@ def cmd_eval(args) -> int:
 def _answerer(args):
     from .answering import load_answerer
 
-    overrides = [("eval.batch_size", args.batch_size)] if getattr(args, "batch_size", None) else []
+    # `is not None`: --batch-size 0 is checked (and refused) as the config checks every batch size
+    overrides = (
+        [("eval.batch_size", args.batch_size)] if getattr(args, "batch_size", None) is not None else []
+    )
     return load_answerer(args.run_dir, model=args.model, device=args.device, overrides=overrides)
 
 
 def cmd_predict(args) -> int:
     from .metrics import V2_PARTS, v2_keys
-    from .predict import predict_file
+    from .predict import check_output, predict_file, read_questions
+    from .runfolder import check_run_config
 
-    summary = predict_file(_answerer(args), args.input, args.output, fmt=args.format)
+    # every check before the model loads: where the answers go, the run folder, then the questions themselves
+    check_output(args.input, args.output, run_dir=args.run_dir)
+    if args.run_dir:
+        check_run_config(args.run_dir)
+    questions = read_questions(args.input, args.format)
+    summary = predict_file(_answerer(args), args.input, args.output, questions=questions)
     print(f"wrote {summary['n_answered']} answers to {args.output}", file=sys.stderr)
     if summary["n_questions"]:
         print(
@@ -250,6 +259,10 @@ def cmd_ask(args) -> int:
     from .config import ConfigError
     from .predict import ask
 
+    for n, question in enumerate(args.question, 1):
+        if not question.strip():
+            which = "--question" if len(args.question) == 1 else f"--question {n} (of {len(args.question)})"
+            raise ConfigError(f"{which} is empty; ask a question about the --context paragraph")
     context = args.context
     if context.startswith("@"):
         path = Path(context[1:]).expanduser()

@@ -42,8 +42,8 @@ from .config import (
     resolve_targets,
 )
 from .devices import resolve_attention, resolve_device, resolve_precision
-from .layout import CACHE_GPT2_TOKENIZER_DIR, CONFIG_FILE, SAVING_DIR, cache_dir
-from .runfolder import check_weights, make_portable, weights_file
+from .layout import CACHE_GPT2_TOKENIZER_DIR, SAVING_DIR, cache_dir
+from .runfolder import check_run_config, check_weights, make_portable, weights_file
 
 log = logging.getLogger(__name__)
 
@@ -429,9 +429,7 @@ def load_run(
     """A trained run folder's config (with ``overrides``, e.g. ``("data.eval_limit", 100)``) and its trained
     model, ready for generation."""
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise ConfigError(f"{run_dir}: not a run folder (no {CONFIG_FILE}); train one with `loraqa train`")
-    cfg = load_config(run_dir / CONFIG_FILE)
+    cfg = load_config(check_run_config(run_dir))
     cfg = apply_overrides(cfg, list(overrides)) if overrides else cfg
     full = cfg.train.method == "full"
     if not (run_dir / weights_file(full)).is_file():

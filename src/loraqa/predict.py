@@ -9,14 +9,68 @@ run's evaluation gave it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from .answering import Answerer, asked, generated_text
-from .data import detect_format, load_file
+from .config import ConfigError
+from .data import DataError, Example, LoadReport, detect_format, load_file
 from .io import write_jsonl_atomic
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Questions:
+    """The questions of an input file, read before any model is loaded."""
+
+    examples: list[Example]
+    report: LoadReport
+    format: str
+
+
+def check_output(source: str | Path, output: str | Path, run_dir: str | Path | None = None) -> None:
+    """Refuse an ``output`` that would overwrite something the user has: the ``source`` file itself (or a file
+    inside a ``source`` folder), a file of the run folder ``run_dir``, or a folder. A ConfigError, raised
+    before anything is loaded."""
+    out = Path(output).expanduser()
+    if out.is_dir():
+        raise ConfigError(f"--output {output}: is a folder; give a file path")
+    resolved = out.resolve()
+    src = Path(source).expanduser()
+    same = resolved == src.resolve()
+    if not same and out.exists() and src.exists():
+        with contextlib.suppress(OSError):
+            same = os.path.samefile(out, src)  # a hard link to the input is the input too
+    if same:
+        raise ConfigError(f"--output {output} is the --input file; pick another path")
+    if src.is_dir() and resolved.is_relative_to(src.resolve()):
+        raise ConfigError(
+            f"--output {output} lies inside the --input folder {source}; pick a path outside it"
+        )
+    if run_dir and resolved.is_relative_to(Path(run_dir).expanduser().resolve()):
+        raise ConfigError(f"--output {output} lies inside the run folder {run_dir}; pick a path outside it")
+
+
+def read_questions(source: str | Path, fmt: str | None = None) -> Questions:
+    """The questions of ``source`` (any data format; detected from the name when ``fmt`` is None). A file
+    without a question is a DataError, ``FILE: no questions``, whatever its format."""
+    path = Path(source).expanduser()
+    if (
+        path.is_file()
+        and path.stat().st_size < 1 << 16
+        and not path.read_bytes().lstrip(b"\xef\xbb\xbf").strip()
+    ):
+        raise DataError(f"{source}: no questions")  # empty: before a format's own complaint about it
+    fmt = fmt or detect_format(source)
+    examples, report = load_file(source, fmt, split="dev")
+    if not examples:
+        raise DataError(f"{source}: no questions")
+    log.info(report.summary())
+    return Questions(examples, report, fmt)
 
 
 def predict_file(
@@ -26,17 +80,24 @@ def predict_file(
     *,
     fmt: str | None = None,
     progress: bool = True,
+    questions: Questions | None = None,
 ) -> dict:
-    """Answer every question of ``source`` (any data format; detected from the name when ``fmt`` is None)
-    and write ``output``: JSONL, one ``{"id", "answer"}`` a line, in input order (for a SQuAD 2.0 run the
-    no-answer is ``""``, as in the official format). Returns the summary: EM/F1 over the questions with gold
-    answers (``n_questions``; 0 when the input has none), ``n_answered``, and the load report's line."""
-    fmt = fmt or detect_format(source)
-    examples, report = load_file(source, fmt, split="dev")
-    log.info(report.summary())
-    records, summary = answerer.answer(examples, progress=progress)
+    """Answer every question of ``source`` (any data format; detected from the name when ``fmt`` is None;
+    ``questions``: already read by :func:`read_questions`) and write ``output``: JSONL, one ``{"id", "answer"}``
+    a line, in input order (for a SQuAD 2.0 run the no-answer is ``""``, as in the official format). Returns the
+    summary: EM/F1 over the questions with gold answers (``n_questions``; 0 when the input has none),
+    ``n_answered``, and the load report's line."""
+    if questions is None:
+        check_output(source, output)
+        questions = read_questions(source, fmt)
+    records, summary = answerer.answer(questions.examples, progress=progress)
     write_jsonl_atomic(output, [{"id": r["id"], "answer": r["prediction"]} for r in records])
-    return {**summary, "n_answered": len(records), "format": fmt, "load_report": report.summary()}
+    return {
+        **summary,
+        "n_answered": len(records),
+        "format": questions.format,
+        "load_report": questions.report.summary(),
+    }
 
 
 def ask(answerer: Answerer, questions: list[str], context: str) -> list[str]:

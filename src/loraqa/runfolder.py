@@ -70,6 +70,15 @@ from .layout import (
 log = logging.getLogger(__name__)
 
 
+def check_run_config(run_dir: str | os.PathLike) -> Path:
+    """The config of the finished or trained run in ``run_dir``; a ConfigError where there is none (before any
+    model loads: :func:`loraqa.model.load_run`, ``loraqa predict``)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: not a run folder (no {CONFIG_FILE}); train one with `loraqa train`")
+    return path
+
+
 def run_marker(folder: str | os.PathLike) -> str | None:
     """The file that makes ``folder`` a run's (its config; a sweep trial's config), None where it holds neither."""
     return next((f for f in (CONFIG_FILE, TRIAL_CONFIG_FILE) if (Path(folder) / f).is_file()), None)

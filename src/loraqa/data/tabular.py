@@ -25,6 +25,7 @@ from typing import Any
 from .squad import DataError, Example, LoadReport, _type_name, keep_answers, read_data_file
 
 FIELDS_HINT = "expected records with id, context, question and answers (a list; optional for prediction)"
+HEADER_QUOTE = 80  # the most of a CSV header an error quotes (a JSON file read as CSV is all header)
 
 
 def load_jsonl(
@@ -59,9 +60,10 @@ def load_csv(
         columns = reader.fieldnames or []
         missing = [c for c in ("id", "context", "question") if c not in columns]
         if missing:
+            header = ", ".join(columns) or "none"
+            header = header if len(header) <= HEADER_QUOTE else header[:HEADER_QUOTE].rstrip() + "..."
             raise DataError(
-                f"{path}: no {', '.join(repr(c) for c in missing)} column (header: {', '.join(columns) or 'none'}); "
-                f"{FIELDS_HINT}"
+                f"{path}: no {', '.join(repr(c) for c in missing)} column (header: {header}); {FIELDS_HINT}"
             )
         records = []
         for row in reader:
