@@ -109,6 +109,23 @@ def test_a_study_compared_with_an_earlier_study_reads_that_studys_claims_sweep(t
     assert changes_rows(again)["(a)"][1:4] == ["holds", "holds", "no"]
 
 
+def test_compare_needs_an_earlier_report_and_says_so_before_reading_the_sweeps(tmp_path, capsys):
+    """A file that is not a loraqa report.md (text without verdicts, bytes, a folder, nothing) is one line
+    naming --compare, not a table of "not judged" rows or a bare decoding error."""
+    claims = make_sweep(tmp_path, CLAIMS_HOLD)
+    (tmp_path / "notes.md").write_text("some notes\n")
+    (tmp_path / "weights.bin").write_bytes(b"\xff\xfe\x00\x01")
+    cases = {"notes.md": "no verdict line in it", "weights.bin": "not UTF-8 text", "nothing.md": "No such file",
+             ".": "Is a directory"}  # fmt: skip
+    for name, reason in cases.items():
+        earlier = tmp_path / name
+        rc = main(["report", str(claims), "--compare", str(earlier), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.startswith(f"loraqa: error: --compare {earlier}: {reason}"), err
+        assert "give an earlier report.md written by `loraqa report`" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_report_cli_takes_several_sweeps_and_needs_out(tmp_path, capsys):
     claims, scaling = make_sweep(tmp_path, CLAIMS_HOLD), make_scaling_sweep(tmp_path)
     assert main(["report", str(claims), str(scaling)]) == 2

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..card import portable_model_name
+from ..config import ConfigError
 from ..io import write_text_atomic
 from ..layout import FIGURES_DIR, REPORT_FILE, RESULTS_FILE
 from .cells import mb, md_table, num, paired_diff, secs, settings_text, status_cell
@@ -256,13 +257,31 @@ VERDICT_LINE = re.compile(r"^- \*\*\((\w)\) “(.+?)”: (.+?)\.\*\* ?(.*)$")
 SWEEP_HEADING = re.compile(r"^#+ Sweep report: (.+?)\s*$")
 
 
+def check_earlier_report(report_md: Path) -> None:
+    """A ConfigError naming ``--compare`` where ``report_md`` is not a report.md of ``loraqa report`` with
+    verdicts to compare with (missing, a folder, not text, no verdict line); said before any sweep is read."""
+    try:
+        text = report_md.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        text, reason = "", "not UTF-8 text"
+    except OSError as e:
+        text, reason = "", e.strerror or str(e)
+    else:
+        reason = "no verdict line in it (- **(a) “…”: …**)"
+    if not any(VERDICT_LINE.match(line) for line in text.splitlines()):
+        raise ConfigError(
+            f"--compare {report_md}: {reason}; give an earlier report.md written by `loraqa report` on a sweep "
+            "that varied the reference study's axes"
+        )
+
+
 def earlier_verdicts(report_md: Path, prefer: str | None = None) -> tuple[str | None, dict[str, tuple[str, str, str]]]:
     """(sweep, label -> (claim, verdict, detail)) from an earlier report.md written by ``loraqa report``. A study
     report has a verdict list per sweep: the one of the sweep named ``prefer`` if it is there, else the one that
     measured the most claims (the sweep that varied the reference study's axes)."""
     sections: dict[str | None, dict[str, tuple[str, str, str]]] = {}
     current = None
-    for line in report_md.read_text().splitlines():
+    for line in report_md.read_text(encoding="utf-8").splitlines():
         heading = SWEEP_HEADING.match(line)
         if heading:
             current = heading.group(1)
@@ -319,6 +338,8 @@ def write_study_report(
     Each sweep's own section is its single-sweep report (tables, figures, verdicts), one level down. Damaged
     files are left out, named in their sweep's section and appended to ``unreadable`` when given."""
     check_out_dir(out_dir)
+    if compare:
+        check_earlier_report(Path(compare))
     sweeps = [load_sweep(d) for d in sweep_dirs]
     for data in sweeps:
         (unreadable if unreadable is not None else []).extend(data.read_all())
