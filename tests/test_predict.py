@@ -106,6 +106,21 @@ def test_ask_zero_shot_and_clear_errors(capsys, tmp_path):
     assert "not a run folder" in capsys.readouterr().err
 
 
+def test_a_context_longer_than_the_prompt_takes_is_read_in_part_and_said_so(caplog):
+    """`ask` (and `predict`) keep the beginning of a context the model cannot take whole, with a warning."""
+    from loraqa.answering import load_answerer
+    from loraqa.predict import ask
+
+    answerer = load_answerer(None, model="tiny-random-gpt2", device="cpu")
+    with caplog.at_level("WARNING", logger="loraqa.predict"):
+        assert len(ask(answerer, ["What color?"], "The box is red. " * 400)) == 1
+    assert "1 question(s) had a context longer than the model's prompt takes" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="loraqa.predict"):
+        ask(answerer, ["What color?"], "The box is red.")
+    assert "longer than" not in caplog.text
+
+
 def test_predict_bad_input_is_one_line(tiny_run, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"id": "x", "question": "q"}\n')
     assert (

@@ -91,6 +91,7 @@ def predict_file(
         check_output(source, output)
         questions = read_questions(source, fmt)
     records, summary = answerer.answer(questions.examples, progress=progress)
+    warn_cut(summary)
     write_jsonl_atomic(output, [{"id": r["id"], "answer": r["prediction"]} for r in records])
     return {
         **summary,
@@ -102,5 +103,17 @@ def predict_file(
 
 def ask(answerer: Answerer, questions: list[str], context: str) -> list[str]:
     """The model's answers to ``questions`` about one ``context`` (the text it generated)."""
-    records, _ = answerer.answer(asked(context, questions))
+    records, summary = answerer.answer(asked(context, questions))
+    warn_cut(summary)
     return [generated_text(r) for r in records]
+
+
+def warn_cut(summary: dict) -> None:
+    """A warning where contexts were longer than the model's prompt takes: each kept its beginning, and an
+    answer can only come from that part (the answer is not known in advance, so no window is chosen)."""
+    if cut := summary.get("eval_prompts_truncated"):
+        log.warning(
+            "%d question(s) had a context longer than the model's prompt takes (prompt.max_length, less room for "
+            "the question and the answer): only its beginning was read",
+            cut,
+        )
