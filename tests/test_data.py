@@ -558,6 +558,10 @@ def test_resolve_missing_folder(tmp_path, no_download):
     with pytest.raises(DataError) as info:
         data.resolve_data_dir(folder)
     assert_one_line_error(info, folder, "no such folder", "LORAQA_DATA_DIR")
+    folder.write_text("not a folder")
+    with pytest.raises(DataError) as info:
+        data.resolve_data_dir(folder)
+    assert_one_line_error(info, folder, "a file, not a folder", "LORAQA_DATA_DIR")
 
 
 def test_resolve_accepts_gzipped_files(tmp_path, no_download):

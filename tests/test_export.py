@@ -144,6 +144,9 @@ def test_export_never_deletes_a_run_or_a_folder_that_is_not_a_model(tmp_path):
     with pytest.raises(ConfigError, match="not an exported model folder"):
         export_run(run, full, overwrite=True)
     assert (run / "config.yaml").exists() and (notes / "todo.txt").exists() and (full / "config.json").exists()
+    with pytest.raises(ConfigError, match="todo.txt: is a file, not a folder; give --out a folder"):
+        export_run(run, notes / "todo.txt", overwrite=True)
+    assert (notes / "todo.txt").read_text() == "x"
 
 
 def test_export_keeps_the_precision_the_run_generated_with(tmp_path, synthetic_dir):

@@ -225,3 +225,12 @@ def test_params_names_the_rank_or_preset_it_cannot_count(capsys, args, message):
 
     assert main(["params", "--model", "tiny-random-gpt2", *args]) == 2
     assert capsys.readouterr().err.strip() == f"loraqa: error: {message}"
+
+
+def test_a_local_folder_that_is_no_model_is_named_as_such(tmp_path):
+    """transformers says only "Unrecognized model" of a folder without config.json."""
+    from loraqa.model import ModelLoadError, load_base_model, load_hf_config
+
+    for load in (load_hf_config, load_base_model):
+        with pytest.raises(ModelLoadError, match=r"a folder without config\.json, so not a model folder"):
+            load(str(tmp_path))

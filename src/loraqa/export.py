@@ -86,6 +86,8 @@ def _check_out_dir(run_dir: Path, out_dir: Path, overwrite: bool) -> None:
     mistyped --out must not delete a run or a folder of runs."""
     if run_dir.resolve().is_relative_to(out_dir.resolve()):
         raise ConfigError(f"{out_dir}: holds the run {run_dir}; pick another --out")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir}: is a file, not a folder; give --out a folder for the model")
     if not out_dir.exists() or not any(out_dir.iterdir()):
         return
     if not overwrite:

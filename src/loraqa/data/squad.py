@@ -201,7 +201,8 @@ def resolve_data_dir(
         return cache
 
     if not folder.is_dir():
-        raise DataError(f"{folder} (from {origin}): no such folder; {_WHERE_TO_GET}")
+        what = "a file, not a folder" if folder.exists() else "no such folder"
+        raise DataError(f"{folder} (from {origin}): {what}; {_WHERE_TO_GET}")
     missing = [_split_file_name(s) for s in splits if _find_split_file(folder, s) is None]
     if missing:
         raise DataError(
