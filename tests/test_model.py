@@ -234,3 +234,6 @@ def test_a_local_folder_that_is_no_model_is_named_as_such(tmp_path):
     for load in (load_hf_config, load_base_model):
         with pytest.raises(ModelLoadError, match=r"a folder without config\.json, so not a model folder"):
             load(str(tmp_path))
+    (tmp_path / "config.yaml").write_text("name: r\n")  # a run folder given as --model
+    with pytest.raises(ModelLoadError, match=r"a loraqa run folder, not a model; give it as the run"):
+        load_hf_config(str(tmp_path))

@@ -42,7 +42,7 @@ from .config import (
     resolve_targets,
 )
 from .devices import resolve_attention, resolve_device, resolve_precision
-from .layout import CACHE_GPT2_TOKENIZER_DIR, MODEL_CONFIG_FILE, SAVING_DIR, cache_dir
+from .layout import CACHE_GPT2_TOKENIZER_DIR, CONFIG_FILE, MODEL_CONFIG_FILE, SAVING_DIR, cache_dir
 from .runfolder import check_run_config, check_weights, make_portable, weights_file
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,11 @@ def _from_hub(loader, name: str, **kwargs):
     """``loader.from_pretrained(name)``; where the hub cannot be reached, from the local cache alone. A local
     folder must be a model's (transformers would say only "Unrecognized model")."""
     local = Path(name).expanduser()
+    if local.is_dir() and (local / CONFIG_FILE).is_file() and not (local / MODEL_CONFIG_FILE).is_file():
+        raise ModelLoadError(
+            f"{name}: a loraqa run folder, not a model; give it as the run (`loraqa ask {name} ...`), or export "
+            f"it to a model folder first (`loraqa export {name} --out DIR`)"
+        )
     if local.is_dir() and not (local / MODEL_CONFIG_FILE).is_file():
         raise ModelLoadError(
             f"{name}: a folder without {MODEL_CONFIG_FILE}, so not a model folder; give one that save_pretrained "
