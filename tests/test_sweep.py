@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from loraqa import locks, sweep
 from loraqa.config import ConfigError, ExperimentConfig, from_dict, load_config
@@ -298,6 +299,18 @@ def test_a_folder_holds_one_sweep(fake_trials):
         sweep.run_sweep(other, fake_trials, progress=False)
     with pytest.raises(ConfigError, match="--parallel"):
         sweep.run_sweep(cfg, fake_trials, parallel=0, progress=False)
+
+
+def test_a_changed_sweep_section_says_which_trial_folders_it_no_longer_makes(fake_trials, capsys):
+    assert sweep.run_sweep(load_config(TINY), fake_trials, progress=False) == 0
+    capsys.readouterr()
+    raw = yaml.safe_load(TINY.read_text())
+    raw["sweep"]["axes"] = {"lora.r": [8, 16]}  # base and r16 still made; lr5e-4 and targets_attn+proj not
+    fewer = from_dict(raw, where="fewer.yaml")
+    assert sweep.run_sweep(fewer, fake_trials, progress=False) == 0
+    err = capsys.readouterr().err
+    assert "holds 2 trial folder(s) this config no longer makes (lr5e-4, targets_attn+proj): kept" in err
+    assert (fake_trials / "lr5e-4" / "metrics.json").is_file()  # kept as it was
 
 
 def test_a_run_folder_is_no_sweep_folder(tmp_path, capsys):

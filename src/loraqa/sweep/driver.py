@@ -50,6 +50,7 @@ def run_sweep(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     _check_sweep_yaml(output_dir, cfg)
+    _say_strays(output_dir, trials)
     mine = shard_trials(trials, index, count)
     skip = ("done",) if retry_failed else ("done", "failed")
     todo = [t for t in mine if trial_status(output_dir / t.name) not in skip]
@@ -180,6 +181,20 @@ def _command_line(output_dir: Path, shard: str, parallel: int | None, backend: s
     if backend != "local":
         cmd += f" --backend {backend}" + (f" --address {shlex.quote(address)}" if address else "")
     return cmd, False
+
+
+def _say_strays(output_dir: Path, trials: list) -> None:
+    """A changed sweep section keeps the trials it still makes; say which trial folders it no longer makes (they
+    stay as they are, and its report lists them apart)."""
+    names = {t.name for t in trials}
+    strays = sorted(p.name for p in output_dir.iterdir() if (p / TRIAL_CONFIG_FILE).is_file() and p.name not in names)
+    if strays:
+        print(
+            f"loraqa sweep: {output_dir} holds {len(strays)} trial folder(s) this config no longer makes "
+            f"({', '.join(strays[:5])}{', ...' if len(strays) > 5 else ''}): kept as they are, not run, and listed "
+            "apart in its report",
+            file=sys.stderr,
+        )
 
 
 def _check_not_a_run(output_dir: Path) -> None:
