@@ -258,6 +258,18 @@ def test_a_copy_cut_short_before_its_config_arrived_is_resumed(tmp_path):
     assert (dst / "config.yaml").read_text() == "name: x\n"
 
 
+def test_a_file_of_the_users_own_under_a_name_the_run_has_too_is_refused(tmp_path):
+    """A folder holding only a README.md of the user's is no copy of a run cut short, though runs have one."""
+    src = fake_run(tmp_path / "src", done=True)
+    (src / "README.md").write_text("the run's model card\n")
+    dst = tmp_path / "mine"
+    dst.mkdir()
+    (dst / "README.md").write_text("my notes\n")
+    with pytest.raises(SyncError, match=r"it holds README.md, which .* has not as they are"):
+        sync(src, dst)
+    assert (dst / "README.md").read_text() == "my notes\n" and sorted(dst.iterdir()) == [dst / "README.md"]
+
+
 def test_a_copy_cut_short_has_its_config_first(tmp_path, monkeypatch):
     src = fake_run(tmp_path / "src", done=True)
     real, copied = sync_mod._copy_file, []

@@ -99,7 +99,9 @@ def _check_destination(src: Path, dst: Path) -> None:
     """Refuse a DST whose files a sync would remove or overwrite by mistake (a sync removes what SRC lacks):
     a file, a folder of the user's own, a run where SRC is a sweep or a sweep where SRC is a run. DST may be
     missing, empty, a run or sweep folder of SRC's kind (each run's config is then compared), or a copy of SRC
-    cut short before its config arrived: nothing in it but what SRC has (checkpoints aside, which rotate)."""
+    cut short before its config arrived: nothing in it but copies of SRC's files as they are (checkpoints
+    aside, which rotate). A file of the same name that is not such a copy (a README.md of the user's own beside a
+    run's model card) is the user's, and refused."""
     if not dst.exists() and not dst.is_symlink():
         return
     if not dst.is_dir():
@@ -121,12 +123,16 @@ def _check_destination(src: Path, dst: Path) -> None:
         return  # the same run or another: _sync_run compares the two configs
     theirs = _walk(dst, lambda rel: rel.name in LOCKS)
     ours = _walk(src, lambda rel: False)
-    strays = sorted(str(rel) for rel in theirs if rel not in ours and CHECKPOINTS_DIR not in rel.parts)
+    strays = sorted(
+        str(rel)
+        for rel, path in theirs.items()
+        if CHECKPOINTS_DIR not in rel.parts and (rel not in ours or not _same(ours[rel], path))
+    )
     if strays:
         raise SyncError(
             f"{dst}: exists and is not a run or sweep folder (no {CONFIG_FILE} or {SWEEP_CONFIG_FILE}; it holds "
-            f"{', '.join(strays[:3])}{', ...' if len(strays) > 3 else ''}, which {src} has not), and a sync "
-            f"would remove its files; sync into a new folder or an earlier copy of {src}"
+            f"{', '.join(strays[:3])}{', ...' if len(strays) > 3 else ''}, which {src} has not as they are), and "
+            f"a sync would replace or remove its files; sync into a new folder or an earlier copy of {src}"
         )
 
 
