@@ -43,7 +43,7 @@ from .layout import (
     checkpoint_name,
 )
 from .runfolder import RunFolder, run_marker, same_config_files
-from .sweep.state import is_locked
+from .sweep.state import is_locked, trial_folders
 from .sweep.trials import base_differences
 
 LOCKS = frozenset({LOCK_FILE, TRIAL_LOCK_FILE, SWEEP_INDEX_LOCK_FILE})
@@ -147,8 +147,8 @@ def _sweep_differences(theirs: Path, ours: Path) -> list[str]:
 
 def _run_folders(src: Path) -> set[str]:
     if (src / SWEEP_CONFIG_FILE).is_file():
-        return {p.name for p in src.iterdir() if p.is_dir() and (p / TRIAL_CONFIG_FILE).is_file()}
-    if (src / CONFIG_FILE).is_file() or (src / TRIAL_CONFIG_FILE).is_file():
+        return set(trial_folders(src))
+    if run_marker(src):
         return {"."}
     raise SyncError(
         f"{src}: not a run folder (no {CONFIG_FILE}) or a sweep folder (no {SWEEP_CONFIG_FILE}); "

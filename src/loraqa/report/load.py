@@ -14,9 +14,9 @@ import yaml
 from ..card import portable_path
 from ..config import ConfigError, from_dict
 from ..io import read_json
-from ..layout import SWEEP_CONFIG_FILE, SWEEP_INDEX_FILE, TRIAL_CONFIG_FILE, TRIAL_RUN_FILE
+from ..layout import SWEEP_CONFIG_FILE, SWEEP_INDEX_FILE, TRIAL_RUN_FILE
 from ..runfolder import RunFolder
-from ..sweep.state import trial_status
+from ..sweep.state import trial_folders, trial_status
 from ..sweep.trials import Trial, axis_values, expand_trials, format_value, reference_values
 
 
@@ -163,8 +163,6 @@ def load_sweep(sweep_dir: str | os.PathLike) -> SweepData:
         attempts = _read_or(run.path / TRIAL_RUN_FILE, {}, bad)
         trials.append(TrialResult(t, run.path, status, metrics, attempts, error, unreadable=bad))
     names = {t.name for t in trials}
-    strays = sorted(
-        p.name for p in sweep_dir.iterdir() if p.is_dir() and (p / TRIAL_CONFIG_FILE).exists() and p.name not in names
-    )
+    strays = [name for name in trial_folders(sweep_dir) if name not in names]
     index = _read_or(sweep_dir / SWEEP_INDEX_FILE, {}, bad)
     return SweepData(sweep_dir, cfg, trials, axis_values(cfg), reference_values(cfg), index, strays, bad)

@@ -20,7 +20,7 @@ from . import attempt
 from .attempt import Job
 from .machine import machine_info, now
 from .runner import LocalRunner, Runner, Terminated
-from .state import SweepIndex, trial_status
+from .state import SweepIndex, trial_folders, trial_status
 from .trials import Trial, base_differences, expand_trials, parse_shard, shard_trials
 from .view import View
 
@@ -187,7 +187,7 @@ def _say_strays(output_dir: Path, trials: list) -> None:
     """A changed sweep section keeps the trials it still makes; say which trial folders it no longer makes (they
     stay as they are, and its report lists them apart)."""
     names = {t.name for t in trials}
-    strays = sorted(p.name for p in output_dir.iterdir() if (p / TRIAL_CONFIG_FILE).is_file() and p.name not in names)
+    strays = [name for name in trial_folders(output_dir) if name not in names]
     if strays:
         print(
             f"loraqa sweep: {output_dir} holds {len(strays)} trial folder(s) this config no longer makes "

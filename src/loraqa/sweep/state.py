@@ -26,6 +26,7 @@ from ..layout import (
     SWEEP_INDEX_FILE,
     SWEEP_INDEX_LOCK_FILE,
     TRAIN_METRICS_FILE,
+    TRIAL_CONFIG_FILE,
     TRIAL_LOCK_FILE,
     TRIAL_RUN_FILE,
     sweep_command,
@@ -47,6 +48,11 @@ def try_lock(trial_dir: Path) -> int | None:
 def is_locked(trial_dir: Path, lock_file: str = TRIAL_LOCK_FILE) -> bool:
     """Whether a process holds the trial (or, with ``lock_file=layout.LOCK_FILE``, the run folder)."""
     return locks.held(Path(trial_dir) / lock_file)
+
+
+def trial_folders(sweep_dir: Path) -> list[str]:
+    """The names of the trial folders in ``sweep_dir`` (each holds its trial.yaml), sorted."""
+    return sorted(p.name for p in Path(sweep_dir).iterdir() if (p / TRIAL_CONFIG_FILE).is_file())
 
 
 def trial_status(trial_dir: Path) -> str:
