@@ -39,6 +39,14 @@ def test_reading_sweep_records_does_not_import_the_scheduler(module):
     assert not scheduler, f"importing {module} imports {', '.join(sorted(scheduler))}"
 
 
+def test_a_training_run_reads_its_search_reporter_without_the_search_driver():
+    """``loraqa train`` asks at every start whether it is a search's trial: that must not import the driver's
+    side (the scheduler, the runners, the study's sampler) or Optuna itself."""
+    loaded = imported_after("loraqa.sweep.reporter")
+    driver = {"loraqa.sweep.search", "loraqa.sweep.driver", "loraqa.sweep.attempt", "optuna"} & loaded
+    assert not driver, f"importing loraqa.sweep.reporter imports {', '.join(sorted(driver))}"
+
+
 def test_the_serve_settings_load_without_the_web_framework():
     """``loraqa serve``'s options default to ServeSettings, read when the command line is built."""
     loaded = imported_after("loraqa.serve.settings")

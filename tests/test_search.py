@@ -105,7 +105,8 @@ def run_trial(cfg, study, sweep_dir: Path, f1_at: dict[int, float], monkeypatch)
     driver gives it, as ``loraqa train`` does; returns the step it was pruned at, or None (then told done)."""
     import optuna
 
-    from loraqa.sweep.search import TrialReporter, _search_job, as_trial, suggest
+    from loraqa.sweep.reporter import TrialReporter
+    from loraqa.sweep.search import _search_job, as_trial, suggest
 
     trial = study.ask()
     asked = as_trial(cfg, trial.number, suggest(trial, cfg.sweep.space))

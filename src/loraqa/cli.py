@@ -153,7 +153,7 @@ def cmd_train(args) -> int:
     from . import dist, signals
     from .card import current_command
     from .pipeline import run_experiment
-    from .sweep.search import TrialReporter
+    from .sweep.reporter import TrialReporter
 
     signals.watch_parent()  # a sweep's trial stops (resumably) when its sweep dies
     cfg = build_config(args)

@@ -26,7 +26,9 @@ The modules, one job each (none imports this package's ``__init__``):
 - ``view``: the progress display;
 - ``runner``: the ``Runner`` interface and the local runner (child processes of this machine);
 - ``ray_runner``: the Ray runner (``--backend ray``: one Ray task per trial; needs the ``loraqa[ray]`` extra);
-- ``driver``: ``run_sweep``, which picks the trials and hands them to a runner.
+- ``driver``: ``run_sweep``, which picks the trials and hands them to a runner;
+- ``search``: ``run_search`` (``sweep.mode: search``), whose Optuna study picks the trials;
+- ``reporter``: a search trial's side, in its own process: the pruner and each in-training score to the study.
 """
 
 import lazy_loader
