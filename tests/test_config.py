@@ -130,8 +130,10 @@ def test_overrides_apply_on_top_of_the_file_and_are_validated(tmp_path):
         load_config(path, ["train.learning_rate=1"])
     with pytest.raises(ConfigError, match="lora.r"):
         load_config(path, ["lora.r=-3"])
-    with pytest.raises(ConfigError, match="unknown key 'sweep.mode'"):
+    with pytest.raises(ConfigError, match="'sweep.mode': the sweep section is set in the experiment file only"):
         apply_overrides(cfg, [("sweep.mode", "grid")])
+    with pytest.raises(ConfigError, match="unknown key 'optim.lr'"):
+        apply_overrides(cfg, [("optim.lr", 1)])
 
 
 def test_apply_overrides_returns_a_copy():

@@ -756,7 +756,9 @@ def apply_overrides(
     raw = cfg.to_dict()
     for key, value in overrides:
         section, _, name = key.partition(".")
-        if section not in SECTIONS or section == "sweep":
+        if section == "sweep":  # the study's trials come from this section: only its file sets it
+            raise ConfigError(f"{where}: '{key}': the sweep section is set in the experiment file only")
+        if section not in SECTIONS:
             raise ConfigError(
                 f"{where}: unknown key '{key}' (sections: {', '.join(s for s in SECTIONS if s != 'sweep')})"
             )
