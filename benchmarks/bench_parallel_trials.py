@@ -1,5 +1,5 @@
 """Two trials at once on half the cores each, or one at a time on all of them: which trains more questions an
-hour on a CPU? (``loraqa sweep --parallel 2`` gives each child ``OMP_NUM_THREADS`` = cores / 2.)
+hour on a CPU? (``loraqa sweep --parallel 2`` gives each child ``OMP_NUM_THREADS`` = cores / 2, unless the environment sets it.)
 
     .venv/bin/python benchmarks/bench_parallel_trials.py --data-dir ../shared/squad
     .venv/bin/python benchmarks/bench_parallel_trials.py --data-dir ../shared/squad --steps 16 --rounds 1

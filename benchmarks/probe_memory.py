@@ -10,8 +10,8 @@ go in the environment (e.g. ``MALLOC_MMAP_THRESHOLD_=131072``). SQuAD is read fr
 Memory does not depend on what else runs, but the speed does: compare speeds only from an idle machine.
 """
 
+import argparse
 import ctypes
-import sys
 
 from transformers import TrainerCallback
 
@@ -44,10 +44,19 @@ class Watch(TrainerCallback):
 
 
 def main() -> None:
-    run_dir, rest = sys.argv[1], sys.argv[2:]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="the run folder to write (overwritten)")
+    parser.add_argument("rest", nargs="*", metavar="trim | KEY=VALUE",
+                        help="trim: malloc_trim(0) after every optimizer step; KEY=VALUE: a config override")  # fmt: skip
+    args = parser.parse_args()
+    bad = [a for a in args.rest if a != "trim" and "=" not in a]
+    if bad:
+        parser.error(f"expected trim or KEY=VALUE, got {' '.join(bad)}")
     overrides = ["data.data_dir=../shared/squad", "data.eval_limit=64", "train.save_steps=0"]
-    cfg = load_config("configs/quickstart.yaml", overrides + [a for a in rest if "=" in a])
-    m = run_experiment(cfg, run_dir, overwrite=True, callbacks=[Watch("trim" in rest)], progress=False)
+    cfg = load_config("configs/quickstart.yaml", overrides + [a for a in args.rest if "=" in a])
+    m = run_experiment(
+        cfg, args.run_dir, overwrite=True, callbacks=[Watch("trim" in args.rest)], progress=False
+    )
     print("peak", m["peak_memory_mb"], "train q/s", m["train_questions_per_second"])
 
 
