@@ -12,13 +12,15 @@ from helpers import train_tiny_run
 from loraqa.answering import load_answerer
 from loraqa.cli import main
 from loraqa.data import load_squad
+from loraqa.layout import ANSWER_JOURNAL_FILE
 from loraqa.predict import ask
 
 
 @pytest.fixture(scope="module")
 def bf16_run(tmp_path_factory, synthetic_dir):
-    return train_tiny_run(tmp_path_factory.mktemp("invariance") / "run", synthetic_dir, precision="bf16",
-                          eval_limit=12)
+    return train_tiny_run(
+        tmp_path_factory.mktemp("invariance") / "run", synthetic_dir, precision="bf16", eval_limit=12
+    )
 
 
 def test_ask_predict_and_the_run_agree_question_for_question(bf16_run, synthetic_dir, tmp_path):
@@ -47,7 +49,9 @@ def test_the_same_question_in_any_company_gets_the_same_answer(bf16_run, synthet
 
     def answers(subset):
         max_length = answerer.cfg.prompt.max_length
-        records, _ = answer(answerer.model, answerer.tokenizer, subset, cfg, max_length=max_length, progress=False)
+        records, _ = answer(
+            answerer.model, answerer.tokenizer, subset, cfg, max_length=max_length, progress=False
+        )
         return {r["id"]: r["prediction"] for r in records}
 
     together = answers(examples)
@@ -55,7 +59,9 @@ def test_the_same_question_in_any_company_gets_the_same_answer(bf16_run, synthet
     random.Random(0).shuffle(shuffled)
     assert answers(shuffled) == together
     assert answers(shuffled[:5]) == {ex.id: together[ex.id] for ex in shuffled[:5]}
-    assert {ex.id: answers([ex])[ex.id] for ex in examples[:6]} == {ex.id: together[ex.id] for ex in examples[:6]}
+    assert {ex.id: answers([ex])[ex.id] for ex in examples[:6]} == {
+        ex.id: together[ex.id] for ex in examples[:6]
+    }
 
 
 def test_an_interrupted_invariant_evaluation_resumes_with_the_same_answers(bf16_run, synthetic_dir, tmp_path,
@@ -81,7 +87,9 @@ def test_an_interrupted_invariant_evaluation_resumes_with_the_same_answers(bf16_
 
     monkeypatch.setattr(AnswerJournal, "record", record)
     with pytest.raises(Stop):
-        answer(answerer.model, answerer.tokenizer, examples, journal_dir=tmp_path, **kwargs)
+        answer(answerer.model, answerer.tokenizer, examples, journal=tmp_path / ANSWER_JOURNAL_FILE, **kwargs)
     monkeypatch.setattr(AnswerJournal, "record", real)
-    resumed, _ = answer(answerer.model, answerer.tokenizer, examples, journal_dir=tmp_path, **kwargs)
+    resumed, _ = answer(
+        answerer.model, answerer.tokenizer, examples, journal=tmp_path / ANSWER_JOURNAL_FILE, **kwargs
+    )
     assert [r["prediction"] for r in resumed] == [r["prediction"] for r in whole]

@@ -66,12 +66,16 @@ def answers(records):
 def interrupted(lm, dev, folder, monkeypatch, n=3):
     undo = interrupt_after(monkeypatch, n)
     with pytest.raises(Stop):
-        answer(lm.model, lm.tokenizer, dev, eval_cfg=EVAL, progress=False, journal_dir=folder)
+        answer(
+            lm.model, lm.tokenizer, dev, eval_cfg=EVAL, progress=False, journal=folder / ANSWER_JOURNAL_FILE
+        )
     undo()
     return folder / ANSWER_JOURNAL_FILE
 
 
-def test_an_interrupted_evaluation_answers_only_the_rest_and_the_same(lm, dev, tmp_path, monkeypatch, batches):
+def test_an_interrupted_evaluation_answers_only_the_rest_and_the_same(
+    lm, dev, tmp_path, monkeypatch, batches
+):
     whole, summary = answer(lm.model, lm.tokenizer, dev, eval_cfg=EVAL, progress=False)
     total = len(batches)
     assert total == 6 and len(set(answers(whole))) > 1  # answers that can tell a mix-up
@@ -79,7 +83,9 @@ def test_an_interrupted_evaluation_answers_only_the_rest_and_the_same(lm, dev, t
     kept = journal.read_text().splitlines()
     assert len(kept) == 1 + 3 and sum(len(json.loads(line)["i"]) for line in kept[1:]) == 6
     batches.clear()
-    resumed, again = answer(lm.model, lm.tokenizer, dev, eval_cfg=EVAL, progress=False, journal_dir=tmp_path)
+    resumed, again = answer(
+        lm.model, lm.tokenizer, dev, eval_cfg=EVAL, progress=False, journal=tmp_path / ANSWER_JOURNAL_FILE
+    )
     assert len(batches) == total - 3
     assert answers(resumed) == answers(whole) and again["f1"] == summary["f1"]
     assert again["eval_seconds"] >= sum(json.loads(line)["s"] for line in kept[1:])
@@ -92,7 +98,9 @@ def test_kept_answers_are_read_back_not_generated_again(lm, dev, tmp_path, monke
     first = json.loads(lines[1])
     first["a"][0] = "kept answer"
     journal.write_text("\n".join([lines[0], json.dumps(first), *lines[2:]]) + "\n")
-    resumed, _ = answer(lm.model, lm.tokenizer, dev, eval_cfg=EVAL, progress=False, journal_dir=tmp_path)
+    resumed, _ = answer(
+        lm.model, lm.tokenizer, dev, eval_cfg=EVAL, progress=False, journal=tmp_path / ANSWER_JOURNAL_FILE
+    )
     assert answers(resumed)[first["i"][0]] == "kept answer"
 
 
@@ -102,12 +110,16 @@ def test_a_line_cut_short_is_dropped_and_the_rest_resumes(lm, dev, tmp_path, mon
     with journal.open("a") as f:
         f.write('{"i": [7, 8], "a": ["cut')  # killed while writing
     batches.clear()
-    resumed, _ = answer(lm.model, lm.tokenizer, dev, eval_cfg=EVAL, progress=False, journal_dir=tmp_path)
+    resumed, _ = answer(
+        lm.model, lm.tokenizer, dev, eval_cfg=EVAL, progress=False, journal=tmp_path / ANSWER_JOURNAL_FILE
+    )
     assert answers(resumed) == answers(whole) and len(batches) == 6 - 3
 
 
 @pytest.mark.parametrize("change", ["weights", "settings"])
-def test_a_journal_of_another_model_or_settings_is_answered_again(lm, dev, tmp_path, monkeypatch, batches, change):
+def test_a_journal_of_another_model_or_settings_is_answered_again(
+    lm, dev, tmp_path, monkeypatch, batches, change
+):
     journal = interrupted(lm, dev, tmp_path, monkeypatch)
     lines = journal.read_text().splitlines()
     first = json.loads(lines[1])
@@ -120,7 +132,9 @@ def test_a_journal_of_another_model_or_settings_is_answered_again(lm, dev, tmp_p
     else:
         cfg = EvalConfig(batch_size=2, max_new_tokens=5, batch_invariant=False)  # another answer length
     batches.clear()
-    resumed, _ = answer(lm.model, lm.tokenizer, dev, eval_cfg=cfg, progress=False, journal_dir=tmp_path)
+    resumed, _ = answer(
+        lm.model, lm.tokenizer, dev, eval_cfg=cfg, progress=False, journal=tmp_path / ANSWER_JOURNAL_FILE
+    )
     assert len(batches) == 6 and "kept answer" not in answers(resumed)
 
 
@@ -130,14 +144,18 @@ def test_a_run_stopped_while_answering_resumes_its_answers(tmp_path, synthetic_d
     from loraqa.pipeline import run_experiment
     from test_train import tiny_config
 
-    cfg = tiny_config(synthetic_dir, **{"train.lr": 0.05, "eval.batch_size": 2, "eval.batch_invariant": False})
+    cfg = tiny_config(
+        synthetic_dir, **{"train.lr": 0.05, "eval.batch_size": 2, "eval.batch_invariant": False}
+    )
     whole = run_experiment(cfg, tmp_path / "whole", progress=False)
     total = len(batches)
     undo = interrupt_after(monkeypatch, 2)
     with pytest.raises(Stop):
         run_experiment(cfg, tmp_path / "run", progress=False)
     undo()
-    assert (tmp_path / "run" / ANSWER_JOURNAL_FILE).is_file() and not (tmp_path / "run" / "metrics.json").exists()
+    assert (tmp_path / "run" / ANSWER_JOURNAL_FILE).is_file() and not (
+        tmp_path / "run" / "metrics.json"
+    ).exists()
     batches.clear()
     again = run_experiment(cfg, tmp_path / "run", progress=False)
     assert len(batches) == total - 2

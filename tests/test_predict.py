@@ -217,3 +217,38 @@ def test_ask_empty_question_is_refused(capsys, questions, which):
     assert (
         one_error(capsys) == f"loraqa: error: {which} is empty; ask a question about the --context paragraph"
     )
+
+
+def test_predict_interrupted_midway_answers_only_the_rest_when_rerun(
+    tiny_run, synthetic_dir, tmp_path, monkeypatch, capsys
+):
+    """``loraqa predict`` keeps its answers beside the output as they come: a rerun of the same command after a
+    stop answers only the questions not kept, and writes what an uninterrupted run writes."""
+    from loraqa.journal import AnswerJournal
+    from loraqa.layout import prediction_journal
+
+    src = synthetic_dir / "dev-v1.1.json"
+    whole = tmp_path / "whole.jsonl"
+    assert main(["predict", str(tiny_run), "-i", str(src), "-o", str(whole), "--batch-size", "2"]) == 0
+    real, answered = AnswerJournal.record, []
+
+    def stop_after_two(self, idx, answers):
+        real(self, idx, answers)
+        answered.extend(idx)
+        if len(answered) >= 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(AnswerJournal, "record", stop_after_two)
+    out = tmp_path / "out" / "answers.jsonl"  # a folder not made yet
+    assert main(["predict", str(tiny_run), "-i", str(src), "-o", str(out), "--batch-size", "2"]) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert prediction_journal(out).is_file() and not out.exists()
+    kept = len(answered)
+    monkeypatch.setattr(
+        AnswerJournal, "record", lambda self, idx, a: answered.extend(idx) or real(self, idx, a)
+    )
+    answered.clear()
+    assert main(["predict", str(tiny_run), "-i", str(src), "-o", str(out), "--batch-size", "2"]) == 0
+    total = len(whole.read_text().splitlines())
+    assert len(answered) == total - kept  # only the rest answered
+    assert out.read_text() == whole.read_text() and not prediction_journal(out).exists()

@@ -35,12 +35,13 @@ from .devices import peak_memory_mb
 from .generate import Decoding, generate_answers, generate_answers_invariant, stop_token_ids
 from .journal import AnswerJournal, fingerprint
 from .layout import (
+    ANSWER_JOURNAL_FILE,
     CONFIG_FILE,
     LOG_FILE,
     METRICS_FILE,
     MODEL_CARD_FILE,
     TRAIN_METRICS_FILE,
-    answer_journal_file,
+    rank_journal,
 )
 from .metrics import score_predictions
 from .prompt import PromptEncoder, PromptStats
@@ -59,7 +60,7 @@ class Answerer:
     precision: str | None = None  # "bf16" or "fp32"; None: a model loaded elsewhere (training's)
     device: object = None
 
-    def answer(self, examples: Sequence[Example], progress: bool = False, journal_dir: Path | None = None):
+    def answer(self, examples: Sequence[Example], progress: bool = False, journal: Path | None = None):
         """Per-question records and the EM/F1 summary over the questions that have gold answers (:func:`answer`
         under the config's ``eval`` section, its prompt length and its no-answer text)."""
         return answer(
@@ -70,7 +71,7 @@ class Answerer:
             max_length=self.cfg.prompt.max_length,
             progress=progress,
             unanswerable_answer=self.cfg.data.no_answer_text(),
-            journal_dir=journal_dir,
+            journal=journal,
         )
 
     def prompt_length(self) -> int:
@@ -134,7 +135,7 @@ def answer(
     max_length: int = 512,
     progress: bool = True,
     unanswerable_answer: str | None = None,
-    journal_dir: Path | None = None,
+    journal: Path | None = None,
 ) -> tuple[list[dict], dict]:
     """Greedy answers to ``examples`` as ``eval_cfg`` says, scored by SQuAD EM/F1 (the v2.0 rules with
     ``unanswerable_answer``); returns per-question records and a summary with ``exact_match``, ``f1``,
@@ -144,26 +145,27 @@ def answer(
     Under several processes each answers a contiguous share of ``examples`` and every process gets all the
     answers back, in the order of ``examples``; the time is until the last share is in.
 
-    With ``journal_dir`` (a run folder) the answers are kept there as they come (:mod:`loraqa.journal`): an
-    evaluation interrupted midway resumes at its next batch when called again, its time counting both parts."""
+    With ``journal`` (a file path: a run folder's ``ANSWER_JOURNAL_FILE``) the answers are kept there as they
+    come (:mod:`loraqa.journal`): answering interrupted midway resumes at its next batch when called again, its
+    time counting both parts."""
     share = dist.shard(len(examples))
     stats = PromptStats()
     encoder = PromptEncoder(tokenizer, max_length=prompt_length(model, max_length, eval_cfg.max_new_tokens))
     parts = [encoder.encode_prompt_parts(ex.context, ex.question, stats) for ex in examples][share]
     prompts = [c + q for c, q in parts]
-    journal = _open_journal(journal_dir, model, tokenizer, prompts, eval_cfg) if journal_dir else None
+    kept = _open_journal(journal, model, tokenizer, prompts, eval_cfg) if journal else None
     # extractive: every answer a piece of its paragraph as written (a decoded context can differ from it in
     # spaces the tokenizer cleans up)
     contexts = [ex.context for ex in examples][share] if eval_cfg.extractive else None
-    resume = {"done": journal.done, "on_batch": journal.record} if journal else {}
+    resume = {"done": kept.done, "on_batch": kept.record} if kept else {}
     decoding = Decoding(eval_cfg.max_new_tokens, contexts, progress=progress, **resume)
     start = time.perf_counter()
     answers = dist.gather_lists(
         _generate(model, tokenizer, prompts, [len(c) for c, _ in parts], eval_cfg, decoding)
     )
-    seconds = time.perf_counter() - start + (journal.seconds_before if journal else 0.0)
-    if journal:
-        journal.discard()
+    seconds = time.perf_counter() - start + (kept.seconds_before if kept else 0.0)
+    if kept:
+        kept.discard()
     records, summary = score_predictions(examples, answers, unanswerable_answer)
     summary.update(
         eval_seconds=round(seconds, 3),
@@ -190,17 +192,17 @@ def _generate(model, tokenizer, prompts, context_ends: list[int], eval_cfg: Eval
 
 
 def _open_journal(
-    folder: Path, model, tokenizer, prompts: list[list[int]], eval_cfg: EvalConfig
+    journal: Path, model, tokenizer, prompts: list[list[int]], eval_cfg: EvalConfig
 ) -> AnswerJournal:
-    """This process's journal in ``folder``, keyed by the model, the prompts and every generation setting."""
+    """This process's share of ``journal``, keyed by the model, the prompts and every generation setting."""
     settings = {
         **dataclasses.asdict(eval_cfg),
         "tokenizer": type(tokenizer).__name__,
         "vocab": len(tokenizer),
         "stops": stop_token_ids(tokenizer),
     }
-    name = answer_journal_file(dist.rank(), dist.world_size())
-    return AnswerJournal(Path(folder) / name, fingerprint(model, prompts, settings))
+    path = rank_journal(Path(journal), dist.rank(), dist.world_size())
+    return AnswerJournal(path, fingerprint(model, prompts, settings))
 
 
 def asked(context: str, questions: Sequence[str], prefix: str = "q") -> list[Example]:
@@ -274,7 +276,7 @@ def eval_zero_shot(
     dist.on_main(make_run_folder, out_dir)
     dev = dev_questions(cfg)
     answerer = load_base(cfg, device)
-    records, summary = answerer.answer(dev, progress=progress, journal_dir=out_dir)
+    records, summary = answerer.answer(dev, progress=progress, journal=out_dir / ANSWER_JOURNAL_FILE)
     _, total = count_parameters(answerer.model)
     metrics = {
         **summary,
@@ -312,7 +314,7 @@ def eval_run_dir(
     dev = dev_questions(cfg)
     out = Path(out_dir) if out_dir else run_dir / f"eval-{len(dev)}"
     dist.on_main(make_run_folder, out)
-    records, summary = answerer.answer(dev, progress=progress, journal_dir=out)
+    records, summary = answerer.answer(dev, progress=progress, journal=out / ANSWER_JOURNAL_FILE)
     metrics = {
         **summary,
         "model": cfg.model.name,

@@ -75,9 +75,17 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step}"
 
 
-def answer_journal_file(rank: int, world_size: int) -> str:
-    """The journal of one process's share of the answers (one file when a single process answers)."""
-    return ANSWER_JOURNAL_FILE if world_size == 1 else ANSWER_JOURNAL_FILE.replace(".jsonl", f".rank{rank}.jsonl")
+def rank_journal(journal, rank: int, world_size: int):
+    """The journal of one process's share of the answers, for the journal path of a single process (a
+    ``pathlib.Path``): itself when a single process answers, else ``….rank<i>.jsonl``."""
+    if world_size == 1:
+        return journal
+    return journal.with_name(f"{journal.name.removesuffix('.jsonl')}.rank{rank}.jsonl")
+
+
+def prediction_journal(output):
+    """The journal of ``loraqa predict -o OUTPUT`` (a ``pathlib.Path``): the answers so far, beside the output."""
+    return output.with_name(f"{output.name}.partial.jsonl")
 
 
 def search_trial_name(number: int) -> str:

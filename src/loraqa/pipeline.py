@@ -32,6 +32,7 @@ from .config import ConfigError, ExperimentConfig
 from .devices import peak_memory_mb, reset_peak_memory, resolve_attention, resolve_compile
 from .io import read_json, write_json_atomic, write_jsonl_atomic
 from .layout import (
+    ANSWER_JOURNAL_FILE,
     CHECKPOINTS_DIR,
     LOG_FILE,
     METRICS_FILE,
@@ -493,7 +494,7 @@ def _evaluate(
 ):
     """The final evaluation's per-question records and metrics.json's content."""
     answerer = Answerer(cfg, model, lm.tokenizer, lm.precision, lm.device)
-    records, summary = answerer.answer(dev, progress=progress and dist.is_main_process(), journal_dir=run_dir)
+    records, summary = answerer.answer(dev, progress=progress and dist.is_main_process(), journal=run_dir / ANSWER_JOURNAL_FILE)
     peak = max(dist.max_across(peak_memory_mb(lm.device)), train_metrics.get("peak_memory_mb", 0))
     metrics = {
         "exact_match": summary["exact_match"],

@@ -19,6 +19,7 @@ from .answering import Answerer, asked, generated_text
 from .config import ConfigError
 from .data import DataError, Example, LoadReport, detect_format, load_file
 from .io import write_jsonl_atomic
+from .layout import prediction_journal
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +85,19 @@ def predict_file(
 ) -> dict:
     """Answer every question of ``source`` (any data format; detected from the name when ``fmt`` is None;
     ``questions``: already read by :func:`read_questions`) and write ``output``: JSONL, one ``{"id", "answer"}``
-    a line, in input order (for a SQuAD 2.0 run the no-answer is ``""``, as in the official format). Returns the
+    a line, in input order (for a SQuAD 2.0 run the no-answer is ``""``, as in the official format). The answers
+    are kept as they come in ``OUTPUT.partial.jsonl`` (:func:`~loraqa.layout.prediction_journal`): the same
+    command, interrupted and run again, answers only the questions it had not answered. Returns the
     summary: EM/F1 over the questions with gold answers (``n_questions``; 0 when the input has none),
     ``n_answered``, and the load report's line."""
     if questions is None:
         check_output(source, output)
         questions = read_questions(source, fmt)
-    records, summary = answerer.answer(questions.examples, progress=progress)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    records, summary = answerer.answer(
+        questions.examples, progress=progress, journal=prediction_journal(output)
+    )
     warn_cut(summary)
     write_jsonl_atomic(output, [{"id": r["id"], "answer": r["prediction"]} for r in records])
     return {
