@@ -113,6 +113,17 @@ def grads_of_batch_loss(model, features, collator, fast: bool) -> tuple[float, d
     }
 
 
+# the kernels these equalities hold for: the CPU's, and a GPU's where there is one (benchmarks/gpu_check.sh)
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+def on(device: str, collator):
+    """``collator`` with the tensors of its batches on ``device``."""
+    if device == "cpu":
+        return collator
+    return lambda fs: {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collator(fs).items()}
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
@@ -160,11 +171,12 @@ def test_the_batch_shares_each_context_once(features, collators):
                                               ("gpt2", "eager_lean", True), ("llama", "sdpa", True),
                                               ("llama", "eager", True), ("llama", "eager_lean", True),
                                               ("llama", "eager_lean", False), ("llama", "sdpa", False)])  # fmt: skip
-def test_fp32_lora_losses_and_gradients_equal_stand_alone(features, collators, family, attn, fast):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp32_lora_losses_and_gradients_equal_stand_alone(features, collators, family, attn, fast, device):
     shared, alone = collators
-    model = with_lora(base_model(family, attn))
+    model = with_lora(base_model(family, attn)).to(device)
     model.eval()
-    assert_same_step(model, features, alone, shared, fast)
+    assert_same_step(model, features, on(device, alone), on(device, shared), fast)
 
 
 def lora_loss_and_grads(family: str, kernel: str, dtype: torch.dtype, batch: dict):
@@ -341,15 +353,16 @@ def test_fp32_full_fine_tuning_gradients_equal_stand_alone(features, collators, 
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_bf16_losses_within_1e_2_of_stand_alone(features, collators, family):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_losses_within_1e_2_of_stand_alone(features, collators, family, device):
     """As loraqa trains in bf16: frozen base stored in bf16, fp32 adapters, bf16 autocast; both layouts."""
-    shared, alone = collators
-    model = with_lora(base_model(family))
+    shared, alone = on(device, collators[0]), on(device, collators[1])
+    model = with_lora(base_model(family)).to(device)
     for p in model.parameters():
         if not p.requires_grad:
             p.data = p.data.to(torch.bfloat16)
     model.eval()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         expected = per_question_losses(model, features, alone)
         got = per_question_losses(model, features, shared)
         _, ref = grads_of_batch_loss(model, features, alone, True)
