@@ -212,6 +212,17 @@ def test_a_device_torch_does_not_know_or_this_machine_lacks_is_one_clear_line(ca
     )
 
 
+def test_a_single_training_process_on_a_later_gpu_is_refused_with_what_to_do():
+    from loraqa.devices import check_training_device
+
+    check_training_device(torch.device("cpu"), 1)
+    check_training_device(torch.device("cuda"), 1)  # the current GPU: cuda:0 in a single process
+    check_training_device(torch.device("cuda", 0), 1)
+    check_training_device(torch.device("cuda", 1), 2)  # torchrun's rank 1
+    with pytest.raises(ValueError, match=r"^--device cuda:1: .* run CUDA_VISIBLE_DEVICES=1 loraqa train"):
+        check_training_device(torch.device("cuda", 1), 1)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -45,6 +45,17 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     return dev
 
 
+def check_training_device(device: torch.device, world_size: int) -> None:
+    """A single training process on a GPU other than the first: refused (a ValueError that says what to do).
+    The Trainer runs one process on ``cuda:0`` whatever the model was loaded on; under torchrun each process
+    has the GPU of its rank."""
+    if device.type == "cuda" and (device.index or 0) != 0 and world_size == 1:
+        raise ValueError(
+            f"--device {device}: a single training process runs on the first visible GPU; to train on GPU "
+            f"{device.index}, run CUDA_VISIBLE_DEVICES={device.index} loraqa train ... --device cuda"
+        )
+
+
 @lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
     """True where the CPU multiplies bf16 natively (AMX or AVX512-BF16); elsewhere bf16 is emulated and slow."""

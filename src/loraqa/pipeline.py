@@ -29,7 +29,13 @@ from .batching import QACollator
 from .callbacks import ClockCallback, FiniteLossCallback, InterruptCallback, Interrupted, JsonlLogCallback
 from .card import current_command, model_card
 from .config import ConfigError, ExperimentConfig
-from .devices import peak_memory_mb, reset_peak_memory, resolve_attention, resolve_compile
+from .devices import (
+    check_training_device,
+    peak_memory_mb,
+    reset_peak_memory,
+    resolve_attention,
+    resolve_compile,
+)
 from .io import read_json, write_json_atomic, write_jsonl_atomic
 from .layout import (
     ANSWER_JOURNAL_FILE,
@@ -123,6 +129,7 @@ def run_experiment(
     """
     run_dir = Path(run_dir)
     device = dist.init(device)
+    check_training_device(device, dist.world_size())
     resolved = resolve(cfg)  # a bad batch or report target stops here, before any folder or loading
     lock = dist.on_main(lock_run_folder, run_dir)  # refused (on every process) if another run holds it
     try:
@@ -494,7 +501,9 @@ def _evaluate(
 ):
     """The final evaluation's per-question records and metrics.json's content."""
     answerer = Answerer(cfg, model, lm.tokenizer, lm.precision, lm.device)
-    records, summary = answerer.answer(dev, progress=progress and dist.is_main_process(), journal=run_dir / ANSWER_JOURNAL_FILE)
+    records, summary = answerer.answer(
+        dev, progress=progress and dist.is_main_process(), journal=run_dir / ANSWER_JOURNAL_FILE
+    )
     peak = max(dist.max_across(peak_memory_mb(lm.device)), train_metrics.get("peak_memory_mb", 0))
     metrics = {
         "exact_match": summary["exact_match"],

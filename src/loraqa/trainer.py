@@ -19,6 +19,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.training_args import ParallelMode
 
 from . import dist, norms
 from .batching import LengthGroupedBatches
@@ -235,7 +236,7 @@ def training_arguments(
     whatever ``train.eval_steps`` says). ``train.compile`` is the trainer's (:class:`QATrainer`), never the
     Trainer's ``torch_compile``."""
     eval_steps = t.eval_steps if eval_loss else 0
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(ckpt_dir),
         per_device_train_batch_size=per_process_batch,
         # not divided: eval-loss batches are then the same questions under any number of processes (accelerate
@@ -269,3 +270,9 @@ def training_arguments(
         dataloader_num_workers=0,
         disable_tqdm=os.environ.get("LORAQA_NO_PROGRESS") == "1",
     )
+    if args.device.type == "cuda" and args.parallel_mode != ParallelMode.DISTRIBUTED:
+        # one process trains on one GPU: the Trainer would wrap the model in DataParallel over every visible
+        # GPU, which loraqa's batches (segment lists, the fast loss's call of the decoder) do not survive;
+        # several GPUs train under torchrun. Read after ``args.device``, which sets it.
+        args._n_gpu = 1
+    return args
