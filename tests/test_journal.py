@@ -89,7 +89,12 @@ def test_an_interrupted_evaluation_answers_only_the_rest_and_the_same(
     assert len(batches) == total - 3
     assert answers(resumed) == answers(whole) and again["f1"] == summary["f1"]
     assert again["eval_seconds"] >= sum(json.loads(line)["s"] for line in kept[1:])
-    assert not journal.exists()  # gone once every answer is in
+    # kept until the results are written (by their writer): killed before that, the answers are all there
+    batches.clear()
+    third, _ = answer(
+        lm.model, lm.tokenizer, dev, eval_cfg=EVAL, progress=False, journal=tmp_path / ANSWER_JOURNAL_FILE
+    )
+    assert len(batches) == 0 and answers(third) == answers(whole)
 
 
 def test_kept_answers_are_read_back_not_generated_again(lm, dev, tmp_path, monkeypatch):

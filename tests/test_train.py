@@ -73,6 +73,7 @@ def test_run_folder_holds_everything_and_the_adapter_loads(tmp_path, synthetic_d
                  "predictions.jsonl", "metrics.json", "train_metrics.json"):  # fmt: skip
         assert (run / name).is_file(), name
     assert not (run / "checkpoints").exists()  # removed once the adapter is saved
+    assert not list(run.glob("answers.partial*"))  # the answer journal: removed once the results are written
     assert metrics["n_questions"] == 8 and metrics["train_steps"] == 4
     # model.attn_implementation=auto: eager_lean to train on a CPU (one row of segments a batch), sdpa on a GPU
     attn = "sdpa" if torch.cuda.is_available() else "eager_lean"

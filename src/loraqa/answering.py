@@ -36,6 +36,7 @@ from .generate import Decoding, generate_answers, generate_answers_invariant, st
 from .journal import AnswerJournal, fingerprint
 from .layout import (
     ANSWER_JOURNAL_FILE,
+    ANSWER_JOURNALS,
     CONFIG_FILE,
     LOG_FILE,
     METRICS_FILE,
@@ -164,8 +165,8 @@ def answer(
         _generate(model, tokenizer, prompts, [len(c) for c, _ in parts], eval_cfg, decoding)
     )
     seconds = time.perf_counter() - start + (kept.seconds_before if kept else 0.0)
-    if kept:
-        kept.discard()
+    if kept:  # removed by the writer of the results (write_results, predict_file) once they are written
+        kept.close()
     records, summary = score_predictions(examples, answers, unanswerable_answer)
     summary.update(
         eval_seconds=round(seconds, 3),
@@ -230,8 +231,8 @@ def write_results(
 ) -> dict:
     """From the main process: ``cfg`` as ``config.yaml`` when given (an evaluation that is no trained run's),
     ``predictions.jsonl`` and ``predictions.json``, the model ``card`` when given (a trained run's), then
-    ``metrics.json``, last: its presence means the evaluation (or the run) is done. Returns the main process's
-    ``metrics`` on every process."""
+    ``metrics.json``, last: its presence means the evaluation (or the run) is done; then the answer journals go.
+    Returns the main process's ``metrics`` on every process."""
     return dist.on_main(_write_results, Path(folder), records, metrics, cfg, card)
 
 
@@ -245,6 +246,8 @@ def _write_results(folder: Path, records: list[dict], metrics: dict, cfg, card: 
     if card is not None:
         write_text_atomic(folder / MODEL_CARD_FILE, card)
     write_json_atomic(folder / METRICS_FILE, metrics)
+    for journal in folder.glob(ANSWER_JOURNALS):  # every process's: its answers are in the files now
+        journal.unlink(missing_ok=True)
     return metrics
 
 

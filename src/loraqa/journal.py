@@ -6,8 +6,9 @@ batch's answers to a JSON-lines file in the run folder as the batch ends. A reru
 with the same model (its every weight) and settings reads them back and generates only the rest, in the very
 batches an uninterrupted run forms (``generate.plan_batches`` plans all prompts first), so its answers are the
 same. Anything else found there (another model's answers, a line cut short by a kill) is not trusted: what
-follows the last whole line is dropped, and a journal with another key starts over. The file goes once every
-answer is in.
+follows the last whole line is dropped, and a journal with another key starts over. The file stays until the
+results it feeds are written (a run's ``metrics.json``, a ``predict`` output): a kill in between loses none of
+the answers.
 
 Written by hand: an append-only log under a key is all it takes, and no library keeps generation state.
 """
@@ -41,7 +42,8 @@ class AnswerJournal:
     """The answers of one evaluation (one process's share) kept in ``path`` under ``key``.
 
     ``done`` holds the answers read back (prompt index -> answer), ``seconds_before`` the generation time they
-    took; :meth:`record` appends a batch, :meth:`discard` removes the file once the evaluation has ended."""
+    took; :meth:`record` appends a batch, :meth:`close` closes the file, which the writer of the results
+    removes once they are written."""
 
     def __init__(self, path: Path, key: str):
         self.path, self.key = Path(path), key
@@ -52,7 +54,7 @@ class AnswerJournal:
             log.info(
                 "%s: %d answers from an interrupted evaluation; answering the rest", self.path, len(self.done)
             )
-        self._file = open(self.path, "r+" if kept else "w", encoding="utf-8")  # noqa: SIM115 (closed by discard)
+        self._file = open(self.path, "r+" if kept else "w", encoding="utf-8")  # noqa: SIM115 (closed by close)
         if kept:
             self._file.seek(kept)
             self._file.truncate()  # a line cut short by a kill
@@ -98,6 +100,5 @@ class AnswerJournal:
         self._write({"i": idx, "a": answers, "s": round(now - self._last, 4)})
         self._last = now
 
-    def discard(self) -> None:
+    def close(self) -> None:
         self._file.close()
-        self.path.unlink(missing_ok=True)

@@ -18,6 +18,7 @@ CLOCK_FILE = "loraqa_clock.json"  # in each checkpoint: train time, tokens and p
 ERROR_FILE = "error.json"
 LOCK_FILE = ".loraqa.lock"
 ANSWER_JOURNAL_FILE = "answers.partial.jsonl"  # an evaluation under way: its answers so far (loraqa.journal)
+ANSWER_JOURNALS = ANSWER_JOURNAL_FILE.replace(".jsonl", "*.jsonl")  # every process's (a glob pattern)
 SAVING_DIR = ".saving"  # the trained model being saved; its files move into the run folder once written
 # the names the Trainer and PEFT give what they write (transformers' PREFIX_CHECKPOINT_DIR, TRAINER_STATE_NAME
 # and SAFE_WEIGHTS_NAME, PEFT's SAFETENSORS_WEIGHTS_NAME), here so that the folder readers need neither library;

@@ -100,6 +100,7 @@ def predict_file(
     )
     warn_cut(summary)
     write_jsonl_atomic(output, [{"id": r["id"], "answer": r["prediction"]} for r in records])
+    prediction_journal(output).unlink(missing_ok=True)  # its answers are in the output now
     return {
         **summary,
         "n_answered": len(records),
