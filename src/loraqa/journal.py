@@ -52,7 +52,7 @@ class AnswerJournal:
         kept = self._read()
         if self.done:
             log.info(
-                "%s: %d answers from an interrupted evaluation; answering the rest", self.path, len(self.done)
+                "%s: %d answers kept from an interrupted run; answering the rest", self.path, len(self.done)
             )
         self._file = open(self.path, "r+" if kept else "w", encoding="utf-8")  # noqa: SIM115 (closed by close)
         if kept:
