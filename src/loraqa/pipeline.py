@@ -37,6 +37,7 @@ from .devices import (
     resolve_compile,
 )
 from .io import read_json, write_json_atomic, write_jsonl_atomic
+from .launch import allocator
 from .layout import (
     ANSWER_JOURNAL_FILE,
     CHECKPOINTS_DIR,
@@ -521,6 +522,7 @@ def _evaluate(
         "device": str(lm.device),
         "world_size": dist.world_size(),  # processes (one per GPU); batch_size is their sum, see config.py
         "torch_threads": torch.get_num_threads(),  # per process
+        "allocator": allocator(),  # tcmalloc where the command found it (loraqa.launch)
     }
     return records, metrics
 
