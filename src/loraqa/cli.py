@@ -622,19 +622,20 @@ def _add_info_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError
-    from .data import DataError
-    from .dist import is_main_process
-    from .model import ModelLoadError
-    from .signals import exit_status
-
-    if argv is None:  # the command line: start again under tcmalloc where the system has it (loraqa.launch)
+    # the command line: start again under tcmalloc where the system has it (loraqa.launch), before torch loads
+    if argv is None:
         from .launch import restart_under_tcmalloc
 
         try:
             restart_under_tcmalloc(sys.argv[1:])
         except ValueError as e:
             return _error(e, 2, known=True)
+    from .config import ConfigError
+    from .data import DataError
+    from .dist import is_main_process
+    from .model import ModelLoadError
+    from .signals import exit_status
+
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = make_parser()
     args, extra = parser.parse_known_args(argv)
