@@ -178,6 +178,24 @@ def test_eval_under_torchrun_answers_each_question_once(tmp_path, synthetic_dir,
     assert done.stdout.count("EM ") == 1  # one process printed the result
 
 
+def test_predict_under_torchrun_writes_what_one_process_writes(tmp_path, synthetic_dir, no_dropout_model):
+    """`loraqa predict` under torchrun: the shares answered, one output as one process writes it, no journal
+    left (each process kept its share in `OUT.partial.rank<i>.jsonl`)."""
+    run = tmp_path / "run"
+    one_process(settings(no_dropout_model, synthetic_dir, **{"train.max_steps": 2}), run)
+    questions = synthetic_dir / "dev-v1.1.json"
+    single = subprocess.run([sys.executable, "-m", "loraqa.cli", "predict", str(run), "-i", str(questions), "-o",
+                             str(tmp_path / "one.jsonl")], env=env(), capture_output=True, text=True)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "loraqa.cli", "predict", str(run), "-i", str(questions), "-o", str(tmp_path / "two.jsonl")]  # fmt: skip
+    done = run_torchrun({}, run, command=command)
+    assert done.returncode == 0, failure(done)
+    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jsonl", "run", "two.jsonl"]  # no journal left
+    assert done.stdout.count("wrote ") == 1  # one process printed the result
+
+
 def test_a_run_killed_under_torchrun_resumes_from_its_checkpoint(tmp_path, synthetic_dir, no_dropout_model):
     s = settings(no_dropout_model, synthetic_dir, **{"train.max_steps": 40, "train.save_steps": 5,
                                                      "train.eval_steps": 0, "train.logging_steps": 5})  # fmt: skip

@@ -219,17 +219,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _answerer(args):
+def _answerer(args, device: str | None = None):
     from .answering import load_answerer
 
     # `is not None`: --batch-size 0 is checked (and refused) as the config checks every batch size
     overrides = (
         [("eval.batch_size", args.batch_size)] if getattr(args, "batch_size", None) is not None else []
     )
-    return load_answerer(args.run_dir, model=args.model, device=args.device, overrides=overrides)
+    return load_answerer(args.run_dir, model=args.model, device=device or args.device, overrides=overrides)
 
 
 def cmd_predict(args) -> int:
+    from . import dist
     from .metrics import V2_PARTS, v2_keys
     from .predict import check_output, predict_file, read_questions
     from .runfolder import check_run_config
@@ -239,7 +240,12 @@ def cmd_predict(args) -> int:
     if args.run_dir:
         check_run_config(args.run_dir)
     questions = read_questions(args.input, args.format)
-    summary = predict_file(_answerer(args), args.input, args.output, questions=questions)
+    # under torchrun each process answers its share of the questions; the main process writes
+    device = str(dist.init(args.device)) if dist.world_size() > 1 else args.device
+    with dist.session():
+        summary = predict_file(_answerer(args, device), args.input, args.output, questions=questions)
+    if not dist.is_main_process():
+        return 0
     print(f"wrote {summary['n_answered']} answers to {args.output}", file=sys.stderr)
     if summary["n_questions"]:
         print(

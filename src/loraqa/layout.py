@@ -89,6 +89,15 @@ def prediction_journal(output):
     return output.with_name(f"{output.name}.partial.jsonl")
 
 
+def prediction_journals(output):
+    """Every process's journal of ``loraqa predict -o OUTPUT``: :func:`prediction_journal` itself and, under
+    torchrun, its :func:`rank_journal` shares."""
+    import glob
+
+    stem = prediction_journal(output).name.removesuffix(".jsonl")
+    return sorted(output.parent.glob(f"{glob.escape(stem)}*.jsonl"))
+
+
 def search_trial_name(number: int) -> str:
     """The folder of a search's trial ``number`` (Optuna's, from 0): ``trial-000``, ``trial-001``, ..."""
     return f"trial-{number:03d}"

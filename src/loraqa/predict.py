@@ -15,11 +15,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import dist
 from .answering import Answerer, asked, generated_text
 from .config import ConfigError
 from .data import DataError, Example, LoadReport, detect_format, load_file
 from .io import write_jsonl_atomic
-from .layout import prediction_journal
+from .layout import prediction_journal, prediction_journals
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,8 @@ def predict_file(
     ``questions``: already read by :func:`read_questions`) and write ``output``: JSONL, one ``{"id", "answer"}``
     a line, in input order (for a SQuAD 2.0 run the no-answer is ``""``, as in the official format). The answers
     are kept as they come in ``OUTPUT.partial.jsonl`` (:func:`~loraqa.layout.prediction_journal`): the same
-    command, interrupted and run again, answers only the questions it had not answered. Returns the
+    command, interrupted and run again, answers only the questions it had not answered. Under torchrun (the
+    process group joined) each process answers its share and the main process writes. Returns the
     summary: EM/F1 over the questions with gold answers (``n_questions``; 0 when the input has none),
     ``n_answered``, and the load report's line."""
     if questions is None:
@@ -98,15 +100,22 @@ def predict_file(
     records, summary = answerer.answer(
         questions.examples, progress=progress, journal=prediction_journal(output)
     )
-    warn_cut(summary)
-    write_jsonl_atomic(output, [{"id": r["id"], "answer": r["prediction"]} for r in records])
-    prediction_journal(output).unlink(missing_ok=True)  # its answers are in the output now
+    if dist.is_main_process():
+        warn_cut(summary)
+    dist.on_main(_write_answers, output, records)
     return {
         **summary,
         "n_answered": len(records),
         "format": questions.format,
         "load_report": questions.report.summary(),
     }
+
+
+def _write_answers(output: Path, records: list[dict]) -> None:
+    """``output`` from the main process, then every process's journal goes: its answers are in the output."""
+    write_jsonl_atomic(output, [{"id": r["id"], "answer": r["prediction"]} for r in records])
+    for journal in prediction_journals(output):
+        journal.unlink(missing_ok=True)
 
 
 def ask(answerer: Answerer, questions: list[str], context: str) -> list[str]:
