@@ -556,6 +556,8 @@ def machine_info(device: torch.device) -> dict:
     import peft
     import transformers
 
+    from loraqa.launch import allocator
+
     info = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(),
@@ -567,6 +569,7 @@ def machine_info(device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+        "allocator": allocator(),  # both recipes run under it: one process
     }
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -590,7 +593,8 @@ def _fmt(x, digits=1):
 def print_tables(report: dict) -> None:
     m = report["machine"]
     print(f"\n## {m['date']}: {m['cpu']} ({m['cores']} cores, torch threads {m['torch_threads']}), "
-          f"device {m['device']}{' ' + m['gpu'] if 'gpu' in m else ''}, OMP_WAIT_POLICY {m['omp_wait_policy']}; "
+          f"device {m['device']}{' ' + m['gpu'] if 'gpu' in m else ''}, OMP_WAIT_POLICY {m['omp_wait_policy']}, "
+          f"malloc {m.get('allocator', 'system')}; "
           f"torch {m['torch']}, "
           f"transformers {m['transformers']}, peft {m['peft']}")  # fmt: skip
     pk = report["matmul_peak_gflops"]
@@ -827,6 +831,10 @@ def epoch_rows(name: str, bench: Bench) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if argv is None:  # from the shell: under the allocator the loraqa command runs under (loraqa.launch)
+        from loraqa.launch import restart_under_tcmalloc
+
+        restart_under_tcmalloc(sys.argv)
     quiet_libraries()
     from loraqa.data import load_squad, squad_path
 

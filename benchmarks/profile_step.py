@@ -179,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="a second configuration (these overrides added), alternated with the first")  # fmt: skip
     p.add_argument("--data-dir", default=os.environ.get("LORAQA_DATA_DIR") or str(DEFAULT_DATA_DIR))
     args = p.parse_args(argv)
+    if argv is None:  # from the shell: under the allocator the loraqa command runs under (loraqa.launch)
+        from loraqa.launch import allocator, restart_under_tcmalloc
+
+        restart_under_tcmalloc(sys.argv)
+        print(f"malloc: {allocator()}", flush=True)
     os.environ["LORAQA_NO_PROGRESS"] = "1"
     import transformers
 

@@ -633,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         from .launch import restart_under_tcmalloc
 
         try:
-            restart_under_tcmalloc(sys.argv[1:])
+            restart_under_tcmalloc(["-m", "loraqa.cli", *sys.argv[1:]])
         except ValueError as e:
             return _error(e, 2, known=True)
     from .config import ConfigError

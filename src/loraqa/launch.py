@@ -57,16 +57,17 @@ def preloaded_env(environ: Mapping[str, str], library: Path | None) -> dict[str,
     return env
 
 
-def restart_under_tcmalloc(argv: list[str]) -> None:
-    """Replace this process by ``python -m loraqa.cli ARGV`` with tcmalloc preloaded, where
-    :func:`preloaded_env` says so; otherwise return. Called first thing by the command line (never when
-    ``loraqa.cli.main`` is called with arguments, as from Python)."""
+def restart_under_tcmalloc(command: list[str]) -> None:
+    """Replace this process by ``python COMMAND`` (``-m loraqa.cli ARGS``, or a script's ``sys.argv``) with
+    tcmalloc preloaded, where :func:`preloaded_env` says so; otherwise return. Called first thing by the command
+    line (never when ``loraqa.cli.main`` is called with arguments, as from Python) and by the benchmarks that
+    time training, so that they measure what the command runs."""
     env = preloaded_env(os.environ, find_tcmalloc(library_dirs()))
     if env is None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "loraqa.cli", *argv], env)
+    os.execve(sys.executable, [sys.executable, *command], env)
 
 
 def allocator() -> str:
