@@ -299,3 +299,105 @@ def test_the_search_report_sets_its_best_against_baselines_and_counts_the_steps_
     [other] = [line for line in text.splitlines() if line.startswith("| earlier/")]
     assert other.startswith("| earlier/trial-001 | lora.r 8 | 50.00 | 50.00 | +20.00 ±") and "beyond noise" in other
     assert main(["report", str(base), "--against", str(out)]) == 2  # --against is for a search's report
+
+
+def grid_search(tmp_path: Path, **sweep):
+    """The tiny search with a grid over lora.r (4 points), its config as the driver's."""
+    raw = yaml.safe_load(TINY.read_text())
+    raw["sweep"].update(sampler="grid", space={"lora.r": [4, 8, 16, 32]}, **sweep)
+    return from_dict(raw, where="search.yaml")
+
+
+def finish(sweep_dir: Path, name: str, loss: float) -> None:
+    """A trial folder as a finished trial leaves it: its metrics and its logged losses."""
+    tdir = sweep_dir / name
+    tdir.mkdir(parents=True, exist_ok=True)
+    (tdir / "metrics.json").write_text(json.dumps({"f1": 0.0}))
+    (tdir / "log_history.jsonl").write_text(json.dumps({"step": 2, "loss": loss}) + "\n")
+
+
+def drive(cfg, sweep_dir: Path, restart_after: int | None = None) -> list[dict]:
+    """The driver's loop (next_batch, the trial finished, settle) until the study holds all it should; with
+    ``restart_after``, a new driver opens the study after that many trials. Returns each trial's params."""
+    from loraqa.sweep.search import next_batch, open_study, settle
+
+    sweep_dir.mkdir()
+    study = open_study(cfg, sweep_dir)
+    while batch := next_batch(study, cfg, sweep_dir, 1):
+        for t in batch:
+            finish(sweep_dir, t.name, loss=1.0 / (1 + t.index))
+            assert settle(study, cfg, sweep_dir, t.index) == "done"
+        if restart_after is not None and len(study.get_trials(deepcopy=False)) == restart_after:
+            study = open_study(cfg, sweep_dir)
+    return [t.params for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)]
+
+
+def test_a_grid_search_runs_each_point_once_even_resumed(tmp_path):
+    """n_trials (24) past the grid's 4 points: 4 trials, each point once, and no error at the grid's end
+    (Optuna's GridSampler calls Study.stop there, which raises outside study.optimize); a resumed driver of a
+    seeded grid takes the points the first left (the grid's order is the seed's shuffle)."""
+    cfg = grid_search(tmp_path, seed=3)
+    for name, restart in (("straight", None), ("resumed", 1), ("resumed-late", 3)):
+        params = drive(cfg, tmp_path / name, restart_after=restart)
+        assert sorted(p["lora.r"] for p in params) == [4, 8, 16, 32], name
+
+
+def test_a_trial_its_driver_left_half_suggested_resumes_with_every_key(tmp_path):
+    """A driver killed between asking a trial and suggesting all its keys: the next driver completes the trial's
+    params (Optuna keeps the ones stored) rather than training the rest at the base config's values."""
+    from loraqa.config import load_config
+    from loraqa.sweep.search import next_batch, open_study
+
+    cfg = load_config(TINY)
+    study = open_study(cfg, tmp_path)
+    trial = study.ask()
+    r = trial.suggest_categorical("lora.r", cfg.sweep.space["lora.r"])  # and then the driver died
+    (batch,) = next_batch(open_study(cfg, tmp_path), cfg, tmp_path, 1)
+    assert batch.index == trial.number and set(batch.values) == set(cfg.sweep.space)
+    assert batch.values["lora.r"] == r and batch.config.lora.r == r
+    assert study_trials(tmp_path)[0].params == batch.values  # stored in the study too
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"space": {"train.lr": {"low": 1.0e-4, "high": 5.0e-2, "log": True}, "lora.r": [4, 8, 16, 32],
+                    "lora.targets": ["attn", "attn+proj"]}}, "space"),  # fmt: skip
+        ({"metric": "eval_f1", "direction": "maximize"}, "metric"),
+        ({"sampler": "random"}, "sampler"),
+    ],
+)
+def test_a_search_folder_refuses_a_changed_study_in_one_line(tmp_path, capsys, change, field):
+    """A rerun that changes what the folder's study was built on is refused before anything runs (a changed
+    choice list failed mid-search in Optuna, leaving a half-asked trial; a changed metric mixed two scales)."""
+    from loraqa.cli import main
+    from loraqa.config import load_config
+    from loraqa.sweep.search import check_study_fields, open_study
+
+    out = tmp_path / "search"
+    out.mkdir()
+    cfg = load_config(TINY)
+    (out / "sweep.yaml").write_text(cfg.to_yaml())
+    open_study(cfg, out)
+    check_study_fields(out, load_config(tiny(tmp_path, n_trials=12)))  # a study may grow
+    assert main(["sweep", str(tiny(tmp_path, **change)), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"sweep.{field}: the search in" in err, err
+    assert study_trials(out) == [] and not list(out.glob("trial-*"))
+
+
+@pytest.mark.parametrize(
+    ("sweep", "message"),
+    [
+        ({"metric": "f1"}, "sweep.metric: 'f1' is not reported at the in-training scorings; give one of eval_f1"),
+        ({"metric": "eval_loss", "direction": "minimize"}, "sweep.metric: 'eval_loss' is not reported"),
+        ({"metric": "loss", "direction": "maximize"}, "sweep.direction: loss is to minimize, not maximize"),
+        ({"metric": "eval_f1", "direction": "minimize"}, "sweep.direction: eval_f1 is to maximize, not minimize"),
+    ],
+)
+def test_a_search_metric_its_trials_do_not_report_is_refused(sweep, message):
+    """A metric no scoring reports would fail every trial after training it whole (or never prune)."""
+    raw = yaml.safe_load(TINY.read_text())
+    raw["sweep"].update(sweep)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        from_dict(raw, where="search.yaml")

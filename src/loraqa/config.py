@@ -27,7 +27,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 from .layout import DATA_DIR_ENV, SQUAD_DEV_FILE, SQUAD_TRAIN_FILE
-from .metrics import METRIC
+from .metrics import METRIC, SEARCH_METRICS
 
 
 class ConfigError(ValueError):
@@ -468,11 +468,18 @@ class SweepConfig:
         "its default. The local runner shares the machine by --parallel instead",
     )
     metric: Str = Field(
-        METRIC, description="what a search optimises: a score the trials log (eval.score_steps), or loss"
+        METRIC,
+        description="what a search optimises, from every in-training scoring (eval.score_steps): eval_f1 | "
+        "eval_exact_match | loss (the last logged training loss)",
     )
-    direction: Direction = Field("maximize", description="maximize (scores) | minimize (a loss)")
+    direction: Direction = Field(
+        "maximize", description="maximize (eval_f1, eval_exact_match) | minimize (loss)"
+    )
     n_trials: Int = Field(
-        24, gt=0, description="trials in the study, finished, pruned and failed ones included"
+        24,
+        gt=0,
+        description="trials in the study, finished, pruned and failed ones included (the grid sampler: at "
+        "most the grid's size, each point once)",
     )
     sampler: SearchSampler = Field("tpe", description="tpe | random | grid (grid: lists of choices only)")
     pruner: SearchPruner = Field(
@@ -626,6 +633,14 @@ def from_dict(raw: dict, where: str = "<config>") -> ExperimentConfig:
     return cfg
 
 
+def search_trials(sweep: SweepConfig) -> int:
+    """How many trials a search holds: ``sweep.n_trials``, and for the grid sampler at most the grid's size
+    (each point once; Optuna's grid would repeat points past it)."""
+    if sweep.sampler != "grid":
+        return sweep.n_trials
+    return min(sweep.n_trials, math.prod(len(v) for v in sweep.space.values()))
+
+
 def search_range(value: Any) -> tuple[float, float, bool] | None:
     """A search space entry's (low, high, log) when it is a range, None when it is a list of choices."""
     if isinstance(value, dict):
@@ -646,6 +661,15 @@ def _check_search(cfg: ExperimentConfig, where: str) -> None:
         raise ConfigError(
             f"{where}: sweep.mode: search judges trials by their in-training {sweep.metric}; "
             "set eval.score_steps=N"
+        )
+    if sweep.metric not in SEARCH_METRICS:
+        raise ConfigError(
+            f"{where}: sweep.metric: {sweep.metric!r} is not reported at the in-training scorings; give one of "
+            f"{', '.join(SEARCH_METRICS)}"
+        )
+    if sweep.direction != SEARCH_METRICS[sweep.metric]:
+        raise ConfigError(
+            f"{where}: sweep.direction: {sweep.metric} is to {SEARCH_METRICS[sweep.metric]}, not {sweep.direction}"
         )
     for key, value in sweep.space.items():
         at = f"{where}: sweep.space.{key}"

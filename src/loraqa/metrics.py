@@ -202,6 +202,9 @@ def score_predictions_v2(examples, predictions: Sequence[str], unanswerable_answ
 EM_KEY, F1_KEY = "eval_exact_match", "eval_f1"  # the logged names, as the Trainer logs its eval_loss
 SCORE_SECONDS_KEY = "eval_score_seconds"
 METRIC = F1_KEY  # what keep_best, early stopping and a search (by default) compare
+LOSS_KEY = "loss"  # the Trainer's logged training loss, which a search's trials report with their scores
+# what a search may optimise, each with its direction: what a trial reports at every in-training scoring
+SEARCH_METRICS = {F1_KEY: "maximize", EM_KEY: "maximize", LOSS_KEY: "minimize"}
 
 
 def scorings(log_history: list[dict], metric: str = METRIC) -> list[tuple[int, float]]:

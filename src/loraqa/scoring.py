@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 from . import dist
 from .answering import Answerer
-from .metrics import EM_KEY, F1_KEY, METRIC, SCORE_SECONDS_KEY, best_scoring, patience_ran_out
+from .metrics import EM_KEY, F1_KEY, LOSS_KEY, METRIC, SCORE_SECONDS_KEY, best_scoring, patience_ran_out
 from .model import recompile, uncompile
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,8 @@ class ScoreCallback(TrainerCallback):
                     best[1],
                     best[0],
                 )
-        last_loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None)
-        heard = {**scores, **({"loss": last_loss} if last_loss is not None else {})}
+        last_loss = next((h[LOSS_KEY] for h in reversed(state.log_history) if LOSS_KEY in h), None)
+        heard = {**scores, **({LOSS_KEY: last_loss} if last_loss is not None else {})}
         if self.on_score is not None and self.on_score(state.global_step, heard):
             # a search's pruner: stop here, with a checkpoint, and skip the final evaluation
             self.pruned_at = state.global_step

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import ExperimentConfig, apply_overrides, from_dict
+from ..config import ExperimentConfig, apply_overrides, from_dict, search_trials
 from ..io import write_text_atomic
 from ..layout import (
     FIGURES_DIR,
@@ -203,7 +203,7 @@ def write_search_report(sweep_dir, out_dir=None, against=()) -> Path:
     figures = _figures(rows, cfg, out)
     pruned = [r for r in rows if r["state"] == "pruned"]
     lines = [f"# Search {cfg.name}", "",
-             f"{len(rows)} of {cfg.sweep.n_trials} trials: {sum(r['state'] == 'complete' for r in rows)} finished, "
+             f"{len(rows)} of {search_trials(cfg.sweep)} trials: {sum(r['state'] == 'complete' for r in rows)} finished, "
              f"{len(pruned)} pruned, {sum(r['state'] == 'fail' for r in rows)} failed, "
              f"{sum(r['state'] == 'running' for r in rows)} unfinished. Sampler {cfg.sweep.sampler}, pruner "
              f"{cfg.sweep.pruner}, {cfg.sweep.direction} `{cfg.sweep.metric}` (in-training scores on the first "

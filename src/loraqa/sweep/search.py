@@ -10,7 +10,7 @@ trial's files: ``metrics.json`` done (its value: the trial's best in-training ``
 
 Killed at any moment and rerun, the driver continues the same study: a trial the study still holds as running
 was asked by a driver that died, so it is resumed in its folder (from its last checkpoint), or told from its
-files if it finished meanwhile; new trials are asked only up to ``sweep.n_trials`` in all.
+files if it finished meanwhile; new trials are asked only up to ``sweep.n_trials`` in all (the grid's size at most).
 """
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import ExperimentConfig, apply_overrides, search_range
+import yaml
+
+from ..config import ConfigError, ExperimentConfig, apply_overrides, from_dict, search_range, search_trials
 from ..io import read_json
 from ..layout import (
     ERROR_FILE,
     METRICS_FILE,
     SEARCH_STUDY_FILE,
+    SWEEP_CONFIG_FILE,
     TRIAL_CONFIG_FILE,
     search_storage,
     search_trial_name,
@@ -45,17 +48,54 @@ from .view import View
 log = logging.getLogger(__name__)
 
 
+# the sweep section's fields a study is built on: changed for a folder's existing study, its trials would be
+# judged or sampled under two settings (Optuna refuses a changed choice list only when it asks, mid-search)
+STUDY_FIELDS = ("space", "metric", "direction", "sampler")
+
+
 def make_sampler(sweep, asked: int = 0):
     """The sampler, seeded with ``sweep.seed`` + the trials the study already holds: a fresh study's suggestions
     are reproducible, and a driver that resumes a study does not replay its predecessor's random draws (with the
-    seed alone, its first suggestion would repeat the study's first trial)."""
+    seed alone, its first suggestion would repeat the study's first trial). The grid is the exception: its
+    order is one shuffle by the seed, trial k taking point k, so every driver of a study must shuffle alike."""
     optuna = import_optuna()
-    seed = None if sweep.seed is None else sweep.seed + asked
     if sweep.sampler == "grid":
-        return optuna.samplers.GridSampler(dict(sweep.space), seed=seed)
+        return _grid_sampler(optuna, sweep)
+    seed = None if sweep.seed is None else sweep.seed + asked
     if sweep.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
+
+
+def _grid_sampler(optuna, sweep):
+    """Optuna's GridSampler without its stop at the grid's end: ``Study.stop`` works inside ``study.optimize``
+    only (elsewhere it raises), and this driver asks and tells by itself, up to :func:`search_trials`."""
+
+    class Grid(optuna.samplers.GridSampler):
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    return Grid(dict(sweep.space), seed=sweep.seed)
+
+
+def check_study_fields(sweep_dir: Path, cfg: ExperimentConfig) -> None:
+    """Refuse a sweep section that changes what the folder's study is built on (:data:`STUDY_FIELDS`; the
+    grid's seed, which orders its points), against the ``sweep.yaml`` the study was begun with."""
+    path = sweep_dir / SWEEP_CONFIG_FILE
+    if not (sweep_dir / SEARCH_STUDY_FILE).is_file() or not path.is_file():
+        return
+    try:
+        old = from_dict(yaml.safe_load(path.read_text()), where=str(path)).sweep
+    except (ConfigError, yaml.YAMLError):
+        return  # an unreadable sweep.yaml: the sweep's own check says so
+    fields = STUDY_FIELDS + (("seed",) if cfg.sweep.sampler == "grid" else ())
+    for field in fields:
+        if getattr(old, field) != getattr(cfg.sweep, field):
+            raise ConfigError(
+                f"sweep.{field}: the search in {sweep_dir} was begun with {getattr(old, field)!r}; a study "
+                f"keeps its {', '.join(fields)} (change n_trials to extend it), so give it back or pick another "
+                "--output-dir"
+            )
 
 
 def open_study(cfg: ExperimentConfig, sweep_dir: Path):
@@ -131,12 +171,15 @@ def _running(study) -> list:
 
 def next_batch(study, cfg: ExperimentConfig, sweep_dir: Path, size: int) -> list[Trial]:
     """Up to ``size`` trials to run now: the study's unfinished ones first (a killed driver's), then new ones
-    while the study holds fewer than ``sweep.n_trials``."""
+    while the study holds fewer than :func:`~loraqa.config.search_trials`."""
+    optuna = import_optuna()
     batch = []
     for t in _running(study):
         if settle(study, cfg, sweep_dir, t.number) == "running" and len(batch) < size:
-            batch.append(as_trial(cfg, t.number, t.params))
-    while len(batch) < size and len(study.get_trials(deepcopy=False)) < cfg.sweep.n_trials:
+            # its stored params, and any its driver died before asking for
+            params = suggest(optuna.trial.Trial(study, t._trial_id), cfg.sweep.space)
+            batch.append(as_trial(cfg, t.number, params))
+    while len(batch) < size and len(study.get_trials(deepcopy=False)) < search_trials(cfg.sweep):
         trial = study.ask()
         params = suggest(trial, cfg.sweep.space)
         t = as_trial(cfg, trial.number, params)
@@ -152,12 +195,13 @@ def run_search(cfg: ExperimentConfig, output_dir, parallel: int | None = None, d
     address, where = check_backend(backend, parallel, address)
     sweep_dir = Path(output_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    check_study_fields(sweep_dir, cfg)
     _check_sweep_yaml(sweep_dir, cfg)
     study = open_study(cfg, sweep_dir)
     _prefetch_data([as_trial(cfg, 0, {})])
     machine = machine_info()
     command, real = _command_line(sweep_dir, "1/1", parallel, backend, address)
-    view = View(f"search {cfg.name} -> {sweep_dir}", cfg.sweep.n_trials,
+    view = View(f"search {cfg.name} -> {sweep_dir}", search_trials(cfg.sweep),
                 sys.stderr.isatty() if progress is None else progress)  # fmt: skip
     invocation = {"id": f"{machine['host']}-{os.getpid()}-{time.time():.0f}", "command": command,
                   "command_is_reconstructed": not real, "shard": "1/1", "parallel": parallel, "backend": backend,
@@ -166,7 +210,7 @@ def run_search(cfg: ExperimentConfig, output_dir, parallel: int | None = None, d
     index_file = SweepIndex(cfg, sweep_dir, trials, machine, invocation)
     index_file.write()
     runner = _runner(cfg, backend, address, parallel, device, view, index_file, where)
-    view.note(f"search: {cfg.sweep.n_trials} trials ({cfg.sweep.sampler} sampler, {cfg.sweep.pruner} pruner, "
+    view.note(f"search: {search_trials(cfg.sweep)} trials ({cfg.sweep.sampler} sampler, {cfg.sweep.pruner} pruner, "
               f"{cfg.sweep.direction} {cfg.sweep.metric}); {len(trials)} in the study already")  # fmt: skip
     while True:
         batch = next_batch(study, cfg, sweep_dir, parallel or 1)
