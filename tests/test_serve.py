@@ -134,6 +134,11 @@ BAD_INPUTS = [
     ("not an object", ["The box is red.", "What?"], 422, "body"),
     ("malformed JSON", b'{"context": "The box is red.", "questions": ["What?"', 400, "body"),
     ("an empty body", b"", 422, "body"),
+    ("a lone surrogate in the context", b'{"context": "The box \\ud800 is red.", "questions": ["What?"]}', 422,
+     "context"),  # fmt: skip
+    ("a lone surrogate in a question", b'{"context": "The box is red.", "questions": ["What \\udfff?"]}', 422,
+     "questions[0]"),  # fmt: skip
+    ("a body not UTF-8", b'{"context": "The box is \xff.", "questions": ["What?"]}', 400, "body"),
 ]
 
 
@@ -153,6 +158,22 @@ def test_bad_input_is_a_json_error_naming_the_field(server, what, body, status, 
         assert "at most 32" in error["error"]
     if what == "malformed JSON":
         assert "malformed JSON" in error["error"]
+    if what.startswith("a lone surrogate"):
+        assert "not valid Unicode text" in error["error"]
+    if what == "a body not UTF-8":
+        assert error["error"] == "body: is not UTF-8 encoded JSON"
+
+
+def test_a_huge_question_is_refused_without_holding_up_the_server(server):
+    """A question of a million characters is refused from its length, not tokenized on the event loop, which
+    would hold up every other client meanwhile."""
+    with ThreadPoolExecutor(1) as pool:
+        huge = pool.submit(post, server.url, {"context": "x", "questions": ["why " * 250_000] * 8})
+        health = httpx.get(f"{server.url}/health", timeout=TIMEOUT)
+        r = huge.result(TIMEOUT)
+    assert health.status_code == 200
+    assert r.status_code == 422 and r.json()["field"] == "questions[0]"
+    assert "1,000,000 characters" in r.json()["error"]
 
 
 def test_errors_beyond_the_answer_route_are_json_too(server):
@@ -351,6 +372,27 @@ def test_a_client_that_hangs_up_disturbs_no_one(answerer, answering_run, referen
     assert stats["failed_batches"] == 0 and stats["questions_answered"] == 2
 
 
+def test_requests_still_waiting_when_the_server_stops_get_a_json_503(answerer, answering_run):
+    """Stopped (Ctrl-C) while a batch is held and a request queued: once uvicorn's grace period is over, both
+    clients get the documented JSON 503, not a plain-text 500 from the cancelled handlers."""
+    gate = GatedAnswerer(answerer)
+    app = create_app(gate, run_dir=answering_run, settings=ServeSettings(queue_size=4, max_batch=8))
+    body = {"context": ALL_COLOURS, "questions": ["What color is the cup?"]}
+    with BackgroundServer(app, graceful_seconds=1) as live, ThreadPoolExecutor(2) as pool:
+        try:
+            held = send_in_background(pool, live.url, body)
+            assert gate.entered.wait(TIMEOUT)
+            queued = send_in_background(pool, live.url, body)
+            wait_until(lambda: queue_stats(live.url)["waiting"] == 1, TIMEOUT, "a queued request")
+            live.server.should_exit = True
+            results = [held.result(TIMEOUT), queued.result(TIMEOUT)]
+        finally:
+            gate.gate.set()
+    for r in results:
+        assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text
+        assert r.json() == {"error": "the server is stopping", "field": None}
+
+
 def test_a_failing_batch_fails_its_requests_only(answerer, answering_run):
     with gated_server(answerer, answering_run) as (live, gate):
         gate.gate.set()
@@ -423,6 +465,9 @@ def test_an_address_that_cannot_be_listened_on_is_refused_before_loading(monkeyp
         )
     assert main(["serve", "--model", "tiny-random-gpt2", "--host", "no such host!"]) == 2
     assert "--host no such host!: not an address or a name this machine can resolve" in capsys.readouterr().err
+    # port 0 (any free port) would serve where the address it prints does not say
+    assert main(["serve", "--model", "tiny-random-gpt2", "--port", "0"]) == 2
+    assert "--port must be 1 to 65535, got 0" in capsys.readouterr().err
 
 
 def test_serving_beyond_loopback_says_what_that_exposes(monkeypatch, capsys):

@@ -306,8 +306,8 @@ def cmd_serve(args) -> int:
         gather_ms=args.gather_ms,
     )
     settings.check()  # before the model loads
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be 0 to 65535, got {args.port}")
+    if not 1 <= args.port <= 65535:  # 0 (any free port) would leave the address it prints unknown
+        raise ValueError(f"--port must be 1 to 65535, got {args.port}")
     check_address(args.host, args.port)
     # a micro-batch is one generation batch: the run's eval.batch_size unless --max-batch says otherwise
     overrides = [("eval.batch_size", args.max_batch)] if args.max_batch else []
@@ -463,7 +463,7 @@ def _add_sweep_command(sub) -> None:
         "--parallel",
         type=int,
         help="trials at once (default 1; on GPUs each worker gets its own); with --backend ray: at most this many "
-        "(default: as many as the cluster's resources hold)",
+        "(default: as many as the cluster's resources hold; a search: 1)",
     )
     s.add_argument("--device")
     s.add_argument(

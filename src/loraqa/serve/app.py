@@ -101,6 +101,8 @@ def _error(status: int, message: str, field: str | None = None, headers: dict | 
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+BODY_NOT_READ = "There was an error parsing the body"  # FastAPI's 400 for a body it cannot decode, not JSON's
+
 # what a person reads for pydantic's error types (the rest keep pydantic's own message)
 _MESSAGES = {
     "missing": "is missing",
@@ -158,6 +160,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(exc.status, str(exc))
 
     async def on_http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and exc.detail == BODY_NOT_READ:  # FastAPI's words for a body not UTF-8
+            return _error(400, "is not UTF-8 encoded JSON", "body")
         return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     async def on_anything(request: Request, exc: Exception):
@@ -235,9 +239,13 @@ async def _wait_unless_gone(batcher: Batcher, job, request: Request) -> dict | N
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         done, _ = await asyncio.wait({job.future, gone}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:  # the handler itself is cancelled (the server is stopping)
+    except asyncio.CancelledError:  # uvicorn cancels the handler: the server stops before the answers came
         batcher.cancel(job)
-        raise
+        task = asyncio.current_task()
+        if task is not None and hasattr(task, "uncancel"):  # Python 3.11+: the cancellation is answered here
+            task.uncancel()
+        # a JSON 503 for the client, where the cancellation itself would reach it as a plain-text 500
+        raise WorkerFailed("the server is stopping", status=503) from None
     finally:
         gone.cancel()
     if job.future in done:

@@ -9,7 +9,9 @@ from ..prompt import CONTEXT_PREFIX, QUESTION_PART
 from .schema import AnswerRequest
 
 QUESTION_TOKENS = 64  # room kept in the prompt for "\nQuestion: {question}\nAnswer:"
-CHARS_PER_TOKEN_CAP = 50  # a context with more characters than this per allowed token is refused untokenized
+# a context or question with more characters than this per allowed token is refused untokenized (tokenizing a
+# megabyte would hold up every other client: the check runs on the server's event loop)
+CHARS_PER_TOKEN_CAP = 50
 
 
 class InputError(Exception):
@@ -59,6 +61,12 @@ class InputLimits:
                 f"{len(request.questions)} questions; at most {self.max_questions} in one request",
             )
         for i, question in enumerate(request.questions):
+            if len(question) > CHARS_PER_TOKEN_CAP * self.question_tokens:
+                raise InputError(
+                    422,
+                    f"questions[{i}]",
+                    f"is over {self.question_tokens} tokens with its prompt ({len(question):,} characters)",
+                )
             n = self._count(QUESTION_PART.format(question=question))
             if n > self.question_tokens:
                 raise InputError(

@@ -10,6 +10,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 def _not_blank(text: str) -> str:
     if not text.strip():
         raise ValueError("is empty")
+    try:
+        text.encode("utf-8")  # JSON lets a lone surrogate (\ud800) through; the tokenizer cannot take it
+    except UnicodeEncodeError:
+        raise ValueError("is not valid Unicode text (a lone surrogate escape)") from None
     return text
 
 

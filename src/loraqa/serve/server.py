@@ -26,7 +26,14 @@ class BackgroundServer:
     ``port=0`` takes a free port; the server is up (its lifespan started) when ``__enter__`` returns, and has
     stopped, its worker too, when ``__exit__`` returns."""
 
-    def __init__(self, app, host: str = LOOPBACK, port: int = 0, start_timeout: float = 60.0):
+    def __init__(
+        self,
+        app,
+        host: str = LOOPBACK,
+        port: int = 0,
+        start_timeout: float = 60.0,
+        graceful_seconds: float = 10,
+    ):
         import uvicorn
 
         config = uvicorn.Config(
@@ -36,9 +43,11 @@ class BackgroundServer:
             log_level="warning",
             access_log=False,
             lifespan="on",
-            timeout_graceful_shutdown=10,
+            timeout_graceful_shutdown=graceful_seconds,
         )
         self.server = uvicorn.Server(config)
+        # requests get graceful_seconds to end, then the worker its batch (Batcher.stop's 30 s)
+        self.stop_timeout = graceful_seconds + 30 + 10
         self.start_timeout = start_timeout
         self.thread = threading.Thread(target=self.server.run, name="loraqa-serve-uvicorn", daemon=True)
         self.url = ""
@@ -57,7 +66,7 @@ class BackgroundServer:
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=30)
+        self.thread.join(timeout=self.stop_timeout)
 
 
 def check_address(host: str, port: int) -> None:
