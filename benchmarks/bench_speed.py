@@ -30,6 +30,12 @@ defaults N times, the first before the reference and the rest after it, and prin
 median's: on a VM whose speed swings by the minute, one ~40 s run samples one minute of it, while the reference's
 ~400 s average over several.
 
+Both recipes run under this process's C allocator, which the table's header names (``malloc``): glibc's unless
+``LD_PRELOAD`` says otherwise. The ``loraqa`` command itself runs under tcmalloc where the system has it
+(:mod:`loraqa.launch`), which on the AMD VM gave loraqa ~5% and the reference ~20% more questions/s
+(docs/performance.md): the ratio under glibc for both is the closer one to the two commands' as users run them
+(the reference, a plain script, under glibc), so this benchmark is not restarted under tcmalloc.
+
 Data: the first ``steps x 8`` SQuAD train questions; for evaluation, whole dev paragraphs in a seeded random
 order until ``--questions`` (the dev file's first paragraphs have ~20 questions each, the whole set 5.1, and
 sharing a paragraph's prompt prefix is part of loraqa's generation), written to a temporary data folder.
@@ -831,10 +837,6 @@ def epoch_rows(name: str, bench: Bench) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if argv is None:  # from the shell: under the allocator the loraqa command runs under (loraqa.launch)
-        from loraqa.launch import restart_under_tcmalloc
-
-        restart_under_tcmalloc(sys.argv)
     quiet_libraries()
     from loraqa.data import load_squad, squad_path
 
