@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..layout import METRICS_FILE
 from .batcher import Batcher, QueueFull, WorkerFailed
-from .limits import InputError, InputLimits, find_span
+from .limits import BodyLimit, InputError, InputLimits, find_span
 from .schema import Answer, AnswerRequest, AnswerResponse, ErrorResponse
 from .settings import ServeSettings
 
@@ -89,6 +89,7 @@ def create_app(
         lifespan=lifespan,
         description="Extractive question answering with a LoRA-tuned causal LM (loraqa).",
     )
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes())
     app.state.batcher, app.state.limits, app.state.info = batcher, limits, info
     _add_error_handlers(app)
     _add_routes(app)
@@ -162,6 +163,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def on_http(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 400 and exc.detail == BODY_NOT_READ:  # FastAPI's words for a body not UTF-8
             return _error(400, "is not UTF-8 encoded JSON", "body")
+        if exc.status_code == 413:
+            limit = request.app.state.limits.max_body_bytes()
+            return _error(413, f"is over {limit:,} bytes, more than any request within the limits", "body")
         return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     async def on_anything(request: Request, exc: Exception):
@@ -184,6 +188,7 @@ _ERRORS = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in (
         (400, "malformed JSON"),
+        (413, "a body longer than any request within the limits (GET /health: max_body_bytes)"),
         (422, "a field is missing, empty or over a limit (named in `field`)"),
         (500, "the model failed"),
         (503, "the queue is full (see Retry-After) or the server is stopping"),

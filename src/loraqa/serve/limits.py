@@ -22,6 +22,37 @@ class InputError(Exception):
         self.status, self.field, self.message = status, field, message
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is refused with a 413 (an HTTPException for the
+    app's JSON error handler) before it is read: at once by its Content-Length, or, sent in chunks, once that
+    many bytes have come. Written here: Starlette's own limit (FastAPI's ``max_body_size``) answers a body
+    announced too long in plain text, whatever the app's error handlers say."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.exceptions import HTTPException
+
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        seen = int(length) if length.isdigit() else 0
+
+        async def counted():
+            nonlocal seen
+            if seen > self.limit:
+                raise HTTPException(413)
+            message = await receive()
+            if message["type"] == "http.request" and not length.isdigit():
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise HTTPException(413)
+            return message
+
+        return await self.app(scope, counted, send)
+
+
 def prompt_length_limit(answerer) -> int:
     """The prompt tokens the answerer generates from (:func:`loraqa.answering.prompt_length`): the run's
     ``prompt.max_length``, less the room for the answer where the model's positions would not hold both."""
@@ -79,8 +110,15 @@ class InputLimits:
         if n > self.context_tokens:
             raise InputError(422, "context", f"{too_long}, got {n}")
 
+    def max_body_bytes(self) -> int:
+        """The largest request body worth reading: every field at its character cap, each character a 6-byte JSON
+        escape (``\\uXXXX``), and room for the JSON around them; a longer body is refused unread (413)."""
+        chars = CHARS_PER_TOKEN_CAP * (self.context_tokens + self.max_questions * self.question_tokens)
+        return 6 * chars + 4096
+
     def describe(self) -> dict:
         return {
+            "max_body_bytes": self.max_body_bytes(),
             "max_questions": self.max_questions,
             "context_tokens": self.context_tokens,
             "question_tokens": self.question_tokens,
