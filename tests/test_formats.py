@@ -217,3 +217,50 @@ def test_a_run_folder_from_before_the_new_data_fields_is_not_refused(tmp_path):
     (tmp_path / "config.yaml").write_text(old)
     prepare_run_dir(tmp_path, cfg, overwrite=False)
     assert (tmp_path / "config.yaml").read_text() == cfg.to_yaml()
+
+
+def test_a_squad_file_with_is_impossible_but_no_version_is_squad_v2(tmp_path):
+    qas = [{"id": "p", "question": "Where?", "answers": [{"text": "Paris", "answer_start": 24}]},
+           {"id": "q", "question": "Who?", "answers": [], "is_impossible": True}]  # fmt: skip
+    (tmp_path / "v2.json").write_text(json.dumps({"data": [{"title": "T", "paragraphs": [{"context": CTX,
+                                                  "qas": qas}]}]}))  # fmt: skip
+    assert detect_format(tmp_path / "v2.json") == "squad_v2"
+    (tmp_path / "bad.json").write_text(json.dumps({"data": [{"paragraphs": "oops"}]}))
+    assert detect_format(tmp_path / "bad.json") == "squad"  # left to the reader to name what is wrong
+
+
+def test_a_negative_answer_start_moves_to_its_text(tmp_path):
+    """A negative start sliced from the context's end (here it even matches there): the answer is moved to
+    its nearest occurrence and counted, never kept at a negative position."""
+    ctx = "The kite is red. The box is red."
+    record = {"id": "k", "context": ctx, "question": "What color?", "answers": [{"text": "red.", "answer_start": -4}]}
+    examples, report = load_file(write_jsonl(tmp_path / "q.jsonl", [record]), "jsonl", split="train")
+    assert examples[0].answer_starts == (ctx.index("red."),) and report.fixed_offsets == 1
+
+
+def test_a_csv_answer_that_only_looks_like_a_list_is_one_answer(tmp_path):
+    (tmp_path / "q.csv").write_text('id,context,question,answers\nx,See [citation needed] here.,What?,[citation needed]\n')
+    examples, _ = load_file(tmp_path / "q.csv", "csv")
+    assert examples[0].answers == ("[citation needed]",)
+
+
+def test_an_answer_text_not_a_string_says_so(tmp_path):
+    record = {"id": "y", "context": CTX, "question": "When?", "answers": [{"text": 1889, "answer_start": 49}]}
+    with pytest.raises(DataError, match=r"line 1 \(id 'y'\): answer 0: field 'text' should be a string, got a"):
+        load_file(write_jsonl(tmp_path / "q.jsonl", [record]), "jsonl")
+
+
+def test_one_dataset_as_the_data_folder_is_refused_for_both_splits(tmp_path):
+    """One Dataset read as the run's data folder would be its training and its dev questions alike; named as a
+    file (predict, or data.dev_file) it is read whole."""
+    datasets = pytest.importorskip("datasets")
+    from loraqa.data import load_split
+
+    datasets.Dataset.from_list([{"id": "a", "context": CTX, "question": "Where?", "answers": ["Paris"]}]).save_to_disk(
+        str(tmp_path / "ds"))  # fmt: skip
+    cfg = apply_overrides(ExperimentConfig(), [("data.format", "hf"), ("data.data_dir", str(tmp_path / "ds"))])
+    with pytest.raises(DataError, match="one data set, not train and validation splits"):
+        load_split(cfg.data, "train")
+    assert [ex.id for ex in load_file(tmp_path / "ds", "hf")[0]] == ["a"]
+    cfg = apply_overrides(cfg, [("data.dev_file", str(tmp_path / "ds"))])
+    assert [ex.id for ex in load_split(cfg.data, "dev")[0]] == ["a"]

@@ -121,3 +121,20 @@ def test_eval_prompt_too_long_keeps_the_beginning_and_counts(gpt2_tokenizer):
     assert len(prompt) == 64 and stats.truncated == 1
     text = gpt2_tokenizer.decode(prompt)
     assert text.startswith("Context: Sentence number 0") and text.endswith("\nQuestion: Where?\nAnswer:")
+
+
+def test_a_question_longer_than_the_prompt_is_cut_to_its_end_never_over_the_length():
+    """A question alone over the prompt length: the prompt keeps no context and the question's last tokens
+    (ending in "\\nAnswer:"), is never longer than max_length, and is counted apart from contexts cut."""
+    from loraqa.model import load_gpt2_tokenizer
+    from loraqa.prompt import PromptEncoder, PromptStats
+
+    tok = load_gpt2_tokenizer()
+    encoder, stats = PromptEncoder(tok, max_length=64), PromptStats()
+    context_part, question_part = encoder.encode_prompt_parts(
+        "The box is red.", "What " + "very " * 100 + "color?", stats
+    )
+    assert len(context_part) + len(question_part) == 64
+    assert tok.decode(question_part).endswith("color?\nAnswer:")
+    assert stats.questions_cut == 1 and stats.truncated == 0
+    assert "1 with the question cut to fit" in stats.summary()

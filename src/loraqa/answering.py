@@ -141,7 +141,8 @@ def answer(
     """Greedy answers to ``examples`` as ``eval_cfg`` says, scored by SQuAD EM/F1 (the v2.0 rules with
     ``unanswerable_answer``); returns per-question records and a summary with ``exact_match``, ``f1``,
     ``n_questions`` (questions with gold answers, the ones scored), ``eval_seconds``,
-    ``eval_questions_per_second``, ``eval_prompts_truncated``.
+    ``eval_questions_per_second``, ``eval_prompts_truncated``, ``eval_questions_cut`` (a question alone over the
+    prompt length: its end kept, no context).
 
     Under several processes each answers a contiguous share of ``examples`` and every process gets all the
     answers back, in the order of ``examples``; the time is until the last share is in.
@@ -172,6 +173,7 @@ def answer(
         eval_seconds=round(seconds, 3),
         eval_questions_per_second=round(len(examples) / seconds, 3) if seconds > 0 else None,
         eval_prompts_truncated=stats.truncated,
+        eval_questions_cut=stats.questions_cut,
     )
     return records, summary
 

@@ -515,6 +515,7 @@ def _evaluate(
         "eval_seconds": summary["eval_seconds"],
         "eval_questions_per_second": summary["eval_questions_per_second"],
         "eval_prompts_truncated": summary["eval_prompts_truncated"],
+        "eval_questions_cut": summary["eval_questions_cut"],
         "peak_memory_mb": round(peak, 1),  # the largest of any process
         "model": cfg.model.name,
         "method": cfg.train.method,

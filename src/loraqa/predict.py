@@ -134,3 +134,9 @@ def warn_cut(summary: dict) -> None:
             "the question and the answer): only its beginning was read",
             cut,
         )
+    if cut := summary.get("eval_questions_cut"):
+        log.warning(
+            "%d question(s) were longer than the model's prompt takes on their own: each was answered from its "
+            "last tokens, without the context",
+            cut,
+        )

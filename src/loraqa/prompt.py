@@ -48,11 +48,13 @@ class PromptStats:
 
     encoded: int = 0
     truncated: int = 0
+    questions_cut: int = 0  # evaluation prompts whose question alone was over the prompt length
     skipped: Counter = field(default_factory=Counter)
 
     def summary(self) -> str:
         skipped = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
-        return f"{self.encoded} encoded, {self.truncated} with the context cut to fit, skipped: {skipped}"
+        cut = f", {self.questions_cut} with the question cut to fit" if self.questions_cut else ""
+        return f"{self.encoded} encoded, {self.truncated} with the context cut to fit{cut}, skipped: {skipped}"
 
 
 class PromptEncoder:
@@ -108,6 +110,10 @@ class PromptEncoder:
         ctx_ids, _ = self._context(context)
         q_ids = self._question(question)
         budget = self.max_length - len(self._prefix_ids) - len(q_ids)
+        if budget < 0:  # the question alone is too long: no context, and its last tokens (``...\nAnswer:``)
+            if stats is not None:
+                stats.questions_cut += 1
+            return self._prefix_ids, q_ids[len(q_ids) - (self.max_length - len(self._prefix_ids)) :]
         if budget < len(ctx_ids):
             ctx_ids = ctx_ids[: max(budget, 0)]
             if stats is not None:

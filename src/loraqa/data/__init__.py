@@ -114,14 +114,33 @@ def detect_format(source: str | os.PathLike) -> str:
 
         top = _read_json(path)
         version = str(top.get("version", "")) if isinstance(top, dict) else ""
-        return "squad_v2" if version.startswith(("v2", "2")) else "squad"
+        return "squad_v2" if version.startswith(("v2", "2")) or _has_impossible(top) else "squad"
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     raise DataError(f"{path}: unknown format; name it .json (SQuAD), .jsonl or .csv, or pass --format")
 
 
-def load_file(source: str | os.PathLike, fmt: str, *, split: str = "dev", limit: int | None = None):
-    """(examples, LoadReport) from one file (or ``datasets`` folder) in format ``fmt``."""
+def _has_impossible(top) -> bool:
+    """Whether a SQuAD-shaped JSON document has a question with ``is_impossible`` (SQuAD 2.0's field; a
+    malformed document is left to the reader, which names what is wrong)."""
+
+    def items(node, key: str) -> list:
+        value = node.get(key) if isinstance(node, dict) else None
+        return value if isinstance(value, list) else []
+
+    return any(
+        isinstance(qa, dict) and "is_impossible" in qa
+        for article in items(top, "data")
+        for para in items(article, "paragraphs")
+        for qa in items(para, "qas")
+    )
+
+
+def load_file(
+    source: str | os.PathLike, fmt: str, *, split: str = "dev", limit: int | None = None, need_splits: bool = False
+):
+    """(examples, LoadReport) from one file (or ``datasets`` folder) in format ``fmt``; ``need_splits``: a
+    ``datasets`` folder must hold its splits (it is the data folder both splits are read from)."""
     if fmt == "squad":
         return load_squad(source, split=split, limit=limit)
     if fmt == "squad_v2":
@@ -137,14 +156,15 @@ def load_file(source: str | os.PathLike, fmt: str, *, split: str = "dev", limit:
     if fmt == "hf":
         from .hf import load_hf
 
-        return load_hf(source, split=split, limit=limit)
+        return load_hf(source, split=split, limit=limit, need_splits=need_splits)
     raise DataError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
 def load_split(data_cfg, split: str, limit: int | None = None):
     """(examples, LoadReport, source) of ``split`` ("train" or "dev") as a `DataConfig` asks."""
     source = split_source(data_cfg, split)
-    examples, report = load_file(source, data_cfg.format, split=split, limit=limit)
+    from_folder = not (data_cfg.train_file if split == "train" else data_cfg.dev_file)
+    examples, report = load_file(source, data_cfg.format, split=split, limit=limit, need_splits=from_folder)
     return examples, report, source
 
 

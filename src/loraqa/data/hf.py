@@ -20,9 +20,11 @@ _INSTALL = "the hf data format needs the datasets package: pip install 'loraqa[h
 
 
 def load_hf(
-    source: str | os.PathLike, *, split: str = "dev", limit: int | None = None
+    source: str | os.PathLike, *, split: str = "dev", limit: int | None = None, need_splits: bool = False
 ) -> tuple[list[Example], LoadReport]:
-    """Questions of one split (``train``, or ``dev``: the data set's ``validation``/``dev``/``test`` split)."""
+    """Questions of one split (``train``, or ``dev``: the data set's ``validation``/``dev``/``test`` split).
+    One ``Dataset`` is read whole, unless ``need_splits`` (the run's data folder, read for both splits: its one
+    table would be the training and the dev set alike)."""
     try:
         import datasets
     except ImportError:
@@ -53,6 +55,12 @@ def load_hf(
             )
         table = loaded[names[0]]
         where_split = f"split {names[0]!r}"
+    elif need_splits:
+        raise DataError(
+            f"{source}: one data set, not train and validation splits: as the data folder it would be both the "
+            "training and the dev questions; save a DatasetDict, or name each split's folder with "
+            "data.train_file and data.dev_file"
+        )
     else:
         table = loaded
         where_split = "data set"

@@ -467,8 +467,9 @@ def keep_answers(
         if not text.strip():
             problems.append("empty answer")
             continue
-        if start is None or context[start : start + len(text)] != text:
-            nearest = _nearest_occurrence(context, text, start if start is not None else 0)
+        # a negative start would slice from the context's end (and could even match there): never a position
+        if start is None or start < 0 or context[start : start + len(text)] != text:
+            nearest = _nearest_occurrence(context, text, max(start or 0, 0))
             if nearest is None and need_spans:
                 problems.append("answer not in context")
                 continue

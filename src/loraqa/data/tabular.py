@@ -75,19 +75,25 @@ def load_csv(
             record: dict[str, Any] = {k: v for k, v in row.items() if k != "answers"}
             cell = (row.get("answers") or "").strip()
             if "answers" in row and cell:
-                record["answers"] = _answers_cell(cell, path, f"{where} (id {row.get('id')!r})")
+                record["answers"] = _answers_cell(
+                    cell, row.get("context") or "", path, f"{where} (id {row.get('id')!r})"
+                )
             records.append((where, record))
     except csv.Error as e:
         raise DataError(f"{path}: not valid CSV ({e}); {FIELDS_HINT}") from None
     return load_records(records, path, split=split, limit=limit)
 
 
-def _answers_cell(cell: str, path: Path, where: str) -> list:
+def _answers_cell(cell: str, context: str, path: Path, where: str) -> list:
+    """A CSV ``answers`` cell: a JSON list, or one answer text (one that merely begins with ``[``, such as
+    ``[citation needed]``, when its context holds it as written)."""
     if not cell.startswith("["):
         return [cell]
     try:
         value = json.loads(cell)
     except json.JSONDecodeError:
+        if cell in context:
+            return [cell]
         raise DataError(f"{path}: {where}: field 'answers' is not a valid JSON list: {cell[:60]!r}") from None
     return value
 
@@ -173,8 +179,12 @@ def _answers(value: Any, path: Path, where: str) -> tuple[list[str], list[int | 
             texts.append(answer)
             starts.append(None)
             continue
-        if not isinstance(answer, dict) or not isinstance(answer.get("text"), str):
+        if not isinstance(answer, dict):
             raise DataError(f"{bad}; answer {i} is {_type_name(answer)}")
+        if not isinstance(answer.get("text"), str):
+            raise DataError(
+                f"{path}: {where}: answer {i}: field 'text' should be a string, got {_type_name(answer.get('text'))}"
+            )
         start = answer.get("answer_start")
         if start is not None and (not isinstance(start, int) or isinstance(start, bool)):
             raise DataError(f"{path}: {where}: answer {i}: field 'answer_start' should be an integer")
