@@ -54,7 +54,9 @@ class PromptStats:
     def summary(self) -> str:
         skipped = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
         cut = f", {self.questions_cut} with the question cut to fit" if self.questions_cut else ""
-        return f"{self.encoded} encoded, {self.truncated} with the context cut to fit{cut}, skipped: {skipped}"
+        return (
+            f"{self.encoded} encoded, {self.truncated} with the context cut to fit{cut}, skipped: {skipped}"
+        )
 
 
 class PromptEncoder:

@@ -137,7 +137,12 @@ def _has_impossible(top) -> bool:
 
 
 def load_file(
-    source: str | os.PathLike, fmt: str, *, split: str = "dev", limit: int | None = None, need_splits: bool = False
+    source: str | os.PathLike,
+    fmt: str,
+    *,
+    split: str = "dev",
+    limit: int | None = None,
+    need_splits: bool = False,
 ):
     """(examples, LoadReport) from one file (or ``datasets`` folder) in format ``fmt``; ``need_splits``: a
     ``datasets`` folder must hold its splits (it is the data folder both splits are read from)."""
