@@ -202,7 +202,8 @@ def fmt_case(fmt: str, dev: str | bytes | None):
 
 
 def run_copy(edit: Callable[[Path], None], command: str = "eval"):
-    """A copy of the finished tiny run with ``edit`` applied; ``eval RUN`` or ``train RUN/config.yaml -o RUN``."""
+    """A copy of the finished tiny run with ``edit`` applied; ``eval RUN``, ``export RUN --out merged`` or
+    ``train RUN/config.yaml -o RUN``."""
 
     def build(case: Path, shared: dict) -> list[str]:
         data_copy(case, shared)
@@ -210,6 +211,8 @@ def run_copy(edit: Callable[[Path], None], command: str = "eval"):
         edit(run)
         if command == "eval":
             return ["eval", "run", "--data-dir", "data"]
+        if command == "export":
+            return ["export", "run", "--out", "merged"]
         return ["train", "run/config.yaml", "-o", "run"]
 
     return build
@@ -391,7 +394,12 @@ CASES = [
     Case("run: not a run folder", lambda c, s: ["eval", str(c)], ("not a run folder",)),
     Case("run: corrupt config.yaml", run_copy(corrupt("config.yaml", b"model: [")), ("config.yaml",)),
     Case("run: missing adapter", run_copy(lambda r: (r / "adapter_model.safetensors").unlink()),
-         ("run", "no trained weights")),  # fmt: skip
+         ("run", "has no adapter_model.safetensors", "sync the whole run folder again")),  # fmt: skip
+    Case("run: empty config.yaml", run_copy(corrupt("config.yaml", b"")), ("config.yaml", "empty")),
+    Case("run: adapter_config.json without peft_type", run_copy(corrupt("adapter_config.json", b"{}")),
+         ("adapter_config.json", "peft_type")),  # fmt: skip
+    Case("run: metrics.json not an object, export", run_copy(corrupt("metrics.json", b"[]"), "export"),
+         ("metrics.json", "not a JSON object")),  # fmt: skip
     Case("run: corrupt adapter", run_copy(corrupt("adapter_model.safetensors")), ("adapter_model.safetensors",)),
     Case("run: truncated adapter", run_copy(lambda r: (r / "adapter_model.safetensors").write_bytes(
          (r / "adapter_model.safetensors").read_bytes()[:300])), ("adapter_model.safetensors",)),  # fmt: skip

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +25,9 @@ answers, same_ids = [], []
 for text, ids in zip(job["texts"], job["ids"]):
     same_ids.append(tok(text, add_special_tokens=False)["input_ids"] == ids)
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=job["max_new_tokens"], do_sample=False)
+        # None: the exported generation config's own length and greedy decoding, as a user calls it
+        kwargs = {} if job["max_new_tokens"] is None else {"max_new_tokens": job["max_new_tokens"], "do_sample": False}
+        out = model.generate(torch.tensor([ids]), **kwargs)
     answers.append(tok.decode(out[0, len(ids):], skip_special_tokens=True).split("\n", 1)[0].strip())
 print(json.dumps({"answers": answers, "same_ids": same_ids, "loraqa_imported": "loraqa" in sys.modules,
                   "dtype": str(model.dtype)}))
@@ -86,8 +90,15 @@ def test_export_loads_with_plain_transformers_and_answers_like_the_run(tmp_path,
     assert main(["export", str(run), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
+    assert (out / "loraqa-config.yaml").read_text() == (run / "config.yaml").read_text()
+    assert "`loraqa-config.yaml` beside this card" in (out / "README.md").read_text()
+    from loraqa.io import FILE_MODE
+
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == FILE_MODE  # not safetensors' 0600
+    assert (run / "adapter_model.safetensors").stat().st_mode & 0o777 == FILE_MODE
+
     dev, _ = load_squad(synthetic_dir, split="dev", limit=6)
-    got = plain_answers(out, dev, load_tokenizer("tiny-random-gpt2"), 6, tmp_path)
+    got = plain_answers(out, dev, load_tokenizer("tiny-random-gpt2"), None, tmp_path)  # generate()'s defaults
     assert not got["loraqa_imported"] and all(got["same_ids"])
     expected = json.loads((run / "predictions.json").read_text())
     assert got["answers"] == [expected[e.id] for e in dev]
@@ -149,6 +160,38 @@ def test_export_never_deletes_a_run_or_a_folder_that_is_not_a_model(tmp_path):
     assert (notes / "todo.txt").read_text() == "x"
 
 
+def test_an_overwrite_cut_short_keeps_the_old_export_and_stale_temporaries_go(tmp_path, synthetic_dir, monkeypatch):
+    from loraqa.export import export_run
+
+    run, out = tmp_path / "run", tmp_path / "merged"
+    assert main(["train", "--model", "tiny-random-gpt2", "--data-dir", str(synthetic_dir), "--eval-limit", "2",
+                 "--train-limit", "4", "--max-steps", "1", "--batch-size", "4", "--eval-steps", "0",
+                 "--save-steps", "0", "-o", str(run)]) == 0  # fmt: skip
+    export_run(run, out)
+    before = (out / "model.safetensors").read_bytes()
+    stale = tmp_path / ".merged.exporting-999999999"  # a pid no process has: an export killed long ago
+    (stale / "x").parent.mkdir()
+    (stale / "x").write_text("half")
+    real, stopped = os.replace, []
+
+    def stop_at_the_swap(a, b):
+        if Path(b) == out and not stopped:
+            stopped.append(a)
+            raise KeyboardInterrupt  # Ctrl-C as the new folder moves in
+        real(a, b)
+
+    monkeypatch.setattr(os, "replace", stop_at_the_swap)
+    with pytest.raises(KeyboardInterrupt):
+        export_run(run, out, overwrite=True)
+    monkeypatch.undo()
+    assert stopped and not stale.exists()
+    assert (out / "model.safetensors").read_bytes() == before  # the old export, back in place
+    assert not list(tmp_path.glob(".merged.exporting-*"))
+    export_run(run, out, overwrite=True)  # and the next export cleans up and succeeds
+    assert (out / "model.safetensors").read_bytes() == before
+    assert not list(tmp_path.glob(".merged.exporting-*"))
+
+
 def test_export_keeps_the_precision_the_run_generated_with(tmp_path, synthetic_dir):
     """precision auto is worked out per machine: an export elsewhere must not pick again (a bf16 GPU run
     exported on a CPU without bf16 came out fp32, an fp32 run on an AMX CPU came out bf16)."""
@@ -165,3 +208,13 @@ def test_export_keeps_the_precision_the_run_generated_with(tmp_path, synthetic_d
         with safe_open(str(tmp_path / used / "model.safetensors"), framework="pt") as f:
             dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         assert dtypes == {dtype}, (used, dtypes)
+
+
+def test_a_damaged_run_card_still_exports_its_intro(tmp_path):
+    """The run's README.md with its front matter never closed, or not UTF-8: the card is taken as text."""
+    from loraqa.config import ExperimentConfig
+    from loraqa.export import _model_card
+
+    (tmp_path / "README.md").write_bytes(b"---\nlibrary_name: peft\nno end \xff here\n")
+    card = _model_card(tmp_path, ExperimentConfig())
+    assert "Exported with `loraqa export`" in card and "no end" in card

@@ -289,6 +289,25 @@ def test_a_copy_cut_short_has_its_config_first(tmp_path, monkeypatch):
     assert not r.problem and files(tmp_path / "dst") == [f for f in files(src) if f != ".loraqa.lock"]
 
 
+def test_a_copy_cut_short_never_says_finished_without_its_weights(tmp_path, monkeypatch):
+    """metrics.json and train_metrics.json go last: a copy cut short at the weights (a full disk) is not a
+    finished run without an adapter (which `loraqa train` would take as done and `ask` could not load)."""
+    src = fake_run(tmp_path / "src", done=True)
+    real, copied = sync_mod._copy_file, []
+
+    def fail_at_the_weights(a, b):
+        if a.name == "adapter_model.safetensors":
+            raise OSError("no space left on device")
+        copied.append(a.name)
+        real(a, b)
+
+    monkeypatch.setattr(sync_mod, "_copy_file", fail_at_the_weights)
+    with pytest.raises(OSError, match="no space"):
+        sync(src, tmp_path / "dst")
+    assert copied[0] == "config.yaml"
+    assert not (tmp_path / "dst" / "metrics.json").exists() and not (tmp_path / "dst" / "train_metrics.json").exists()
+
+
 def test_cli_sync_prints_a_line_a_run_and_refuses_what_is_no_run(tmp_path, capsys):
     src = fake_run(tmp_path / "run", done=True)
     assert main(["sync", str(src), str(tmp_path / "copy"), "--results-only"]) == 0
@@ -302,7 +321,7 @@ def test_cli_sync_prints_a_line_a_run_and_refuses_what_is_no_run(tmp_path, capsy
     assert "inside it" in capsys.readouterr().err
 
 
-def test_a_results_only_copy_has_no_weights_and_its_unfinished_run_starts_again(tmp_path, synthetic_dir):
+def test_a_results_only_copy_has_no_weights_and_its_unfinished_run_starts_again(tmp_path, synthetic_dir, capsys):
     """Version control gets records, never a checkpoint; a run resumed from such a copy trains from its first
     step and ends as an uninterrupted run does, its stale log replaced."""
     cfg = tiny_config(synthetic_dir)
@@ -323,6 +342,11 @@ def test_a_results_only_copy_has_no_weights_and_its_unfinished_run_starts_again(
     assert metrics["final_train_loss"] == pytest.approx(straight["final_train_loss"], rel=1e-5)
     steps = [h["step"] for h in read_jsonl(tmp_path / "machine-b" / "run" / "log_history.jsonl")]
     assert steps == [h["step"] for h in read_jsonl(tmp_path / "straight" / "log_history.jsonl")]
+    # a finished run's records alone: asked to answer, it says what it lacks and how to get it
+    sync(tmp_path / "straight", tmp_path / "repo" / "done", results_only=True)
+    assert main(["ask", str(tmp_path / "repo" / "done"), "-q", "Where?", "--context", "Here."]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "finished, but has no adapter_model.safetensors" in err and "sync the whole run folder again" in err
 
 
 def test_a_sqlite_study_is_copied_as_a_consistent_database(tmp_path):

@@ -4,7 +4,8 @@ The folder holds ``model.safetensors``, ``config.json``, ``generation_config.jso
 (``tokenizer.json`` and friends, whatever tokenizer the run used: the GPT-2 BPE files of the built-ins or the
 one read from SmolLM2's GGUF file), so ``AutoModelForCausalLM.from_pretrained(DIR)`` and
 ``AutoTokenizer.from_pretrained(DIR)`` load it without loraqa. The weights are in the precision the run
-generated with (bf16 or fp32). The run's model card goes along as README.md.
+generated with (bf16 or fp32), its generation config greedy and as long as the run's answers could be. The
+run's model card goes along as README.md, its config as ``loraqa-config.yaml``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,17 @@ import shutil
 from pathlib import Path
 
 from .config import ConfigError
-from .io import read_json, write_text_atomic
-from .layout import CONFIG_FILE, METRICS_FILE, MODEL_CARD_FILE, MODEL_CONFIG_FILE
+from .io import FILE_MODE, read_json, write_text_atomic
+from .layout import (
+    CONFIG_FILE,
+    EXPORT_CONFIG_FILE,
+    EXPORT_TMP_GLOB,
+    METRICS_FILE,
+    MODEL_CARD_FILE,
+    MODEL_CONFIG_FILE,
+)
 from .prompt import format_prompt
+from .runfolder import RunFolderError
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
@@ -24,19 +33,46 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fa
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     _check_out_dir(run_dir, out_dir, overwrite)
     run = _merged_run(run_dir)
+    _remove_stale_exports(out_dir)
     # save_pretrained writes file by file: save into a sibling folder, then swap it in
-    tmp = out_dir.with_name(f".{out_dir.name}.exporting-{os.getpid()}")
+    tmp = out_dir.with_name(EXPORT_TMP_GLOB.format(name=out_dir.name).replace("*", str(os.getpid())))
+    old = tmp.with_name(tmp.name + "-replaced")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         run.model.save_pretrained(tmp, safe_serialization=True)
         run.tokenizer.save_pretrained(tmp)
         write_text_atomic(tmp / MODEL_CARD_FILE, _model_card(run_dir, run.cfg))
+        shutil.copyfile(run_dir / CONFIG_FILE, tmp / EXPORT_CONFIG_FILE)
+        for f in tmp.iterdir():
+            os.chmod(f, FILE_MODE)  # safetensors writes 0600: as readable as any file loraqa writes (umask)
+        # the old export moves aside, then the new one in; stopped between, the old one goes back
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            os.replace(out_dir, old)
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out_dir.exists():
+            os.replace(old, out_dir)  # stopped between the two moves: the old export goes back
+        shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+def _remove_stale_exports(out_dir: Path) -> None:
+    """Remove what exports of ``out_dir`` cut short left beside it (named by their process, gone now)."""
+    for stale in out_dir.parent.glob(EXPORT_TMP_GLOB.format(name=out_dir.name)):
+        pid = stale.name.rsplit("-", 2 if stale.name.endswith("-replaced") else 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _merged_run(run_dir: Path):
@@ -46,7 +82,12 @@ def _merged_run(run_dir: Path):
     from .card import portable_model_name
 
     overrides: list[tuple[str, object]] = [("eval.merge_adapter", True)]
-    used = (read_json(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).is_file() else {}).get("precision")
+    metrics = read_json(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).is_file() else {}
+    if not isinstance(metrics, dict):
+        raise RunFolderError(
+            f"{run_dir / METRICS_FILE}: not a JSON object; retrain the run (`loraqa train ... --overwrite`)"
+        )
+    used = metrics.get("precision")
     if used in ("bf16", "fp32"):  # the precision the run generated with, not what this machine picks
         overrides.append(("model.precision", used))
     run = load_answerer(run_dir, overrides=overrides, device="cpu")
@@ -54,8 +95,10 @@ def _merged_run(run_dir: Path):
         run.model = run.model.merge_and_unload()
     run.model.config.name_or_path = portable_model_name(run.cfg.model.name)
     # the answer ends at EOS (loraqa also stops at a newline, which plain generate() does not know)
-    run.model.generation_config.eos_token_id = run.tokenizer.eos_token_id
-    run.model.generation_config.pad_token_id = run.tokenizer.pad_token_id
+    generation = run.model.generation_config
+    generation.eos_token_id, generation.pad_token_id = run.tokenizer.eos_token_id, run.tokenizer.pad_token_id
+    # greedy, and as long as the run's answers could be (generate()'s default is 20 new tokens)
+    generation.do_sample, generation.max_new_tokens = False, run.cfg.eval.max_new_tokens
     return run
 
 
@@ -72,12 +115,22 @@ def _model_card(run_dir: Path, cfg) -> str:
         f"{format_prompt('{context}', '{question}')}\n```\n\nand the answer is the first line "
         "of the greedy continuation.\n\n"
     )
+    if cfg.eval.extractive:
+        intro += (
+            "The run's own answers were held to pieces of the context as written (`eval.extractive`); plain "
+            "`generate()` is not, so its answers can differ from the run's.\n\n"
+        )
     card = run_dir / MODEL_CARD_FILE
-    text = card.read_text() if card.is_file() else ""
+    text = card.read_text(errors="replace") if card.is_file() else ""  # a damaged card is still a card
+    text = text.replace(f"`{CONFIG_FILE}` beside", f"`{EXPORT_CONFIG_FILE}` beside")
+    text = text.replace(f"loraqa train {CONFIG_FILE}", f"loraqa train {EXPORT_CONFIG_FILE}")
     front = ""
-    if text.startswith("---\n"):
-        end = text.index("---\n", 4) + 4
-        front, text = text[:end].replace("library_name: peft", "library_name: transformers"), text[end:]
+    end = text.find("---\n", 4) if text.startswith("---\n") else -1
+    if end != -1:
+        front, text = (
+            text[: end + 4].replace("library_name: peft", "library_name: transformers"),
+            text[end + 4 :],
+        )
     return front + "\n" + intro + text.lstrip("\n")
 
 

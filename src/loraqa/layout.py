@@ -57,6 +57,11 @@ DATA_DIR_ENV = "LORAQA_DATA_DIR"
 SQUAD_TRAIN_FILE = "train-v1.1.json"
 SQUAD_DEV_FILE = "dev-v1.1.json"
 
+# an exported model folder (loraqa export): its run's config under a name of its own (config.yaml marks a run),
+# and an export under way (or cut short) beside it, named by its process
+EXPORT_CONFIG_FILE = "loraqa-config.yaml"
+EXPORT_TMP_GLOB = ".{name}.exporting-*"
+
 # loraqa's cache folder (cache_dir()): what is made once a machine and may be deleted at any time
 CACHE_SQUAD_DIR = "squad"  # the official SQuAD files, downloaded
 CACHE_SYNTHETIC_DIR = "synthetic-v1"  # the generated stand-in for SQuAD

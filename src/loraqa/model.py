@@ -42,7 +42,16 @@ from .config import (
     resolve_targets,
 )
 from .devices import resolve_attention, resolve_device, resolve_precision
-from .layout import CACHE_GPT2_TOKENIZER_DIR, CONFIG_FILE, MODEL_CONFIG_FILE, SAVING_DIR, cache_dir
+from .io import FILE_MODE
+from .layout import (
+    CACHE_GPT2_TOKENIZER_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    MODEL_CONFIG_FILE,
+    SAVING_DIR,
+    TRAIN_METRICS_FILE,
+    cache_dir,
+)
 from .runfolder import check_run_config, check_weights, make_portable, weights_file
 
 log = logging.getLogger(__name__)
@@ -397,6 +406,7 @@ def save_trained(model, tok, run_dir: Path, full: bool, base_name: str | None = 
     if full:
         tok.save_pretrained(tmp)
     for f in tmp.iterdir():
+        os.chmod(f, FILE_MODE)  # safetensors writes 0600: as readable as the run's other files (umask)
         os.replace(f, run_dir / f.name)
     tmp.rmdir()
 
@@ -445,6 +455,11 @@ def load_run(
     cfg = apply_overrides(cfg, list(overrides)) if overrides else cfg
     full = cfg.train.method == "full"
     if not (run_dir / weights_file(full)).is_file():
+        if (run_dir / TRAIN_METRICS_FILE).is_file() or (run_dir / METRICS_FILE).is_file():
+            raise ConfigError(
+                f"{run_dir}: finished, but has no {weights_file(full)} (a `loraqa sync --results-only` copy, or a "
+                "copy cut short): sync the whole run folder again, or retrain it (`loraqa train ... --overwrite`)"
+            )
         raise ConfigError(f"{run_dir}: has no trained weights yet; finish it with `loraqa train` first")
     check_weights(run_dir, full)
     # the seed the run's base was made with: a random built-in (tiny-random-gpt2) is made from it, and the

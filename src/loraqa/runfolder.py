@@ -76,6 +76,10 @@ def check_run_config(run_dir: str | os.PathLike) -> Path:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{run_dir}: not a run folder (no {CONFIG_FILE}); train one with `loraqa train`")
+    if not path.read_bytes().strip():  # loraqa writes every field: an empty one would read as the defaults
+        raise RunFolderError(
+            f"{path}: empty; the run's config is lost: retrain it (`loraqa train ... --overwrite`)"
+        )
     return path
 
 
@@ -380,8 +384,14 @@ def check_weights(run_dir: Path, full: bool) -> None:
             if name.endswith(SAFETENSORS_SUFFIX):
                 with safe_open(str(path), framework="pt") as st:
                     st.keys()
-            elif not isinstance(read_json(path), dict):
+            elif not isinstance(config := read_json(path), dict):
                 raise ValueError("not a JSON object")
+            elif name == ADAPTER_CONFIG_FILE and "peft_type" not in config:
+                raise ValueError("no peft_type: not a PEFT adapter config")
+        except PermissionError:
+            raise RunFolderError(
+                f"{path}: cannot be read by this user; ask its owner to make it readable (chmod a+r)"
+            ) from None
         except (SafetensorError, CorruptFileError, OSError, ValueError) as e:
             problem = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise RunFolderError(

@@ -32,6 +32,7 @@ from .layout import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     LOCK_FILE,
+    METRICS_FILE,
     SWEEP_CONFIG_FILE,
     SWEEP_INDEX_LOCK_FILE,
     TENSORBOARD_DIR,
@@ -48,6 +49,7 @@ from .sweep.trials import base_differences
 
 LOCKS = frozenset({LOCK_FILE, TRIAL_LOCK_FILE, SWEEP_INDEX_LOCK_FILE})
 MARKERS = frozenset({CONFIG_FILE, TRIAL_CONFIG_FILE, SWEEP_CONFIG_FILE})  # what makes a run or sweep folder
+FINISHED = frozenset({TRAIN_METRICS_FILE, METRICS_FILE})  # what says a run has trained, and is done
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
 
@@ -244,8 +246,10 @@ def _copy_tree(src: Path, dst: Path, skip) -> int:
     but not those ``skip`` leaves out. Returns the files copied."""
     ours = _walk(src, skip)
     changed = 0
-    # the configs first: a copy cut short is then known for a run or sweep folder, and resumed
-    for rel, path in sorted(ours.items(), key=lambda item: item[0].name not in MARKERS):
+    # the configs first: a copy cut short is then known for a run or sweep folder, and resumed; what says a run
+    # finished last: a copy cut short never claims weights it lacks (as save_trained writes them)
+    order = {**dict.fromkeys(MARKERS, 0), **dict.fromkeys(FINISHED, 2)}
+    for rel, path in sorted(ours.items(), key=lambda item: order.get(item[0].name, 1)):
         target = dst / rel
         if target.is_file() and _same(path, target):
             continue
