@@ -24,6 +24,7 @@ from .layout import (
     MODEL_CARD_FILE,
     MODEL_CONFIG_FILE,
 )
+from .locks import process_alive
 from .prompt import format_prompt
 from .runfolder import RunFolderError
 
@@ -61,18 +62,8 @@ def _remove_stale_exports(out_dir: Path) -> None:
     """Remove what exports of ``out_dir`` cut short left beside it (named by their process, gone now)."""
     for stale in out_dir.parent.glob(EXPORT_TMP_GLOB.format(name=out_dir.name)):
         pid = stale.name.rsplit("-", 2 if stale.name.endswith("-replaced") else 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _merged_run(run_dir: Path):

@@ -95,3 +95,14 @@ def holder(path: Path) -> str:
         return path.read_text(errors="replace").strip() or "?"
     except OSError:
         return "?"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (another user's counts: it cannot be signalled, but is)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

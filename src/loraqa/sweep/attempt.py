@@ -189,7 +189,7 @@ def _wait_for_orphan(tdir: Path) -> int | None:
     attempts = (read_json_or(tdir / TRIAL_RUN_FILE, {}) or {}).get("attempts", [])
     last = attempts[-1] if attempts else {}
     pid = last.get("pid")
-    if last.get("status") != "running" or last.get("host") != socket.gethostname() or not pid or _alive(pid):
+    if last.get("status") != "running" or last.get("host") != socket.gethostname() or not pid or locks.process_alive(pid):
         return None
     deadline = time.monotonic() + ORPHAN_STOP_SECONDS
     while time.monotonic() < deadline:
@@ -198,16 +198,6 @@ def _wait_for_orphan(tdir: Path) -> int | None:
             return fd
         time.sleep(0.2)
     return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _begin(job: Job, tdir: Path, machine: dict) -> tuple[dict, dict]:
