@@ -401,3 +401,59 @@ def test_a_search_metric_its_trials_do_not_report_is_refused(sweep, message):
     raw["sweep"].update(sweep)
     with pytest.raises(ConfigError, match=re.escape(message)):
         from_dict(raw, where="search.yaml")
+
+
+def test_a_search_report_leaves_damaged_files_out_and_names_them(tmp_path, capsys, monkeypatch):
+    """A damaged trial log, metrics or a baseline's answers: the report is still written (exit 0), what they held
+    is left out, and each file is named in report.md and on stderr, as a grid's report does."""
+    from loraqa.cli import main
+    from loraqa.io import write_text_atomic
+    from loraqa.sweep import expand_trials
+
+    raw = yaml.safe_load(TINY.read_text())
+    raw["sweep"].update(metric="eval_f1", direction="maximize", space={"lora.r": [4, 8, 16]})
+    search = from_dict(raw, where="tiny-search.yaml")
+    out = tmp_path / "search"
+    _write_search(out, search, [(4, 70, 40, "COMPLETE"), (8, 60, 40, "COMPLETE"), (16, 20, 10, "PRUNED")])
+    grid = from_dict({"name": "baselines", "model": {"name": "tiny-random-gpt2"},
+                      "sweep": {"mode": "grid", "axes": {"lora.r": [4, 8]}}}, where="baselines.yaml")  # fmt: skip
+    base = tmp_path / "baselines"
+    write_text_atomic(base / "sweep.yaml", grid.to_yaml())
+    for t, right in zip(expand_trials(grid), (69, 40), strict=True):
+        _write_run(base / t.name, t.config, right, 40)
+    with open(out / "trial-002" / "log_history.jsonl", "a") as f:
+        f.write("{not json\n")
+    (out / "trial-001" / "metrics.json").write_text("[1, 2")
+    with open(base / expand_trials(grid)[1].name / "predictions.jsonl", "a") as f:
+        f.write("{broken\n")
+    monkeypatch.chdir(tmp_path)  # the files are named as the folders were given
+    assert main(["report", "search", "--against", "baselines"]) == 0
+    err, text = capsys.readouterr().err, (out / "report.md").read_text()
+    for damaged in ("search/trial-002/log_history.jsonl", "search/trial-001/metrics.json",
+                    f"baselines/{expand_trials(grid)[1].name}/predictions.jsonl"):  # fmt: skip
+        assert damaged in err and damaged in text, damaged
+    assert "left out 3 unreadable file(s)" in err and "Best: trial-000" in text
+
+
+def test_best_so_far_moves_on_finished_trials_only():
+    """A pruned trial's value is its score mid-run: the best-so-far curve ends at the best finished trial, the
+    one the report names."""
+    from loraqa.report.search import _best_so_far
+
+    rows = [{"state": "complete", "value": 60.0, "steps": 40}, {"state": "pruned", "value": 75.0, "steps": 20},
+            {"state": "complete", "value": 65.0, "steps": 40}]  # fmt: skip
+    assert _best_so_far(rows, maximize=True) == [(40, 60.0), (60, 60.0), (100, 65.0)]
+
+
+def test_importances_are_named_and_need_two_finished_trials(tmp_path):
+    import optuna
+
+    from loraqa.report.search import IMPORTANCE, _importances
+
+    study = optuna.create_study(direction="maximize")
+    dist = {"lora.r": optuna.distributions.CategoricalDistribution([4, 8, 16])}
+    study.add_trial(optuna.trial.create_trial(params={"lora.r": 4}, distributions=dist, value=1.0))
+    assert _importances(study) == {}  # one finished trial measures nothing
+    for r, v in ((8, 2.0), (16, 3.0), (4, 1.5)):
+        study.add_trial(optuna.trial.create_trial(params={"lora.r": r}, distributions=dist, value=v))
+    assert set(_importances(study)) == {"lora.r"} and IMPORTANCE == "PED-ANOVA"

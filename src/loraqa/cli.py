@@ -370,7 +370,9 @@ def cmd_report(args) -> int:
     if args.against and not (len(args.sweep_dir) == 1 and is_search(args.sweep_dir[0])):
         raise ValueError("--against compares a search's best trial with other sweeps: name one search folder")
     if len(args.sweep_dir) == 1 and not args.compare and is_search(args.sweep_dir[0]):
-        path = write_search_report(args.sweep_dir[0], out_dir=args.out, against=args.against or ())
+        path = write_search_report(
+            args.sweep_dir[0], out_dir=args.out, against=args.against or (), unreadable=unreadable
+        )
     elif len(args.sweep_dir) == 1 and not args.compare:
         path = write_report(args.sweep_dir[0], out_dir=args.out, unreadable=unreadable)
     elif not args.out:

@@ -6,6 +6,7 @@ trial's config as a ready-to-run ``best.yaml``; all read back from the sweep fol
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -27,7 +28,7 @@ from ..runfolder import RunFolder
 from ..sweep.trials import base_config, format_value
 from .cells import num, paired_diff
 from .figures import save_figure
-from .load import load_sweep
+from .load import _problem, load_sweep
 from .render import check_out_dir
 
 
@@ -35,12 +36,27 @@ def is_search(sweep_dir: Path) -> bool:
     return (Path(sweep_dir) / SEARCH_STUDY_FILE).is_file()
 
 
-def _rows(study, cfg: ExperimentConfig, sweep_dir: Path) -> list[dict]:
+def _read(read, path: Path, default, unreadable: list):
+    """``read()``, or ``default`` with ``path`` named in ``unreadable`` where the file is damaged: a report
+    leaves a damaged file out and says so, as a grid's does (report.load)."""
+    try:
+        return read()
+    except (OSError, ValueError) as e:
+        unreadable.append(_problem(path, e))
+        return default
+
+
+def _metrics(run: RunFolder, unreadable: list) -> dict:
+    metrics = _read(partial(run.read_json, METRICS_FILE, default={}), run.path / METRICS_FILE, {}, unreadable)
+    return metrics if isinstance(metrics, dict) else {}
+
+
+def _rows(study, cfg: ExperimentConfig, sweep_dir: Path, unreadable: list) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         run = RunFolder(sweep_dir / search_trial_name(t.number))
-        history = run.history()
-        metrics = run.read_json(METRICS_FILE, default={})
+        history = _read(run.history, run.log_file, [], unreadable)
+        metrics = _metrics(run, unreadable)
         curve = scorings(history, cfg.sweep.metric)
         f1 = scorings(history, F1_KEY)
         steps = max([h.get("step", 0) for h in history], default=0)
@@ -74,8 +90,9 @@ def _best_so_far(rows: list[dict], maximize: bool) -> list[tuple[int, float]]:
     spent, best, out = 0, None, []
     for r in rows:
         spent += r["steps"]
-        if r["value"] is not None and (best is None or (r["value"] > best if maximize else r["value"] < best)):
-            best = r["value"]
+        value = r["value"] if r["state"] == "complete" else None  # a pruned trial's value is a score mid-run
+        if value is not None and (best is None or (value > best if maximize else value < best)):
+            best = value
         if best is not None:
             out.append((spent, best))
     return out
@@ -110,12 +127,26 @@ def _figures(rows: list[dict], cfg: ExperimentConfig, out: Path) -> list[str]:
     return names
 
 
+IMPORTANCE = "PED-ANOVA"  # the evaluator the report names: Optuna's PedAnovaImportanceEvaluator
+
+
 def _importances(study) -> dict[str, float]:
+    """Parameter importances over the finished trials, by PED-ANOVA, named explicitly: Optuna's default has
+    changed across versions, and its fANOVA needs scikit-learn. Empty below 2 finished trials, where every
+    parameter would read as equally important."""
+    import warnings
+
     import optuna
 
+    finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(finished) < 2:
+        return {}
+    evaluator = optuna.importance.PedAnovaImportanceEvaluator()
     try:
-        return optuna.importance.get_param_importances(study)
-    except (ValueError, RuntimeError):  # too few finished trials, or a single value everywhere
+        with warnings.catch_warnings():  # its warnings on small studies name venv paths; the count is stated
+            warnings.simplefilter("ignore")
+            return optuna.importance.get_param_importances(study, evaluator=evaluator)
+    except (ValueError, RuntimeError):  # a single value everywhere
         return {}
 
 
@@ -138,36 +169,41 @@ def _steps_saved(rows: list[dict]) -> list[str]:
             f"trials spent {spent:,}, against {full:,} run to the end ({planned} steps each).", ""]  # fmt: skip
 
 
-def _finished_runs(folder: Path) -> list[tuple[str, str, dict, object]]:
+def _finished_runs(folder: Path, unreadable: list) -> list[tuple[str, str, dict, object]]:
     """Each finished run of a sweep or a search folder: (name, setting, final metrics, per-question records for
-    :func:`~loraqa.report.cells.paired_diff`); a search's finished runs are its complete trials."""
+    :func:`~loraqa.report.cells.paired_diff`); a search's finished runs are its complete trials. Damaged files
+    are left out and named in ``unreadable``."""
     if not is_search(folder):
+        data = load_sweep(folder)
+        done = [t for t in data.trials if t.done]
+        unreadable += data.read_all()
         return [(t.name, ", ".join(f"{k} {format_value(v)}" for k, v in t.trial.values.items()), t.metrics, t)
-                for t in load_sweep(folder).trials if t.done]  # fmt: skip
+                for t in done]  # fmt: skip
     import optuna
 
     study, _ = _load_search(folder)
     runs = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         run = RunFolder(folder / search_trial_name(t.number))
-        metrics = run.read_json(METRICS_FILE, default={})
-        records = _Answers({q["id"]: q for q in run.predictions()})
+        metrics = _metrics(run, unreadable)
+        records = _Answers({q["id"]: q for q in _read(run.predictions, run.predictions_file, [], unreadable)})
         setting = ", ".join(f"{k} {_param(v)}" for k, v in t.params.items())
         runs.append((run.path.name, setting, {k: metrics.get(k) for k in ("exact_match", "f1")}, records))
     return runs
 
 
-def _held_out(best: dict, sweep_dir: Path, against: list[Path]) -> list[str]:
+def _held_out(best: dict, sweep_dir: Path, against: list[Path], unreadable: list) -> list[str]:
     """The best trial against every finished run of the ``against`` folders (sweeps, or other searches' complete
     trials), paired on the final evaluation's questions both answered (held out from every decision of the
     search when ``data.eval_skip`` puts them past the scoring slice); a difference is beyond noise past 2
     standard errors."""
     name = search_trial_name(best["number"])
-    mine = _Answers({r["id"]: r for r in RunFolder(sweep_dir / name).predictions()})
+    run = RunFolder(sweep_dir / name)
+    mine = _Answers({r["id"]: r for r in _read(run.predictions, run.predictions_file, [], unreadable)})
     lines = [f"Held-out comparison: {name} (the best) minus each run, paired on the questions both answered:", "",
              "| run | setting | final EM | final F1 | F1: best − run | EM: best − run |", "|---|---|---|---|---|---|"]  # fmt: skip
     for folder in against:
-        for run, setting, metrics, records in _finished_runs(folder):
+        for run, setting, metrics, records in _finished_runs(folder, unreadable):
             if folder.resolve() == sweep_dir.resolve() and run == name:
                 continue  # the best against itself
             f1, em = paired_diff(mine, records, "f1"), paired_diff(mine, records, "exact_match")
@@ -185,10 +221,12 @@ def _load_search(sweep_dir: Path):
     return optuna.load_study(study_name=cfg.name, storage=search_storage(sweep_dir)), cfg
 
 
-def write_search_report(sweep_dir, out_dir=None, against=()) -> Path:
+def write_search_report(sweep_dir, out_dir=None, against=(), unreadable: list | None = None) -> Path:
     """Write report.md, figures and best.yaml for the search in ``sweep_dir``; returns report.md's path.
     ``against``: sweep or search folders (such as baselines on the same data, or an earlier search) whose
-    finished trials the best trial is compared with, question by question."""
+    finished trials the best trial is compared with, question by question. Damaged files are left out, named
+    in the report and added to ``unreadable`` when given."""
+    unreadable = [] if unreadable is None else unreadable
     check_out_dir(out_dir)
     import optuna
 
@@ -197,7 +235,7 @@ def write_search_report(sweep_dir, out_dir=None, against=()) -> Path:
     out = Path(out_dir) if out_dir else sweep_dir
     out.mkdir(parents=True, exist_ok=True)
     study, cfg = _load_search(sweep_dir)
-    rows = _rows(study, cfg, sweep_dir)
+    rows = _rows(study, cfg, sweep_dir, unreadable)
     keys = list(cfg.sweep.space)
     maximize = cfg.sweep.direction == "maximize"
     figures = _figures(rows, cfg, out)
@@ -219,13 +257,16 @@ def write_search_report(sweep_dir, out_dir=None, against=()) -> Path:
                   + ", ".join(f"{k} = {_param(v)}" for k, v in best["params"].items())
                   + f". Its config: [{SEARCH_BEST_FILE}]({SEARCH_BEST_FILE}) (`loraqa train {SEARCH_BEST_FILE}`).", ""]  # fmt: skip
         if against:
-            lines += _held_out(best, sweep_dir, [Path(a) for a in against])
+            lines += _held_out(best, sweep_dir, [Path(a) for a in against], unreadable)
     lines += _steps_saved(rows)
     imp = _importances(study)
     if imp:
-        lines += ["Parameter importances (Optuna's fANOVA evaluator over the finished trials):", "",
+        lines += [f"Parameter importances (Optuna's {IMPORTANCE} evaluator over the finished trials):", "",
                   "| parameter | importance |", "|---|---|",
                   *(f"| {k} | {v:.3f} |" for k, v in imp.items()), ""]  # fmt: skip
+    if unreadable:
+        lines += [f"Unreadable files (damaged; what they held is left out): {len(unreadable)}: "
+                  + "; ".join(f"`{p}`" for p in unreadable), ""]  # fmt: skip
     lines += [f"![{name}]({FIGURES_DIR}/{name})" for name in figures]
     path = out / REPORT_FILE
     write_text_atomic(path, "\n".join(lines) + "\n")

@@ -60,9 +60,10 @@ SCALING_KEY = "data.train_limit"
 
 
 def train_questions(t: TrialResult) -> int | None:
-    """The number of train questions a trial trained on: its limit, or what it encoded when it took them all."""
-    limit = t.trial.config.data.train_limit
-    return limit if limit is not None else t.m("train_examples")
+    """The number of train questions a trial trained on: what it encoded (``train_examples``: a limit past
+    the data's size trains on the data), else its limit."""
+    encoded = t.m("train_examples")
+    return encoded if encoded is not None else t.trial.config.data.train_limit
 
 
 def dev_questions(t: TrialResult) -> int | None:
