@@ -109,7 +109,8 @@ def test_early_stopping_stops_after_patience_scorings_without_a_better_f1(tmp_pa
     assert metrics["best_step"] == 2
 
 
-def test_keep_best_and_early_stopping_resume_after_an_interruption(tmp_path, synthetic_dir, monkeypatch):
+@pytest.mark.parametrize("save_steps", [100, 0])  # 0: checkpoints at keep_best's and the stop's request alone
+def test_keep_best_and_early_stopping_resume_after_an_interruption(tmp_path, synthetic_dir, monkeypatch, save_steps):
     from transformers import TrainerCallback
 
     from loraqa.callbacks import Interrupted
@@ -123,7 +124,7 @@ def test_keep_best_and_early_stopping_resume_after_an_interruption(tmp_path, syn
                 os.kill(os.getpid(), signal.SIGTERM)
 
     cfg = tiny_config(synthetic_dir, **{"train.max_steps": 12, "train.keep_best": True,
-                                        "train.early_stopping_patience": 3})  # fmt: skip
+                                        "train.early_stopping_patience": 3, "train.save_steps": save_steps})  # fmt: skip
     with pytest.raises(Interrupted):
         run_experiment(cfg, tmp_path / "resumed", callbacks=[Stop()], progress=False)
     resumed = run_experiment(cfg, tmp_path / "resumed", progress=False)
@@ -150,6 +151,9 @@ def test_keep_best_without_scores_is_a_config_error(synthetic_dir):
         tiny_config(synthetic_dir, **{"eval.score_steps": 0, "train.keep_best": True})
     with pytest.raises(ConfigError, match="train.early_stopping_patience"):
         tiny_config(synthetic_dir, **{"eval.score_steps": 0, "train.early_stopping_patience": 2})
+    # a first scoring past the last step: no decision would ever be made
+    with pytest.raises(ConfigError, match="train.keep_best: eval.score_steps 10 is past train.max_steps 6"):
+        tiny_config(synthetic_dir, **{"eval.score_steps": 10, "train.max_steps": 6, "train.keep_best": True})
 
 
 def test_the_final_evaluation_can_be_held_out_from_the_scored_slice(tmp_path, synthetic_dir):

@@ -96,6 +96,7 @@ def scored_search(tmp_path: Path, pruner: str):
     raw = yaml.safe_load(TINY.read_text())
     raw["sweep"].update(pruner=pruner, metric="eval_f1", direction="maximize")
     raw["eval"]["score_steps"] = 50
+    raw["train"]["max_steps"] = 250  # the steps the trials below report at
     cfg = from_dict(raw, where="search.yaml")
     return cfg, open_study(cfg, tmp_path)
 

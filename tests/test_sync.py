@@ -101,6 +101,20 @@ def test_only_the_newest_complete_checkpoint_goes_and_no_lock(tmp_path):
     assert r.action == "up to date"
 
 
+def test_keep_bests_checkpoint_goes_with_the_newest(tmp_path):
+    """A keep_best run takes its best scoring's weights back at the end: the checkpoint the newest names goes
+    too, or the run resumed from the copy could never finish."""
+    src = fake_run(tmp_path / "src", step=6, extra_ckpts=(2, 4))
+    (src / "checkpoints" / "checkpoint-6" / "trainer_state.json").write_text(
+        json.dumps({"global_step": 6, "best_global_step": 2})
+    )
+    sync(src, tmp_path / "dst")
+    assert sorted(p.name for p in (tmp_path / "dst" / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-6"]
+    assert (tmp_path / "dst" / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").read_bytes() == b"w" * 2
+    [r] = sync(src, tmp_path / "dst")
+    assert r.action == "up to date"
+
+
 def test_newer_work_in_the_copy_is_never_overwritten(tmp_path):
     early = fake_run(tmp_path / "early", step=2)
     later = fake_run(tmp_path / "later", step=4)

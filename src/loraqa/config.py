@@ -662,6 +662,7 @@ def _check_search(cfg: ExperimentConfig, where: str) -> None:
             f"{where}: sweep.mode: search judges trials by their in-training {sweep.metric}; "
             "set eval.score_steps=N"
         )
+    _check_a_scoring_happens(cfg, where, "sweep.mode: search")
     if sweep.metric not in SEARCH_METRICS:
         raise ConfigError(
             f"{where}: sweep.metric: {sweep.metric!r} is not reported at the in-training scorings; give one of "
@@ -709,6 +710,19 @@ def _check_consistency(cfg: ExperimentConfig, where: str) -> None:
                 f"{where}: {key}: needs scores during training; set eval.score_steps=N (and "
                 "data.score_limit > 0)"
             )
+        if on:
+            _check_a_scoring_happens(cfg, where, key)
+
+
+def _check_a_scoring_happens(cfg: ExperimentConfig, where: str, needs: str) -> None:
+    """A decision from in-training scores (``needs``) with a first scoring past the last step would never be
+    made, without a word: refused where the config fixes the steps (train.max_steps)."""
+    steps, every = cfg.train.max_steps, cfg.eval.score_steps
+    if steps > 0 and every > steps:
+        raise ConfigError(
+            f"{where}: {needs}: eval.score_steps {every} is past train.max_steps {steps}, so no scoring would "
+            "happen; lower eval.score_steps"
+        )
 
 
 class _UniqueKeys(yaml.SafeLoader):

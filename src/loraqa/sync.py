@@ -3,7 +3,8 @@ version control), so that its results outlive the machine and its unfinished run
 goes: on a fresh machine, sync it back and rerun the same ``loraqa train`` or ``loraqa sweep`` command.
 
 What goes, for each run folder (a run, or each trial of a sweep; a sweep's own files go too): every file but
-the locks and temporary files, and of the checkpoints only the newest complete one, the one a resume reads.
+the locks and temporary files, and of the checkpoints only the newest complete one, the one a resume reads
+(with ``train.keep_best``, also the best scoring's that it names: the run takes its weights back at its end).
 A run that DST already has further along (finished there, or at a later checkpoint) is left as it is, so a
 stale copy never undoes newer work, and a run that a process holds in DST is skipped. ``results_only`` keeps
 the records alone (configs, log history, metrics, predictions, a search's study), small enough for version
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .io import read_json
 from .layout import (
     CHECKPOINT_PREFIX,
     CHECKPOINTS_DIR,
@@ -37,6 +39,7 @@ from .layout import (
     SWEEP_INDEX_LOCK_FILE,
     TENSORBOARD_DIR,
     TRAIN_METRICS_FILE,
+    TRAINER_STATE_FILE,
     TRIAL_CONFIG_FILE,
     TRIAL_LOCK_FILE,
     TRIAL_LOG_FILE,
@@ -201,21 +204,35 @@ def _sync_checkpoint(src: Path, dst: Path, have: tuple[int, int]) -> int:
     newest = src / checkpoint_name(have[1])  # the one progress() found
     for stale in dst.glob(".*.tmp"):  # left by a sync cut short
         shutil.rmtree(stale, ignore_errors=True)
-    changed = 0
-    target = dst / newest.name
-    if not (target.is_dir() and _same_files(newest, target)):
+    changed, targets = 0, []
+    for checkpoint in _kept_checkpoints(newest):
+        target = dst / checkpoint.name
+        targets.append(target)
+        if target.is_dir() and _same_files(checkpoint, target):
+            continue
         dst.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=dst, prefix=f".{newest.name}.", suffix=".tmp"))
+        tmp = Path(tempfile.mkdtemp(dir=dst, prefix=f".{checkpoint.name}.", suffix=".tmp"))
         try:
-            changed = _copy_tree(newest, tmp, skip=lambda rel: False)
+            changed += _copy_tree(checkpoint, tmp, skip=lambda rel: False)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     for old in dst.glob(f"{CHECKPOINT_PREFIX}*"):
-        if old != target:
+        if old not in targets:
             shutil.rmtree(old, ignore_errors=True)
     return changed + _copy_tree(src, dst, skip=lambda rel: rel.parts[0].startswith(CHECKPOINT_PREFIX))
+
+
+def _kept_checkpoints(newest: Path) -> list[Path]:
+    """``newest``, then the keep_best checkpoint its trainer state names where that is another one: the run
+    takes its weights back at the end of training, so a copy resumed without it could not finish."""
+    try:
+        best = read_json(newest / TRAINER_STATE_FILE).get("best_global_step")
+    except (OSError, ValueError, AttributeError):
+        return [newest]
+    other = newest.parent / checkpoint_name(best) if isinstance(best, int) and best > 0 else newest
+    return [newest, other] if other != newest and (other / TRAINER_STATE_FILE).is_file() else [newest]
 
 
 def _walk(root: Path, skip) -> dict[Path, Path]:

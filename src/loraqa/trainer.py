@@ -24,6 +24,7 @@ from transformers.training_args import ParallelMode
 from . import dist, norms
 from .batching import LengthGroupedBatches
 from .config import ConfigError, TrainConfig
+from .layout import checkpoint_name
 from .loss import decoder_layers, fast_loss_blocker, labelled_positions_loss
 from .packing import SharedContextBatches
 from .runfolder import make_portable
@@ -136,6 +137,16 @@ class QATrainer(Trainer):
         # a pickle of these TrainingArguments, output_dir included; nothing reads it back (resuming rebuilds
         # the arguments from config.yaml), and a pickle is no file to hand to another machine's torch.load
         (folder / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # keep_best's checkpoint must outlive the rotation (save_total_limit): the Trainer names it in
+        # state.best_model_checkpoint, which rotation spares, only under a steps or epoch save strategy, and
+        # with train.save_steps=0 checkpoints are saved at keep_best's and a stop's request alone
+        best = self.state.best_global_step
+        path = Path(self._get_output_dir(trial=trial)) / checkpoint_name(best) if best else None
+        if path is not None and path.is_dir():
+            self.state.best_model_checkpoint = str(path)
+        super()._save_checkpoint(model, trial)
 
     def training_step(self, *args, **kwargs):
         # held over the backward pass too: gradient checkpointing recomputes the forward there, and
