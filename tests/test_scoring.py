@@ -168,3 +168,26 @@ def test_the_final_evaluation_can_be_held_out_from_the_scored_slice(tmp_path, sy
     assert metrics["score_questions"] == 6  # dev-00000 .. dev-00005, scored during training
     again = eval_run_dir(tmp_path / "run", out_dir=tmp_path / "again", progress=False)
     assert again["n_questions"] == 5 and again["f1"] == metrics["f1"]
+
+
+def test_a_pruning_decided_as_a_stop_arrives_is_kept_on_resume(tmp_path, synthetic_dir, monkeypatch):
+    """A search's pruner stops the trial at step 4 while a stop signal comes in: the checkpoint saved there says
+    pruned (in its log history), so the rerun ends as pruned at 4, as an unstopped trial does, rather than
+    training on past a rung the pruner has already judged."""
+    from loraqa.callbacks import Interrupted
+
+    scripted(monkeypatch, {2: 10.0, 4: 5.0, 6: 1.0, 8: 1.0})
+
+    def prune_at_4_as_a_stop_comes(step, scores):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return True
+        return False
+
+    cfg = tiny_config(synthetic_dir)
+    with pytest.raises(Interrupted):
+        run_experiment(cfg, tmp_path / "run", on_score=prune_at_4_as_a_stop_comes, progress=False)
+    resumed = run_experiment(cfg, tmp_path / "run", on_score=lambda step, scores: False, progress=False)
+    straight = run_experiment(cfg, tmp_path / "straight", on_score=lambda s, sc: s == 4, progress=False)
+    for m in (resumed, straight):
+        assert m["pruned"] and m["pruned_at"] == 4 and m["train_steps"] == 4 and m["f1"] is None

@@ -202,6 +202,7 @@ def score_predictions_v2(examples, predictions: Sequence[str], unanswerable_answ
 EM_KEY, F1_KEY = "eval_exact_match", "eval_f1"  # the logged names, as the Trainer logs its eval_loss
 SCORE_SECONDS_KEY = "eval_score_seconds"
 METRIC = F1_KEY  # what keep_best, early stopping and a search (by default) compare
+PRUNED_KEY = "pruned_at"  # logged at the scoring where a search's pruner stopped the run
 LOSS_KEY = "loss"  # the Trainer's logged training loss, which a search's trials report with their scores
 # what a search may optimise, each with its direction: what a trial reports at every in-training scoring
 SEARCH_METRICS = {F1_KEY: "maximize", EM_KEY: "maximize", LOSS_KEY: "minimize"}
@@ -231,6 +232,11 @@ def patience_ran_out(log_history: list[dict], patience: int, metric: str = METRI
     """Early stopping's rule (``train.early_stopping_patience``, 0: never): ``patience`` scorings since the best
     have not beaten it."""
     return bool(patience) and scorings_since_best(log_history, metric) >= patience
+
+
+def pruned_at(log_history: list[dict]) -> int | None:
+    """The step a search's pruner stopped the run at (logged as ``PRUNED_KEY``), None where it did not."""
+    return next((h[PRUNED_KEY] for h in log_history if PRUNED_KEY in h), None)
 
 
 def score_seconds(log_history: list[dict]) -> float:

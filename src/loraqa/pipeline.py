@@ -47,7 +47,7 @@ from .layout import (
     TRAINER_STATE_FILE,
     checkpoint_name,
 )
-from .metrics import V2_KEYS, best_scoring, patience_ran_out, score_seconds, scorings
+from .metrics import V2_KEYS, best_scoring, patience_ran_out, pruned_at, score_seconds, scorings
 from .model import (
     apply_lora,
     count_parameters,
@@ -292,7 +292,7 @@ def _train(
     clock.resume_from(resume)
     _fit(trainer, resume, clock, interrupt, full=resolved.full, patience=cfg.train.early_stopping_patience)
     totals = clock.totals()  # read now: the clock runs on, and the final evaluation is no training
-    scored = _scoring_summary(trainer, cfg, resolved.full, len(scorer.examples), scorer.pruned_at)
+    scored = _scoring_summary(trainer, cfg, resolved.full, len(scorer.examples))
     totals["train_seconds"] = max(totals["train_seconds"] - scored.get("score_seconds", 0.0), 0.0)
     final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
     dist.on_main(write_jsonl_atomic, run_dir / LOG_FILE, trainer.state.log_history)
@@ -409,14 +409,15 @@ def _fit(trainer, resume: str | None, clock, interrupt, *, full: bool, patience:
 
 
 def _training_ended(state: dict, patience: int) -> bool:
-    """Whether a checkpoint's trainer state is the end of training: its planned steps done, or an early stop
-    (saved at the step it stopped at)."""
+    """Whether a checkpoint's trainer state is the end of training: its planned steps done, an early stop or
+    a search's pruning (each saved at the step it stopped at)."""
     planned = state.get("max_steps", 0) > 0 and state["global_step"] >= state["max_steps"]
-    return planned or patience_ran_out(state.get("log_history", []), patience)
+    history = state.get("log_history", [])
+    return planned or patience_ran_out(history, patience) or pruned_at(history) is not None
 
 
 def _scoring_summary(
-    trainer, cfg: ExperimentConfig, full: bool, n_questions: int, pruned_at: int | None
+    trainer, cfg: ExperimentConfig, full: bool, n_questions: int
 ) -> dict:
     """What the in-training scores decided, for metrics.json, read from the Trainer's log history alone (so a
     resumed run reaches the same): with ``train.keep_best`` the model gets the best scoring's weights back
@@ -434,7 +435,7 @@ def _scoring_summary(
         "best_eval_f1": best[1],
         # an early stop ends training at the scoring that ran out of patience
         "stopped_early_at": step if patience_ran_out(history, cfg.train.early_stopping_patience) else None,
-        "pruned_at": pruned_at,
+        "pruned_at": pruned_at(history),
     }
     if cfg.train.keep_best:
         out["kept_step"] = best[0]

@@ -17,7 +17,16 @@ from transformers import TrainerCallback
 
 from . import dist
 from .answering import Answerer
-from .metrics import EM_KEY, F1_KEY, LOSS_KEY, METRIC, SCORE_SECONDS_KEY, best_scoring, patience_ran_out
+from .metrics import (
+    EM_KEY,
+    F1_KEY,
+    LOSS_KEY,
+    METRIC,
+    PRUNED_KEY,
+    SCORE_SECONDS_KEY,
+    best_scoring,
+    patience_ran_out,
+)
 from .model import recompile, uncompile
 
 log = logging.getLogger(__name__)
@@ -36,7 +45,6 @@ class ScoreCallback(TrainerCallback):
         self.patience = cfg.train.early_stopping_patience
         self.on_score = on_score
         self.trainer = None  # set once the trainer exists: scores are logged through it
-        self.pruned_at: int | None = None
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if not self.every or state.global_step % self.every or not self.examples:
@@ -63,8 +71,9 @@ class ScoreCallback(TrainerCallback):
         last_loss = next((h[LOSS_KEY] for h in reversed(state.log_history) if LOSS_KEY in h), None)
         heard = {**scores, **({LOSS_KEY: last_loss} if last_loss is not None else {})}
         if self.on_score is not None and self.on_score(state.global_step, heard):
-            # a search's pruner: stop here, with a checkpoint, and skip the final evaluation
-            self.pruned_at = state.global_step
+            # a search's pruner: stop here, with a checkpoint, and skip the final evaluation; logged before the
+            # checkpoint is saved, so a run stopped or killed now resumes as pruned (metrics.pruned_at)
+            self.trainer.log({PRUNED_KEY: state.global_step})
             control.should_training_stop = control.should_save = True
 
     def score(self, model) -> dict:
