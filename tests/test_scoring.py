@@ -191,3 +191,20 @@ def test_a_pruning_decided_as_a_stop_arrives_is_kept_on_resume(tmp_path, synthet
     straight = run_experiment(cfg, tmp_path / "straight", on_score=lambda s, sc: s == 4, progress=False)
     for m in (resumed, straight):
         assert m["pruned"] and m["pruned_at"] == 4 and m["train_steps"] == 4 and m["f1"] is None
+
+
+def test_the_final_eval_loss_is_logged_once_and_keep_bests_under_its_own_key(tmp_path, synthetic_dir, monkeypatch):
+    """The Trainer evaluates the eval loss at the last step: the run reuses it (no second entry at that step);
+    with keep_best's earlier adapter back, its loss is logged as kept_eval_loss, not as that step's eval_loss."""
+    scripted(monkeypatch, {2: 10.0, 4: 30.0, 6: 20.0, 8: 25.0})
+    for keep_best in (False, True):
+        run = tmp_path / f"keep-{keep_best}"
+        m = run_experiment(tiny_config(synthetic_dir, **{"train.eval_steps": 2, "train.keep_best": keep_best}),
+                           run, progress=False)  # fmt: skip
+        steps = [h["step"] for h in history(run) if "eval_loss" in h]
+        assert steps == [2, 4, 6, 8]  # once each
+        kept = [h for h in history(run) if "kept_eval_loss" in h]
+        if keep_best:
+            assert m["kept_step"] == 4 and len(kept) == 1 and m["final_eval_loss"] == kept[0]["kept_eval_loss"]
+        else:
+            assert not kept and m["final_eval_loss"] == next(h["eval_loss"] for h in history(run)[::-1] if "eval_loss" in h)

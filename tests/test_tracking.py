@@ -30,8 +30,9 @@ def test_tensorboard_by_default_with_the_final_scores(tmp_path, synthetic_dir):
     metrics = run_experiment(tiny_config(synthetic_dir), tmp_path / "run", progress=False)
     got = scalars(tmp_path / "run" / "tensorboard")
     assert len(got["train/loss"]) >= 4 and "train/learning_rate" in got and "eval/loss" in got
-    assert got["eval/exact_match"] == [(4, pytest.approx(metrics["exact_match"]))]
-    assert got["eval/f1"] == [(4, pytest.approx(metrics["f1"]))]
+    assert got["final/exact_match"] == [(4, pytest.approx(metrics["exact_match"]))]
+    assert got["final/f1"] == [(4, pytest.approx(metrics["f1"]))]
+    assert "eval/f1" not in got  # the in-training scores' series (none here): the final scores are apart
 
 
 def test_report_to_none_writes_no_events(tmp_path, synthetic_dir):

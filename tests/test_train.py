@@ -339,9 +339,16 @@ def test_train_time_stops_when_training_does(tmp_path, synthetic_dir, monkeypatc
         return evaluate(self, *args, **kwargs)
 
     monkeypatch.setattr(transformers.Trainer, "evaluate", slow_evaluate)
-    metrics = run_experiment(tiny_config(synthetic_dir, **{"train.eval_steps": 100}), tmp_path / "run")
-    # every evaluation added an hour; the last one (the final eval loss) must not be in the train time
-    assert offset[0] >= 3600.0 and 0 < metrics["train_seconds"] < offset[0]
+    # keep_best takes step 2's adapter back, so an eval-loss pass of it follows training (the Trainer's own
+    # evaluation at the last step was of step 4's weights)
+    from test_scoring import scripted
+
+    scripted(monkeypatch, {2: 30.0, 4: 10.0})
+    cfg = tiny_config(synthetic_dir, **{"train.eval_steps": 100, "train.keep_best": True, "eval.score_steps": 2,
+                                        "data.score_limit": 4})  # fmt: skip
+    metrics = run_experiment(cfg, tmp_path / "run")
+    # every evaluation added an hour; the last one (the kept adapter's eval loss) must not be in the train time
+    assert metrics["kept_step"] == 2 and offset[0] >= 7200.0 and 0 < metrics["train_seconds"] < offset[0] - 3600
 
 
 def test_a_second_stop_signal_stops_at_once_unless_it_is_the_first_delivered_twice(monkeypatch):

@@ -294,7 +294,7 @@ def _train(
     totals = clock.totals()  # read now: the clock runs on, and the final evaluation is no training
     scored = _scoring_summary(trainer, cfg, resolved.full, len(scorer.examples))
     totals["train_seconds"] = max(totals["train_seconds"] - scored.get("score_seconds", 0.0), 0.0)
-    final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    final_eval = _final_eval_loss(trainer, scored.get("kept_step"))
     dist.on_main(write_jsonl_atomic, run_dir / LOG_FILE, trainer.state.log_history)
     return {
         "train_examples": len(train_features),
@@ -473,6 +473,19 @@ def _throughput(totals: dict, shared: bool) -> dict:
         "train_share_contexts": shared,
         "peak_memory_mb": round(totals["peak_memory_mb"], 1),
     }
+
+
+def _final_eval_loss(trainer, kept_step: int | None) -> dict:
+    """``{"eval_loss": ...}`` of the weights the run keeps, over the eval-loss questions ({} without them): the
+    loss the Trainer logged at the last step where it evaluated there, else one pass now; for keep_best's
+    earlier adapter, logged as ``kept_eval_loss`` (at the last step, but not that step's weights)."""
+    if trainer.eval_dataset is None:
+        return {}
+    step = trainer.state.global_step
+    if kept_step is not None and kept_step != step:
+        return {"eval_loss": trainer.evaluate(metric_key_prefix="kept_eval")["kept_eval_loss"]}
+    logged = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == step]
+    return {"eval_loss": logged[-1]} if logged else trainer.evaluate()
 
 
 def _final_losses(history: list[dict], final_eval: dict) -> dict:

@@ -42,8 +42,9 @@ def tensorboard_callback(run_dir: Path):
 
 
 def log_final_scores(run_dir: Path, metrics: dict, step: int) -> None:
-    """EM and F1 (and SQuAD 2.0's HasAns/NoAns ones) as TensorBoard scalars ``eval/exact_match`` ... at the
-    last training step, beside the training curves."""
+    """EM and F1 (and SQuAD 2.0's HasAns/NoAns ones) of the final evaluation as TensorBoard scalars
+    ``final/exact_match`` ... at the last training step, beside the training curves (``eval/f1`` is the
+    in-training scores' series, on other questions: a final point there would read as one more of them)."""
     from torch.utils.tensorboard import SummaryWriter
 
     # each SQuAD 2.0 part's exact match and F1, not its count of questions
@@ -51,4 +52,4 @@ def log_final_scores(run_dir: Path, metrics: dict, step: int) -> None:
     with SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR)) as writer:
         for key in keys:
             if metrics.get(key) is not None:
-                writer.add_scalar(f"eval/{key}", metrics[key], step)
+                writer.add_scalar(f"final/{key}", metrics[key], step)
