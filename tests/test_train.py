@@ -605,3 +605,35 @@ def test_compile_seconds_counts_this_process_compiling():
     before = compile_seconds()
     torch.compile(lambda x: (x * 3).cos().sum())(torch.randn(5))
     assert compile_seconds() > before
+
+
+def test_a_stopped_run_logs_the_losses_an_unstopped_one_does(tmp_path, synthetic_dir):
+    """Stopped between two logs (logging_steps 4, a stop at step 3), the run resumed from its checkpoint logs
+    the same losses at the same steps as an uninterrupted run: the checkpoint kept the steps' loss sum."""
+    import os
+    import signal
+
+    from transformers import TrainerCallback
+
+    from loraqa.callbacks import Interrupted
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = tiny_config(synthetic_dir, **{"train.max_steps": 6, "train.logging_steps": 4, "train.eval_steps": 0,
+                                        "train.save_steps": 0, "lora.dropout": 0.0})  # fmt: skip
+    with pytest.raises(Interrupted):
+        run_experiment(cfg, tmp_path / "stopped", callbacks=[Stop()], progress=False)
+    resumed = run_experiment(cfg, tmp_path / "stopped", progress=False)
+    straight = run_experiment(cfg, tmp_path / "straight", progress=False)
+
+    def losses(run):
+        rows = [json.loads(x) for x in (run / "log_history.jsonl").read_text().splitlines()]
+        return [(h["step"], h["loss"]) for h in rows if "loss" in h]
+
+    assert resumed["resumed_from"] == "checkpoint-3"
+    assert [s for s, _ in losses(tmp_path / "stopped")] == [s for s, _ in losses(tmp_path / "straight")] == [1, 4]
+    assert [v for _, v in losses(tmp_path / "stopped")] == pytest.approx([v for _, v in losses(tmp_path / "straight")], rel=1e-5)
+    assert resumed["final_train_loss"] == pytest.approx(straight["final_train_loss"], rel=1e-5)

@@ -111,7 +111,9 @@ class InterruptCallback(TrainerCallback):
             signum = int(dist.max_across(signum))
         if signum:
             self.signum, self.stopped_at = signum, state.global_step
-            control.should_log = control.should_save = control.should_training_stop = True
+            # no log forced here: the checkpoint keeps the losses since the last log (ClockCallback), so the
+            # resumed run logs at the steps and values an uninterrupted one does
+            control.should_save = control.should_training_stop = True
 
 
 class ClockCallback(TrainerCallback):
@@ -120,6 +122,10 @@ class ClockCallback(TrainerCallback):
     The Trainer restores the model, optimizer and step from a checkpoint, but not how long the steps before it
     took, so a resumed run's own timer would count only its last segment. On every save this writes the
     totals so far into the checkpoint folder (``loraqa_clock.json``); a resumed run starts from them.
+
+    Nor does it restore the training loss summed since its last log (``logging_steps``): resumed, its next
+    log would average the resumed steps alone. The clock keeps that sum (the processes' mean, as the log
+    takes it) and the step of the last log as ``loss_window``, and puts them back when training begins.
     """
 
     def __init__(self, device: torch.device):
@@ -156,6 +162,21 @@ class ClockCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
         self.start_step = state.global_step  # where the Trainer itself resumed (0: from the start)
+        window = self.prior.get("loss_window")
+        if window and self.trainer is not None and window["since"] <= state.global_step:
+            self.trainer._tr_loss += window["sum"]  # the Trainer's running sum (transformers 5), zero here
+            self.trainer._globalstep_last_logged = window["since"]
+
+    def _loss_window(self, state, logs_now: bool) -> dict | None:
+        """The training loss summed since the last log, the processes' mean, and that log's step; every process
+        calls it (it gathers). ``logs_now``: the Trainer logs at this step before saving, emptying the sum."""
+        trainer = self.trainer
+        if trainer is None or not isinstance(getattr(trainer, "_tr_loss", None), torch.Tensor):
+            return None
+        if logs_now:
+            return {"sum": 0.0, "since": state.global_step}
+        total = dist.sum_across(float(trainer._tr_loss.detach().float().item()))
+        return {"sum": total / dist.world_size(), "since": trainer._globalstep_last_logged}
 
     def totals(self) -> dict:
         """The run's totals so far: the main process's time, every process's tokens and questions, the
@@ -180,13 +201,19 @@ class ClockCallback(TrainerCallback):
         # new one is complete, before on_save writes the new clock: these totals, beside the checkpoints,
         # bridge that moment (resume_from reads them when the checkpoint of their step has no clock).
         if control.should_save:
-            self._write(Path(args.output_dir) / CLOCK_FILE, state, step=state.global_step)
+            logs_now = control.should_log and state.global_step > getattr(self.trainer, "_globalstep_last_logged", -1)
+            window = self._loss_window(state, logs_now)
+            self._write(Path(args.output_dir) / CLOCK_FILE, state, window, step=state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / checkpoint_name(state.global_step)
-        self._write(folder / CLOCK_FILE, state, only_into_existing=True)
+        self._write(folder / CLOCK_FILE, state, self._loss_window(state, False), only_into_existing=True)
 
-    def _write(self, path: Path, state, step: int | None = None, only_into_existing: bool = False) -> None:
+    def _write(
+        self, path: Path, state, window: dict | None, step: int | None = None, only_into_existing: bool = False
+    ) -> None:
         totals = self.totals()  # on every process: it gathers
+        if window is not None:
+            totals["loss_window"] = window
         if state.is_world_process_zero and (path.parent.is_dir() or not only_into_existing):
             write_json_atomic(path, totals if step is None else {**totals, "step": step})
