@@ -201,8 +201,8 @@ class ClockCallback(TrainerCallback):
         # new one is complete, before on_save writes the new clock: these totals, beside the checkpoints,
         # bridge that moment (resume_from reads them when the checkpoint of their step has no clock).
         if control.should_save:
-            logs_now = control.should_log and state.global_step > getattr(self.trainer, "_globalstep_last_logged", -1)
-            window = self._loss_window(state, logs_now)
+            last_log = getattr(self.trainer, "_globalstep_last_logged", -1)
+            window = self._loss_window(state, logs_now=control.should_log and state.global_step > last_log)
             self._write(Path(args.output_dir) / CLOCK_FILE, state, window, step=state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
@@ -210,7 +210,12 @@ class ClockCallback(TrainerCallback):
         self._write(folder / CLOCK_FILE, state, self._loss_window(state, False), only_into_existing=True)
 
     def _write(
-        self, path: Path, state, window: dict | None, step: int | None = None, only_into_existing: bool = False
+        self,
+        path: Path,
+        state,
+        window: dict | None,
+        step: int | None = None,
+        only_into_existing: bool = False,
     ) -> None:
         totals = self.totals()  # on every process: it gathers
         if window is not None:
