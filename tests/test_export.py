@@ -161,6 +161,7 @@ def test_export_never_deletes_a_run_or_a_folder_that_is_not_a_model(tmp_path):
 
 
 def test_an_overwrite_cut_short_keeps_the_old_export_and_stale_temporaries_go(tmp_path, synthetic_dir, monkeypatch):
+    from loraqa.config import ConfigError
     from loraqa.export import export_run
 
     run, out = tmp_path / "run", tmp_path / "merged"
@@ -190,6 +191,12 @@ def test_an_overwrite_cut_short_keeps_the_old_export_and_stale_temporaries_go(tm
     export_run(run, out, overwrite=True)  # and the next export cleans up and succeeds
     assert (out / "model.safetensors").read_bytes() == before
     assert not list(tmp_path.glob(".merged.exporting-*"))
+    # killed between the two moves (no exception ran): the old export waits aside, and the next export of the
+    # folder puts it back before anything else (refused here without --overwrite, the old model in place)
+    os.replace(out, tmp_path / ".merged.exporting-999999999-replaced")
+    with pytest.raises(ConfigError, match="--overwrite"):
+        export_run(run, out)
+    assert (out / "model.safetensors").read_bytes() == before and not list(tmp_path.glob(".merged.exporting-*"))
 
 
 def test_export_keeps_the_precision_the_run_generated_with(tmp_path, synthetic_dir):

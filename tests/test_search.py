@@ -458,3 +458,16 @@ def test_importances_are_named_and_need_two_finished_trials(tmp_path):
     for r, v in ((8, 2.0), (16, 3.0), (4, 1.5)):
         study.add_trial(optuna.trial.create_trial(params={"lora.r": r}, distributions=dist, value=v))
     assert set(_importances(study)) == {"lora.r"} and IMPORTANCE == "PED-ANOVA"
+
+
+def test_a_search_folder_whose_config_cannot_be_read_is_refused(tmp_path):
+    """Its study's settings could not be checked against the new ones: refused, never overwritten."""
+    from loraqa.config import load_config
+    from loraqa.sweep.search import check_study_fields, open_study
+
+    cfg = load_config(TINY)
+    open_study(cfg, tmp_path)
+    (tmp_path / "sweep.yaml").write_text("sweep: [broken\n")
+    with pytest.raises(ConfigError, match="sweep.yaml: the config the search in .* cannot be read"):
+        check_study_fields(tmp_path, cfg)
+    assert (tmp_path / "sweep.yaml").read_text() == "sweep: [broken\n"

@@ -177,9 +177,9 @@ def test_a_body_longer_than_any_valid_request_is_refused_unread(server):
     assert r.status_code == 413 and r.json()["field"] == "body"
 
 
-def test_a_huge_question_is_refused_without_holding_up_the_server(server):
-    """A question of 100,000 characters is refused from its length, not tokenized on the event loop, which
-    would hold up every other client meanwhile."""
+def test_a_huge_question_is_refused_by_its_length(server):
+    """A question of 100,000 characters is refused from its length (the message counts characters, not tokens),
+    not tokenized on the event loop, which would hold up every other client meanwhile."""
     with ThreadPoolExecutor(1) as pool:
         huge = pool.submit(post, server.url, {"context": "x", "questions": ["why " * 25_000] * 2})
         health = httpx.get(f"{server.url}/health", timeout=TIMEOUT)

@@ -39,7 +39,7 @@ class TrainingDiverged(RuntimeError):
     """The loss (or the gradient norm) became NaN or infinite; the message says at which step and what to try."""
 
 
-FINITE_KEYS = ("loss", "grad_norm", "eval_loss", "train_loss")
+FINITE_KEYS = ("loss", "grad_norm", "eval_loss", "kept_eval_loss", "train_loss")
 
 
 class FiniteLossCallback(TrainerCallback):
@@ -166,6 +166,9 @@ class ClockCallback(TrainerCallback):
         if window and self.trainer is not None and window["since"] <= state.global_step:
             self.trainer._tr_loss += window["sum"]  # the Trainer's running sum (transformers 5), zero here
             self.trainer._globalstep_last_logged = window["since"]
+            # the Trainer's end-of-train mean (train_loss) is over this segment's steps alone: the restored sum
+            # moves into its total at the next log, so it is taken out of that total here
+            self.trainer._total_loss_scalar -= window["sum"]
 
     def _loss_window(self, state, logs_now: bool) -> dict | None:
         """The training loss summed since the last log, the processes' mean, and that log's step; every process

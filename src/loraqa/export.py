@@ -10,6 +10,7 @@ run's model card goes along as README.md, its config as ``loraqa-config.yaml``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -19,10 +20,10 @@ from .io import FILE_MODE, read_json, write_text_atomic
 from .layout import (
     CONFIG_FILE,
     EXPORT_CONFIG_FILE,
-    EXPORT_TMP_GLOB,
     METRICS_FILE,
     MODEL_CARD_FILE,
     MODEL_CONFIG_FILE,
+    export_temporaries,
 )
 from .locks import process_alive
 from .prompt import format_prompt
@@ -32,21 +33,23 @@ from .runfolder import RunFolderError
 def export_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Merge ``run_dir``'s adapter (or take its fully fine-tuned model) and save it to ``out_dir``."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    _recover_stale_exports(out_dir)
     _check_out_dir(run_dir, out_dir, overwrite)
     run = _merged_run(run_dir)
-    _remove_stale_exports(out_dir)
     # save_pretrained writes file by file: save into a sibling folder, then swap it in
-    tmp = out_dir.with_name(EXPORT_TMP_GLOB.format(name=out_dir.name).replace("*", str(os.getpid())))
-    old = tmp.with_name(tmp.name + "-replaced")
+    tmp, old = (out_dir.with_name(n) for n in export_temporaries(out_dir, os.getpid()))
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         run.model.save_pretrained(tmp, safe_serialization=True)
         run.tokenizer.save_pretrained(tmp)
         write_text_atomic(tmp / MODEL_CARD_FILE, _model_card(run_dir, run.cfg))
         shutil.copyfile(run_dir / CONFIG_FILE, tmp / EXPORT_CONFIG_FILE)
+        # safetensors writes 0600: as readable as any file loraqa writes (umask), where the filesystem allows
         for f in tmp.iterdir():
-            os.chmod(f, FILE_MODE)  # safetensors writes 0600: as readable as any file loraqa writes (umask)
-        # the old export moves aside, then the new one in; stopped between, the old one goes back
+            with contextlib.suppress(OSError):
+                os.chmod(f, FILE_MODE)
+        # the old export moves aside, then the new one in; an exception between puts the old one back, a kill
+        # between leaves it aside, where the next export of out_dir puts it back first
         if out_dir.exists():
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
@@ -58,10 +61,16 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fa
     return out_dir
 
 
-def _remove_stale_exports(out_dir: Path) -> None:
-    """Remove what exports of ``out_dir`` cut short left beside it (named by their process, gone now)."""
-    for stale in out_dir.parent.glob(EXPORT_TMP_GLOB.format(name=out_dir.name)):
-        pid = stale.name.rsplit("-", 2 if stale.name.endswith("-replaced") else 1)[1]
+def _recover_stale_exports(out_dir: Path) -> None:
+    """What exports of ``out_dir`` killed midway left beside it (named by their process, gone now): a previous
+    export moved aside while ``out_dir`` is missing goes back in place; the rest is removed."""
+    new_pattern, aside_pattern = export_temporaries(out_dir)
+    for aside in sorted(out_dir.parent.glob(aside_pattern)):
+        pid = aside.name.removesuffix("-replaced").rsplit("-", 1)[1]
+        if pid.isdigit() and not process_alive(int(pid)) and not out_dir.exists():
+            os.replace(aside, out_dir)
+    for stale in out_dir.parent.glob(new_pattern):
+        pid = stale.name.removesuffix("-replaced").rsplit("-", 1)[1]
         if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
 

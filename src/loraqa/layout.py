@@ -57,10 +57,18 @@ DATA_DIR_ENV = "LORAQA_DATA_DIR"
 SQUAD_TRAIN_FILE = "train-v1.1.json"
 SQUAD_DEV_FILE = "dev-v1.1.json"
 
-# an exported model folder (loraqa export): its run's config under a name of its own (config.yaml marks a run),
-# and an export under way (or cut short) beside it, named by its process
+# an exported model folder (loraqa export): its run's config under a name of its own (config.yaml marks a run)
 EXPORT_CONFIG_FILE = "loraqa-config.yaml"
-EXPORT_TMP_GLOB = ".{name}.exporting-*"
+
+
+def export_temporaries(out_dir, pid: int | str = "*") -> tuple[str, str]:
+    """The names, beside ``out_dir`` (a ``pathlib.Path``), of an export under way by process ``pid`` (``*``: a
+    glob pattern for any process): its new folder, and the previous export moved aside for the swap."""
+    import glob
+
+    name = out_dir.name if pid != "*" else glob.escape(out_dir.name)
+    return f".{name}.exporting-{pid}", f".{name}.exporting-{pid}-replaced"
+
 
 # loraqa's cache folder (cache_dir()): what is made once a machine and may be deleted at any time
 CACHE_SQUAD_DIR = "squad"  # the official SQuAD files, downloaded

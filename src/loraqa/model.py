@@ -18,6 +18,7 @@ model: evaluation, prediction and export share it; the folder itself (its files,
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -406,7 +407,8 @@ def save_trained(model, tok, run_dir: Path, full: bool, base_name: str | None = 
     if full:
         tok.save_pretrained(tmp)
     for f in tmp.iterdir():
-        os.chmod(f, FILE_MODE)  # safetensors writes 0600: as readable as the run's other files (umask)
+        with contextlib.suppress(OSError):  # a filesystem that refuses chmod (vfat, some network mounts)
+            os.chmod(f, FILE_MODE)  # safetensors writes 0600: as readable as the run's other files (umask)
         os.replace(f, run_dir / f.name)
     tmp.rmdir()
 

@@ -86,8 +86,11 @@ def check_study_fields(sweep_dir: Path, cfg: ExperimentConfig) -> None:
         return
     try:
         old = from_dict(yaml.safe_load(path.read_text()), where=str(path)).sweep
-    except (ConfigError, yaml.YAMLError):
-        return  # an unreadable sweep.yaml: the sweep's own check says so
+    except (ConfigError, yaml.YAMLError) as e:
+        raise ConfigError(
+            f"{path}: the config the search in {sweep_dir} was begun with cannot be read ({str(e).splitlines()[0]});"
+            " restore it, or pick another --output-dir"
+        ) from None
     fields = STUDY_FIELDS + (("seed",) if cfg.sweep.sampler == "grid" else ())
     for field in fields:
         if getattr(old, field) != getattr(cfg.sweep, field):
