@@ -47,11 +47,7 @@ class TrialResult:
 
     @cached_property
     def history(self) -> list[dict]:
-        try:
-            return self.folder.history()
-        except (OSError, ValueError) as e:
-            self.unreadable.append(_problem(self.folder.log_file, e))
-            return []
+        return read_or(self.folder.history, self.folder.log_file, [], self.unreadable)
 
     @cached_property
     def progress(self) -> tuple[int, int] | None:
@@ -138,13 +134,19 @@ def _problem(path: Path, error: BaseException) -> str:
     return f"{portable_path(path)}: {text}"
 
 
-def _read_or(path: Path, default, unreadable: list | None = None):
+def read_or(read, path: Path, default, unreadable: list | None = None):
+    """``read()`` (which reads ``path``), or ``default`` where the file is damaged, named in ``unreadable`` when
+    given: a report leaves a damaged file out and says so."""
     try:
-        return read_json(path) if path.exists() else default
+        return read()
     except (OSError, ValueError) as e:
         if unreadable is not None:
             unreadable.append(_problem(path, e))
         return default
+
+
+def _read_or(path: Path, default, unreadable: list | None = None):
+    return read_or(lambda: read_json(path) if path.exists() else default, path, default, unreadable)
 
 
 def load_sweep(sweep_dir: str | os.PathLike) -> SweepData:

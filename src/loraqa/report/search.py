@@ -28,7 +28,7 @@ from ..runfolder import RunFolder
 from ..sweep.trials import base_config, format_value
 from .cells import num, paired_diff
 from .figures import save_figure
-from .load import _problem, load_sweep
+from .load import load_sweep, read_or
 from .render import check_out_dir
 
 
@@ -36,18 +36,8 @@ def is_search(sweep_dir: Path) -> bool:
     return (Path(sweep_dir) / SEARCH_STUDY_FILE).is_file()
 
 
-def _read(read, path: Path, default, unreadable: list):
-    """``read()``, or ``default`` with ``path`` named in ``unreadable`` where the file is damaged: a report
-    leaves a damaged file out and says so, as a grid's does (report.load)."""
-    try:
-        return read()
-    except (OSError, ValueError) as e:
-        unreadable.append(_problem(path, e))
-        return default
-
-
 def _metrics(run: RunFolder, unreadable: list) -> dict:
-    metrics = _read(partial(run.read_json, METRICS_FILE, default={}), run.path / METRICS_FILE, {}, unreadable)
+    metrics = read_or(partial(run.read_json, METRICS_FILE, default={}), run.path / METRICS_FILE, {}, unreadable)
     return metrics if isinstance(metrics, dict) else {}
 
 
@@ -55,7 +45,7 @@ def _rows(study, cfg: ExperimentConfig, sweep_dir: Path, unreadable: list) -> li
     rows = []
     for t in study.get_trials(deepcopy=False):
         run = RunFolder(sweep_dir / search_trial_name(t.number))
-        history = _read(run.history, run.log_file, [], unreadable)
+        history = read_or(run.history, run.log_file, [], unreadable)
         metrics = _metrics(run, unreadable)
         curve = scorings(history, cfg.sweep.metric)
         f1 = scorings(history, F1_KEY)
@@ -186,7 +176,7 @@ def _finished_runs(folder: Path, unreadable: list) -> list[tuple[str, str, dict,
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         run = RunFolder(folder / search_trial_name(t.number))
         metrics = _metrics(run, unreadable)
-        records = _Answers({q["id"]: q for q in _read(run.predictions, run.predictions_file, [], unreadable)})
+        records = _Answers({q["id"]: q for q in read_or(run.predictions, run.predictions_file, [], unreadable)})
         setting = ", ".join(f"{k} {_param(v)}" for k, v in t.params.items())
         runs.append((run.path.name, setting, {k: metrics.get(k) for k in ("exact_match", "f1")}, records))
     return runs
@@ -199,7 +189,7 @@ def _held_out(best: dict, sweep_dir: Path, against: list[Path], unreadable: list
     standard errors."""
     name = search_trial_name(best["number"])
     run = RunFolder(sweep_dir / name)
-    mine = _Answers({r["id"]: r for r in _read(run.predictions, run.predictions_file, [], unreadable)})
+    mine = _Answers({r["id"]: r for r in read_or(run.predictions, run.predictions_file, [], unreadable)})
     lines = [f"Held-out comparison: {name} (the best) minus each run, paired on the questions both answered:", "",
              "| run | setting | final EM | final F1 | F1: best − run | EM: best − run |", "|---|---|---|---|---|---|"]  # fmt: skip
     for folder in against:
