@@ -266,8 +266,9 @@ def _write_search(out: Path, search, trials) -> None:
         _write_run(out / search_trial_name(number), as_trial(search, number, {"lora.r": r}).config, right, steps)
 
 
-def test_the_search_report_sets_its_best_against_baselines_and_counts_the_steps_pruning_saved(tmp_path):
-    from loraqa.cli import main
+def _search_and_baselines(tmp_path: Path):
+    """A search on eval_f1 over lora.r (trials 0 and 1 ran their 40 steps; trial 2 was pruned at step 10) and a
+    grid of baselines on the same questions; returns (search config, search folder, grid config, grid folder)."""
     from loraqa.io import write_text_atomic
     from loraqa.sweep import expand_trials
 
@@ -275,7 +276,6 @@ def test_the_search_report_sets_its_best_against_baselines_and_counts_the_steps_
     raw["sweep"].update(metric="eval_f1", direction="maximize", space={"lora.r": [4, 8, 16]})
     search = from_dict(raw, where="tiny-search.yaml")
     out = tmp_path / "search"
-    # trial 0 and 1 ran their 40 steps; trial 2 was pruned at step 10
     _write_search(out, search, [(4, 70, 40, "COMPLETE"), (8, 60, 40, "COMPLETE"), (16, 20, 10, "PRUNED")])
     grid = from_dict({"name": "baselines", "model": {"name": "tiny-random-gpt2"},
                       "sweep": {"mode": "grid", "axes": {"lora.r": [4, 8]}}}, where="baselines.yaml")  # fmt: skip
@@ -283,6 +283,13 @@ def test_the_search_report_sets_its_best_against_baselines_and_counts_the_steps_
     write_text_atomic(base / "sweep.yaml", grid.to_yaml())
     for t, right in zip(expand_trials(grid), (69, 40), strict=True):
         _write_run(base / t.name, t.config, right, 40)
+    return search, out, grid, base
+
+
+def test_the_search_report_sets_its_best_against_baselines_and_counts_the_steps_pruning_saved(tmp_path):
+    from loraqa.cli import main
+
+    search, out, _, base = _search_and_baselines(tmp_path)
     # an earlier search: its complete trial is set against the best, its pruned one is not
     earlier = tmp_path / "earlier"
     _write_search(earlier, search, [(16, 10, 10, "PRUNED"), (8, 50, 40, "COMPLETE")])
@@ -408,20 +415,9 @@ def test_a_search_report_leaves_damaged_files_out_and_names_them(tmp_path, capsy
     """A damaged trial log, metrics or a baseline's answers: the report is still written (exit 0), what they held
     is left out, and each file is named in report.md and on stderr, as a grid's report does."""
     from loraqa.cli import main
-    from loraqa.io import write_text_atomic
     from loraqa.sweep import expand_trials
 
-    raw = yaml.safe_load(TINY.read_text())
-    raw["sweep"].update(metric="eval_f1", direction="maximize", space={"lora.r": [4, 8, 16]})
-    search = from_dict(raw, where="tiny-search.yaml")
-    out = tmp_path / "search"
-    _write_search(out, search, [(4, 70, 40, "COMPLETE"), (8, 60, 40, "COMPLETE"), (16, 20, 10, "PRUNED")])
-    grid = from_dict({"name": "baselines", "model": {"name": "tiny-random-gpt2"},
-                      "sweep": {"mode": "grid", "axes": {"lora.r": [4, 8]}}}, where="baselines.yaml")  # fmt: skip
-    base = tmp_path / "baselines"
-    write_text_atomic(base / "sweep.yaml", grid.to_yaml())
-    for t, right in zip(expand_trials(grid), (69, 40), strict=True):
-        _write_run(base / t.name, t.config, right, 40)
+    _, out, grid, base = _search_and_baselines(tmp_path)
     with open(out / "trial-002" / "log_history.jsonl", "a") as f:
         f.write("{not json\n")
     (out / "trial-001" / "metrics.json").write_text("[1, 2")

@@ -284,17 +284,24 @@ def test_a_file_of_the_users_own_under_a_name_the_run_has_too_is_refused(tmp_pat
     assert (dst / "README.md").read_text() == "my notes\n" and sorted(dst.iterdir()) == [dst / "README.md"]
 
 
-def test_a_copy_cut_short_has_its_config_first(tmp_path, monkeypatch):
-    src = fake_run(tmp_path / "src", done=True)
+def copies_failing(monkeypatch, fails, message: str) -> list[str]:
+    """sync's file copy raising OSError(``message``) where ``fails(source file, names copied so far)``; returns
+    the names copied, in order."""
     real, copied = sync_mod._copy_file, []
 
-    def one_then_fail(a, b):
-        if copied:
-            raise OSError("disk gone")
+    def copy(a, b):
+        if fails(a, copied):
+            raise OSError(message)
         copied.append(a.name)
         real(a, b)
 
-    monkeypatch.setattr(sync_mod, "_copy_file", one_then_fail)
+    monkeypatch.setattr(sync_mod, "_copy_file", copy)
+    return copied
+
+
+def test_a_copy_cut_short_has_its_config_first(tmp_path, monkeypatch):
+    src = fake_run(tmp_path / "src", done=True)
+    copied = copies_failing(monkeypatch, lambda a, copied: bool(copied), "disk gone")
     with pytest.raises(OSError, match="disk gone"):
         sync(src, tmp_path / "dst")
     assert copied == ["config.yaml"] and files(tmp_path / "dst") == ["config.yaml"]
@@ -307,15 +314,7 @@ def test_a_copy_cut_short_never_says_finished_without_its_weights(tmp_path, monk
     """metrics.json and train_metrics.json go last: a copy cut short at the weights (a full disk) is not a
     finished run without an adapter (which `loraqa train` would take as done and `ask` could not load)."""
     src = fake_run(tmp_path / "src", done=True)
-    real, copied = sync_mod._copy_file, []
-
-    def fail_at_the_weights(a, b):
-        if a.name == "adapter_model.safetensors":
-            raise OSError("no space left on device")
-        copied.append(a.name)
-        real(a, b)
-
-    monkeypatch.setattr(sync_mod, "_copy_file", fail_at_the_weights)
+    copied = copies_failing(monkeypatch, lambda a, _: a.name == "adapter_model.safetensors", "no space left on device")
     with pytest.raises(OSError, match="no space"):
         sync(src, tmp_path / "dst")
     assert copied[0] == "config.yaml"
