@@ -9,6 +9,7 @@ import random
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -325,18 +326,19 @@ def finish(sweep_dir: Path, name: str, loss: float) -> None:
 
 
 def drive(cfg, sweep_dir: Path, restart_after: int | None = None) -> list[dict]:
-    """The driver's loop (next_batch, the trial finished, settle) until the study holds all it should; with
+    """The driver's loop (trials_to_run, the trial finished, settle) until the study holds all it should; with
     ``restart_after``, a new driver opens the study after that many trials. Returns each trial's params."""
-    from loraqa.sweep.search import next_batch, open_study, settle
+    from loraqa.sweep.search import open_study, settle, trials_to_run
 
     sweep_dir.mkdir()
     study = open_study(cfg, sweep_dir)
-    while batch := next_batch(study, cfg, sweep_dir, 1):
-        for t in batch:
-            finish(sweep_dir, t.name, loss=1.0 / (1 + t.index))
-            assert settle(study, cfg, sweep_dir, t.index) == "done"
+    trials = trials_to_run(study, cfg, sweep_dir)
+    while (t := next(trials, None)) is not None:
+        finish(sweep_dir, t.name, loss=1.0 / (1 + t.index))
+        assert settle(study, cfg, sweep_dir, t.index) == "done"
         if restart_after is not None and len(study.get_trials(deepcopy=False)) == restart_after:
             study = open_study(cfg, sweep_dir)
+            trials = trials_to_run(study, cfg, sweep_dir)
     return [t.params for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)]
 
 
@@ -354,13 +356,13 @@ def test_a_trial_its_driver_left_half_suggested_resumes_with_every_key(tmp_path)
     """A driver killed between asking a trial and suggesting all its keys: the next driver completes the trial's
     params (Optuna keeps the ones stored) rather than training the rest at the base config's values."""
     from loraqa.config import load_config
-    from loraqa.sweep.search import next_batch, open_study
+    from loraqa.sweep.search import open_study, trials_to_run
 
     cfg = load_config(TINY)
     study = open_study(cfg, tmp_path)
     trial = study.ask()
     r = trial.suggest_categorical("lora.r", cfg.sweep.space["lora.r"])  # and then the driver died
-    (batch,) = next_batch(open_study(cfg, tmp_path), cfg, tmp_path, 1)
+    batch = next(trials_to_run(open_study(cfg, tmp_path), cfg, tmp_path))
     assert batch.index == trial.number and set(batch.values) == set(cfg.sweep.space)
     assert batch.values["lora.r"] == r and batch.config.lora.r == r
     assert study_trials(tmp_path)[0].params == batch.values  # stored in the study too
@@ -467,3 +469,38 @@ def test_a_search_folder_whose_config_cannot_be_read_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="sweep.yaml: the config the search in .* cannot be read"):
         check_study_fields(tmp_path, cfg)
     assert (tmp_path / "sweep.yaml").read_text() == "sweep: [broken\n"
+
+
+def test_a_free_worker_starts_the_next_trial_asked_after_the_last_ended(tmp_path, monkeypatch):
+    """--parallel 2 with one slow trial: the others run one after another beside it (no batch waits for its
+    slowest), and each new trial is asked only once a worker is free, after the study was told how the last
+    ended, so no more than 2 trials are ever unfinished in the study."""
+    import optuna
+
+    from loraqa.config import load_config
+    from loraqa.layout import ERROR_FILE
+    from loraqa.sweep import attempt, runner
+    from loraqa.sweep.search import run_search
+
+    out = tmp_path / "search"
+    storage = f"sqlite:///{out / 'search.db'}"
+    spans, lock = {}, threading.Lock()
+
+    def fake_attempt(job, children, view, on_change=lambda: None):
+        study = optuna.load_study(study_name="tiny-search", storage=storage)
+        unfinished = [t.number for t in study.get_trials(deepcopy=False) if not t.state.is_finished()]
+        start = time.monotonic()
+        time.sleep(2.0 if job.name == search_trial_name(0) else 0.1)
+        Path(job.trial_dir, ERROR_FILE).write_text("{}")  # told FAIL: what it ended as does not matter here
+        with lock:
+            spans[job.name] = (start, time.monotonic(), unfinished)
+        return attempt.Outcome(job.name, "failed", "")
+
+    monkeypatch.setattr(runner, "run_attempt", fake_attempt)
+    cfg = load_config(tiny(tmp_path, n_trials=5))
+    assert run_search(cfg, out, parallel=2, progress=False) == 0
+    assert sorted(spans) == [search_trial_name(n) for n in range(5)]
+    slow_end = spans[search_trial_name(0)][1]
+    assert all(spans[search_trial_name(n)][1] < slow_end for n in range(1, 5)), spans
+    assert all(len(unfinished) <= 2 for _, _, unfinished in spans.values()), spans
+    assert {t.state.name for t in study_trials(out)} == {"FAIL"}

@@ -90,6 +90,9 @@ class Outcome:
     message: str  # the line the sweep prints
 
 
+OnEnd = Callable[[Job, Outcome], None]  # told how each attempt ended (Runner.run)
+
+
 class Children:
     """The child processes running attempts in this process, and the stop flag.
 

@@ -7,6 +7,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
@@ -17,7 +18,7 @@ from ..io import write_text_atomic
 from ..layout import SWEEP_CONFIG_FILE, SWEEP_INDEX_FILE, TRIAL_CONFIG_FILE, sweep_command
 from ..runfolder import run_marker
 from . import attempt
-from .attempt import Job
+from .attempt import Job, OnEnd
 from .machine import machine_info, now
 from .runner import LocalRunner, Runner, Terminated
 from .state import SweepIndex, trial_folders, trial_status
@@ -128,15 +129,17 @@ def _job(trial: Trial, output_dir: Path, shard: str, device, machine, absolute: 
                machine=None if absolute else machine)  # fmt: skip
 
 
-def _run(runner: Runner, jobs: list[Job], view: View, index_file: SweepIndex) -> int | None:
-    """Run the jobs; the signal that interrupted the sweep (Ctrl-C's SIGINT, or SIGTERM), or None."""
+def _run(runner: Runner, jobs: Iterable[Job], view: View, index_file: SweepIndex, on_end: OnEnd | None = None
+         ) -> int | None:  # fmt: skip
+    """Run the jobs (:meth:`Runner.run`); the signal that interrupted the sweep (Ctrl-C's SIGINT, or SIGTERM),
+    or None."""
 
     def on_term(signum, frame):
         raise Terminated
 
     try:
         with signals.handling([signal.SIGTERM], on_term), view:
-            runner.run(jobs)
+            runner.run(jobs, on_end)
     except KeyboardInterrupt as e:
         return signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
     finally:

@@ -14,18 +14,19 @@ retries nothing itself (``max_retries=0``).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..config import ConfigError
 from ..layout import METRICS_FILE, TRIAL_RUN_FILE
-from .attempt import Children, Job, Outcome, record_crash, run_attempt
+from .attempt import Children, Job, OnEnd, Outcome, record_crash, run_attempt
 from .state import read_json_or
 from .view import QuietView
 
@@ -127,11 +128,16 @@ class RayRunner:
         self.resources, self.address, self.parallel, self.where = resources, address, parallel, where
         self.view, self.on_change = view, on_change
         self.pending: dict = {}  # ObjectRef -> (job, attempts recorded before it started)
+        self.on_end: OnEnd | None = None
         self.ray = None
 
-    def run(self, jobs: list[Job]) -> None:
-        if not jobs:
+    def run(self, jobs: Iterable[Job], on_end: OnEnd | None = None) -> None:
+        source = iter(jobs)
+        first = next(source, None)
+        if first is None:  # nothing to run: no Ray instance to start
             return
+        source = itertools.chain([first], source)
+        self.on_end = on_end
         ray = self.ray = import_ray()
         self._init()
         try:
@@ -139,13 +145,16 @@ class RayRunner:
             task = ray.remote(
                 num_cpus=self.resources["cpus"], num_gpus=self.resources["gpus"], max_retries=0
             )(ray_attempt)
-            waiting = list(jobs)
             try:
-                while waiting or self.pending:
-                    while waiting and len(self.pending) < (self.parallel or len(jobs)):
-                        job = waiting.pop(0)
+                while True:
+                    # a job is taken only once it has a place: a search asks its next trial then
+                    while (self.parallel is None or len(self.pending) < self.parallel) and (
+                        job := next(source, None)
+                    ) is not None:
                         ref = task.options(name=f"loraqa trial {job.name}").remote(job, sys.executable)
                         self.pending[ref] = (job, _attempts(job))
+                    if not self.pending:
+                        break
                     ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=0.5)
                     for ref in ready:
                         self._collect(ref)
@@ -208,6 +217,8 @@ class RayRunner:
             shown = outcome.status if outcome.status in ("done", "failed") else "skipped"
             self.view.finish(outcome.name, shown, outcome.message)
         self.on_change()
+        if self.on_end is not None:
+            self.on_end(job, outcome)
 
     def _report_starts(self) -> None:
         for ref, (job, before) in list(self.pending.items()):

@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import queue
 import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-from .attempt import Children, Job, Outcome, record_crash, run_attempt
+from .attempt import Children, Job, OnEnd, Outcome, record_crash, run_attempt
 from .machine import nvidia_gpus
 
 log = logging.getLogger(__name__)
@@ -29,8 +29,10 @@ class Terminated(KeyboardInterrupt):
 
 
 class Runner(Protocol):
-    def run(self, jobs: list[Job]) -> None:
-        """Run every job's attempt and return when all have ended. On KeyboardInterrupt (Ctrl-C, or
+    def run(self, jobs: Iterable[Job], on_end: OnEnd | None = None) -> None:
+        """Run every job's attempt and return when all have ended. A job is taken from ``jobs`` only when a
+        worker is free for it (a search asks its next trial then); ``on_end(job, outcome)`` is called as each
+        attempt ends, one call at a time, before the next job is taken. On KeyboardInterrupt (Ctrl-C, or
         :class:`Terminated`) stop the running attempts, let them record themselves as interrupted, re-raise."""
 
     def stop(self, forward: int | None) -> None:
@@ -66,37 +68,43 @@ class LocalRunner:
         self.parallel, self.device, self.view, self.on_change = parallel, device, view, on_change
         self.children = Children()
 
-    def run(self, jobs: list[Job]) -> None:
-        slots: queue.Queue = queue.Queue()
-        for s in worker_slots(self.parallel, self.device):
-            slots.put(s)
+    def run(self, jobs: Iterable[Job], on_end: OnEnd | None = None) -> None:
+        source, take = iter(jobs), threading.Lock()  # one worker at a time takes a job or reports one's end
+        slots = worker_slots(self.parallel, self.device)
         interrupted = None
         with ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="trial") as pool:
-            futures = {pool.submit(self._one, job, slots): job for job in jobs}
+            workers = [pool.submit(self._work, slot, source, take, on_end) for slot in slots]
             try:
-                while any(not f.done() for f in futures):
+                while any(not w.done() for w in workers):
                     time.sleep(0.2)
             except KeyboardInterrupt as e:
                 interrupted = e
                 self.stop(signal.SIGTERM if isinstance(e, Terminated) else None)
-        for f, job in futures.items():
-            if f.exception() is not None:  # raised outside run_attempt, which records its own under the lock
-                record_crash(job.trial_dir, job.name, f.exception())
         if interrupted is not None:
             raise interrupted
+        for w in workers:  # the job source failed (a search's study, say): the sweep cannot go on
+            if w.exception() is not None:
+                raise w.exception()
 
-    def _one(self, job: Job, slots: queue.Queue) -> None:
-        if self.children.stop.is_set():
-            return
-        slot = slots.get()
-        try:
+    def _work(self, slot: dict, source: Iterator[Job], take: threading.Lock, on_end: OnEnd | None) -> None:
+        """One worker: its slot's attempts, one job after another, until the jobs or the sweep end."""
+        while not self.children.stop.is_set():
+            with take:
+                job = next(source, None)
+            if job is None:
+                return
             job = dataclasses.replace(
                 job, env={**job.env, **slot["env"]}, worker=slot["id"], where=slot["where"]
             )
-            outcome = run_attempt(job, self.children, self.view, self.on_change)
-        finally:
-            slots.put(slot)
-        self.finish(outcome)
+            try:
+                outcome = run_attempt(job, self.children, self.view, self.on_change)
+            except Exception as e:  # raised outside run_attempt's own recording, which holds the trial's lock
+                record_crash(job.trial_dir, job.name, e)
+                outcome = Outcome(job.name, "failed", f"FAILED {job.name}: sweep error: {e!r}")
+            self.finish(outcome)
+            if on_end is not None:
+                with take:
+                    on_end(job, outcome)
 
     def finish(self, outcome: Outcome) -> None:
         if outcome.message:

@@ -64,7 +64,7 @@ def make_sampler(sweep, asked: int = 0):
     seed = None if sweep.seed is None else sweep.seed + asked
     if sweep.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)  # running trials count as poor ones
 
 
 def _grid_sampler(optuna, sweep):
@@ -172,29 +172,28 @@ def _running(study) -> list:
     return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
 
 
-def next_batch(study, cfg: ExperimentConfig, sweep_dir: Path, size: int) -> list[Trial]:
-    """Up to ``size`` trials to run now: the study's unfinished ones first (a killed driver's), then new ones
-    while the study holds fewer than :func:`~loraqa.config.search_trials`."""
+def trials_to_run(study, cfg: ExperimentConfig, sweep_dir: Path):
+    """The trials to run, each asked only when taken (a worker is free for it): the study's unfinished ones first
+    (a killed driver's), then new ones while the study holds fewer than :func:`~loraqa.config.search_trials`.
+    The sampler so sees every trial told before (:func:`settle`, as each ends) and, with TPE's constant liar,
+    the ones still running."""
     optuna = import_optuna()
-    batch = []
     for t in _running(study):
-        if settle(study, cfg, sweep_dir, t.number) == "running" and len(batch) < size:
+        if settle(study, cfg, sweep_dir, t.number) == "running":
             # its stored params, and any its driver died before asking for
-            params = suggest(optuna.trial.Trial(study, t._trial_id), cfg.sweep.space)
-            batch.append(as_trial(cfg, t.number, params))
-    while len(batch) < size and len(study.get_trials(deepcopy=False)) < search_trials(cfg.sweep):
+            yield as_trial(cfg, t.number, suggest(optuna.trial.Trial(study, t._trial_id), cfg.sweep.space))
+    while len(study.get_trials(deepcopy=False)) < search_trials(cfg.sweep):
         trial = study.ask()
-        params = suggest(trial, cfg.sweep.space)
-        t = as_trial(cfg, trial.number, params)
+        t = as_trial(cfg, trial.number, suggest(trial, cfg.sweep.space))
         (sweep_dir / t.name).mkdir(parents=True, exist_ok=True)
-        batch.append(t)
-    return batch
+        yield t
 
 
 def run_search(cfg: ExperimentConfig, output_dir, parallel: int | None = None, device: str | None = None, *,
                backend: str = "local", address: str | None = None, progress: bool | None = None) -> int:  # fmt: skip
-    """Run the search to ``sweep.n_trials`` trials, ``parallel`` at a time (default 1); resumable. Returns 0
-    when every trial ended (done, pruned or failed), 130 or 143 when Ctrl-C or SIGTERM stopped it."""
+    """Run the search to ``sweep.n_trials`` trials, ``parallel`` at a time (default 1): a worker that frees up
+    takes the next trial, asked then; resumable. Returns 0 when every trial ended (done, pruned or failed), 1
+    when one was held by another process or stopped alone, 130 or 143 when Ctrl-C or SIGTERM stopped it."""
     address, where = check_backend(backend, parallel, address)
     sweep_dir = Path(output_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -212,30 +211,45 @@ def run_search(cfg: ExperimentConfig, output_dir, parallel: int | None = None, d
     trials = [as_trial(cfg, t.number, t.params) for t in study.get_trials(deepcopy=False)]
     index_file = SweepIndex(cfg, sweep_dir, trials, machine, invocation)
     index_file.write()
-    runner = _runner(cfg, backend, address, parallel, device, view, index_file, where)
+    runner = _runner(cfg, backend, address, parallel or 1, device, view, index_file, where)
     view.note(f"search: {search_trials(cfg.sweep)} trials ({cfg.sweep.sampler} sampler, {cfg.sweep.pruner} pruner, "
               f"{cfg.sweep.direction} {cfg.sweep.metric}); {len(trials)} in the study already")  # fmt: skip
-    while True:
-        batch = next_batch(study, cfg, sweep_dir, parallel or 1)
-        if not batch:
-            break
-        known = {t.name for t in index_file.trials}
-        index_file.trials.extend(t for t in batch if t.name not in known)
-        jobs = [_search_job(t, sweep_dir, cfg, device, machine, backend == "ray") for t in batch]
-        stopped_by = _run(runner, jobs, view, index_file)
-        ended = [settle(study, cfg, sweep_dir, t.index) != "running" for t in batch]
-        if (
-            not any(ended) and not stopped_by
-        ):  # held by another process, or stopped alone: do not spin on them
-            view.note(f"not finished: {', '.join(t.name for t in batch)} (another process holds them, or they "
-                      "were stopped); rerun the same command to resume the search", style="yellow")  # fmt: skip
-            return 1
-        if stopped_by:
-            view.note("interrupted; rerun the same command to resume the search", style="yellow")
-            from .. import signals
+    feed = Feed(study, cfg, sweep_dir, index_file,
+                lambda t: _search_job(t, sweep_dir, cfg, device, machine, backend == "ray"))  # fmt: skip
+    stopped_by = _run(runner, feed.jobs(), view, index_file, feed.on_end)
+    if stopped_by:
+        view.note("interrupted; rerun the same command to resume the search", style="yellow")
+        from .. import signals
 
-            return signals.exit_status(stopped_by)
+        return signals.exit_status(stopped_by)
+    if feed.unsettled:  # held by another process, or stopped alone: one driver never runs a trial twice
+        view.note(f"not finished: {', '.join(feed.unsettled)} (another process holds them, or they were "
+                  "stopped); rerun the same command to resume the search", style="yellow")  # fmt: skip
+        return 1
     return _summary(study, view, sweep_dir)
+
+
+class Feed:
+    """The search's side of a runner (:meth:`~.runner.Runner.run`): its jobs, each trial asked as a worker
+    takes it (:func:`trials_to_run`) and listed in sweep.json; each attempt's end told to the study."""
+
+    def __init__(self, study, cfg: ExperimentConfig, sweep_dir: Path, index_file: SweepIndex, make_job):
+        self.study, self.cfg, self.sweep_dir = study, cfg, sweep_dir
+        self.index_file, self.make_job = index_file, make_job
+        self.numbers: dict[str, int] = {}  # job name -> the study's trial number
+        self.unsettled: list[str] = []  # ended neither done, pruned nor failed: a rerun resumes them
+
+    def jobs(self):
+        for trial in trials_to_run(self.study, self.cfg, self.sweep_dir):
+            self.numbers[trial.name] = trial.index
+            with self.index_file.lock:
+                if trial.name not in {t.name for t in self.index_file.trials}:
+                    self.index_file.trials.append(trial)
+            yield self.make_job(trial)
+
+    def on_end(self, job, outcome) -> None:
+        if settle(self.study, self.cfg, self.sweep_dir, self.numbers[job.name]) == "running":
+            self.unsettled.append(job.name)
 
 
 def _search_job(trial: Trial, sweep_dir: Path, cfg: ExperimentConfig, device, machine, absolute: bool):
