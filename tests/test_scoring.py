@@ -208,3 +208,17 @@ def test_the_final_eval_loss_is_logged_once_and_keep_bests_under_its_own_key(tmp
             assert m["kept_step"] == 4 and len(kept) == 1 and m["final_eval_loss"] == kept[0]["kept_eval_loss"]
         else:
             assert not kept and m["final_eval_loss"] == next(h["eval_loss"] for h in history(run)[::-1] if "eval_loss" in h)
+
+
+def test_scorings_leave_the_logged_train_losses_as_without_them(tmp_path, synthetic_dir, monkeypatch):
+    """Trainer.log (the scores) clears the flag the Trainer logs the step's own loss by: at a scoring step
+    that is also a logging step, the loss must still be logged, and final_train_loss be the last step's."""
+    scripted(monkeypatch, {2: 10.0, 4: 20.0, 6: 30.0})
+    losses, finals = {}, {}
+    for name, every in (("plain", 0), ("scored", 2)):
+        cfg = tiny_config(synthetic_dir, **{"train.max_steps": 6, "train.logging_steps": 2, "eval.score_steps": every})
+        metrics = run_experiment(cfg, tmp_path / name, progress=False)
+        losses[name] = [(h["step"], h["loss"]) for h in history(tmp_path / name) if "loss" in h]
+        finals[name] = metrics["final_train_loss"]
+    assert [s for s, _ in losses["plain"]] == [1, 2, 4, 6]  # the first step logged too
+    assert losses["scored"] == losses["plain"] and finals["scored"] == finals["plain"] == losses["plain"][-1][1]

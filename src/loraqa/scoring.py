@@ -49,6 +49,15 @@ class ScoreCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if not self.every or state.global_step % self.every or not self.examples:
             return
+        # Trainer.log clears control.should_log, which the Trainer reads after this callback to log the step's
+        # own train loss: a scoring step must log the same losses as a run without scorings
+        should_log = control.should_log
+        try:
+            self._scoring(state, control, model)
+        finally:
+            control.should_log = should_log
+
+    def _scoring(self, state, control, model) -> None:
         scores = self.score(model)
         self.trainer.log(scores)
         best = best_scoring(state.log_history)
