@@ -265,10 +265,20 @@ def test_study_configs_match_the_brief():
         ("train: {fast_loss: maybe}\n", "train.fast_loss: expected true or false, got 'maybe'"),
         ("model: {name: 3}\n", "model.name: expected a string, got 3"),
         ("lora: 8\n", "section 'lora' must be a mapping, got 8"),
-        ("train: {report_to: 3}\n", "train.report_to: expected a name or a list of names, got 3"),
+        ("train: {report_to: 3}\n", "train.report_to: expected a name or a list of names (none empty), got 3"),
         (
             "lora: {targets: [c_attn, 1]}\n",
-            "lora.targets: expected a name or a list of names, got ['c_attn', 1]",
+            "lora.targets: expected a name or a list of names (none empty), got ['c_attn', 1]",
+        ),
+        ("train: {report_to: ['']}\n", "train.report_to: expected a name or a list of names (none empty), got ['']"),
+        ("model: {name: ' '}\n", "model.name: expected a non-empty name, got ' '"),
+        ("train: {seed: -1}\n", "train.seed: must be >= 0, got -1"),
+        ("sweep: {seed: 4294967296, axes: {lora.r: [4]}}\n", "sweep.seed: must be <= 4.29497e+09, got 4294967296"),
+        ("train: {lr: 1" + "0" * 400 + "}\n", "train.lr: expected a number, got 1" + "0" * 400),
+        (
+            "data: {format: squad_v2, unanswerable_answer: 'The'}\n",
+            "data.unanswerable_answer: 'The' is empty once normalized as SQuAD scores answers; give a word, e.g. "
+            "unanswerable",
         ),
         (
             "lora: {targets: c_attn}\n",

@@ -27,7 +27,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 from .layout import DATA_DIR_ENV, SQUAD_DEV_FILE, SQUAD_TRAIN_FILE
-from .metrics import METRIC, SEARCH_METRICS
+from .metrics import METRIC, SEARCH_METRICS, normalize_answer
 
 
 class ConfigError(ValueError):
@@ -125,7 +125,7 @@ def _to_float(value: Any) -> float:
         raise _invalid("a number", value)
     try:
         number = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # an integer past float's range: 1 and 400 zeros
         raise _invalid("a number", value) from None
     if not math.isfinite(number):  # no setting means anything at inf or nan (train.lr=inf trains to nan)
         raise _invalid("a finite number", value)
@@ -148,9 +148,28 @@ def _compile_mode(value: Any) -> Any:
 
 
 def _names(value: Any) -> str | list[str]:
-    if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+    names = [value] if isinstance(value, str) else value
+    if isinstance(names, list) and all(isinstance(v, str) and v.strip() for v in names):
         return value
-    raise _invalid("a name or a list of names", value)
+    raise _invalid("a name or a list of names (none empty)", value)
+
+
+def _non_empty(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("loraqa", "expected a non-empty name, got {value}", {"value": repr(value)})
+    return value
+
+
+def _no_answer_text(value: str) -> str:
+    """squad_v2's no-answer: scored as the official "" only where it normalizes to something, else every empty
+    or article-only answer would count as one (and "" itself is never taught: an empty answer trains nothing)."""
+    if not normalize_answer(value):
+        raise PydanticCustomError(
+            "loraqa",
+            "{value} is empty once normalized as SQuAD scores answers; give a word, e.g. unanswerable",
+            {"value": repr(value)},
+        )
+    return value
 
 
 def _plain_name(value: str) -> str:
@@ -208,6 +227,11 @@ Targets = Annotated[TargetPreset | list[str], BeforeValidator(_targets)]
 Count = Annotated[int, Field(ge=0), BeforeValidator(_to_int)]
 Positive = Annotated[int, Field(ge=1), BeforeValidator(_to_int)]
 RunName = Annotated[str, Strict(), AfterValidator(_plain_name)]
+ModelName = Annotated[str, Strict(), AfterValidator(_non_empty)]
+NoAnswer = Annotated[str, Strict(), AfterValidator(_no_answer_text)]
+# what torch's and Optuna's generators take (numpy's rule: 0 to 2**32 - 1)
+SEED_MAX = 2**32 - 1
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX), BeforeValidator(_to_int)]
 Resources = Annotated[
     dict[str, Annotated[float, Field(ge=0), BeforeValidator(_to_float)]], AfterValidator(_trial_resources)
 ]
@@ -235,7 +259,7 @@ _SECTION = ConfigDict(extra="forbid")
 class ModelConfig:
     """The base model."""
 
-    name: Annotated[Str, Flag("--model")] = Field(
+    name: Annotated[ModelName, Flag("--model")] = Field(
         "gpt2",
         description="hub id, local folder, .gguf file, or a built-in name (smollm2-135m, tiny-random-gpt2, "
         "random-gpt2-124m)",
@@ -285,7 +309,7 @@ class DataConfig:
     dev_file: Str | None = Field(
         None, description="the dev split's file (or datasets folder); else the format's file in data_dir"
     )
-    unanswerable_answer: Str = Field(
+    unanswerable_answer: NoAnswer = Field(
         "unanswerable", description="squad_v2: the answer taught and expected for unanswerable questions"
     )
     score_limit: Int = Field(
@@ -355,7 +379,7 @@ class TrainConfig:
     warmup_steps: Annotated[Int, Flag("--warmup-steps")] = Field(
         100, ge=0, description="steps of linear warm-up"
     )
-    seed: Annotated[Int, Flag("--seed")] = Field(
+    seed: Annotated[Seed, Flag("--seed")] = Field(
         42, description="the seed of the adapter's initialisation and of the data order"
     )
     eval_steps: Annotated[Int, Flag("--eval-steps")] = Field(
@@ -492,7 +516,7 @@ class SweepConfig:
         description="search: dotted key -> a list of choices, or {low, high, log} for a number range (an "
         "integer range if both bounds are integers)",
     )
-    seed: Int | None = Field(
+    seed: Seed | None = Field(
         None, description="the sampler's seed: a fresh study suggests the same parameters"
     )
 
