@@ -466,7 +466,7 @@ def test_a_search_folder_whose_config_cannot_be_read_is_refused(tmp_path):
     cfg = load_config(TINY)
     open_study(cfg, tmp_path)
     (tmp_path / "sweep.yaml").write_text("sweep: [broken\n")
-    with pytest.raises(ConfigError, match="sweep.yaml: the config the search in .* cannot be read"):
+    with pytest.raises(ConfigError, match="sweep.yaml: the config the sweep in .* was begun with cannot be read"):
         check_study_fields(tmp_path, cfg)
     assert (tmp_path / "sweep.yaml").read_text() == "sweep: [broken\n"
 
@@ -504,3 +504,13 @@ def test_a_free_worker_starts_the_next_trial_asked_after_the_last_ended(tmp_path
     assert all(spans[search_trial_name(n)][1] < slow_end for n in range(1, 5)), spans
     assert all(len(unfinished) <= 2 for _, _, unfinished in spans.values()), spans
     assert {t.state.name for t in study_trials(out)} == {"FAIL"}
+
+
+def test_a_seed_at_its_bound_still_seeds_a_resumed_studys_sampler(tmp_path):
+    from loraqa.config import SEED_MAX, load_config
+    from loraqa.sweep.search import make_sampler
+
+    cfg = load_config(tiny(tmp_path, seed=SEED_MAX))
+    assert make_sampler(cfg.sweep, asked=3)._rng.rng.randint(0, 10**9) == make_sampler(
+        cfg.sweep, asked=3
+    )._rng.rng.randint(0, 10**9)  # seeded (with 2, the sum wrapped), not refused past numpy's bound

@@ -286,7 +286,7 @@ def test_parallel_workers_overlap_and_share_the_cores(fake_trials, monkeypatch):
     for p in out.glob("*/starts.txt"):
         t, threads = p.read_text().split()
         starts[p.parent.name] = float(t)
-        assert threads == str(max(1, (os.cpu_count() or 1) // 2))
+        assert threads == str(max(1, sweep.runner.usable_cores() // 2))
     first = min(starts, key=starts.get)
     assert (out / first / "company.txt").read_text(), "the first trial ran alone"
 
@@ -629,3 +629,169 @@ def test_code_version_names_only_loraqas_own_checkout(tmp_path, where, named):
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(repo / where)},
                          check=True).stdout.strip()  # fmt: skip
     assert out == (f"loraqa {loraqa.__version__}, git {head}" if named else f"loraqa {loraqa.__version__}")
+
+
+# ---------------------------------------------------------------------------------------------- faults found by review
+
+SWEEP_DRIVER = textwrap.dedent(
+    """
+    import sys
+    from loraqa import sweep
+    from loraqa.config import load_config
+    sweep.attempt.trial_command = lambda trial_yaml, trial_dir, device: [sys.executable, sys.argv[3], str(trial_dir)]
+    sys.exit(sweep.run_sweep(load_config(sys.argv[1]), sys.argv[2], progress=False))
+    """
+)
+
+
+@pytest.mark.parametrize("closed", ["stderr's reader", "stdin"])
+def test_a_sweep_whose_stderr_reader_or_stdin_is_gone_runs_every_trial(tmp_path, closed):
+    """`loraqa sweep ... 2>&1 | head -2` (a reader that quits), or a driver started with stdin closed (its first
+    lock is then file descriptor 0): every trial runs and is recorded done, none as failed."""
+    script, driver = tmp_path / "fake_child.py", tmp_path / "driver.py"
+    script.write_text(FAKE_CHILD)
+    driver.write_text(SWEEP_DRIVER)
+    out = tmp_path / "sweep"
+    env = {**os.environ, "FAKE_SLEEP": "0.3", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, str(driver), str(TINY), str(out), str(script)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL if closed != "stdin" else None,
+                            preexec_fn=(lambda: os.close(0)) if closed == "stdin" else None)  # fmt: skip
+    if closed == "stderr's reader":
+        proc.stderr.readline()
+        proc.stderr.close()
+        rc = proc.wait(timeout=120)
+    else:
+        rc = proc.wait(timeout=120)
+        proc.stderr.close()
+    assert rc == 0
+    status = {t["name"]: t["status"] for t in read_json(out / "sweep.json")["trials"]}
+    assert set(status.values()) == {"done"} and not list(out.glob("*/error.json")), status
+
+
+def test_a_trial_that_failed_under_another_driver_waits_for_retry_failed(tmp_path):
+    """A second driver started before the first recorded the failure takes the trial only with --retry-failed."""
+    from loraqa.sweep.attempt import Children, Job, run_attempt
+    from loraqa.sweep.view import QuietView
+
+    tdir = tmp_path / "r16"
+    tdir.mkdir()
+    (tdir / "error.json").write_text('{"summary": "boom"}')
+    marker = tmp_path / "ran"
+    job = Job(name="r16", overrides={}, config_yaml="{}\n", trial_dir=str(tdir),
+              command=[sys.executable, "-c", f"open({str(marker)!r}, 'w')"], shard="1/1")  # fmt: skip
+    outcome = run_attempt(job, Children(), QuietView())
+    assert outcome.status == "skipped" and "--retry-failed" in outcome.message and not marker.exists()
+
+
+def test_waiting_for_a_dead_sweeps_trial_ends_when_the_sweep_stops(tmp_path, monkeypatch):
+    from loraqa.sweep import attempt
+
+    tdir = tmp_path / "base"
+    tdir.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tdir / "run.json").write_text(json.dumps({"attempts": [
+        {"status": "running", "pid": dead.pid, "host": __import__("socket").gethostname()}]}))  # fmt: skip
+    held = sweep.state.try_lock(tdir)  # the orphaned trial process, still saving its checkpoint
+    monkeypatch.setattr(attempt, "ORPHAN_STOP_SECONDS", 20.0)
+    children = attempt.Children()
+    children.stop.set()
+    start = time.monotonic()
+    try:
+        assert attempt._wait_for_orphan(tdir, children) is None
+    finally:
+        os.close(held)
+    assert time.monotonic() - start < 5.0
+
+
+def test_parallel_workers_share_the_cores_this_process_may_use(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(sweep.runner, "nvidia_gpus", lambda: [])
+    slots = sweep.runner.worker_slots(2, "cpu")
+    assert [s["env"]["OMP_NUM_THREADS"] for s in slots] == ["4", "4"]
+
+
+def test_a_sweep_folder_with_an_unreadable_config_is_refused_never_overwritten(fake_trials):
+    cfg = load_config(TINY)
+    assert sweep.run_sweep(cfg, fake_trials, progress=False) == 0
+    path = fake_trials / "sweep.yaml"
+    path.write_text(path.read_text() + "newer_section: {a: 1}\n")  # what a later loraqa might write
+    before = path.read_text()
+    other = load_config(TINY, ["train.max_steps=600"])
+    with pytest.raises(ConfigError, match="sweep.yaml: the config the sweep in .* was begun with cannot be read"):
+        sweep.run_sweep(other, fake_trials, progress=False)
+    assert path.read_text() == before
+
+
+def test_a_mistyped_data_dir_or_device_leaves_no_sweep_behind(fake_trials, tmp_path):
+    from loraqa.data import DataError
+
+    with pytest.raises(DataError):
+        sweep.run_sweep(load_config(TINY, [f"data.data_dir={tmp_path / 'nowhere'}"]), fake_trials, progress=False)
+    with pytest.raises(ConfigError, match="--device bogus: not a device torch knows"):
+        sweep.run_sweep(load_config(TINY), fake_trials, device="bogus", progress=False)
+    assert not (fake_trials / "sweep.yaml").exists() and not list(fake_trials.glob("*/trial.yaml"))
+    assert sweep.run_sweep(load_config(TINY), fake_trials, progress=False) == 0  # the corrected command runs
+
+
+def test_a_grid_is_refused_in_a_search_folder(tmp_path):
+    raw = yaml.safe_load((ROOT / "configs" / "tiny-search.yaml").read_text())
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(raw))
+    raw["sweep"] = {"mode": "grid", "axes": {"lora.r": [4, 8]}}
+    with pytest.raises(ConfigError, match="holds a sweep of mode search, not grid"):
+        sweep.run_sweep(from_dict(raw), tmp_path, progress=False)
+
+
+def test_a_trial_folder_named_alike_but_of_another_config_is_refused(fake_trials):
+    """eval.batch_size: [16], then train.batch_size: [16]: both name their trial batch_size16."""
+    raw = yaml.safe_load(TINY.read_text())
+    raw["sweep"]["axes"] = {"eval.batch_size": [8, 16]}
+    assert sweep.run_sweep(from_dict(raw), fake_trials, progress=False) == 0
+    assert (fake_trials / "batch_size16" / "metrics.json").is_file()
+    raw["sweep"]["axes"] = {"train.batch_size": [4, 16]}
+    with pytest.raises(ConfigError, match=r"batch_size16: holds a trial of another config \(differs in "):
+        sweep.run_sweep(from_dict(raw), fake_trials, progress=False)
+
+
+def test_a_lost_ray_task_marks_its_trial_failed_only_under_the_trials_lock(tmp_path):
+    """The task's trial process can outlive the task and hold the trial: then nothing is written for it."""
+    from loraqa.sweep.attempt import Job
+    from loraqa.sweep.ray_runner import RayRunner
+
+    class FakeRay:
+        class exceptions:
+            class TaskCancelledError(Exception):
+                pass
+
+            class RayError(Exception):
+                pass
+
+        def get(self, ref):
+            raise self.exceptions.RayError("the worker died")
+
+    class Seen:
+        def __init__(self):
+            self.ends = []
+
+        def finish(self, name, outcome, message):
+            self.ends.append(outcome)
+
+    tdir = tmp_path / "base"
+    tdir.mkdir()
+    job = Job(name="base", overrides={}, config_yaml="{}\n", trial_dir=str(tdir), command=["true"], shard="1/1")
+    view = Seen()
+    runner = RayRunner({"cpus": 1.0, "gpus": 0.0}, None, None, view, lambda: None)
+    runner.ray = FakeRay()
+    held = sweep.state.try_lock(tdir)
+    try:
+        runner.pending["ref"] = (job, None)
+        runner._collect("ref")
+    finally:
+        os.close(held)
+    assert not (tdir / "error.json").exists() and view.ends == ["skipped"]
+    runner.pending["ref"] = (job, None)
+    runner._collect("ref")
+    assert "Ray task lost" in read_json(tdir / "error.json")["summary"] and view.ends[-1] == "failed"

@@ -150,12 +150,12 @@ def test_a_rerun_waits_for_the_trial_process_of_a_dead_sweep(tmp_path, monkeypat
                                                     "pid": dead.pid}]})  # fmt: skip
     threading.Timer(1.0, os.close, (fd,)).start()  # the orphan exits a second later
     start = time.monotonic()
-    got = sweep.attempt._wait_for_orphan(d)
+    got = sweep.attempt._wait_for_orphan(d, sweep.attempt.Children())
     assert got is not None and time.monotonic() - start >= 0.9
     os.close(got)
     # a live sweep's trial is skipped at once
     fd = sweep.state.try_lock(d)
     write_json_atomic(d / "run.json", {"attempts": [{"status": "running", "host": socket.gethostname(),
                                                     "pid": os.getpid()}]})  # fmt: skip
-    assert sweep.attempt._wait_for_orphan(d) is None
+    assert sweep.attempt._wait_for_orphan(d, sweep.attempt.Children()) is None
     os.close(fd)

@@ -34,15 +34,20 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     where torch knows no such device or this machine has none."""
     if device is None or device == "":
         return default_device()
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device {device}: not a device torch knows; give cpu, cuda or cuda:N") from None
+    dev = parse_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU here; give cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return dev
+
+
+def parse_device(device: str) -> torch.device:
+    """``--device`` as torch reads it, whatever this machine has; a ValueError that says what to give."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device}: not a device torch knows; give cpu, cuda or cuda:N") from None
 
 
 def check_training_device(device: torch.device, world_size: int) -> None:

@@ -13,7 +13,8 @@ A sweep folder holds::
 
 Each trial runs as ``python -m loraqa.cli train <trial>/trial.yaml -o <trial>``, so a crash or an
 out-of-memory kill ends that trial only and peak memory is the trial's own. Rerunning the same command skips
-finished trials, resumes interrupted ones from their last checkpoint and retries failed ones. ``shard="i/n"``
+finished trials and resumes interrupted ones from their last checkpoint; failed ones (error.json) wait for
+``--retry-failed``. ``shard="i/n"``
 takes every n-th trial (starting at the i-th), so n machines sharing the folder split the work; a trial being
 run by another process is locked (flock) and skipped.
 

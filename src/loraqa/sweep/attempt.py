@@ -81,6 +81,7 @@ class Job:
     worker: int | str | None = None
     where: str = ""  # "GPU 1", a Ray node, ...
     machine: dict | None = None  # None: found out where the attempt runs
+    retry_failed: bool = False  # a trial that failed (error.json) runs again: --retry-failed
 
 
 @dataclass
@@ -154,7 +155,8 @@ class Children:
 
 
 def record_crash(trial_dir: str | os.PathLike, name: str, error: BaseException) -> None:
-    """A bug in the bookkeeping or a lost Ray worker: recorded like a failed trial, so the rerun retries it."""
+    """A bug in the bookkeeping or a lost Ray worker: recorded like a failed trial (``--retry-failed`` runs it
+    again)."""
     log.error("trial %s: %r", name, error)
     write_json_atomic(Path(trial_dir) / ERROR_FILE, {
         "trial": name, "exit_code": None, "summary": f"sweep error: {error!r}", "stderr_tail": "",
@@ -167,7 +169,9 @@ def run_attempt(job: Job, children: Children, view, on_change: Callable[[], None
     tdir = Path(job.trial_dir)
     if children.stop.is_set():
         return Outcome(job.name, "skipped", "")
-    fd = try_lock(tdir) or _wait_for_orphan(tdir)
+    fd = try_lock(tdir)
+    if fd is None:  # a descriptor may be 0 (stdin closed): only None means not held
+        fd = _wait_for_orphan(tdir, children)
     if fd is None:
         return Outcome(job.name, "skipped", f"skip {job.name}: another process is running it")
     try:
@@ -176,6 +180,9 @@ def run_attempt(job: Job, children: Children, view, on_change: Callable[[], None
             fd = None
             settle_finished(tdir)
             return Outcome(job.name, "done", f"done {job.name} (finished elsewhere)")
+        if (tdir / ERROR_FILE).exists() and not job.retry_failed:  # failed under another process meanwhile
+            return Outcome(job.name, "skipped", f"skip {job.name}: it failed in another process "
+                                                f"(see {tdir / ERROR_FILE}; --retry-failed runs it again)")  # fmt: skip
         return _attempt(job, tdir, fd, children, view, on_change)
     except Exception as e:  # a bug in the bookkeeping: recorded while the trial is still ours, so no other
         record_crash(tdir, job.name, e)  # shard can have started it again meanwhile
@@ -185,17 +192,18 @@ def run_attempt(job: Job, children: Children, view, on_change: Callable[[], None
             os.close(fd)
 
 
-def _wait_for_orphan(tdir: Path) -> int | None:
+def _wait_for_orphan(tdir: Path, children: Children) -> int | None:
     """The trial's lock, once its holder lets go, when the holder is a trial process whose sweep died on this
     host: such a child is stopping by itself (signals.watch_parent), saving a checkpoint, and the trial is
-    this sweep's to resume. None at once when a live sweep (here or elsewhere) runs the trial."""
+    this sweep's to resume. None at once when a live sweep (here or elsewhere) runs the trial, or once this
+    sweep is stopping."""
     attempts = (read_json_or(tdir / TRIAL_RUN_FILE, {}) or {}).get("attempts", [])
     last = attempts[-1] if attempts else {}
     pid = last.get("pid")
     if last.get("status") != "running" or last.get("host") != socket.gethostname() or not pid or locks.process_alive(pid):
         return None
     deadline = time.monotonic() + ORPHAN_STOP_SECONDS
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not children.stop.is_set():
         fd = try_lock(tdir)
         if fd is not None:
             return fd

@@ -22,7 +22,7 @@ from .attempt import Job, OnEnd
 from .machine import machine_info, now
 from .runner import LocalRunner, Runner, Terminated
 from .state import SweepIndex, trial_folders, trial_status
-from .trials import Trial, base_differences, expand_trials, parse_shard, shard_trials
+from .trials import Trial, base_differences, config_differences, expand_trials, parse_shard, shard_trials
 from .view import View
 
 
@@ -47,10 +47,12 @@ def run_sweep(
     only with ``retry_failed``: a failure is a fact to look into before paying for another attempt."""
     index, count = parse_shard(shard)
     address, where = check_backend(backend, parallel, address)
+    check_device(device)
     trials = expand_trials(cfg)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     _check_sweep_yaml(output_dir, cfg)
+    _check_trial_folders(output_dir, trials)
     _say_strays(output_dir, trials)
     mine = shard_trials(trials, index, count)
     skip = ("done",) if retry_failed else ("done", "failed")
@@ -62,6 +64,7 @@ def run_sweep(
     failed_before = len(mine) - len(todo) - already
     if todo:
         _prefetch_data(todo)
+    _save_sweep_yaml(output_dir, cfg)  # once the data are found: a mistyped --data-dir leaves no sweep behind
     machine = machine_info()
     command, real = _command_line(output_dir, f"{index}/{count}", parallel, backend, address)
     title = f"sweep {cfg.name} -> {output_dir}" + (f" (shard {index}/{count})" if count > 1 else "")
@@ -82,7 +85,8 @@ def run_sweep(
            if failed_before else "")
     )
     runner = _runner(cfg, backend, address, parallel, device, view, index_file, where)
-    jobs = [_job(t, output_dir, f"{index}/{count}", device, machine, absolute=backend == "ray") for t in todo]
+    jobs = [_job(t, output_dir, f"{index}/{count}", device, machine, absolute=backend == "ray",
+                 retry_failed=retry_failed) for t in todo]  # fmt: skip
     stopped_by = _run(runner, jobs, view, index_file)
     return _summary(view, output_dir, mine, stopped_by)
 
@@ -106,6 +110,18 @@ def check_backend(backend: str, parallel: int | None, address: str | None) -> tu
     return address, where
 
 
+def check_device(device: str | None) -> None:
+    """A ``--device`` torch cannot parse fails here, once, not in every trial (each failed trial would then wait
+    for --retry-failed). Whether a machine has that device is each trial's check: a Ray trial runs elsewhere."""
+    if device:
+        from ..devices import parse_device  # torch, imported only when a device is named
+
+        try:
+            parse_device(device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
 def _at_once(backend: str, parallel: int | None) -> str:
     if backend == "local":
         return f"{parallel or 1} at a time"
@@ -120,13 +136,13 @@ def _runner(cfg, backend, address, parallel, device, view, index_file, where) ->
     return LocalRunner(parallel or 1, device, view, index_file.write)
 
 
-def _job(trial: Trial, output_dir: Path, shard: str, device, machine, absolute: bool) -> Job:
+def _job(trial: Trial, output_dir: Path, shard: str, device, machine, absolute: bool, retry_failed: bool) -> Job:
     """A Ray task may run on another node, in another working folder: it gets absolute paths (which must name
     the same storage there) and finds out its machine itself."""
     tdir = (output_dir.resolve() if absolute else output_dir) / trial.name
     return Job(name=trial.name, overrides=trial.overrides, config_yaml=trial.config.to_yaml(), trial_dir=str(tdir),
                command=attempt.trial_command(tdir / TRIAL_CONFIG_FILE, tdir, device), shard=shard,
-               machine=None if absolute else machine)  # fmt: skip
+               machine=None if absolute else machine, retry_failed=retry_failed)  # fmt: skip
 
 
 def _run(runner: Runner, jobs: Iterable[Job], view: View, index_file: SweepIndex, on_end: OnEnd | None = None
@@ -210,22 +226,62 @@ def _check_not_a_run(output_dir: Path) -> None:
         )
 
 
-def _check_sweep_yaml(output_dir: Path, cfg: ExperimentConfig) -> None:
-    """A folder holds one sweep: refuse one whose base config differs; a changed sweep section is allowed
-    (trials are named by their values, so old trials are reused where they still belong). A run's folder is
-    no sweep's."""
-    _check_not_a_run(output_dir)
+def read_sweep_yaml(output_dir: Path) -> ExperimentConfig | None:
+    """The config a sweep folder was begun with (None: none yet); a ConfigError naming the file when it cannot
+    be read, since the new config could not be checked against it."""
     path = output_dir / SWEEP_CONFIG_FILE
-    if path.exists():
+    if not path.exists():
+        return None
+    try:
+        return from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), where=str(path))
+    except (ConfigError, yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(
+            f"{path}: the config the sweep in {output_dir} was begun with cannot be read "
+            f"({str(e).splitlines()[0]}); restore it, or pick another --output-dir"
+        ) from None
+
+
+def _check_sweep_yaml(output_dir: Path, cfg: ExperimentConfig) -> None:
+    """A folder holds one sweep: refuse one whose base config differs, or a search where a grid was begun (or
+    the other way); a changed sweep section is allowed (trials are named by their values, so old trials are
+    reused where they still belong, :func:`_check_trial_folders`). A run's folder is no sweep's."""
+    _check_not_a_run(output_dir)
+    old = read_sweep_yaml(output_dir)
+    if old is None:
+        return
+    differs = base_differences(old, cfg)
+    if differs:
+        raise ConfigError(
+            f"{output_dir}: holds a sweep of a different config (differs in {', '.join(differs)}); "
+            "pick another --output-dir"
+        )
+    assert old.sweep is not None and cfg.sweep is not None
+    if (old.sweep.mode == "search") != (cfg.sweep.mode == "search"):
+        raise ConfigError(
+            f"{output_dir}: holds a sweep of mode {old.sweep.mode}, not {cfg.sweep.mode}; pick another --output-dir"
+        )
+
+
+def _save_sweep_yaml(output_dir: Path, cfg: ExperimentConfig) -> None:
+    write_text_atomic(output_dir / SWEEP_CONFIG_FILE, cfg.to_yaml())
+
+
+def _check_trial_folders(output_dir: Path, trials: list[Trial]) -> None:
+    """Refuse a trial folder this sweep names alike but which holds another config (a changed sweep section
+    can name two trials alike: ``eval.batch_size: [16]`` and ``train.batch_size: [16]`` both make
+    ``batch_size16``): its results would pass for this trial's."""
+    for t in trials:
+        path = output_dir / t.name / TRIAL_CONFIG_FILE
+        if not path.is_file():
+            continue
         try:
-            old = from_dict(yaml.safe_load(path.read_text()), where=str(path))
-        except (ConfigError, yaml.YAMLError):
-            old = None
-        if old is not None:
-            differs = base_differences(old, cfg)
-            if differs:
-                raise ConfigError(
-                    f"{output_dir}: holds a sweep of a different config (differs in {', '.join(differs)}); "
-                    "pick another --output-dir"
-                )
-    write_text_atomic(path, cfg.to_yaml())
+            old = from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), where=str(path))
+        except (ConfigError, yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+            raise ConfigError(f"{path}: cannot be read ({str(e).splitlines()[0]}); move {path.parent} aside, "
+                              "or pick another --output-dir") from None  # fmt: skip
+        differs = config_differences(old, t.config)
+        if differs:
+            raise ConfigError(
+                f"{path.parent}: holds a trial of another config (differs in {', '.join(differs[:5])}) where this "
+                f"sweep makes its trial {t.name}; move that folder aside, or pick another --output-dir"
+            )

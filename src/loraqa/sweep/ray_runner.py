@@ -27,7 +27,7 @@ from pathlib import Path
 from ..config import ConfigError
 from ..layout import METRICS_FILE, TRIAL_RUN_FILE
 from .attempt import Children, Job, OnEnd, Outcome, record_crash, run_attempt
-from .state import read_json_or
+from .state import read_json_or, try_lock
 from .view import QuietView
 
 log = logging.getLogger(__name__)
@@ -205,14 +205,7 @@ class RayRunner:
             message = f"interrupted {job.name} (rerun the command to resume it)" if started else ""
             outcome = Outcome(job.name, "interrupted", message)
         except ray.exceptions.RayError as e:  # the worker or its node died, or the bookkeeping failed
-            if not (Path(job.trial_dir) / METRICS_FILE).exists():
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                record_crash(
-                    job.trial_dir, job.name, RuntimeError(f"Ray task lost: {type(e).__name__}: {first}")
-                )
-            outcome = Outcome(
-                job.name, "failed", f"FAILED {job.name}: the Ray task was lost ({type(e).__name__})"
-            )
+            outcome = _lost(job, e)
         if outcome.message:
             shown = outcome.status if outcome.status in ("done", "failed") else "skipped"
             self.view.finish(outcome.name, shown, outcome.message)
@@ -254,6 +247,24 @@ class RayRunner:
             if ref not in left:
                 self._collect(ref)
         self.pending.clear()
+
+
+def _lost(job: Job, error: Exception) -> Outcome:
+    """A Ray task that ended without an outcome: its trial is recorded failed, but only under the trial's lock,
+    since the task's ``loraqa train`` child can outlive it (and may still finish or save a checkpoint)."""
+    tdir = Path(job.trial_dir)
+    fd = try_lock(tdir)
+    if fd is None:
+        return Outcome(job.name, "interrupted", f"lost the Ray task of {job.name} ({type(error).__name__}); its "
+                                                "trial process still runs: rerun the command to resume it")  # fmt: skip
+    try:
+        if (tdir / METRICS_FILE).exists():
+            return Outcome(job.name, "done", f"done {job.name} (its Ray task was lost after it finished)")
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        record_crash(tdir, job.name, RuntimeError(f"Ray task lost: {type(error).__name__}: {first}"))
+    finally:
+        os.close(fd)
+    return Outcome(job.name, "failed", f"FAILED {job.name}: the Ray task was lost ({type(error).__name__})")
 
 
 def _attempts(job: Job) -> int:

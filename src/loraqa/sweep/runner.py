@@ -55,10 +55,18 @@ def worker_slots(parallel: int, device: str | None) -> list[dict]:
             s["env"]["CUDA_VISIBLE_DEVICES"] = idx
             s["where"] = f"GPU {idx}"
     elif "OMP_NUM_THREADS" not in os.environ:
-        threads = max(1, (os.cpu_count() or 1) // parallel)
+        threads = max(1, usable_cores() // parallel)
         for s in slots:
             s["env"]["OMP_NUM_THREADS"] = str(threads)
     return slots
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask: taskset, a Slurm job's --cpus-per-task), not all
+    the host's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 class LocalRunner:

@@ -22,15 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import ConfigError, ExperimentConfig, apply_overrides, from_dict, search_range, search_trials
+from ..config import SEED_MAX, ConfigError, ExperimentConfig, apply_overrides, search_range, search_trials
 from ..io import read_json
 from ..layout import (
     ERROR_FILE,
     METRICS_FILE,
     SEARCH_STUDY_FILE,
-    SWEEP_CONFIG_FILE,
     TRIAL_CONFIG_FILE,
     search_storage,
     search_trial_name,
@@ -38,7 +35,17 @@ from ..layout import (
 from ..metrics import scorings
 from ..runfolder import RunFolder
 from . import attempt
-from .driver import _check_sweep_yaml, _command_line, _prefetch_data, _run, _runner, check_backend
+from .driver import (
+    _check_sweep_yaml,
+    _command_line,
+    _prefetch_data,
+    _run,
+    _runner,
+    _save_sweep_yaml,
+    check_backend,
+    check_device,
+    read_sweep_yaml,
+)
 from .machine import machine_info, now
 from .reporter import ENV_METRIC, ENV_PRUNER, ENV_STORAGE, ENV_STUDY, ENV_TRIAL, import_optuna, make_pruner
 from .state import SweepIndex
@@ -61,7 +68,7 @@ def make_sampler(sweep, asked: int = 0):
     optuna = import_optuna()
     if sweep.sampler == "grid":
         return _grid_sampler(optuna, sweep)
-    seed = None if sweep.seed is None else sweep.seed + asked
+    seed = None if sweep.seed is None else (sweep.seed + asked) % (SEED_MAX + 1)
     if sweep.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True)  # running trials count as poor ones
@@ -81,16 +88,12 @@ def _grid_sampler(optuna, sweep):
 def check_study_fields(sweep_dir: Path, cfg: ExperimentConfig) -> None:
     """Refuse a sweep section that changes what the folder's study is built on (:data:`STUDY_FIELDS`; the
     grid's seed, which orders its points), against the ``sweep.yaml`` the study was begun with."""
-    path = sweep_dir / SWEEP_CONFIG_FILE
-    if not (sweep_dir / SEARCH_STUDY_FILE).is_file() or not path.is_file():
+    if not (sweep_dir / SEARCH_STUDY_FILE).is_file():
         return
-    try:
-        old = from_dict(yaml.safe_load(path.read_text()), where=str(path)).sweep
-    except (ConfigError, yaml.YAMLError) as e:
-        raise ConfigError(
-            f"{path}: the config the search in {sweep_dir} was begun with cannot be read ({str(e).splitlines()[0]});"
-            " restore it, or pick another --output-dir"
-        ) from None
+    begun = read_sweep_yaml(sweep_dir)
+    if begun is None:
+        return
+    old = begun.sweep
     fields = STUDY_FIELDS + (("seed",) if cfg.sweep.sampler == "grid" else ())
     for field in fields:
         if getattr(old, field) != getattr(cfg.sweep, field):
@@ -195,12 +198,14 @@ def run_search(cfg: ExperimentConfig, output_dir, parallel: int | None = None, d
     takes the next trial, asked then; resumable. Returns 0 when every trial ended (done, pruned or failed), 1
     when one was held by another process or stopped alone, 130 or 143 when Ctrl-C or SIGTERM stopped it."""
     address, where = check_backend(backend, parallel, address)
+    check_device(device)
     sweep_dir = Path(output_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    check_study_fields(sweep_dir, cfg)
     _check_sweep_yaml(sweep_dir, cfg)
-    study = open_study(cfg, sweep_dir)
+    check_study_fields(sweep_dir, cfg)
     _prefetch_data([as_trial(cfg, 0, {})])
+    _save_sweep_yaml(sweep_dir, cfg)
+    study = open_study(cfg, sweep_dir)
     machine = machine_info()
     command, real = _command_line(sweep_dir, "1/1", parallel, backend, address)
     view = View(f"search {cfg.name} -> {sweep_dir}", search_trials(cfg.sweep),

@@ -36,7 +36,12 @@ def base_config(cfg: ExperimentConfig) -> ExperimentConfig:
 def base_differences(a: ExperimentConfig, b: ExperimentConfig) -> list[str]:
     """The dotted keys where two sweeps' base configs differ. Two configs that differ only in their sweep
     section, or in how they were written (a default spelt out or left out), are one sweep."""
-    flat_a, flat_b = _flat(base_config(a).to_dict()), _flat(base_config(b).to_dict())
+    return config_differences(base_config(a), base_config(b))
+
+
+def config_differences(a: ExperimentConfig, b: ExperimentConfig) -> list[str]:
+    """The dotted keys where two configs differ."""
+    flat_a, flat_b = _flat(a.to_dict()), _flat(b.to_dict())
     return sorted(k for k in flat_a.keys() | flat_b.keys() if flat_a.get(k) != flat_b.get(k))
 
 

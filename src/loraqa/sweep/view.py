@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import sys
 import threading
 import time
@@ -44,10 +45,13 @@ class View:
     def _print(self, text: str, style: str | None = None) -> None:
         from rich.text import Text
 
-        if self._live is not None:
-            self._live.console.print(Text(text, style=style))
-        else:
-            print(text, file=sys.stderr, flush=True)
+        try:
+            if self._live is not None:
+                self._live.console.print(Text(text, style=style))
+            else:
+                print(text, file=sys.stderr, flush=True)
+        except OSError:  # nobody reads stderr any more (a closed pipe or terminal): the sweep goes on unseen
+            mute_stderr()
 
     def _render(self):
         from rich.console import Group
@@ -105,6 +109,18 @@ class View:
     def _done_str(self) -> str:
         with self.lock:
             return f"{self.counts['done'] + self.counts['failed']}/{self.total}"
+
+
+def mute_stderr() -> None:
+    """Point this process's stderr at /dev/null, so later writes (the live display's refreshes, logging) succeed
+    instead of raising into the trials' bookkeeping; children keep the pipes they were given."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stderr.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)
 
 
 def hms(seconds: float) -> str:
