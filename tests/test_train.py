@@ -175,6 +175,30 @@ def test_a_different_config_in_the_same_folder_is_refused(tmp_path, synthetic_di
         run_experiment(tiny_config(synthetic_dir, **{"train.max_steps": 2}), tmp_path, progress=False)
 
 
+def test_a_run_that_failed_before_it_trained_leaves_its_folder_to_the_corrected_command(tmp_path, synthetic_dir):
+    """data.eval_skip past the dev split: one line before any model loads (not EM 0 on no questions); the
+    folder then holds its config and error.json only, which the corrected config may take."""
+    from loraqa.data import DataError
+
+    with pytest.raises(DataError, match="data.eval_skip 100 leaves no dev question to evaluate"):
+        run_experiment(tiny_config(synthetic_dir, **{"data.eval_skip": 100}), tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".loraqa.lock") == ["config.yaml", "error.json"]
+    metrics = run_experiment(tiny_config(synthetic_dir, **{"train.max_steps": 1}), tmp_path, progress=False)
+    assert metrics["train_steps"] == 1 and metrics["n_questions"] == 8
+
+
+def test_training_into_a_zero_shot_evaluations_folder_is_refused(tmp_path, synthetic_dir):
+    from loraqa.answering import eval_zero_shot
+    from loraqa.runfolder import RunFolderError
+
+    cfg = tiny_config(synthetic_dir, **{"train.max_steps": 1})
+    eval_zero_shot(cfg, tmp_path, progress=False)
+    with pytest.raises(RunFolderError, match="holds a zero-shot evaluation .*, not a trained run"):
+        run_experiment(cfg, tmp_path, progress=False)
+    assert not (tmp_path / "error.json").exists()
+    assert run_experiment(cfg, tmp_path, overwrite=True, progress=False)["method"] == "lora"
+
+
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, synthetic_dir):
     from transformers import TrainerCallback
 

@@ -203,6 +203,7 @@ EM_KEY, F1_KEY = "eval_exact_match", "eval_f1"  # the logged names, as the Train
 SCORE_SECONDS_KEY = "eval_score_seconds"
 METRIC = F1_KEY  # what keep_best, early stopping and a search (by default) compare
 PRUNED_KEY = "pruned_at"  # logged at the scoring where a search's pruner stopped the run
+ZERO_SHOT = "zero-shot"  # metrics.json's method of a base model scored as it is (loraqa eval --model)
 LOSS_KEY = "loss"  # the Trainer's logged training loss, which a search's trials report with their scores
 # what a search may optimise, each with its direction: what a trial reports at every in-training scoring
 SEARCH_METRICS = {F1_KEY: "maximize", EM_KEY: "maximize", LOSS_KEY: "minimize"}

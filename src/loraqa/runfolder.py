@@ -66,6 +66,7 @@ from .layout import (
     TRAINER_STATE_FILE,
     TRIAL_CONFIG_FILE,
 )
+from .metrics import ZERO_SHOT
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,14 @@ def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, overwrite: bool) -> No
     everything in it is removed first (but the lock file the caller holds)."""
     cfg_path = run_dir / CONFIG_FILE
     make_run_folder(run_dir)
+    if not overwrite and _finished_method(run_dir) == ZERO_SHOT:
+        raise RunFolderError(
+            f"{run_dir}: holds a zero-shot evaluation (loraqa eval --model), not a trained run; pick another "
+            "--output-dir, or pass --overwrite to replace it"
+        )
+    # a run that failed before it trained (a bad setting, missing data) leaves its config and error.json only:
+    # nothing to keep, so the corrected command may take the folder
+    failed_early = {e.name for e in run_dir.iterdir()} <= {CONFIG_FILE, ERROR_FILE, LOCK_FILE}
     if overwrite:
         others = [e.name for e in run_dir.iterdir() if e.name != LOCK_FILE]
         if others and not cfg_path.is_file():  # a mistyped -o (a folder of runs, a home folder) is not wiped
@@ -286,12 +295,20 @@ def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, overwrite: bool) -> No
         old = cfg_path.read_text(encoding="utf-8") if cfg_path.exists() else None
     except (OSError, UnicodeDecodeError):
         old = "unreadable"
-    if old is not None and old != cfg.to_yaml() and not _same_experiment(cfg_path, cfg):
+    if old is not None and old != cfg.to_yaml() and not failed_early and not _same_experiment(cfg_path, cfg):
         raise ConfigError(
             f"{run_dir}: holds a run of a different config ({cfg_path}); pick another --output-dir, "
             "or pass --overwrite to replace it"
         )
     write_text_atomic(cfg_path, cfg.to_yaml())
+
+
+def _finished_method(run_dir: Path) -> str | None:
+    """The method metrics.json names (lora, full, zero-shot), None where there is none to read."""
+    try:
+        return read_json(run_dir / METRICS_FILE).get("method")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _same_experiment(cfg_path: Path, cfg: ExperimentConfig) -> bool:

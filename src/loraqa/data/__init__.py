@@ -177,6 +177,11 @@ def evaluated(data_cfg, dev: list) -> list:
     """The dev questions a final evaluation scores, from the first ones read: ``data.eval_limit`` of them after
     the first ``data.eval_skip``."""
     end = None if data_cfg.eval_limit is None else data_cfg.eval_skip + data_cfg.eval_limit
+    if dev and data_cfg.eval_skip >= len(dev):  # a score of no questions would read as EM 0 / F1 0
+        raise DataError(
+            f"data.eval_skip {data_cfg.eval_skip} leaves no dev question to evaluate (the dev split has "
+            f"{len(dev)} usable); lower data.eval_skip"
+        )
     return dev[data_cfg.eval_skip : end]
 
 

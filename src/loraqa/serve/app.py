@@ -19,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..layout import METRICS_FILE
+from ..metrics import ZERO_SHOT
 from .batcher import Batcher, QueueFull, WorkerFailed
 from .limits import BodyLimit, InputError, InputLimits, find_span
 from .schema import Answer, AnswerRequest, AnswerResponse, ErrorResponse
@@ -41,7 +42,7 @@ def describe_run(answerer, run_dir: str | Path | None) -> dict:
     info = {
         "base_model": portable_model_name(answerer.cfg.model.name),
         "adapter": Path(run_dir).resolve().name if run_dir else None,
-        "method": "zero-shot" if not run_dir else answerer.cfg.train.method,
+        "method": ZERO_SHOT if not run_dir else answerer.cfg.train.method,
         "precision": str(param.dtype).removeprefix("torch."),
         "device": str(param.device),
         "metrics": None,
