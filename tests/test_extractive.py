@@ -155,3 +155,51 @@ def test_extractive_ask_predict_and_the_run_agree(answering_run, tmp_path):
     alone = {i: ask(answerer, [by_id[i].question], by_id[i].context)[0] for i in scored}
     assert alone == scored
     assert all(a in by_id[i].context for i, a in alone.items())
+
+
+def test_a_squad_v2_runs_no_answer_stays_allowed_in_extractive_decoding():
+    """No paragraph holds the no-answer text: it is allowed beside the context's pieces, as it is or begun,
+    and nothing else that merely starts like it."""
+    span = SpanConstraint(_CharTokenizer(), ["in 1990"], stop_ids=[0], also=["void"])
+    for ch in "void":
+        assert span.pick(_scores(ch, "i")[None]).tolist() == [ord(ch)]
+    assert span.pick(_scores("s", "<stop>")[None]).tolist() == [0]  # "voids" is neither: the answer ends
+    plain = SpanConstraint(_CharTokenizer(), ["in 1990"], stop_ids=[0])
+    assert plain.pick(_scores("v", "i")[None]).tolist() == [ord("i")]
+
+
+def test_an_extractive_squad_v2_evaluation_can_answer_its_no_answer():
+    """A model whose greedy answer is the no-answer (second choice: a word of the paragraph) keeps it under
+    eval.extractive, as without: the official "" it scores as."""
+    import types
+
+    from transformers import GPT2Config
+
+    from loraqa.config import EvalConfig
+    from loraqa.data import Example
+    from loraqa.model import load_gpt2_tokenizer
+
+    tok = load_gpt2_tokenizer()
+    script = tok(" unanswerable", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    example = Example("q1", "", "The kite in the harbor is green.", "What color is the boat?", (), (),
+                      is_impossible=True)  # fmt: skip
+    prompt_length = len(PromptEncoder(tok).encode_prompt(example.context, example.question))
+
+    class Scripted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.config = GPT2Config(vocab_size=len(tok))
+
+        def forward(self, input_ids, position_ids=None, **kwargs):
+            step = int(position_ids[0, -1]) + 1 - prompt_length
+            logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], len(tok))
+            logits[..., tok(" green")["input_ids"][0]] = 1.0
+            logits[..., script[min(max(step, 0), len(script) - 1)]] = 5.0
+            return types.SimpleNamespace(logits=logits)
+
+    for extractive in (False, True):
+        records, summary = answer(Scripted(), tok, [example], EvalConfig(extractive=extractive, max_new_tokens=6),
+                                  progress=False, unanswerable_answer="unanswerable")  # fmt: skip
+        assert (records[0]["generated"], records[0]["prediction"]) == ("unanswerable", ""), extractive
+        assert summary["NoAns_exact"] == 100.0

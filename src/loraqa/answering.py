@@ -44,7 +44,7 @@ from .layout import (
     TRAIN_METRICS_FILE,
     rank_journal,
 )
-from .metrics import score_predictions
+from .metrics import ZERO_SHOT, score_predictions
 from .prompt import PromptEncoder, PromptStats
 
 # ---------------------------------------------------------------------------------------------- load
@@ -155,12 +155,14 @@ def answer(
     encoder = PromptEncoder(tokenizer, max_length=prompt_length(model, max_length, eval_cfg.max_new_tokens))
     parts = [encoder.encode_prompt_parts(ex.context, ex.question, stats) for ex in examples][share]
     prompts = [c + q for c, q in parts]
-    kept = _open_journal(journal, model, tokenizer, prompts, eval_cfg) if journal else None
     # extractive: every answer a piece of its paragraph as written (a decoded context can differ from it in
     # spaces the tokenizer cleans up)
     contexts = [ex.context for ex in examples][share] if eval_cfg.extractive else None
+    # a SQuAD 2.0 run's no-answer is no piece of any paragraph, and must stay an answer the model can give
+    also = (unanswerable_answer,) if unanswerable_answer and contexts is not None else ()
+    kept = _open_journal(journal, model, tokenizer, prompts, eval_cfg, also) if journal else None
     resume = {"done": kept.done, "on_batch": kept.record} if kept else {}
-    decoding = Decoding(eval_cfg.max_new_tokens, contexts, progress=progress, **resume)
+    decoding = Decoding(eval_cfg.max_new_tokens, contexts, also_allowed=also, progress=progress, **resume)
     start = time.perf_counter()
     answers = dist.gather_lists(
         _generate(model, tokenizer, prompts, [len(c) for c, _ in parts], eval_cfg, decoding)
@@ -195,7 +197,7 @@ def _generate(model, tokenizer, prompts, context_ends: list[int], eval_cfg: Eval
 
 
 def _open_journal(
-    journal: Path, model, tokenizer, prompts: list[list[int]], eval_cfg: EvalConfig
+    journal: Path, model, tokenizer, prompts: list[list[int]], eval_cfg: EvalConfig, also_allowed=()
 ) -> AnswerJournal:
     """This process's share of ``journal``, keyed by the model, the prompts and every generation setting."""
     settings = {
@@ -203,6 +205,7 @@ def _open_journal(
         "tokenizer": type(tokenizer).__name__,
         "vocab": len(tokenizer),
         "stops": stop_token_ids(tokenizer),
+        **({"also_allowed": list(also_allowed)} if also_allowed else {}),
     }
     path = rank_journal(Path(journal), dist.rank(), dist.world_size())
     return AnswerJournal(path, fingerprint(model, prompts, settings))
@@ -288,7 +291,7 @@ def eval_zero_shot(
         "trainable_params": 0,
         "total_params": total,
         "model": cfg.model.name,
-        "method": "zero-shot",
+        "method": ZERO_SHOT,
         "precision": answerer.precision,
         "device": str(answerer.device),
         "peak_memory_mb": round(peak_memory_mb(answerer.device), 1),

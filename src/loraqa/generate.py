@@ -213,11 +213,14 @@ class SpanConstraint:
     is allowed and the constrained answer is the same. The check is on characters, not on the context's
     tokens: the same words tokenize differently after a quote, a bracket or the ``Answer:`` cue. Candidates
     are tried in score order, ``chunk`` at a time; a row with no candidate left stops. Rows follow the
-    decoding batch: :meth:`keep` must see every pruning of it."""
+    decoding batch: :meth:`keep` must see every pruning of it. ``also`` are answers allowed beside the pieces
+    of the context, each as it is or begun (a SQuAD 2.0 run's no-answer text, which no paragraph holds)."""
 
-    def __init__(self, tokenizer, contexts: list[str], stop_ids: list[int], chunk: int = 64):
+    def __init__(self, tokenizer, contexts: list[str], stop_ids: list[int], chunk: int = 64,
+                 also: Sequence[str] = ()):  # fmt: skip
         self.decode = tokenizer.decode
         self.contexts = list(contexts)
+        self.also = tuple(a for a in also if a)
         self.generated: list[list[int]] = [[] for _ in self.contexts]
         self.stop_ids = set(stop_ids)
         self.stop = min(stop_ids)
@@ -236,9 +239,12 @@ class SpanConstraint:
                 if t in self.stop_ids:
                     if has_answer:
                         return t
-                elif (text := self._text(ids + [t])) is not None and text in context:
+                elif (text := self._text(ids + [t])) is not None and self._allowed(text, context):
                     return t
         return self.stop
+
+    def _allowed(self, text: str, context: str) -> bool:
+        return text in context or any(a.startswith(text.lstrip()) for a in self.also)
 
     def pick(self, logits: torch.Tensor) -> torch.Tensor:
         """Each row's allowed token with the highest score (one row of ``logits`` a live row)."""
@@ -316,6 +322,7 @@ class Decoding:
 
     max_new_tokens: int = 32
     contexts: Sequence[str] | None = None
+    also_allowed: Sequence[str] = ()  # with contexts: answers allowed beside their pieces (SpanConstraint.also)
     done: Mapping[int, str] | None = None
     on_batch: Callable[[list[int], list[str]], None] | None = None
     progress: bool = True
@@ -351,7 +358,8 @@ class _Generation:
         """The greedy continuation of the rows (prompts ``idx``) whose cache ``fwd`` holds: their new tokens."""
         contexts, span = self.decoding.contexts, None
         if contexts is not None:
-            span = SpanConstraint(self.tokenizer, [contexts[i] for i in idx], self.stops)
+            span = SpanConstraint(self.tokenizer, [contexts[i] for i in idx], self.stops,
+                                  also=self.decoding.also_allowed)  # fmt: skip
         return greedy_continue(
             fwd,
             logits,
