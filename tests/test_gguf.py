@@ -61,6 +61,21 @@ def test_a_changed_file_is_converted_again_into_a_new_folder(cache):
     assert second != first and len(calls) == 2
 
 
+def test_the_same_file_elsewhere_or_reinstalled_finds_its_folder_and_a_changed_middle_does_not(cache, monkeypatch):
+    """The key is the bytes, not the path: a fresh clone's venv (a new path, a new mtime) converts nothing."""
+    tmp_path, calls = cache
+    monkeypatch.setattr(gguf, "SAMPLE_BYTES", 4)
+    content = bytes(range(256)) * 8
+    first = gguf.float_folder(make_file(tmp_path, content=content))
+    (tmp_path / "clone").mkdir()
+    gguf._float_folder.cache_clear()
+    assert gguf.float_folder(make_file(tmp_path / "clone", content=content)) == first and len(calls) == 1
+    changed = bytearray(content)
+    changed[(len(content) - 4) * 8 // (gguf.SAMPLES - 1)] ^= 1  # the first byte of a sample mid-file
+    gguf._float_folder.cache_clear()
+    assert gguf.float_folder(make_file(tmp_path / "clone", content=bytes(changed))) != first and len(calls) == 2
+
+
 def test_processes_that_start_together_convert_once(cache):
     tmp_path, calls = cache
     path = make_file(tmp_path)

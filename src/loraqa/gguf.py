@@ -7,7 +7,8 @@ it again for the config, the tokenizer and the weights: about 24 s of every proc
 folder in loraqa's cache (``config.json``, ``model.safetensors`` in fp32, the tokenizer's files), which
 ``from_pretrained`` then loads like any other. What must hold:
 
-* the folder's name says what decides its content: the file (its path, size and modification time) and
+* the folder's name says what decides its content: the file's bytes (its size and a digest of samples of it,
+  :func:`content_key`, so the same file in another checkout, venv or reinstall finds the same folder) and
   transformers' version (whose conversion made it); a changed file or an upgraded transformers gets a new one;
 * a folder appears whole or not at all: it is written beside its place and renamed into it, under a lock, so
   processes that start together (torchrun, a sweep's trials) convert once and none reads a half-written one;
@@ -33,16 +34,30 @@ from .layout import CACHE_GGUF_DIR, FULL_WEIGHTS_FILE, MODEL_CONFIG_FILE, cache_
 
 log = logging.getLogger(__name__)
 
+SAMPLES, SAMPLE_BYTES = 16, 1 << 20  # what content_key reads of a file
+
 
 def float_folder(path: str | os.PathLike) -> Path:
     """The folder of the GGUF file ``path`` converted to a float model (fp32 weights, config, tokenizer),
     converting it first if no process has yet. ``ValueError`` for a file transformers cannot convert."""
     path = Path(path).resolve()
-    stat = path.stat()
     import transformers
 
-    made_of = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|transformers {transformers.__version__}"
+    made_of = f"{content_key(path)}|transformers {transformers.__version__}"
     return _float_folder(path, f"{path.stem}-{hashlib.sha256(made_of.encode()).hexdigest()[:16]}")
+
+
+def content_key(path: Path) -> str:
+    """The file's size and a sha256 of :data:`SAMPLES` pieces of :data:`SAMPLE_BYTES` spread over it, its first
+    and last included (a GGUF file's header and its last tensor): ~16 MiB read, not the whole file, at every
+    load. Two model files alike in all those bytes and in size but not elsewhere would share a folder."""
+    samples, size, total = SAMPLES, SAMPLE_BYTES, path.stat().st_size
+    digest = hashlib.sha256(str(total).encode())
+    with open(path, "rb") as f:
+        for i in range(samples):
+            f.seek(max(0, (total - size) * i // max(1, samples - 1)))
+            digest.update(f.read(size))
+    return f"{total}-{digest.hexdigest()}"
 
 
 @functools.cache  # config, tokenizer and weights are loaded one after the other: look the folder up once
