@@ -500,3 +500,21 @@ def test_one_row_applies_with_eager_lean_and_without_compiled_layers():
     assert not one_row(cfg, sdpa, "off")  # SDPA does not read segments, nor a mask of their blocks
     assert not one_row(cfg, lean, "layers")  # each new number of segments would compile the layers again
     assert not one_row(apply_overrides(cfg, [("train.one_row", False)]), lean, "off")
+
+
+def test_a_batch_past_all_the_questions_is_all_of_them_at_once():
+    """A mistyped train.batch_size (10**11) makes one batch of every question, not a list of 10**11 buckets."""
+    from loraqa.packing import fill_batches
+
+    paragraphs = [[0, 1, 2], [3], [4, 5]]
+    assert fill_batches(paragraphs, 10**11) == [[0, 1, 2, 4, 5, 3]] == fill_batches(paragraphs, 6)  # best fit
+    assert fill_batches([], 10**11) == []
+
+
+def test_padding_to_a_multiple_stops_at_the_prompts_length():
+    """train.pad_to_multiple=2000 with stand-alone examples: padded to prompt.max_length, not past the model's
+    positions (an IndexError in its position embeddings)."""
+    features = [{"input_ids": [5] * n, "labels": [1] * n} for n in (10, 50)]
+    assert QACollator(0, 2000, max_width=128)(features)["input_ids"].shape == (2, 128)
+    assert QACollator(0, 64, max_width=128)(features)["input_ids"].shape == (2, 64)
+    assert QACollator(0, 2000)(features)["input_ids"].shape == (2, 2000)

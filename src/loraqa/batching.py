@@ -19,14 +19,18 @@ def padded_width(longest: int, multiple: int) -> int:
 
 
 class QACollator:
-    """Pads a batch to its longest example rounded up to ``pad_to_multiple`` (right padding); padded positions
-    get label -100 and attention mask 0."""
+    """Pads a batch to its longest example rounded up to ``pad_to_multiple`` (right padding), but not past
+    ``max_width`` (``prompt.max_length``: a padded position past the model's positions would index past its
+    position embeddings); padded positions get label -100 and attention mask 0."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple: int = 1):
-        self.pad_token_id, self.pad_to_multiple = pad_token_id, pad_to_multiple
+    def __init__(self, pad_token_id: int, pad_to_multiple: int = 1, max_width: int | None = None):
+        self.pad_token_id, self.pad_to_multiple, self.max_width = pad_token_id, pad_to_multiple, max_width
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        width = padded_width(max(len(f["input_ids"]) for f in features), self.pad_to_multiple)
+        longest = max(len(f["input_ids"]) for f in features)
+        width = padded_width(longest, self.pad_to_multiple)
+        if self.max_width is not None:
+            width = max(longest, min(width, self.max_width))
         input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(features), width), dtype=torch.long)

@@ -256,6 +256,8 @@ def fill_batches(paragraphs: list[list[int]], group: int, window: int = 64) -> l
     earliest one split. All batches are full but the last; every question appears once, order kept inside
     a paragraph.
     """
+    # a batch past all the questions is all of them: the buckets below are one a possible size
+    group = max(1, min(group, sum(len(qs) for qs in paragraphs)))
     batches: list[list[int]] = []
     pieces: list[list[int]] = []
     for qs in paragraphs:

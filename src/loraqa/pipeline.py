@@ -377,7 +377,7 @@ def train_collator(cfg: ExperimentConfig, resolved: Resolved, lm, compiling: str
     pad, multiple = lm.tokenizer.pad_token_id, cfg.train.pad_to_multiple
     if resolved.share_contexts:
         return SharedContextCollator(pad, multiple, one_row=one_row(cfg, lm.model, compiling))
-    return QACollator(pad, multiple)
+    return QACollator(pad, multiple, max_width=cfg.prompt.max_length)
 
 
 def one_row(cfg: ExperimentConfig, model, compiling: str) -> bool:
