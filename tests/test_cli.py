@@ -224,3 +224,12 @@ def test_eval_finds_its_run_folder_among_the_positionals(tmp_path, monkeypatch):
     assert split_run_dir("runs/missing", ["data.eval_limit=3"]) == ("runs/missing", ["data.eval_limit=3"])
     assert split_run_dir("data.eval_limit=3", []) == (None, ["data.eval_limit=3"])
     assert split_run_dir(None, []) == (None, [])
+
+
+def test_an_optional_limit_flag_takes_null_as_a_config_file_does():
+    from loraqa.cli import _shorthand_overrides, make_parser
+
+    args = make_parser().parse_args(["train", "--train-limit", "null", "--eval-limit", "5"])
+    assert dict(_shorthand_overrides(args)) == {"data.train_limit": None, "data.eval_limit": 5}
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["train", "--rank", "null"])  # lora.r is never null

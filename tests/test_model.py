@@ -1,11 +1,13 @@
 """Model loading, target presets, parameter counts, and the LoRA mathematics of the reference study's section 8.1."""
 
+import re
+
 import pytest
 import torch
 
 from loraqa import devices
 from loraqa import model as model_mod
-from loraqa.config import LoraConfig, ModelConfig
+from loraqa.config import ExperimentConfig, LoraConfig, ModelConfig
 from loraqa.model import (
     ModelLoadError,
     apply_lora,
@@ -103,6 +105,13 @@ def test_a_new_peak_memory_window_returns_the_allocators_free_memory_first(monke
     monkeypatch.setattr(devices.ctypes, "CDLL", no_libc)  # elsewhere: the window starts all the same
     devices.reset_peak_memory("cpu")
     assert devices.peak_memory_mb("cpu") > 0
+
+
+@pytest.mark.parametrize("capability, precision", [((7, 0), "fp32"), ((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_on_a_gpu_is_bf16_where_it_is_native(monkeypatch, capability, precision):
+    """A V100 or T4 emulates bf16 (torch.cuda.is_bf16_supported() says True there): fp32 is the fast choice."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert devices.resolve_precision("auto", "cuda:0") == precision
 
 
 @pytest.mark.parametrize("native", [False, True])
@@ -206,6 +215,9 @@ def test_a_device_torch_does_not_know_or_this_machine_lacks_is_one_clear_line(ca
     else:
         with pytest.raises(ValueError, match=r"this machine has \d+ CUDA GPU"):
             resolve_device(f"cuda:{torch.cuda.device_count()}")
+    for kind in ("meta", "lazy") + (() if torch.backends.mps.is_available() else ("mps",)):  # none to train on
+        with pytest.raises(ValueError, match=rf"^--device {kind}: this torch \(.*\) has no {kind} device here"):
+            resolve_device(kind)
     rc = main(["ask", "--model", "tiny-random-gpt2", "--device", "bogus", "-q", "What?", "-c", "A red kite."])
     assert rc == 2 and capsys.readouterr().err.strip() == (
         "loraqa: error: --device bogus: not a device torch knows; give cpu, cuda or cuda:N"
@@ -248,3 +260,26 @@ def test_a_local_folder_that_is_no_model_is_named_as_such(tmp_path):
     (tmp_path / "config.yaml").write_text("name: r\n")  # a run folder given as --model
     with pytest.raises(ModelLoadError, match=r"a loraqa run folder, not a model; give it as the run"):
         load_hf_config(str(tmp_path))
+
+
+def test_a_model_folder_given_with_a_tilde_loads_and_a_missing_path_says_so(tmp_path, monkeypatch):
+    from loraqa.model import ModelLoadError, load_hf_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "models" / "m")
+    assert load_hf_config("~/models/m").n_layer == 1  # from_pretrained alone reads '~/models/m' as a hub id
+    for missing in ("~/models/none", "./none", "a/b/c"):
+        with pytest.raises(ModelLoadError, match=f"^{re.escape(missing)}: no such folder"):
+            load_hf_config(missing)
+
+
+def test_lora_targets_that_name_no_module_are_named_with_the_models_linear_modules():
+    from loraqa.config import ConfigError, apply_overrides
+    from loraqa.model import apply_lora, load_model
+
+    cfg = apply_overrides(ExperimentConfig(), [("model.name", "tiny-random-gpt2"), ("lora.targets", ["c_atn"])])
+    with pytest.raises(ConfigError, match=r"^lora.targets: \['c_atn'\] names no module of this model; its linear "
+                                          r"modules are c_attn, c_fc, c_proj, lm_head"):  # fmt: skip
+        apply_lora(load_model(cfg.model, "cpu").model, cfg.lora)

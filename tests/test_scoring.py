@@ -99,6 +99,9 @@ def test_keep_best_evaluates_and_saves_the_best_scoring_adapter(tmp_path, synthe
         assert torch.equal(saved[key], value), name
     assert any(not torch.equal(snap.weights[8][n], at4[n]) for n in at4)
     assert not (tmp_path / "run" / "checkpoints").exists()
+    card = (tmp_path / "run" / "README.md").read_text()  # the card says which adapter it describes
+    assert "- 8 steps (2 epochs) of 8 steps asked" in card
+    assert "- the adapter is step 4's, the best scoring (train.keep_best)" in card
 
 
 def test_early_stopping_stops_after_patience_scorings_without_a_better_f1(tmp_path, synthetic_dir, monkeypatch):
@@ -107,6 +110,8 @@ def test_early_stopping_stops_after_patience_scorings_without_a_better_f1(tmp_pa
     metrics = run_experiment(cfg, tmp_path / "run", progress=False)
     assert calls == [2, 4, 6] and metrics["train_steps"] == 6 and metrics["stopped_early_at"] == 6
     assert metrics["best_step"] == 2
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "- 6 steps (1.5 epochs) of 8 steps asked" in card and "- stopped early at step 6" in card
 
 
 @pytest.mark.parametrize("save_steps", [100, 0])  # 0: checkpoints at keep_best's and the stop's request alone

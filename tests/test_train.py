@@ -187,6 +187,20 @@ def test_a_run_that_failed_before_it_trained_leaves_its_folder_to_the_corrected_
     assert metrics["train_steps"] == 1 and metrics["n_questions"] == 8
 
 
+def test_an_answer_as_long_as_the_models_positions_is_refused_before_training(tmp_path, synthetic_dir):
+    from loraqa.answering import prompt_length
+    from loraqa.config import ConfigError
+    from loraqa.model import load_model
+
+    cfg = tiny_config(synthetic_dir, **{"eval.max_new_tokens": 5000})
+    with pytest.raises(ConfigError, match="eval.max_new_tokens: 5000 leaves no room for a prompt in the"):
+        run_experiment(cfg, tmp_path, progress=False)
+    assert not (tmp_path / "log_history.jsonl").exists()  # refused before any step
+    model = load_model(cfg.model, "cpu").model
+    with pytest.raises(ConfigError, match="eval.max_new_tokens"):
+        prompt_length(model, 128, 5000)  # loraqa eval / ask / predict / serve meet it here
+
+
 def test_training_into_a_zero_shot_evaluations_folder_is_refused(tmp_path, synthetic_dir):
     from loraqa.answering import eval_zero_shot
     from loraqa.runfolder import RunFolderError

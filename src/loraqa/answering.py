@@ -122,9 +122,19 @@ def prompt_length(model, max_length: int, max_new_tokens: int) -> int:
     from .model import position_limit
 
     limit = position_limit(model)
+    check_answer_room(limit, max_new_tokens)
     if limit is not None and max_length + max_new_tokens > limit:
-        return max(limit - max_new_tokens, 1)
+        return limit - max_new_tokens
     return max_length
+
+
+def check_answer_room(limit: int | None, max_new_tokens: int) -> None:
+    """Refuse an answer as long as the model's positions (``limit``): no prompt would fit before it."""
+    if limit is not None and max_new_tokens >= limit:
+        raise ConfigError(
+            f"eval.max_new_tokens: {max_new_tokens} leaves no room for a prompt in the {limit} positions the model "
+            "takes; give far fewer (an answer is a few tokens)"
+        )
 
 
 def answer(

@@ -100,7 +100,7 @@ def model_card(
         _title_lines(cfg, base),
         _base_and_data_lines(cfg, metrics, data, base),
         _prompt_lines(cfg),
-        _training_lines(cfg, model_type),
+        _training_lines(cfg, model_type, metrics),
         _results_lines(metrics),
         _usage_lines(command),
     )
@@ -155,15 +155,26 @@ def _prompt_lines(cfg: ExperimentConfig) -> list[str]:
     ]
 
 
-def _training_lines(cfg: ExperimentConfig, model_type: str | None) -> list[str]:
+def _training_lines(cfg: ExperimentConfig, model_type: str | None, metrics: dict) -> list[str]:
+    """What the run did (its metrics: steps run, an early stop, the step whose adapter it kept), then how."""
     t = cfg.train
-    steps = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epochs"
+    asked = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epochs"
+    ran = asked
+    if metrics.get("train_steps") is not None:
+        ran = f"{metrics['train_steps']} steps ({metrics.get('epochs', 0):g} epochs) of {asked} asked"
+    stops = []
+    if metrics.get("stopped_early_at"):
+        stops.append(f"stopped early at step {metrics['stopped_early_at']} (F1 no better in "
+                     f"{t.early_stopping_patience} scorings)")  # fmt: skip
+    if metrics.get("kept_step") is not None:
+        stops.append(f"the adapter is step {metrics['kept_step']}'s, the best scoring (train.keep_best)")
     return [
         "## Training",
         "",
         *_lora_lines(cfg, model_type),
-        f"- {steps}, batch size {t.batch_size} x {t.grad_accum} accumulation, lr {t.lr:g}, "
+        f"- {ran}, batch size {t.batch_size} x {t.grad_accum} accumulation, lr {t.lr:g}, "
         f"weight decay {t.weight_decay:g}, {t.warmup_steps} warmup steps, seed {t.seed}",
+        *(f"- {s}" for s in stops),
         "",
     ]
 

@@ -56,6 +56,8 @@ def _flag_options(info, metavar: str) -> dict:
     if typing.get_origin(tp) is typing.Literal:
         return {"choices": options}
     if tp in (int, float, str):
+        if type(None) in typing.get_args(info.annotation):  # --train-limit null: all, as in a config file
+            return {"type": lambda text: NULL if text == "null" else tp(text), "metavar": metavar}
         return {"type": tp, "metavar": metavar}
     literals = [a for a in options if typing.get_origin(a) is typing.Literal]
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(literals) == 1:
@@ -69,12 +71,20 @@ def _preset_or_names(text: str, presets: tuple[str, ...]) -> str | list[str]:
     return text if text in presets else [v.strip() for v in text.split(",") if v.strip()]
 
 
+NULL = object()  # a shorthand flag given as null (argparse's None means not given)
+
+
 def _shorthand_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
     """(config key, value) for each shorthand flag given."""
     from .config import shorthands
 
-    return [(key, getattr(args, key)) for key, _, _ in shorthands() if getattr(args, key, None) is not None]
+    given = [(key, getattr(args, key)) for key, _, _ in shorthands() if getattr(args, key, None) is not None]
+    return [(key, None if value is NULL else value) for key, value in given]
 
+
+DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda if there is a GPU)"
+# a single training process runs on the first visible GPU (the Trainer's rule); torchrun gives each its own
+TRAIN_DEVICE_HELP = "cpu or cuda (default: cuda if there is a GPU; CUDA_VISIBLE_DEVICES=N picks the GPU)"
 
 # what re-scoring a trained run may change: how it answers and on what, never what was trained
 RUN_EVAL_KEYS = ("eval.", "data.", "prompt.max_length", "model.precision", "model.attn_implementation")
@@ -434,7 +444,7 @@ def _add_experiment_commands(sub) -> None:
     _add_experiment_flags(t)
     t.add_argument("--output-dir", "-o", help="run folder (default runs/<name>)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    t.add_argument("--device", help=TRAIN_DEVICE_HELP)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser(
@@ -450,7 +460,7 @@ def _add_experiment_commands(sub) -> None:
         "-o",
         help="where predictions go (default: RUN_DIR/eval-N; zero-shot: runs/zero-shot-MODEL)",
     )
-    e.add_argument("--device")
+    e.add_argument("--device", help=DEVICE_HELP)
     e.set_defaults(func=cmd_eval)
 
 
@@ -467,7 +477,7 @@ def _add_sweep_command(sub) -> None:
         help="trials at once (default 1; on GPUs each worker gets its own); with --backend ray: at most this many "
         "(default: as many as the cluster's resources hold; a search: 1)",
     )
-    s.add_argument("--device")
+    s.add_argument("--device", help=DEVICE_HELP)
     s.add_argument(
         "--backend",
         choices=SWEEP_BACKENDS,
@@ -501,7 +511,7 @@ def _add_answer_commands(sub) -> None:
     pr.add_argument(
         "--batch-size", type=int, help="questions generated at once (default: the run's eval.batch_size)"
     )
-    pr.add_argument("--device")
+    pr.add_argument("--device", help=DEVICE_HELP)
     pr.set_defaults(func=cmd_predict)
 
     a = sub.add_parser("ask", help="answer a question about a paragraph")
@@ -509,7 +519,7 @@ def _add_answer_commands(sub) -> None:
     a.add_argument("--question", "-q", required=True, action="append", help="repeat to ask several at once")
     a.add_argument("--context", "-c", required=True, help="the paragraph, or @FILE to read it from a file")
     a.add_argument("--model", help="no run: ask this base model zero-shot")
-    a.add_argument("--device")
+    a.add_argument("--device", help=DEVICE_HELP)
     a.set_defaults(func=cmd_ask)
 
     x = sub.add_parser(
@@ -570,7 +580,7 @@ def _add_serve_command(sub) -> None:
         help="decode a micro-batch's questions together (eval.batch_invariant=false): more answers a second "
         "under load, but in bf16 an answer can then change with the questions beside it",
     )
-    sv.add_argument("--device")
+    sv.add_argument("--device", help=DEVICE_HELP)
     sv.set_defaults(func=cmd_serve)
 
 

@@ -35,11 +35,24 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     if device is None or device == "":
         return default_device()
     dev = parse_device(device)
+    if dev.type not in ("cpu", "cuda") and not _available(dev.type):
+        raise ValueError(
+            f"--device {device}: this torch ({torch.__version__}) has no {dev.type} device here; give cpu, cuda or "
+            "cuda:N"
+        )
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU here; give cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return dev
+
+
+def _available(kind: str) -> bool:
+    """Whether torch has a ``kind`` device (mps, xpu, ...) here: ``torch.<kind>.is_available()`` where torch has
+    that module (mps answers in torch.backends), never for kinds with none (meta, lazy: no place to train)."""
+    backend = getattr(torch.backends, kind, None) if kind == "mps" else getattr(torch, kind, None)
+    is_available = getattr(backend, "is_available", None)
+    return bool(is_available and is_available())
 
 
 def parse_device(device: str) -> torch.device:
@@ -84,8 +97,8 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
         )
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cuda":  # native bf16 from Ampere on; before it (V100, T4) torch emulates it, slowly
+        return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp32"
     return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
 
 

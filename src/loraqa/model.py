@@ -123,7 +123,7 @@ def _gguf_folder(name: str) -> Path | None:
     if name == "smollm2-135m":
         path = smollm2_gguf_path()
     elif name.endswith(".gguf"):
-        path = Path(name)
+        path = Path(name).expanduser()
         if not path.is_file():
             raise ModelLoadError(f"{name}: no such GGUF file")
     else:
@@ -170,12 +170,21 @@ def _from_hub(loader, name: str, **kwargs):
             f"{name}: a folder without {MODEL_CONFIG_FILE}, so not a model folder; give one that save_pretrained "
             "or `loraqa export` wrote, a .gguf file, or a hub id"
         )
-    if not local.exists() and not hub_reachable():
+    if local.exists():  # from_pretrained reads '~/m' as a hub id: it gets the folder's own path
+        return loader.from_pretrained(str(local), **kwargs)
+    if _looks_like_path(name):
+        raise ModelLoadError(f"{name}: no such folder; give a model folder, a .gguf file, or a hub id (org/name)")
+    if not hub_reachable():
         import huggingface_hub.constants
 
         # offline mode makes transformers read its cache without a network round (and retries) per file
         huggingface_hub.constants.HF_HUB_OFFLINE = True
     return loader.from_pretrained(name, **kwargs)
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name no hub id can be (``org/name`` at most): a path, which then does not exist."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name
 
 
 def load_hf_config(name: str):
@@ -302,11 +311,24 @@ def apply_lora(model, lora: LoraConfig):
 
     from .lora_dropout import use_cpu_dropout
 
-    peft_model = get_peft_model(
-        model, peft_lora_config(model.config.model_type, lora), autocast_adapter_dtype=True
-    )
+    try:
+        peft_model = get_peft_model(
+            model, peft_lora_config(model.config.model_type, lora), autocast_adapter_dtype=True
+        )
+    except ValueError as e:  # PEFT's "Target modules {...} not found in the base model"
+        if "not found in the base model" not in str(e):
+            raise
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
+        raise ConfigError(
+            f"lora.targets: {lora.targets!r} names no module of this model; its linear modules are "
+            f"{', '.join(linear)} (or a preset: {', '.join(PRESET_NAMES)})"
+        ) from None
     use_cpu_dropout(peft_model)
     return peft_model
+
+
+def _is_linear(module) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's linear layers
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -23,7 +23,7 @@ from transformers.trainer_callback import TrainerState
 
 from . import data as data_mod
 from . import dist, signals
-from .answering import Answerer, write_results
+from .answering import Answerer, check_answer_room, write_results
 from .attention import reads_segments
 from .batching import QACollator
 from .callbacks import ClockCallback, FiniteLossCallback, InterruptCallback, Interrupted, JsonlLogCallback
@@ -230,6 +230,7 @@ def _load_model(cfg: ExperimentConfig, resolved: Resolved, device):
             f"prompt.max_length: {cfg.prompt.max_length} is more than {cfg.model.name} takes "
             f"({limit} positions); set prompt.max_length={limit} or less"
         )
+    check_answer_room(limit, cfg.eval.max_new_tokens)  # here, not after the training
     if resolved.full:
         return lm, lm.model
     return lm, apply_lora(lm.model, cfg.lora)
