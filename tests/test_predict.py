@@ -77,6 +77,21 @@ def test_predict_without_gold_answers_and_from_squad_json(tiny_run, synthetic_di
     assert len(out.read_text().splitlines()) == 16
 
 
+def test_predict_answers_questions_whose_answers_are_empty_lists_too(tmp_path, capsys):
+    """A datasets export of SQuAD 2.0 gives unanswerable questions empty answer lists: each is answered, in
+    order, and only those with a gold answer are scored."""
+    context = "The kite in the harbor is green."
+    answers = {"a": [], "b": {"text": [], "answer_start": []}, "c": [""], "d": None, "e": ["green"]}
+    src = tmp_path / "q.jsonl"
+    src.write_text("".join(json.dumps({"id": k, "context": context, "question": "What color is the kite?",
+                                       **({"answers": v} if v is not None else {})}) + "\n"
+                           for k, v in answers.items()))  # fmt: skip
+    out = tmp_path / "a.jsonl"
+    assert main(["predict", "--model", "tiny-random-gpt2", "-i", str(src), "-o", str(out)]) == 0
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == list(answers)
+    assert "on 1 questions with gold answers" in capsys.readouterr().out  # the one with a gold answer is scored
+
+
 def test_ask_answers_like_the_run(tiny_run, synthetic_dir, tmp_path, capsys):
     dev, _ = load_squad(synthetic_dir, split="dev", limit=2)
     (tmp_path / "para.txt").write_text(dev[0].context + "\n")

@@ -68,7 +68,7 @@ def read_questions(source: str | Path, fmt: str | None = None) -> Questions:
     ):
         raise DataError(f"{source}: no questions")  # empty: before a format's own complaint about it
     fmt = fmt or detect_format(source)
-    examples, report = load_file(source, fmt, split="dev")
+    examples, report = load_file(source, fmt, split="dev", keep_unscored=True)  # one answer a question
     if not examples:
         raise DataError(f"{source}: no questions")
     log.info(report.summary())

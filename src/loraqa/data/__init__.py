@@ -143,25 +143,29 @@ def load_file(
     split: str = "dev",
     limit: int | None = None,
     need_splits: bool = False,
+    keep_unscored: bool = False,
 ):
     """(examples, LoadReport) from one file (or ``datasets`` folder) in format ``fmt``; ``need_splits``: a
-    ``datasets`` folder must hold its splits (it is the data folder both splits are read from)."""
+    ``datasets`` folder must hold its splits (it is the data folder both splits are read from);
+    ``keep_unscored``: a question without a usable gold answer is kept, to be answered and not scored
+    (``loraqa predict``), not skipped."""
+    kept = {"split": split, "limit": limit, "keep_unscored": keep_unscored}
     if fmt == "squad":
-        return load_squad(source, split=split, limit=limit)
+        return load_squad(source, **kept)
     if fmt == "squad_v2":
-        return load_squad(source, split=split, limit=limit, unanswerable=True)
+        return load_squad(source, **kept, unanswerable=True)
     if fmt == "jsonl":
         from .tabular import load_jsonl
 
-        return load_jsonl(source, split=split, limit=limit)
+        return load_jsonl(source, **kept)
     if fmt == "csv":
         from .tabular import load_csv
 
-        return load_csv(source, split=split, limit=limit)
+        return load_csv(source, **kept)
     if fmt == "hf":
         from .hf import load_hf
 
-        return load_hf(source, split=split, limit=limit, need_splits=need_splits)
+        return load_hf(source, **kept, need_splits=need_splits)
     raise DataError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 

@@ -20,7 +20,12 @@ _INSTALL = "the hf data format needs the datasets package: pip install 'loraqa[h
 
 
 def load_hf(
-    source: str | os.PathLike, *, split: str = "dev", limit: int | None = None, need_splits: bool = False
+    source: str | os.PathLike,
+    *,
+    split: str = "dev",
+    limit: int | None = None,
+    need_splits: bool = False,
+    keep_unscored: bool = False,
 ) -> tuple[list[Example], LoadReport]:
     """Questions of one split (``train``, or ``dev``: the data set's ``validation``/``dev``/``test`` split).
     One ``Dataset`` is read whole, unless ``need_splits`` (the run's data folder, read for both splits: its one
@@ -71,4 +76,4 @@ def load_hf(
             f"(columns: {', '.join(table.column_names)}); expected SQuAD's columns"
         )
     records = ((f"{where_split}, row {i}", row) for i, row in enumerate(table))
-    return load_records(records, Path(str(source)), split=split, limit=limit)
+    return load_records(records, Path(str(source)), split=split, limit=limit, keep_unscored=keep_unscored)

@@ -279,7 +279,12 @@ def _describe(error: BaseException) -> str:
 
 
 def load_squad(
-    source: str | os.PathLike, *, split: str = "dev", limit: int | None = None, unanswerable: bool = False
+    source: str | os.PathLike,
+    *,
+    split: str = "dev",
+    limit: int | None = None,
+    unanswerable: bool = False,
+    keep_unscored: bool = False,
 ) -> tuple[list[Example], LoadReport]:
     """Load SQuAD v1.1 questions from `source`, in file order.
 
@@ -294,7 +299,8 @@ def load_squad(
     in the report by reason, with its id) when its answers list is empty ("no answers") or no answer is
     left. An ``answer_start`` that does not point at its text, when the text does occur in the context, is
     moved to the nearest occurrence (counted in ``fixed_offsets``).
-    With ``unanswerable`` (SQuAD 2.0), a question with ``"is_impossible": true`` is kept with no answers.
+    With ``unanswerable`` (SQuAD 2.0), a question with ``"is_impossible": true`` is kept with no answers; with
+    ``keep_unscored``, so is every question left without an answer (answered, not scored).
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
@@ -303,7 +309,7 @@ def load_squad(
     if not isinstance(top, dict) or not isinstance(top.get("data"), list):
         raise DataError(f"{path}: top level must be an object with a 'data' list; {_FORMAT_HINT}")
     report = LoadReport(path=path)
-    examples = _parse_articles(top["data"], path, report, unanswerable, need_spans=split == "train")
+    examples = _parse_articles(top["data"], path, report, unanswerable, split == "train", keep_unscored)
     if limit is not None:
         examples = examples[:limit]
     report.n_loaded = len(examples)
@@ -322,7 +328,7 @@ def _squad_file(path: Path, split: str) -> Path:
 
 
 def _parse_articles(
-    articles: list, path: Path, report: LoadReport, unanswerable: bool, need_spans: bool
+    articles: list, path: Path, report: LoadReport, unanswerable: bool, need_spans: bool, keep_unscored: bool
 ) -> list[Example]:
     """The questions of SQuAD's ``data`` list, in file order; counted in ``report``."""
     examples: list[Example] = []
@@ -342,7 +348,9 @@ def _parse_articles(
             for q_index, qa in enumerate(qas):
                 qid = _question_id(qa, path, f"{where}, question {q_index}", seen_ids)
                 report.n_questions_in_file += 1
-                example = _parse_question(qa, qid, title, context, path, report, unanswerable, need_spans)
+                example = _parse_question(
+                    qa, qid, title, context, path, report, unanswerable, need_spans, keep_unscored
+                )
                 if example is not None:
                     examples.append(example)
     return examples
@@ -438,8 +446,10 @@ def _parse_question(
     report: LoadReport,
     unanswerable: bool = False,
     need_spans: bool = False,
+    keep_unscored: bool = False,
 ) -> Example | None:
-    """One question as an Example, or None (counted in `report`) when no usable answer is left."""
+    """One question as an Example, or None (counted in `report`) when no usable answer is left (with
+    ``keep_unscored``: an Example without answers)."""
     where = f"question {qid!r}"
     question = _get(qa, "question", str, path, where)
     if unanswerable and "is_impossible" in qa and _get(qa, "is_impossible", bool, path, where):
@@ -450,18 +460,24 @@ def _parse_question(
         _check_object(answer, path, answer_where)
         text = _get(answer, "text", str, path, answer_where)
         given.append((text, _get(answer, "answer_start", int, path, answer_where)))
-    texts, starts = keep_answers(context, given, qid, report, need_spans)
-    return Example(qid, title, context, question, texts, starts) if texts else None
+    texts, starts = keep_answers(context, given, qid, report, need_spans, keep_unscored)
+    return Example(qid, title, context, question, texts, starts) if texts or keep_unscored else None
 
 
 def keep_answers(
-    context: str, given: list[tuple[str, int | None]], qid: str, report: LoadReport, need_spans: bool
+    context: str,
+    given: list[tuple[str, int | None]],
+    qid: str,
+    report: LoadReport,
+    need_spans: bool,
+    keep_unscored: bool = False,
 ) -> tuple[tuple[str, ...], tuple[int | None, ...]]:
     """The usable answers among ``given`` (text, answer_start or None) and their starts, for both readers.
     Empty answers are dropped. A start that misses its text moves to the text's nearest occurrence
     (``fixed_offsets``). A text that does not occur in the context is dropped where training needs spans
     (``need_spans``), else kept with start None (``kept_unlocated``): the official script scores a prediction
-    against every gold answer as given. No answer left: the question is skipped and counted, by reason."""
+    against every gold answer as given. No answer left: the question is skipped and counted, by reason
+    (``keep_unscored``: kept, unscored, and not counted)."""
     texts, starts, problems = [], [], []
     for text, start in given:
         if not text.strip():
@@ -478,7 +494,7 @@ def keep_answers(
             start = nearest
         texts.append(text)
         starts.append(start)
-    if not texts:
+    if not texts and not keep_unscored:
         if not given:
             reason = "no answers"
         elif "answer not in context" in problems:

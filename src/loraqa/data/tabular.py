@@ -29,7 +29,7 @@ HEADER_QUOTE = 80  # the most of a CSV header an error quotes (a JSON file read 
 
 
 def load_jsonl(
-    source: str | os.PathLike, *, split: str = "dev", limit: int | None = None
+    source: str | os.PathLike, *, split: str = "dev", limit: int | None = None, keep_unscored: bool = False
 ) -> tuple[list[Example], LoadReport]:
     """Questions from a JSONL file, in file order (``limit``: the first N usable ones; ``split`` as in
     :func:`load_records`)."""
@@ -45,11 +45,11 @@ def load_jsonl(
                 f"{path}: line {number}: invalid JSON ({e.msg}, column {e.colno}); {FIELDS_HINT}"
             ) from None
         records.append((f"line {number}", record))
-    return load_records(records, path, split=split, limit=limit)
+    return load_records(records, path, split=split, limit=limit, keep_unscored=keep_unscored)
 
 
 def load_csv(
-    source: str | os.PathLike, *, split: str = "dev", limit: int | None = None
+    source: str | os.PathLike, *, split: str = "dev", limit: int | None = None, keep_unscored: bool = False
 ) -> tuple[list[Example], LoadReport]:
     """Questions from a CSV file with a header row naming the columns (``limit``: the first N usable ones;
     ``split`` as in :func:`load_records`)."""
@@ -81,7 +81,7 @@ def load_csv(
             records.append((where, record))
     except csv.Error as e:
         raise DataError(f"{path}: not valid CSV ({e}); {FIELDS_HINT}") from None
-    return load_records(records, path, split=split, limit=limit)
+    return load_records(records, path, split=split, limit=limit, keep_unscored=keep_unscored)
 
 
 def _answers_cell(cell: str, context: str, path: Path, where: str) -> list:
@@ -111,15 +111,21 @@ def _read_lines(path: Path) -> list[str]:
 
 
 def load_records(
-    records: Iterable[tuple[str, Any]], path: Path, *, split: str = "dev", limit: int | None = None
+    records: Iterable[tuple[str, Any]],
+    path: Path,
+    *,
+    split: str = "dev",
+    limit: int | None = None,
+    keep_unscored: bool = False,
 ) -> tuple[list[Example], LoadReport]:
     """Examples from ``(where, record)`` pairs (``where`` names the line or row in errors). In the ``train``
-    split an answer must occur in its context; elsewhere one that does not is kept for scoring."""
+    split an answer must occur in its context; elsewhere one that does not is kept for scoring. With
+    ``keep_unscored`` a record left without an answer is kept, unscored (:func:`~.squad.keep_answers`)."""
     report = LoadReport(path=path)
     examples: list[Example] = []
     seen: set[str] = set()
     for where, record in records:
-        example = _parse_record(record, path, where, report, seen, need_spans=split == "train")
+        example = _parse_record(record, path, where, report, seen, split == "train", keep_unscored)
         if example is not None:
             examples.append(example)
     if limit is not None:
@@ -142,7 +148,7 @@ def _field(record: dict, key: str, path: Path, where: str, *, required: bool = T
 
 
 def _parse_record(
-    record: Any, path: Path, where: str, report: LoadReport, seen: set[str], need_spans: bool
+    record: Any, path: Path, where: str, report: LoadReport, seen: set[str], need_spans: bool, keep_unscored: bool
 ) -> Example | None:
     if not isinstance(record, dict):
         raise DataError(f"{path}: {where}: should be an object, got {_type_name(record)}; {FIELDS_HINT}")
@@ -158,9 +164,14 @@ def _parse_record(
     if record.get("answers") is None:  # prediction-only: no gold answers
         return Example(qid, title, context, question, (), ())
     texts, starts = keep_answers(
-        context, list(zip(*_answers(record["answers"], path, where), strict=True)), qid, report, need_spans
+        context,
+        list(zip(*_answers(record["answers"], path, where), strict=True)),
+        qid,
+        report,
+        need_spans,
+        keep_unscored,
     )
-    return Example(qid, title, context, question, texts, starts) if texts else None
+    return Example(qid, title, context, question, texts, starts) if texts or keep_unscored else None
 
 
 def _answers(value: Any, path: Path, where: str) -> tuple[list[str], list[int | None]]:
