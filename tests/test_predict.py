@@ -92,6 +92,19 @@ def test_predict_answers_questions_whose_answers_are_empty_lists_too(tmp_path, c
     assert "on 1 questions with gold answers" in capsys.readouterr().out  # the one with a gold answer is scored
 
 
+def test_ask_reads_a_context_file_as_written_but_its_last_line_end(tmp_path, monkeypatch, capsys):
+    """SQuAD keeps contexts that begin or end with spaces; a prompt of the stripped text would differ from
+    predict's and the run's, and so could the answer. A byte-order mark and the final newline go."""
+    from loraqa import cli, predict
+
+    seen = []
+    monkeypatch.setattr(cli, "_answerer", lambda args, device=None: None)
+    monkeypatch.setattr(predict, "ask", lambda answerer, questions, context: seen.append(context) or ["x"])
+    (tmp_path / "para.txt").write_bytes("\ufeff Seamans' paragraph. \n".encode())
+    assert main(["ask", "--model", "tiny-random-gpt2", "-q", "Who?", "-c", f"@{tmp_path / 'para.txt'}"]) == 0
+    assert seen == [" Seamans' paragraph. "]
+
+
 def test_ask_answers_like_the_run(tiny_run, synthetic_dir, tmp_path, capsys):
     dev, _ = load_squad(synthetic_dir, split="dev", limit=2)
     (tmp_path / "para.txt").write_text(dev[0].context + "\n")

@@ -283,7 +283,9 @@ def cmd_ask(args) -> int:
     if context.startswith("@"):
         path = Path(context[1:]).expanduser()
         try:
-            context = path.read_text(encoding="utf-8").strip()
+            # the paragraph as written, as predict and a run read it from their files: only the line end an
+            # editor adds (and a byte-order mark) go, not the spaces a data set's context may begin or end with
+            context = path.read_text(encoding="utf-8-sig").removesuffix("\n")
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: cannot read the context file ({type(e).__name__}: {e})") from None
     if not context.strip():
@@ -509,7 +511,10 @@ def _add_answer_commands(sub) -> None:
     pr.add_argument("--format", choices=DATA_FORMATS, help="default: from the name")
     pr.add_argument("--model", help="no run: ask this base model zero-shot")
     pr.add_argument(
-        "--batch-size", type=int, help="questions generated at once (default: the run's eval.batch_size)"
+        "--batch-size",
+        type=int,
+        help="questions generated at once (default: the run's eval.batch_size); the answers do not depend on it "
+        "under eval.batch_invariant, but a rerun resumes an interrupted one only with the same value",
     )
     pr.add_argument("--device", help=DEVICE_HELP)
     pr.set_defaults(func=cmd_predict)
