@@ -44,10 +44,11 @@ def no_dropout_model(tmp_path_factory):
 
 
 def settings(model, data, **extra) -> dict:
-    """A tiny run: 16 train questions, 4 a step (2 per process), lr high enough that unsynchronised processes
+    """A tiny run: 18 train questions, 4 a step (2 per process), so each epoch ends in a step of 2 (one a
+    process: never padded with the epoch's first questions); lr high enough that unsynchronised processes
     would drift apart within a step; 9 dev questions, so the two shares differ in size (4 and 5)."""
     s = {
-        "model.name": str(model), "model.precision": "fp32", "data.data_dir": str(data), "data.train_limit": 16,
+        "model.name": str(model), "model.precision": "fp32", "data.data_dir": str(data), "data.train_limit": 18,
         "data.eval_limit": 9, "data.loss_eval_limit": 8, "lora.dropout": 0.0, "train.max_steps": 6,
         "train.batch_size": 4, "train.lr": 1e-2, "train.warmup_steps": 0, "train.eval_steps": 3,
         "train.save_steps": 3, "train.logging_steps": 1, "eval.batch_size": 2, "eval.max_new_tokens": 4,
@@ -128,6 +129,7 @@ def test_two_processes_train_and_score_like_one(tmp_path, synthetic_dir, no_drop
         assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=REL), key
     assert metrics["train_steps"] == ref["train_steps"] == 6
     assert metrics["train_tokens"] == ref["train_tokens"]
+    assert metrics["train_questions"] == ref["train_questions"] == 18 + 4  # an epoch of 5 steps, then one more
     for key in ("final_train_loss", "final_eval_loss"):
         assert metrics[key] == pytest.approx(ref[key], rel=REL), key
 

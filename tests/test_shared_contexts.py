@@ -518,3 +518,24 @@ def test_padding_to_a_multiple_stops_at_the_prompts_length():
     assert QACollator(0, 2000, max_width=128)(features)["input_ids"].shape == (2, 128)
     assert QACollator(0, 64, max_width=128)(features)["input_ids"].shape == (2, 64)
     assert QACollator(0, 2000)(features)["input_ids"].shape == (2, 2000)
+
+
+def test_an_epoch_padded_for_ddp_ends_in_labelless_fillers_that_no_count_includes(gpt2_tokenizer):
+    """Under N processes an epoch that is no whole number of global batches is padded with copies of its last
+    question without labels: each process gets its full share and no question trains or counts twice."""
+    from loraqa.batching import FILLER, EvenEpoch, WithFillers
+
+    features = WithFillers([{"input_ids": [1, 2, 3, 7, 9, 9], "labels": [-100] * 4 + [9, 9], "context_length": 3},
+                            {"input_ids": [1, 2, 3, 7, 8], "labels": [-100] * 4 + [8], "context_length": 3}])  # fmt: skip
+    order = EvenEpoch([1, 0], n=2, group=4)
+    assert len(order) == 4 and list(order) == [1, 0, 2, 2]  # index 2 = question 0's filler
+    filler = features[2]
+    assert filler[FILLER] and filler["labels"] == [-100] * 6 and filler["input_ids"] == features[0]["input_ids"]
+    assert list(EvenEpoch([0, 1], n=2, group=2)) == [0, 1]  # a whole epoch is left as it is
+    batch = [features[i] for i in order]
+    shared = SharedContextCollator(gpt2_tokenizer.pad_token_id)(batch)
+    assert (shared["num_questions"], shared["real_tokens"]) == (2, 3 + 3 + 2)  # the context once, two segments
+    assert (shared["labels"] != -100).sum() == 3  # the fillers' answers are not trained on
+    plain = QACollator(gpt2_tokenizer.pad_token_id)(batch)
+    assert (plain["num_questions"], plain["real_tokens"]) == (2, 6 + 5)
+    assert "num_questions" not in QACollator(gpt2_tokenizer.pad_token_id)(batch[:2])  # none: the rows count

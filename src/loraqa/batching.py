@@ -18,6 +18,48 @@ def padded_width(longest: int, multiple: int) -> int:
     return -(-longest // multiple) * multiple
 
 
+FILLER = "filler"  # a feature key: a labelless copy of a question that pads an epoch (EvenEpoch)
+
+
+class WithFillers(list):
+    """The training features, and past their end their fillers: index ``len + q`` is question q's copy with
+    every label IGNORE_INDEX and :data:`FILLER` set. It adds no loss and no gradient (the loss is summed over
+    labelled tokens and divided by their count over all processes) and the collators count it nowhere."""
+
+    def __getitem__(self, i):
+        if isinstance(i, int) and i >= len(self):
+            f = super().__getitem__(i - len(self))
+            return {**f, "labels": [IGNORE_INDEX] * len(f["labels"]), FILLER: True}
+        return super().__getitem__(i)
+
+
+class EvenEpoch(Sampler):
+    """An epoch's order (``order``, over ``n`` features) padded with fillers (:class:`WithFillers`) to a whole
+    number of global batches (``group``). Under DDP accelerate deals each process its share of every global
+    batch, and fills a short last one with the epoch's first questions, which then train twice and count twice;
+    with fillers every process gets its full share and each step is the one a single process takes."""
+
+    def __init__(self, order, n: int, group: int):
+        self.order, self.n, self.group = order, n, group
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.order, "set_epoch"):
+            self.order.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.group) * self.group
+
+    def __iter__(self):
+        out = list(self.order)
+        pad = -len(out) % self.group
+        return iter(out + [self.n + out[-1]] * pad if out else out)
+
+
+def real_features(features: list[dict]) -> list[dict]:
+    """The batch's questions, its fillers (:class:`WithFillers`) left out."""
+    return [f for f in features if not f.get(FILLER)]
+
+
 class QACollator:
     """Pads a batch to its longest example rounded up to ``pad_to_multiple`` (right padding), but not past
     ``max_width`` (``prompt.max_length``: a padded position past the model's positions would index past its
@@ -39,7 +81,11 @@ class QACollator:
             input_ids[row, :n] = torch.tensor(f["input_ids"])
             labels[row, :n] = torch.tensor(f["labels"])
             attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        real = real_features(features)
+        if len(real) < len(features):  # the trainer counts these, not the rows and their mask
+            batch |= {"num_questions": len(real), "real_tokens": sum(len(f["input_ids"]) for f in real)}
+        return batch
 
 
 class LengthGroupedBatches(Sampler):

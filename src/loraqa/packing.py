@@ -42,7 +42,7 @@ import torch
 from torch.utils.data import Sampler
 
 from .attention import SEGMENTS
-from .batching import padded_width
+from .batching import padded_width, real_features
 from .prompt import IGNORE_INDEX
 
 
@@ -157,7 +157,12 @@ class SharedContextCollator:
             allowed[r, start + pad, pad] = True  # padding attends to itself only
         mask = torch.zeros((n, 1, *allowed.shape[1:]), dtype=torch.float32)
         batch["attention_mask"] = mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
-        batch |= {"num_questions": len(features), "real_tokens": sum(lengths)}
+        real = real_features(features)
+        if len(real) < len(features):  # fillers (an epoch's end under DDP) compute tokens no question needs
+            counted = sum(len(b.input_ids) for b in build_blocks(real)) if real else 0
+        else:
+            counted = sum(lengths)
+        batch |= {"num_questions": len(real), "real_tokens": counted}
         if self.one_row:
             batch[SEGMENTS] = spans
         return batch

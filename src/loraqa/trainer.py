@@ -22,7 +22,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.training_args import ParallelMode
 
 from . import dist, norms
-from .batching import LengthGroupedBatches
+from .batching import EvenEpoch, LengthGroupedBatches, WithFillers
 from .config import ConfigError, TrainConfig
 from .layout import checkpoint_name
 from .loss import decoder_layers, fast_loss_blocker, labelled_positions_loss
@@ -80,6 +80,8 @@ class QATrainer(Trainer):
         compiling: str = "off",
         **kwargs,
     ):
+        if dist.world_size() > 1 and isinstance(kwargs.get("train_dataset"), list):
+            kwargs["train_dataset"] = WithFillers(kwargs["train_dataset"])  # an epoch's end (EvenEpoch)
         super().__init__(*args, **kwargs)
         self.base_name = base_name  # the config's model name, for the checkpoints' adapter_config.json
         blocker = fast_loss_blocker(self.model) if fast_loss else None
@@ -160,15 +162,15 @@ class QATrainer(Trainer):
         # the global batch: accelerate deals each process its share of it
         group = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         if self.share_contexts and isinstance(dataset, list):
-            self.epoch_sampler = SharedContextBatches(
+            self.epoch_sampler = order = SharedContextBatches(
                 dataset, group, by_length=by_length, seed=self.args.seed
             )
         elif by_length and isinstance(dataset, list):
             lengths = [len(f["input_ids"]) for f in dataset]
-            self.epoch_sampler = LengthGroupedBatches(lengths, group, seed=self.args.seed)
+            self.epoch_sampler = order = LengthGroupedBatches(lengths, group, seed=self.args.seed)
         else:
-            return super()._get_train_sampler(train_dataset)
-        return self.epoch_sampler
+            order = super()._get_train_sampler(train_dataset)
+        return EvenEpoch(order, len(dataset), group) if isinstance(dataset, WithFillers) else order
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # counts a SharedContextCollator adds (the model must not see them)
