@@ -45,11 +45,12 @@ def no_dropout_model(tmp_path_factory):
 
 def settings(model, data, **extra) -> dict:
     """A tiny run: 18 train questions, 4 a step (2 per process), so each epoch ends in a step of 2 (one a
-    process: never padded with the epoch's first questions); lr high enough that unsynchronised processes
-    would drift apart within a step; 9 dev questions, so the two shares differ in size (4 and 5)."""
+    process: never padded with the epoch's first questions); 6 eval-loss questions, in batches of 4 and 2 (no
+    whole round of 2 batches a process); lr high enough that unsynchronised processes would drift apart within
+    a step; 9 dev questions, so the two shares differ in size (4 and 5)."""
     s = {
         "model.name": str(model), "model.precision": "fp32", "data.data_dir": str(data), "data.train_limit": 18,
-        "data.eval_limit": 9, "data.loss_eval_limit": 8, "lora.dropout": 0.0, "train.max_steps": 6,
+        "data.eval_limit": 9, "data.loss_eval_limit": 6, "lora.dropout": 0.0, "train.max_steps": 6,
         "train.batch_size": 4, "train.lr": 1e-2, "train.warmup_steps": 0, "train.eval_steps": 3,
         "train.save_steps": 3, "train.logging_steps": 1, "eval.batch_size": 2, "eval.max_new_tokens": 4,
     }  # fmt: skip

@@ -13,12 +13,15 @@ import contextlib
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
+from torch.utils.data import BatchSampler, SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import speed_metrics
 from transformers.training_args import ParallelMode
 
 from . import dist, norms
@@ -171,6 +174,41 @@ class QATrainer(Trainer):
         else:
             order = super()._get_train_sampler(train_dataset)
         return EvenEpoch(order, len(dataset), group) if isinstance(dataset, WithFillers) else order
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        if dist.world_size() == 1:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        return self._eval_loss_in_shares(
+            self.eval_dataset if eval_dataset is None else eval_dataset, metric_key_prefix
+        )
+
+    def _eval_loss_in_shares(self, dataset, prefix: str) -> dict:
+        """The eval loss under N processes as one process computes it: the batches the Trainer forms (its eval
+        sampler, ``eval_batch_size`` questions), each batch's loss weighted by its questions (the Trainer
+        repeats it ``eval_batch_size`` times and trims the last batch's to the questions left), batch i on
+        process i mod N, the two sums added over the processes. accelerate's sharding instead fills a short
+        last round with the first questions, inside a batch's loss, where no trimming takes them out again."""
+        start = time.time()
+        order = self._get_eval_sampler(dataset) or SequentialSampler(dataset)
+        batches = list(BatchSampler(order, self.args.eval_batch_size, drop_last=False))
+        model = (
+            self.model
+        )  # not the DDP wrapper: processes run different numbers of batches, so no collective
+        was_training = model.training
+        model.eval()
+        weighted, questions = 0.0, 0
+        with torch.no_grad():
+            for idx in batches[dist.rank() :: dist.world_size()]:
+                inputs = self._prepare_inputs(self.data_collator([dataset[i] for i in idx]))
+                weighted += self.compute_loss(model, inputs).item() * len(idx)
+                questions += len(idx)
+        model.train(was_training)
+        weighted, questions = dist.sum_across(weighted), dist.sum_across(questions)
+        metrics = {f"{prefix}_loss": weighted / questions if questions else float("nan")}
+        metrics |= speed_metrics(prefix, start, num_samples=len(dataset), num_steps=len(batches))
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # counts a SharedContextCollator adds (the model must not see them)
