@@ -143,6 +143,19 @@ def test_two_processes_train_and_score_like_one(tmp_path, synthetic_dir, no_drop
         ref["exact_match"], ref["f1"], ref["n_questions"])  # fmt: skip
 
 
+def test_two_processes_of_plain_random_batches_train_like_one(tmp_path, synthetic_dir, no_dropout_model):
+    """No length grouping, no shared contexts: the seeded random order (padded with fillers at an epoch's end)
+    is the one process's, epoch after epoch (18 questions, 6 steps of 4: two epochs)."""
+    s = settings(no_dropout_model, synthetic_dir, **{"train.group_by_length": False, "train.share_contexts": False})
+    ref = one_process(s, tmp_path / "one")
+    done = run_torchrun(s, tmp_path / "two")
+    assert done.returncode == 0, failure(done)
+    a, b = history(tmp_path / "one", "loss"), history(tmp_path / "two", "loss")
+    assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=REL) and len(a) == 6
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["train_questions"] == ref["train_questions"] == 22
+
+
 def test_compiled_layers_under_torchrun_train_like_one_eager_process(
     tmp_path, synthetic_dir, no_dropout_model
 ):

@@ -164,6 +164,9 @@ def test_a_squad_v2_runs_no_answer_stays_allowed_in_extractive_decoding():
     for ch in "void":
         assert span.pick(_scores(ch, "i")[None]).tolist() == [ord(ch)]
     assert span.pick(_scores("s", "<stop>")[None]).tolist() == [0]  # "voids" is neither: the answer ends
+    begun = SpanConstraint(_CharTokenizer(), ["in 1990"], stop_ids=[0], also=["void"])
+    begun.pick(_scores("v")[None]), begun.pick(_scores("o")[None])
+    assert begun.pick(_scores("<stop>", "i")[None]).tolist() == [ord("i")]  # "vo" is no answer to end at
     plain = SpanConstraint(_CharTokenizer(), ["in 1990"], stop_ids=[0])
     assert plain.pick(_scores("v", "i")[None]).tolist() == [ord("i")]
 

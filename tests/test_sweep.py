@@ -795,3 +795,49 @@ def test_a_lost_ray_task_marks_its_trial_failed_only_under_the_trials_lock(tmp_p
     runner.pending["ref"] = (job, None)
     runner._collect("ref")
     assert "Ray task lost" in read_json(tdir / "error.json")["summary"] and view.ends[-1] == "failed"
+
+
+def test_a_failing_on_end_stops_the_sweep_at_once(monkeypatch):
+    """A search's study failing as a trial ends (settle's study.tell): the other workers take no more trials,
+    and the runner raises that error."""
+    from loraqa.sweep import attempt, runner
+
+    ran = []
+
+    def fake_attempt(job, children, view, on_change=lambda: None):
+        ran.append(job.name)
+        time.sleep(0.3)
+        return attempt.Outcome(job.name, "done", "")
+
+    def on_end(job, outcome):
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(runner, "run_attempt", fake_attempt)
+    monkeypatch.setattr(runner.LocalRunner, "finish", lambda self, outcome: None)
+    monkeypatch.setattr(runner.LocalRunner, "stop", lambda self, forward: self.children.request_stop())
+    jobs = (attempt.Job(name=f"t{i}", overrides={}, config_yaml="", trial_dir="", command=[], shard="1/1")
+            for i in range(8))  # fmt: skip
+    with pytest.raises(RuntimeError, match="database is locked"):
+        runner.LocalRunner(2, "cpu", None, lambda: None).run(jobs, on_end)
+    assert len(ran) <= 3, ran  # the two first, at most one more taken as the first failed
+
+
+def test_device_and_sweep_section_checks_before_any_trial(tmp_path):
+    from loraqa.sweep.driver import check_device
+
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(ConfigError, match="--device cuda: .* sees no CUDA GPU here"):
+            check_device("cuda")  # the trials run here: each would refuse it
+        check_device("cuda", "ray")  # a Ray trial runs elsewhere
+    raw = yaml.safe_load(TINY.read_text())
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({k: v for k, v in raw.items() if k != "sweep"}))
+    with pytest.raises(ConfigError, match="sweep.yaml: holds no sweep section"):
+        sweep.run_sweep(from_dict(raw), tmp_path, progress=False)
+
+
+def test_a_lock_never_takes_a_standard_streams_number(tmp_path):
+    """With stdin closed the lock would be fd 0, which a child given it (pass_fds) gets as its stdin instead."""
+    code = "import os, sys; from loraqa import locks; from pathlib import Path; print(locks.try_hold(Path(sys.argv[1])))"
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.lock")], capture_output=True, text=True,
+                         preexec_fn=lambda: os.close(0), env={**os.environ, "PYTHONPATH": str(ROOT / "src")})  # fmt: skip
+    assert int(out.stdout) >= 3, out.stderr

@@ -479,7 +479,7 @@ def _add_sweep_command(sub) -> None:
         help="trials at once (default 1; on GPUs each worker gets its own); with --backend ray: at most this many "
         "(default: as many as the cluster's resources hold; a search: 1)",
     )
-    s.add_argument("--device", help=DEVICE_HELP)
+    s.add_argument("--device", help=TRAIN_DEVICE_HELP)
     s.add_argument(
         "--backend",
         choices=SWEEP_BACKENDS,

@@ -237,14 +237,19 @@ class SpanConstraint:
         for start in range(0, order.numel(), self.chunk):
             for t in order[start : start + self.chunk].tolist():
                 if t in self.stop_ids:
-                    if has_answer:
+                    if has_answer and self._complete(self._text(ids) or "", context):
                         return t
                 elif (text := self._text(ids + [t])) is not None and self._allowed(text, context):
                     return t
         return self.stop
 
     def _allowed(self, text: str, context: str) -> bool:
+        """Whether ``text`` may be continued: a piece of the context, or a no-answer text begun."""
         return text in context or any(a.startswith(text.lstrip()) for a in self.also)
+
+    def _complete(self, text: str, context: str) -> bool:
+        """Whether an answer may end at ``text``: a piece of the context, or a no-answer text whole."""
+        return text in context or text.strip() in self.also
 
     def pick(self, logits: torch.Tensor) -> torch.Tensor:
         """Each row's allowed token with the highest score (one row of ``logits`` a live row)."""
@@ -322,7 +327,8 @@ class Decoding:
 
     max_new_tokens: int = 32
     contexts: Sequence[str] | None = None
-    also_allowed: Sequence[str] = ()  # with contexts: answers allowed beside their pieces (SpanConstraint.also)
+    # with contexts: answers allowed beside their pieces (SpanConstraint.also)
+    also_allowed: Sequence[str] = ()
     done: Mapping[int, str] | None = None
     on_batch: Callable[[list[int], list[str]], None] | None = None
     progress: bool = True

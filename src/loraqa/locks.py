@@ -34,6 +34,10 @@ def try_hold(path: Path) -> int | None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     if fcntl is None:
         return fd
+    if fd < 3:  # a closed stdin/stdout/stderr's number: a child given it (pass_fds) gets its own stream there
+        moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+        os.close(fd)
+        fd = moved
     for pause in (*RETRY_SECONDS, None):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

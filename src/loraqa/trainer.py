@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.data_loader import SeedableRandomSampler
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.utils.data import BatchSampler, SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -171,8 +172,13 @@ class QATrainer(Trainer):
         elif by_length and isinstance(dataset, list):
             lengths = [len(f["input_ids"]) for f in dataset]
             self.epoch_sampler = order = LengthGroupedBatches(lengths, group, seed=self.args.seed)
+        elif isinstance(dataset, WithFillers):
+            # accelerate seeds a bare RandomSampler alike on every process (seed + epoch), but not one inside
+            # EvenEpoch: that seeding, done here
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            self.epoch_sampler = order = SeedableRandomSampler(dataset, data_seed=seed)
         else:
-            order = super()._get_train_sampler(train_dataset)
+            return super()._get_train_sampler(train_dataset)
         return EvenEpoch(order, len(dataset), group) if isinstance(dataset, WithFillers) else order
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
@@ -191,9 +197,8 @@ class QATrainer(Trainer):
         start = time.time()
         order = self._get_eval_sampler(dataset) or SequentialSampler(dataset)
         batches = list(BatchSampler(order, self.args.eval_batch_size, drop_last=False))
-        model = (
-            self.model
-        )  # not the DDP wrapper: processes run different numbers of batches, so no collective
+        # not the DDP wrapper: processes run different numbers of batches, so no collective may hide in one
+        model = self.model
         was_training = model.training
         model.eval()
         weighted, questions = 0.0, 0

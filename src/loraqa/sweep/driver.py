@@ -47,7 +47,7 @@ def run_sweep(
     only with ``retry_failed``: a failure is a fact to look into before paying for another attempt."""
     index, count = parse_shard(shard)
     address, where = check_backend(backend, parallel, address)
-    check_device(device)
+    check_device(device, backend)
     trials = expand_trials(cfg)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -110,14 +110,19 @@ def check_backend(backend: str, parallel: int | None, address: str | None) -> tu
     return address, where
 
 
-def check_device(device: str | None) -> None:
-    """A ``--device`` torch cannot parse fails here, once, not in every trial (each failed trial would then wait
-    for --retry-failed). Whether a machine has that device is each trial's check: a Ray trial runs elsewhere."""
+def check_device(device: str | None, backend: str = "local") -> None:
+    """A ``--device`` the trials would refuse fails here, once, not in every trial (each failed trial would then
+    wait for --retry-failed, and a search would spend its trials): on this machine's trials, as ``loraqa train``
+    checks it; for Ray trials, which run elsewhere, only that torch can parse it."""
     if device:
-        from ..devices import parse_device  # torch, imported only when a device is named
+        # torch, imported only when a device is named
+        from ..devices import check_training_device, parse_device, resolve_device
 
         try:
-            parse_device(device)
+            if backend == "ray":
+                parse_device(device)
+            else:
+                check_training_device(resolve_device(device), 1)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -255,7 +260,10 @@ def _check_sweep_yaml(output_dir: Path, cfg: ExperimentConfig) -> None:
             f"{output_dir}: holds a sweep of a different config (differs in {', '.join(differs)}); "
             "pick another --output-dir"
         )
-    assert old.sweep is not None and cfg.sweep is not None
+    if old.sweep is None:
+        raise ConfigError(f"{output_dir / SWEEP_CONFIG_FILE}: holds no sweep section; restore it, or pick another "
+                          "--output-dir")  # fmt: skip
+    assert cfg.sweep is not None
     if (old.sweep.mode == "search") != (cfg.sweep.mode == "search"):
         raise ConfigError(
             f"{output_dir}: holds a sweep of mode {old.sweep.mode}, not {cfg.sweep.mode}; pick another --output-dir"

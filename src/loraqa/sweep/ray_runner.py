@@ -27,6 +27,7 @@ from pathlib import Path
 from ..config import ConfigError
 from ..layout import METRICS_FILE, TRIAL_RUN_FILE
 from .attempt import Children, Job, OnEnd, Outcome, record_crash, run_attempt
+from .runner import usable_cores
 from .state import read_json_or, try_lock
 from .view import QuietView
 
@@ -159,7 +160,7 @@ class RayRunner:
                     for ref in ready:
                         self._collect(ref)
                     self._report_starts()
-            except KeyboardInterrupt:
+            except BaseException:  # Ctrl-C, or the job source or on_end failed: the running trials stop cleanly
                 self.stop(None)
                 raise
         finally:
@@ -176,7 +177,7 @@ class RayRunner:
             finally:
                 watchdog.cancel()
         else:  # a fresh local instance
-            self.ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+            self.ray.init(address="local", num_cpus=usable_cores(), include_dashboard=False,
                           logging_level=logging.WARNING)  # fmt: skip
         if callable(previous_term):  # Ray installs its own SIGTERM handler: the sweep's must stay
             signal.signal(signal.SIGTERM, previous_term)

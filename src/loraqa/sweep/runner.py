@@ -31,8 +31,9 @@ class Terminated(KeyboardInterrupt):
 class Runner(Protocol):
     def run(self, jobs: Iterable[Job], on_end: OnEnd | None = None) -> None:
         """Run every job's attempt and return when all have ended. A job is taken from ``jobs`` only when a
-        worker is free for it (a search asks its next trial then); ``on_end(job, outcome)`` is called as each
-        attempt ends, one call at a time, before the next job is taken. On KeyboardInterrupt (Ctrl-C, or
+        worker is free for it (a search asks its next trial then; under Ray, when fewer than ``parallel`` are in
+        flight); ``on_end(job, outcome)`` is called as each attempt ends, one call at a time, before that worker
+        takes its next job. On KeyboardInterrupt (Ctrl-C, or
         :class:`Terminated`) stop the running attempts, let them record themselves as interrupted, re-raise."""
 
     def stop(self, forward: int | None) -> None:
@@ -95,7 +96,19 @@ class LocalRunner:
                 raise w.exception()
 
     def _work(self, slot: dict, source: Iterator[Job], take: threading.Lock, on_end: OnEnd | None) -> None:
-        """One worker: its slot's attempts, one job after another, until the jobs or the sweep end."""
+        """One worker: its slot's attempts, one job after another, until the jobs or the sweep end. Should the
+        job source or ``on_end`` fail (a search's study), the sweep stops at once, its running trials with it
+        (each saving a checkpoint), and :meth:`run` raises that error."""
+        try:
+            self._attempts(slot, source, take, on_end)
+        except Exception as e:
+            log.error("the sweep stops: %r", e)
+            self.stop(signal.SIGTERM)
+            raise
+
+    def _attempts(
+        self, slot: dict, source: Iterator[Job], take: threading.Lock, on_end: OnEnd | None
+    ) -> None:
         while not self.children.stop.is_set():
             with take:
                 job = next(source, None)

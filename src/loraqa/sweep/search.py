@@ -198,7 +198,7 @@ def run_search(cfg: ExperimentConfig, output_dir, parallel: int | None = None, d
     takes the next trial, asked then; resumable. Returns 0 when every trial ended (done, pruned or failed), 1
     when one was held by another process or stopped alone, 130 or 143 when Ctrl-C or SIGTERM stopped it."""
     address, where = check_backend(backend, parallel, address)
-    check_device(device)
+    check_device(device, backend)
     sweep_dir = Path(output_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     _check_sweep_yaml(sweep_dir, cfg)
